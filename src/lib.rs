@@ -1,0 +1,37 @@
+//! conveyor: asynchronous task processing and workflows on Apache Kafka.
+//!
+//! A web application hands slow work to conveyor and answers its own user at
+//! once; conveyor runs the work in a horizontally scalable Kafka consumer
+//! group with at-least-once delivery and reports the outcome as a result
+//! record. This crate is both the `conveyor` binary and a library.
+//!
+//! # Layout
+//!
+//! - [`codec`]: the wire contract. [`codec::TaskRequest`] and
+//!   [`codec::TaskResult`] in Avro binary (schemas in `schemas/*.avsc`),
+//!   optionally Confluent-framed. Pure; never panics on input.
+//! - [`settings`]: the configuration tree (defaults → TOML file →
+//!   `CONVEYOR__…` environment) and its validation, which names every bad key.
+//! - [`kafka`]: librdkafka client configuration shared by every client.
+//! - [`telemetry`]: the `tracing` subscriber (text or JSON).
+//! - [`dev`]: the embedded Kafka-protocol cluster behind `conveyor dev`.
+//! - [`shutdown`]: signals that ask for an orderly stop.
+//!
+//! `src/main.rs` is only the command line; it holds no logic of its own.
+//!
+//! # Status
+//!
+//! The contracts, configuration, logging and the embedded dev cluster are
+//! here. The processor engine, failure handling, the HTTP gateway, metrics and
+//! workflows are planned work; the subcommands that will run them say so and
+//! exit with status 2 until they exist.
+
+pub mod codec;
+pub mod dev;
+pub mod kafka;
+pub mod settings;
+pub mod shutdown;
+pub mod telemetry;
+
+pub use codec::{Codec, DecodeError, TaskRequest, TaskResult, TaskStatus, WireFormat};
+pub use settings::Settings;

@@ -1,0 +1,809 @@
+//! The configuration tree: every key conveyor reads, its default, and the
+//! checks it must pass before anything starts.
+//!
+//! Layers, later ones winning: the defaults written on these structs → the
+//! TOML file given with `--config` → environment variables
+//! `CONVEYOR__<SECTION>__<KEY>` (for example `CONVEYOR__KAFKA__BROKERS`).
+//! Unknown keys are errors, not silently ignored, so a typo cannot quietly
+//! fall back to a default. Durations are whole milliseconds in keys ending
+//! in `_ms`. `conveyor.example.toml` documents every key; these `///` docs
+//! are the same text for library users.
+//!
+//! [`Settings::load`] deserializes, fills the defaults that depend on other
+//! keys (a processor's group id, input and output topics), then runs
+//! [`Settings::validate`], which reports *every* problem found, each naming
+//! its key, such as `processors[1].max_in_flight: must be > 0`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::codec::WireFormat;
+
+/// Prefix of the environment variables that override the file.
+pub const ENV_PREFIX: &str = "CONVEYOR";
+/// Separator between the prefix, sections and keys in those variables.
+pub const ENV_SEPARATOR: &str = "__";
+
+/// librdkafka properties that conveyor sets itself because its guarantees
+/// depend on them, with the key that controls each instead.
+const MANAGED_KAFKA_OPTIONS: &[(&str, &str)] = &[
+    ("bootstrap.servers", "set kafka.brokers instead"),
+    ("group.id", "set processors[].group_id instead"),
+    (
+        "session.timeout.ms",
+        "set processors[].session_timeout_ms instead (the drain deadline is checked against it)",
+    ),
+    (
+        "enable.auto.offset.store",
+        "conveyor stores an offset only after the task's outputs are acknowledged",
+    ),
+    (
+        "enable.idempotence",
+        "conveyor's producers are always idempotent (at-least-once without reordering)",
+    ),
+    ("acks", "conveyor's producers always use acks=all"),
+];
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    /// Connection to the Kafka cluster, shared by every client.
+    pub kafka: KafkaSettings,
+    /// How task records are framed on the wire.
+    pub codec: CodecSettings,
+    /// Log level and format.
+    pub log: LogSettings,
+    /// Default topic names.
+    pub topics: TopicSettings,
+    /// The processors a worker runs, each its own consumer-group member.
+    pub processors: Vec<ProcessorSettings>,
+}
+
+/// `[kafka]`: the cluster and client options.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaSettings {
+    /// Bootstrap brokers, comma-separated `host:port`.
+    pub brokers: String,
+    /// Prefix of each client's `client.id`; the worker adds the host name and
+    /// process id, which also identify it in results (`worker`).
+    pub client_id: String,
+    /// Passed unchanged to librdkafka after conveyor's own defaults, so it can
+    /// override them (security settings, `fetch.queue.backoff.ms`, …). The
+    /// few properties conveyor's guarantees depend on are refused here.
+    pub options: BTreeMap<String, String>,
+}
+
+impl Default for KafkaSettings {
+    fn default() -> Self {
+        KafkaSettings {
+            brokers: "127.0.0.1:9092".into(),
+            client_id: "conveyor".into(),
+            options: BTreeMap::new(),
+        }
+    }
+}
+
+/// `[codec]`: the wire format of task records.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CodecSettings {
+    /// `avro` (bare Avro binary) or `confluent` (magic byte and schema id
+    /// first, for Schema Registry tooling). Both are always accepted on input.
+    pub wire_format: WireFormatName,
+    /// Schema Registry id of `schemas/task_request.avsc`; required with
+    /// `confluent`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_schema_id: Option<u32>,
+    /// Schema Registry id of `schemas/task_result.avsc`; required with
+    /// `confluent`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub result_schema_id: Option<u32>,
+}
+
+/// Name of a wire format in the configuration.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WireFormatName {
+    /// Bare Avro binary.
+    #[default]
+    Avro,
+    /// Confluent wire format.
+    Confluent,
+}
+
+impl CodecSettings {
+    /// The wire format to write; `None` if the settings are incomplete (which
+    /// [`Settings::validate`] reports).
+    pub fn wire_format(&self) -> Option<WireFormat> {
+        match self.wire_format {
+            WireFormatName::Avro => Some(WireFormat::Plain),
+            WireFormatName::Confluent => Some(WireFormat::Confluent {
+                request_schema_id: self.request_schema_id?,
+                result_schema_id: self.result_schema_id?,
+            }),
+        }
+    }
+}
+
+/// `[log]`: logging.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSettings {
+    /// Level or `tracing` filter (`info`, `conveyor=debug,rdkafka=warn`).
+    /// The `RUST_LOG` environment variable, when set, wins.
+    pub level: String,
+    /// `text` for people, `json` for log pipelines; `--log-format` wins.
+    pub format: LogFormat,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        LogSettings {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[topics]`: default topic names.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TopicSettings {
+    /// Tasks of type `T` are read from `<task_prefix>T` unless a processor
+    /// names its `input_topics`.
+    pub task_prefix: String,
+    /// Where results go unless a processor names its `output_topic`.
+    pub results: String,
+    /// The dead-letter topic.
+    pub dead_letter: String,
+}
+
+impl Default for TopicSettings {
+    fn default() -> Self {
+        TopicSettings {
+            task_prefix: "conveyor.tasks.".into(),
+            results: "conveyor.results".into(),
+            dead_letter: "conveyor.dlq".into(),
+        }
+    }
+}
+
+impl TopicSettings {
+    /// The default topic of a task type.
+    pub fn task_topic(&self, task_type: &str) -> String {
+        format!("{}{}", self.task_prefix, task_type)
+    }
+}
+
+/// `[[processors]]`: one consumer-group member of a worker.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProcessorSettings {
+    /// Unique name, used in logs, metrics and the default group id.
+    pub name: String,
+    /// Consumer group; copies with the same group share the partitions.
+    /// Default: `conveyor.<name>`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group_id: Option<String>,
+    /// Topics to read. Default: the task topic of each type in `tasks`.
+    pub input_topics: Vec<String>,
+    /// Where results go. Default: `topics.results`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output_topic: Option<String>,
+    /// Task type → handler. At least one.
+    pub tasks: BTreeMap<String, TaskSettings>,
+    /// `partition`: one task at a time per partition. `key`: one at a time
+    /// per key, different keys concurrently. `none`: as concurrent as the
+    /// bounds allow.
+    pub ordering: Ordering,
+    /// Most tasks running or awaiting acknowledgement in this processor;
+    /// partitions are paused when it is reached.
+    pub max_in_flight: usize,
+    /// Most such tasks from any one partition.
+    pub max_in_flight_per_partition: usize,
+    /// How often stored offsets are committed, in milliseconds.
+    pub commit_interval_ms: u64,
+    /// Consumer-group session timeout, in milliseconds.
+    pub session_timeout_ms: u64,
+    /// How long a revoke or shutdown waits for in-flight tasks before letting
+    /// go of the partitions, in milliseconds; must be below
+    /// `session_timeout_ms`.
+    pub drain_timeout_ms: u64,
+}
+
+impl Default for ProcessorSettings {
+    fn default() -> Self {
+        ProcessorSettings {
+            name: String::new(),
+            group_id: None,
+            input_topics: Vec::new(),
+            output_topic: None,
+            tasks: BTreeMap::new(),
+            ordering: Ordering::Partition,
+            max_in_flight: 1024,
+            max_in_flight_per_partition: 256,
+            commit_interval_ms: 1000,
+            session_timeout_ms: 10_000,
+            drain_timeout_ms: 5_000,
+        }
+    }
+}
+
+/// How tasks of one processor may overlap.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Ordering {
+    /// One at a time per partition, in offset order.
+    #[default]
+    Partition,
+    /// One at a time per key, in offset order; keys run concurrently.
+    Key,
+    /// No ordering.
+    None,
+}
+
+/// `[processors.tasks.<type>]`: the handler of one task type.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskSettings {
+    /// Built-in handler: `echo`, `sleep`, `sha256` or `http`.
+    pub handler: HandlerKind,
+    /// `http` only: the URL each task is POSTed to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Longest one attempt may run, in milliseconds.
+    #[serde(default = "default_task_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+fn default_task_timeout_ms() -> u64 {
+    30_000
+}
+
+/// The built-in handlers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HandlerKind {
+    /// Returns the payload as the output.
+    Echo,
+    /// Waits `payload.ms` milliseconds: stands in for I/O-bound work.
+    Sleep,
+    /// Hashes the payload repeatedly: stands in for CPU-bound work.
+    Sha256,
+    /// POSTs the task to `url`: handlers in any language.
+    Http,
+}
+
+/// One problem found in the configuration: the key and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Dotted path of the key, with list indices: `processors[1].max_in_flight`.
+    pub key: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+/// Why the configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SettingsError {
+    /// The file could not be read or parsed.
+    #[error("cannot read configuration: {0}")]
+    Read(String),
+    /// A key is unknown or has a value of the wrong type.
+    #[error("{0}")]
+    Parse(Problem),
+    /// Values that parse but cannot work, every one found.
+    #[error("invalid configuration:\n{}", display_problems(.0))]
+    Invalid(Vec<Problem>),
+}
+
+impl SettingsError {
+    /// Every problem with its key, one per entry.
+    pub fn problems(&self) -> Vec<String> {
+        match self {
+            SettingsError::Read(message) => vec![message.clone()],
+            SettingsError::Parse(problem) => vec![problem.to_string()],
+            SettingsError::Invalid(problems) => problems.iter().map(Problem::to_string).collect(),
+        }
+    }
+}
+
+fn display_problems(problems: &[Problem]) -> String {
+    problems
+        .iter()
+        .map(|p| format!("  {p}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+impl Settings {
+    /// Loads defaults → `file` (if any) → the environment, fills derived
+    /// defaults and validates.
+    pub fn load(file: Option<&Path>) -> Result<Settings, SettingsError> {
+        Self::load_from(file, std::env::vars())
+    }
+
+    /// [`Settings::load`] with the environment given explicitly (for tests).
+    pub fn load_from(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Settings, SettingsError> {
+        let mut builder = config::Config::builder();
+        if let Some(path) = file {
+            if !path.is_file() {
+                return Err(SettingsError::Read(format!(
+                    "{}: no such file",
+                    path.display()
+                )));
+            }
+            builder = builder.add_source(
+                config::File::from(path)
+                    .format(config::FileFormat::Toml)
+                    .required(true),
+            );
+        }
+        let env: config::Map<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}{ENV_SEPARATOR}")))
+            .collect();
+        builder = builder.add_source(
+            config::Environment::with_prefix(ENV_PREFIX)
+                .prefix_separator(ENV_SEPARATOR)
+                .separator(ENV_SEPARATOR)
+                .source(Some(env)),
+        );
+        let layered = builder
+            .build()
+            .map_err(|e| SettingsError::Read(e.to_string()))?;
+        let mut settings: Settings = serde_path_to_error::deserialize(layered).map_err(|e| {
+            let key = e.path().to_string();
+            let mut message = e.into_inner().to_string();
+            // The config crate appends the enclosing key, which the path
+            // already names more precisely.
+            if let Some(at) = message.rfind(" for key `") {
+                message.truncate(at);
+            }
+            SettingsError::Parse(Problem {
+                key: if key == "." { "<root>".into() } else { key },
+                message,
+            })
+        })?;
+        settings.fill_derived();
+        settings.validate().map_err(SettingsError::Invalid)?;
+        Ok(settings)
+    }
+
+    /// Fills the defaults that depend on other keys, so the effective
+    /// configuration is explicit.
+    pub fn fill_derived(&mut self) {
+        for p in &mut self.processors {
+            if p.group_id.is_none() && !p.name.is_empty() {
+                p.group_id = Some(format!("conveyor.{}", p.name));
+            }
+            if p.input_topics.is_empty() {
+                p.input_topics = p.tasks.keys().map(|t| self.topics.task_topic(t)).collect();
+            }
+            if p.output_topic.is_none() {
+                p.output_topic = Some(self.topics.results.clone());
+            }
+        }
+    }
+
+    /// Every problem with the values, each naming its key. Empty means usable.
+    pub fn validate(&self) -> Result<(), Vec<Problem>> {
+        let mut problems = Vec::new();
+        let mut bad = |key: String, message: &str| {
+            problems.push(Problem {
+                key,
+                message: message.to_owned(),
+            })
+        };
+
+        if self.kafka.brokers.trim().is_empty() {
+            bad("kafka.brokers".into(), "must name at least one host:port");
+        }
+        for broker in self.kafka.brokers.split(',').map(str::trim) {
+            if !broker.is_empty() && !looks_like_host_port(broker) {
+                bad(
+                    "kafka.brokers".into(),
+                    &format!("`{broker}` is not host:port"),
+                );
+            }
+        }
+        if self.kafka.client_id.trim().is_empty() {
+            bad("kafka.client_id".into(), "must not be empty");
+        }
+        for (option, why) in MANAGED_KAFKA_OPTIONS {
+            if self.kafka.options.contains_key(*option) {
+                bad(
+                    format!("kafka.options.\"{option}\""),
+                    &format!("managed by conveyor: {why}"),
+                );
+            }
+        }
+
+        match self.codec.wire_format {
+            WireFormatName::Confluent => {
+                if self.codec.request_schema_id.is_none() {
+                    bad(
+                        "codec.request_schema_id".into(),
+                        "required when codec.wire_format = \"confluent\"",
+                    );
+                }
+                if self.codec.result_schema_id.is_none() {
+                    bad(
+                        "codec.result_schema_id".into(),
+                        "required when codec.wire_format = \"confluent\"",
+                    );
+                }
+            }
+            WireFormatName::Avro => {
+                for (key, value) in [
+                    ("codec.request_schema_id", self.codec.request_schema_id),
+                    ("codec.result_schema_id", self.codec.result_schema_id),
+                ] {
+                    if value.is_some() {
+                        bad(
+                            key.into(),
+                            "only used with codec.wire_format = \"confluent\"",
+                        );
+                    }
+                }
+            }
+        }
+
+        if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&self.log.level) {
+            bad("log.level".into(), &format!("not a valid filter: {e}"));
+        }
+
+        for (key, topic) in [
+            ("topics.results", &self.topics.results),
+            ("topics.dead_letter", &self.topics.dead_letter),
+        ] {
+            if let Err(why) = check_topic_name(topic) {
+                bad(key.into(), &why);
+            }
+        }
+        if let Err(why) = check_topic_name(&format!("{}x", self.topics.task_prefix)) {
+            bad("topics.task_prefix".into(), &why);
+        }
+
+        let mut names = BTreeMap::new();
+        for (i, p) in self.processors.iter().enumerate() {
+            let at = |key: &str| format!("processors[{i}].{key}");
+            if p.name.is_empty() {
+                bad(at("name"), "required");
+            } else if !p
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            {
+                bad(at("name"), "use only letters, digits, `_` and `-`");
+            } else if let Some(first) = names.insert(p.name.as_str(), i) {
+                bad(
+                    at("name"),
+                    &format!("`{}` is also the name of processors[{first}]", p.name),
+                );
+            }
+            if let Some(group) = &p.group_id {
+                if group.trim().is_empty() {
+                    bad(at("group_id"), "must not be empty");
+                }
+            }
+            if p.tasks.is_empty() {
+                bad(
+                    at("tasks"),
+                    "at least one task type is required, e.g. [processors.tasks.echo] handler = \"echo\"",
+                );
+            }
+            for (task_type, task) in &p.tasks {
+                let key = |k: &str| format!("processors[{i}].tasks.{task_type}.{k}");
+                if let Err(why) = check_topic_name(task_type) {
+                    bad(
+                        format!("processors[{i}].tasks.{task_type}"),
+                        &format!("task type {why}"),
+                    );
+                }
+                match (&task.handler, &task.url) {
+                    (HandlerKind::Http, None) => bad(key("url"), "required by the http handler"),
+                    (HandlerKind::Http, Some(url))
+                        if !(url.starts_with("http://") || url.starts_with("https://")) =>
+                    {
+                        bad(key("url"), "must start with http:// or https://")
+                    }
+                    (HandlerKind::Http, Some(_)) => {}
+                    (_, Some(_)) => bad(key("url"), "only used by the http handler"),
+                    (_, None) => {}
+                }
+                if task.timeout_ms == 0 {
+                    bad(key("timeout_ms"), "must be > 0");
+                }
+            }
+            for (j, topic) in p.input_topics.iter().enumerate() {
+                if let Err(why) = check_topic_name(topic) {
+                    bad(at(&format!("input_topics[{j}]")), &why);
+                }
+            }
+            if let Some(topic) = &p.output_topic {
+                if let Err(why) = check_topic_name(topic) {
+                    bad(at("output_topic"), &why);
+                }
+            }
+            if p.max_in_flight == 0 {
+                bad(at("max_in_flight"), "must be > 0");
+            }
+            if p.max_in_flight_per_partition == 0 {
+                bad(at("max_in_flight_per_partition"), "must be > 0");
+            } else if p.max_in_flight_per_partition > p.max_in_flight && p.max_in_flight > 0 {
+                bad(
+                    at("max_in_flight_per_partition"),
+                    &format!("must not exceed max_in_flight ({})", p.max_in_flight),
+                );
+            }
+            if p.commit_interval_ms == 0 {
+                bad(at("commit_interval_ms"), "must be > 0");
+            }
+            // librdkafka's own limits for session.timeout.ms.
+            if !(1_000..=3_600_000).contains(&p.session_timeout_ms) {
+                bad(at("session_timeout_ms"), "must be between 1000 and 3600000");
+            }
+            if p.drain_timeout_ms == 0 {
+                bad(at("drain_timeout_ms"), "must be > 0");
+            } else if p.drain_timeout_ms >= p.session_timeout_ms {
+                bad(
+                    at("drain_timeout_ms"),
+                    &format!(
+                        "must be below session_timeout_ms ({}), or the group evicts this member while it drains",
+                        p.session_timeout_ms
+                    ),
+                );
+            }
+        }
+
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// The effective configuration as TOML, for `conveyor config check`.
+    pub fn to_toml(&self) -> Result<String, SettingsError> {
+        toml::to_string_pretty(self).map_err(|e| SettingsError::Read(e.to_string()))
+    }
+}
+
+fn looks_like_host_port(s: &str) -> bool {
+    match s.rsplit_once(':') {
+        Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0),
+        None => false,
+    }
+}
+
+/// Kafka's rules for topic names: 1 to 249 characters of `[A-Za-z0-9._-]`,
+/// not `.` or `..`.
+pub fn check_topic_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if name.len() > 249 {
+        return Err(format!(
+            "is {} characters long; Kafka allows 249",
+            name.len()
+        ));
+    }
+    if name == "." || name == ".." {
+        return Err(format!("`{name}` is not a legal topic name"));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "`{name}` contains {c:?}; topic names use only letters, digits, `.`, `_` and `-`"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn load_toml(text: &str) -> Result<Settings, SettingsError> {
+        load_toml_env(text, &[])
+    }
+
+    fn load_toml_env(text: &str, env: &[(&str, &str)]) -> Result<Settings, SettingsError> {
+        let mut file = tempfile();
+        file.1.write_all(text.as_bytes()).unwrap();
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        let result = Settings::load_from(Some(&file.0), env);
+        let _ = std::fs::remove_file(&file.0);
+        result
+    }
+
+    fn tempfile() -> (std::path::PathBuf, std::fs::File) {
+        let path =
+            std::env::temp_dir().join(format!("conveyor-test-{}.toml", uuid::Uuid::new_v4()));
+        let file = std::fs::File::create(&path).unwrap();
+        (path, file)
+    }
+
+    fn problems(result: Result<Settings, SettingsError>) -> Vec<String> {
+        result
+            .expect_err("configuration should be refused")
+            .problems()
+    }
+
+    const ONE_PROCESSOR: &str = r#"
+        [[processors]]
+        name = "main"
+        [processors.tasks.echo]
+        handler = "echo"
+    "#;
+
+    #[test]
+    fn defaults_alone_are_valid() {
+        let settings = Settings::load_from(None, Vec::new()).unwrap();
+        assert_eq!(settings, Settings::default());
+    }
+
+    #[test]
+    fn derived_defaults_are_filled() {
+        let s = load_toml(ONE_PROCESSOR).unwrap();
+        let p = &s.processors[0];
+        assert_eq!(p.group_id.as_deref(), Some("conveyor.main"));
+        assert_eq!(p.input_topics, ["conveyor.tasks.echo"]);
+        assert_eq!(p.output_topic.as_deref(), Some("conveyor.results"));
+        assert_eq!(p.ordering, Ordering::Partition);
+    }
+
+    #[test]
+    fn typo_names_the_key_with_its_path() {
+        let text = format!("{ONE_PROCESSOR}\n[[processors]]\nname = \"b\"\nmax_in_fligth = 3\n");
+        let found = problems(load_toml(&text));
+        assert_eq!(found.len(), 1);
+        assert!(
+            found[0].starts_with(
+                "processors[1].max_in_fligth: unknown field `max_in_fligth`, expected one of `name`,"
+            ),
+            "{found:?}"
+        );
+    }
+
+    #[test]
+    fn zero_max_in_flight_names_the_key() {
+        let text = format!("{ONE_PROCESSOR}\n[[processors]]\nname = \"b\"\nmax_in_flight = 0\n[processors.tasks.echo]\nhandler = \"echo\"\n");
+        let found = problems(load_toml(&text));
+        assert_eq!(found, ["processors[1].max_in_flight: must be > 0"]);
+    }
+
+    #[test]
+    fn wrong_type_names_the_key() {
+        let found = problems(load_toml(
+            "[kafka]\nbrokers = 5\n[codec]\nwire_format = \"xml\"\n",
+        ));
+        // The first error stops deserialization; it names its key.
+        assert_eq!(found.len(), 1);
+        assert!(found[0].starts_with("codec.wire_format: "), "{found:?}");
+        assert!(found[0].contains("xml"), "{found:?}");
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let text = r#"
+            [kafka]
+            brokers = "nohost"
+            [kafka.options]
+            "enable.auto.offset.store" = "true"
+            [codec]
+            wire_format = "confluent"
+            [[processors]]
+            name = "a"
+            session_timeout_ms = 6000
+            drain_timeout_ms = 6000
+            [processors.tasks.web]
+            handler = "http"
+        "#;
+        let found = problems(load_toml(text));
+        assert_eq!(
+            found,
+            [
+                "kafka.brokers: `nohost` is not host:port",
+                "kafka.options.\"enable.auto.offset.store\": managed by conveyor: conveyor stores an offset only after the task's outputs are acknowledged",
+                "codec.request_schema_id: required when codec.wire_format = \"confluent\"",
+                "codec.result_schema_id: required when codec.wire_format = \"confluent\"",
+                "processors[0].tasks.web.url: required by the http handler",
+                "processors[0].drain_timeout_ms: must be below session_timeout_ms (6000), or the group evicts this member while it drains",
+            ]
+        );
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let s = load_toml_env(
+            "[kafka]\nbrokers = \"a:1\"\n",
+            &[
+                ("CONVEYOR__KAFKA__BROKERS", "b:2"),
+                ("CONVEYOR__LOG__FORMAT", "json"),
+                ("UNRELATED", "x"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(s.kafka.brokers, "b:2");
+        assert_eq!(s.log.format, LogFormat::Json);
+    }
+
+    #[test]
+    fn environment_typo_is_refused() {
+        let found = problems(load_toml_env("", &[("CONVEYOR__KAFKA__BROKER", "b:2")]));
+        assert_eq!(
+            found,
+            ["kafka.broker: unknown field `broker`, expected one of `brokers`, `client_id`, `options`"]
+        );
+    }
+
+    #[test]
+    fn kafka_options_keep_dotted_names() {
+        let s = load_toml("[kafka.options]\n\"fetch.queue.backoff.ms\" = \"10\"\n\"security.protocol\" = \"SSL\"\n").unwrap();
+        assert_eq!(
+            s.kafka
+                .options
+                .get("fetch.queue.backoff.ms")
+                .map(String::as_str),
+            Some("10")
+        );
+        assert_eq!(
+            s.kafka.options.get("security.protocol").map(String::as_str),
+            Some("SSL")
+        );
+    }
+
+    #[test]
+    fn missing_file_is_a_read_error() {
+        let err = Settings::load_from(Some(Path::new("/nonexistent/conveyor.toml")), Vec::new())
+            .unwrap_err();
+        assert_eq!(err.problems(), ["/nonexistent/conveyor.toml: no such file"]);
+    }
+
+    #[test]
+    fn effective_config_round_trips_through_toml() {
+        let s = load_toml(ONE_PROCESSOR).unwrap();
+        let printed = s.to_toml().unwrap();
+        assert_eq!(load_toml(&printed).unwrap(), s);
+    }
+
+    #[test]
+    fn topic_names_follow_kafka_rules() {
+        assert!(check_topic_name("conveyor.tasks.resize_image-2").is_ok());
+        assert!(check_topic_name("").is_err());
+        assert!(check_topic_name("..").is_err());
+        assert!(check_topic_name("a b").is_err());
+        assert!(check_topic_name(&"x".repeat(250)).is_err());
+    }
+}
