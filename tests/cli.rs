@@ -1,0 +1,216 @@
+//! The `conveyor` binary as a user meets it: `config check`, the commands
+//! that are not built yet, and `conveyor dev` starting and stopping.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use conveyor::settings::{HandlerKind, ProcessorSettings, Settings, TaskSettings};
+
+const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/conveyor.example.toml");
+
+fn conveyor(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_conveyor"))
+        .args(args)
+        .env_remove("CONVEYOR_CONFIG")
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run conveyor")
+}
+
+fn temp_config(text: &str) -> PathBuf {
+    let path = std::env::temp_dir().join(format!("conveyor-cli-{}.toml", uuid::Uuid::new_v4()));
+    std::fs::File::create(&path)
+        .and_then(|mut f| f.write_all(text.as_bytes()))
+        .expect("write temp config");
+    path
+}
+
+fn check(path: &Path) -> Output {
+    conveyor(&[
+        "config",
+        "check",
+        "--config",
+        path.to_str().expect("utf-8 path"),
+    ])
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn example_config_checks_ok_and_prints_the_effective_config() {
+    let output = check(Path::new(EXAMPLE));
+    assert_eq!(output.status.code(), Some(0), "stderr: {}", stderr(&output));
+    let printed = String::from_utf8(output.stdout).expect("utf-8");
+    // What is printed is itself a valid configuration, equal to the example.
+    let reprinted = temp_config(&printed);
+    let from_print =
+        Settings::load_from(Some(&reprinted), Vec::new()).expect("printed config loads");
+    let _ = std::fs::remove_file(&reprinted);
+    let from_example =
+        Settings::load_from(Some(Path::new(EXAMPLE)), Vec::new()).expect("example loads");
+    assert_eq!(from_print, from_example);
+    assert_eq!(from_example.processors.len(), 1);
+}
+
+#[test]
+fn typo_exits_2_naming_the_key() {
+    let path = temp_config("[[processors]]\nname = \"a\"\nmax_inflight = 10\n[processors.tasks.echo]\nhandler = \"echo\"\n");
+    let output = check(&path);
+    let _ = std::fs::remove_file(&path);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(output.stdout.is_empty());
+    let err = stderr(&output);
+    assert!(
+        err.contains("processors[0].max_inflight: unknown field `max_inflight`"),
+        "{err}"
+    );
+}
+
+#[test]
+fn zero_max_in_flight_exits_2_naming_the_key() {
+    let path = temp_config("[[processors]]\nname = \"a\"\nmax_in_flight = 0\n[processors.tasks.echo]\nhandler = \"echo\"\n");
+    let output = check(&path);
+    let _ = std::fs::remove_file(&path);
+    assert_eq!(output.status.code(), Some(2));
+    assert_eq!(
+        stderr(&output),
+        "configuration has 1 problem:\n  processors[0].max_in_flight: must be > 0\n"
+    );
+}
+
+#[test]
+fn environment_is_a_layer_of_config_check() {
+    let output = Command::new(env!("CARGO_BIN_EXE_conveyor"))
+        .args(["config", "check", "--config", EXAMPLE])
+        .env("CONVEYOR__KAFKA__BROKERS", "kafka-9:9093")
+        .env_remove("CONVEYOR_CONFIG")
+        .output()
+        .expect("run conveyor");
+    assert_eq!(output.status.code(), Some(0), "stderr: {}", stderr(&output));
+    let printed = String::from_utf8(output.stdout).expect("utf-8");
+    assert!(printed.contains("brokers = \"kafka-9:9093\""), "{printed}");
+}
+
+#[test]
+fn commands_not_built_yet_say_so_and_exit_2() {
+    for command in ["worker", "gateway", "submit"] {
+        let output = conveyor(&[command]);
+        assert_eq!(output.status.code(), Some(2), "conveyor {command}");
+        assert!(
+            stderr(&output).starts_with(&format!("conveyor {command}: not built yet")),
+            "conveyor {command}: {}",
+            stderr(&output)
+        );
+    }
+}
+
+/// Every leaf key of a fully populated configuration appears in the example
+/// file, set or commented out, so the example documents every key.
+#[test]
+fn example_documents_every_key() {
+    let mut full = Settings::default();
+    full.codec.request_schema_id = Some(1);
+    full.codec.result_schema_id = Some(2);
+    full.kafka
+        .options
+        .insert("fetch.queue.backoff.ms".into(), "10".into());
+    full.processors.push(ProcessorSettings {
+        name: "p".into(),
+        tasks: [(
+            "web".to_owned(),
+            TaskSettings {
+                handler: HandlerKind::Http,
+                url: Some("http://x".into()),
+                timeout_ms: 1,
+            },
+        )]
+        .into_iter()
+        .collect(),
+        ..ProcessorSettings::default()
+    });
+    full.fill_derived();
+    let tree: toml::Value = toml::Value::try_from(&full).expect("settings serialize");
+    let mut keys = Vec::new();
+    collect_leaf_keys(&tree, &mut keys);
+    let example = std::fs::read_to_string(EXAMPLE).expect("example exists");
+    let documented = |key: &str| {
+        example.lines().any(|line| {
+            let line = line.trim_start().trim_start_matches("# ");
+            line.starts_with(&format!("{key} = ")) || line.starts_with(&format!("\"{key}\" = "))
+        })
+    };
+    let missing: Vec<&String> = keys.iter().filter(|k| !documented(k)).collect();
+    assert!(
+        missing.is_empty(),
+        "keys missing from conveyor.example.toml: {missing:?}"
+    );
+}
+
+fn collect_leaf_keys(value: &toml::Value, keys: &mut Vec<String>) {
+    let Some(table) = value.as_table() else {
+        return;
+    };
+    for (key, child) in table {
+        match child {
+            toml::Value::Table(_) => collect_leaf_keys(child, keys),
+            toml::Value::Array(items) if items.iter().all(toml::Value::is_table) => {
+                for item in items {
+                    collect_leaf_keys(item, keys);
+                }
+            }
+            _ => keys.push(key.clone()),
+        }
+    }
+}
+
+#[test]
+fn dev_starts_the_embedded_cluster_round_trips_a_task_and_stops_on_sigint() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_conveyor"))
+        .arg("dev")
+        .env_remove("CONVEYOR_CONFIG")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start conveyor dev");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut lines = Vec::new();
+    while !lines
+        .iter()
+        .any(|l: &String| l.contains("Ctrl-C stops the cluster"))
+    {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => lines.push(line),
+            Err(_) => {
+                let _ = child.kill();
+                panic!("conveyor dev did not get ready; it printed: {lines:#?}");
+            }
+        }
+    }
+    let text = lines.join("\n");
+    assert!(text.contains("embedded Kafka-protocol cluster"), "{text}");
+    assert!(text.contains("read back and decoded intact"), "{text}");
+    assert!(text.contains("conveyor.tasks.echo"), "{text}");
+
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success());
+    let exit = child.wait().expect("conveyor dev exits");
+    assert_eq!(exit.code(), Some(0), "exit after SIGINT");
+}
