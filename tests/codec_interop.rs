@@ -5,7 +5,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use apache_avro::reader::datum::GenericDatumReader;
 use apache_avro::types::Value;
+use apache_avro::writer::datum::GenericDatumWriter;
 use apache_avro::Schema;
 use conveyor::codec::schema::{task_request_schema, task_result_schema};
 use conveyor::codec::{Codec, TaskError, TaskRequest, TaskResult, TaskStatus, WorkflowRef};
@@ -162,9 +164,20 @@ prop_compose! {
     }
 }
 
+fn write_with_apache(schema: &Schema, value: Value) -> Vec<u8> {
+    GenericDatumWriter::builder(schema)
+        .build()
+        .expect("writer for the schema")
+        .write_value_to_vec(value)
+        .expect("apache-avro writes the value")
+}
+
 fn read_with_apache(schema: &Schema, bytes: &[u8]) -> Value {
     let mut reader = bytes;
-    let value = apache_avro::from_avro_datum(schema, &mut reader, None)
+    let value = GenericDatumReader::builder(schema)
+        .build()
+        .expect("reader for the schema")
+        .read_value(&mut reader)
         .expect("apache-avro reads conveyor's encoding");
     assert!(
         reader.is_empty(),
@@ -188,7 +201,7 @@ proptest! {
     #[test]
     fn conveyor_reads_what_apache_avro_writes_requests(req in request()) {
         let schema = task_request_schema().unwrap();
-        let bytes = apache_avro::to_avro_datum(&schema, request_value(&req)).unwrap();
+        let bytes = write_with_apache(&schema, request_value(&req));
         prop_assert_eq!(Codec::default().decode_request(&bytes), Ok(req));
     }
 
@@ -203,7 +216,7 @@ proptest! {
     #[test]
     fn conveyor_reads_what_apache_avro_writes_results(res in result()) {
         let schema = task_result_schema().unwrap();
-        let bytes = apache_avro::to_avro_datum(&schema, result_value(&res)).unwrap();
+        let bytes = write_with_apache(&schema, result_value(&res));
         prop_assert_eq!(Codec::default().decode_result(&bytes), Ok(res));
     }
 }
@@ -228,12 +241,15 @@ fn defaults_in_the_schema_fill_fields_an_old_writer_did_not_have() {
         ("payload", Value::Bytes(b"{}".to_vec())),
         ("submitted_at", Value::TimestampMillis(42)),
     ]);
-    let bytes = apache_avro::to_avro_datum(&old_writer, old).unwrap();
+    let bytes = write_with_apache(&old_writer, old);
     let reader_schema = task_request_schema().unwrap();
-    let resolved =
-        apache_avro::from_avro_datum(&old_writer, &mut bytes.as_slice(), Some(&reader_schema))
-            .expect("the current schema can read the old writer's records");
-    let rewritten = apache_avro::to_avro_datum(&reader_schema, resolved).unwrap();
+    let resolved = GenericDatumReader::builder(&old_writer)
+        .reader_schema(&reader_schema)
+        .build()
+        .expect("reader resolving old to current")
+        .read_value(&mut bytes.as_slice())
+        .expect("the current schema can read the old writer's records");
+    let rewritten = write_with_apache(&reader_schema, resolved);
     let req = Codec::default().decode_request(&rewritten).unwrap();
     assert_eq!(req.id, id);
     assert_eq!(req.content_type, "application/json");
