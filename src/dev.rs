@@ -6,17 +6,9 @@
 //! It has no admin CreateTopics, so topics are created through it here, and
 //! it keeps at most 5 MiB per partition.
 
-use std::time::Duration;
-
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Message;
 use rdkafka::mocking::MockCluster;
-use rdkafka::producer::{DefaultProducerContext, FutureProducer, FutureRecord};
-use rdkafka::{Offset, TopicPartitionList};
-use uuid::Uuid;
+use rdkafka::producer::DefaultProducerContext;
 
-use crate::codec::{Codec, TaskRequest};
-use crate::kafka;
 use crate::settings::{HandlerKind, ProcessorSettings, Settings, TaskSettings};
 
 /// Partitions of every topic the dev cluster creates.
@@ -29,9 +21,6 @@ pub enum DevError {
     /// librdkafka refused to create the mock cluster or a topic.
     #[error("embedded cluster: {0}")]
     Cluster(rdkafka::error::KafkaError),
-    /// Producing or consuming the check record failed.
-    #[error("round trip through the embedded cluster failed: {0}")]
-    RoundTrip(String),
 }
 
 /// A running embedded cluster. Dropping it shuts the cluster down.
@@ -102,69 +91,4 @@ pub fn dev_settings(bootstrap: &str) -> Settings {
     });
     settings.fill_derived();
     settings
-}
-
-/// Produces `request` to `topic` (acks=all), reads it back from the
-/// partition and offset the broker acknowledged, and decodes it: proof that
-/// the cluster, the producer settings and the codec work together.
-pub async fn round_trip(
-    settings: &Settings,
-    topic: &str,
-    request: &TaskRequest,
-    timeout: Duration,
-) -> Result<TaskRequest, DevError> {
-    let codec = settings
-        .codec
-        .wire_format()
-        .map(Codec::new)
-        .ok_or_else(|| DevError::RoundTrip("codec settings are incomplete".into()))?;
-    let fail = |what: &str, e: &dyn std::fmt::Display| DevError::RoundTrip(format!("{what}: {e}"));
-
-    let producer: FutureProducer = kafka::producer_config(&settings.kafka)
-        .create()
-        .map_err(|e| fail("creating the producer", &e))?;
-    let mut value = Vec::new();
-    codec.encode_request(request, &mut value);
-    let key = request
-        .key
-        .clone()
-        .unwrap_or_else(|| request.id.to_string());
-    let delivered = producer
-        .send(FutureRecord::to(topic).key(&key).payload(&value), timeout)
-        .await
-        .map_err(|(e, _)| fail("producing the request", &e))?;
-
-    let group = format!("conveyor-dev-check-{}", Uuid::new_v4());
-    let consumer: BaseConsumer = kafka::consumer_config(&settings.kafka, &group, 10_000)
-        .set("enable.auto.commit", "false")
-        .create()
-        .map_err(|e| fail("creating the consumer", &e))?;
-    let mut assignment = TopicPartitionList::new();
-    assignment
-        .add_partition_offset(topic, delivered.partition, Offset::Offset(delivered.offset))
-        .map_err(|e| fail("assigning the partition", &e))?;
-    consumer
-        .assign(&assignment)
-        .map_err(|e| fail("assigning the partition", &e))?;
-
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        // BaseConsumer::poll blocks; poll briefly and yield in between so the
-        // runtime stays responsive.
-        match consumer.poll(Duration::ZERO) {
-            Some(Ok(message)) => {
-                let bytes = message.payload().unwrap_or_default();
-                return codec
-                    .decode_request(bytes)
-                    .map_err(|e| fail("decoding the request read back", &e));
-            }
-            Some(Err(e)) => return Err(fail("consuming the request", &e)),
-            None if tokio::time::Instant::now() >= deadline => {
-                return Err(DevError::RoundTrip(format!(
-                    "the request did not come back within {timeout:?}"
-                )));
-            }
-            None => tokio::time::sleep(Duration::from_millis(10)).await,
-        }
-    }
 }

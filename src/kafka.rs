@@ -15,6 +15,13 @@ const CONSUMER_TUNING: &[(&str, &str)] = &[
     // The default of 1000 ms stalls a fast consumer whenever its prefetch
     // queue fills: the whole pipe fell to ~0.2x in DESIGN.md §6.
     ("fetch.queue.backoff.ms", "10"),
+    // Incremental rebalancing: members keep the partitions that do not
+    // move, and a revoked partition is drained and committed while the
+    // group is still stable. Under the eager protocol the revoke happens
+    // after the group started rebalancing, and some brokers (librdkafka's
+    // mock cluster among them) refuse commits then, which turns every
+    // rebalance into a replay of the last commit interval.
+    ("partition.assignment.strategy", "cooperative-sticky"),
 ];
 
 /// Settings shared by every client: brokers, client id, `tuning` and the

@@ -28,10 +28,15 @@
 
 pub mod codec;
 pub mod dev;
+pub mod handlers;
 pub mod kafka;
+pub mod offsets;
+pub mod processor;
 pub mod settings;
 pub mod shutdown;
 pub mod telemetry;
+pub mod tools;
+pub mod worker;
 
 pub use codec::{Codec, DecodeError, TaskRequest, TaskResult, TaskStatus, WireFormat};
 pub use settings::Settings;

@@ -1,15 +1,19 @@
 //! The `conveyor` command line. Parsing and exit codes only; the work is
 //! done by the library.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
-use conveyor::codec::TaskRequest;
+use conveyor::codec::TaskStatus;
 use conveyor::dev::{self, DevCluster, DEV_PARTITIONS};
 use conveyor::settings::{LogFormat, Settings, SettingsError};
+use conveyor::tools::{self, Submission, ToolError};
+use conveyor::worker;
 
 /// Exit status for bad configuration or a command that is not built yet.
 const EXIT_USAGE: u8 = 2;
@@ -53,21 +57,65 @@ enum Command {
     /// Run conveyor on an embedded Kafka-protocol cluster, no broker needed.
     ///
     /// Starts librdkafka's in-memory mock cluster on 127.0.0.1, creates the
-    /// topics of the configuration (the built-in dev configuration unless
-    /// --config is given; its kafka.brokers is replaced by the embedded
-    /// cluster), sends one task request through it and reads it back decoded,
-    /// then keeps the cluster up until Ctrl-C. The processor engine and the
-    /// HTTP gateway will run here too once they are built.
+    /// topics of the configuration (the built-in dev configuration, with the
+    /// echo, sleep and sha256 handlers, unless --config is given; its
+    /// kafka.brokers is replaced by the embedded cluster), runs a worker with
+    /// every processor, sends one echo task through it and waits for its
+    /// result, then prints how to submit tasks and follow results and runs
+    /// until Ctrl-C. The HTTP gateway will run here too once it is built.
     Dev,
-    /// Run the configured processors as consumer-group members. Not built yet.
+    /// Run the configured processors as consumer-group members.
+    ///
+    /// Each [[processors]] entry joins its consumer group, runs its handlers
+    /// and produces results, committing each input offset only after the
+    /// result is acknowledged (at least once). Run more copies with the same
+    /// configuration to share the partitions. SIGINT or SIGTERM stops intake,
+    /// drains in-flight tasks (up to drain_timeout_ms), commits and exits 0;
+    /// a second signal exits at once with status 130.
     Worker,
     /// Run the HTTP gateway (submit tasks, look up results). Not built yet.
     Gateway,
-    /// Produce task requests from the command line. Not built yet.
-    Submit,
+    /// Produce task requests and print their ids, one per line.
+    Submit(SubmitArgs),
+    /// Print task results as JSON lines (from the start of the results topic).
+    Results(ResultsArgs),
     /// Inspect the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+}
+
+#[derive(Args)]
+struct SubmitArgs {
+    /// Task type; selects the handler and, unless --topic is given, the
+    /// topic (<topics.task_prefix><type>).
+    #[arg(long = "type", value_name = "TYPE")]
+    task_type: String,
+    /// The payload, as JSON.
+    #[arg(long, default_value = "{}", value_name = "JSON")]
+    payload: String,
+    /// Ordering key; tasks with the same key run one at a time, in order,
+    /// under `ordering = "key"`.
+    #[arg(long)]
+    key: Option<String>,
+    /// How many tasks to submit, each with its own id.
+    #[arg(long, default_value_t = 1)]
+    count: u32,
+    /// Topic to produce to instead of the task type's.
+    #[arg(long)]
+    topic: Option<String>,
+    /// Brokers (host:port,…); overrides kafka.brokers.
+    #[arg(long)]
+    brokers: Option<String>,
+}
+
+#[derive(Args)]
+struct ResultsArgs {
+    /// Keep printing new results until Ctrl-C instead of stopping at the end.
+    #[arg(long)]
+    follow: bool,
+    /// Brokers (host:port,…); overrides kafka.brokers.
+    #[arg(long)]
+    brokers: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -83,10 +131,152 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Config(ConfigCommand::Check) => config_check(cli.config.as_deref()),
         Command::Dev => run_dev(cli.config.as_deref(), cli.log_format),
-        Command::Worker => not_built("worker", "the processor engine"),
+        Command::Worker => with_settings(cli.config.as_deref(), cli.log_format, None, run_worker),
         Command::Gateway => not_built("gateway", "the HTTP gateway"),
-        Command::Submit => not_built("submit", "task submission from the command line"),
+        Command::Submit(args) => {
+            let brokers = args.brokers.clone();
+            with_settings(cli.config.as_deref(), cli.log_format, brokers, |s| {
+                run_submit(s, args)
+            })
+        }
+        Command::Results(args) => {
+            let brokers = args.brokers.clone();
+            with_settings(cli.config.as_deref(), cli.log_format, brokers, |s| {
+                run_results(s, args.follow)
+            })
+        }
     }
+}
+
+/// Loads and validates the configuration, starts logging and a runtime,
+/// and runs `command`; maps errors to exit codes.
+fn with_settings<F>(
+    file: Option<&Path>,
+    log_format: Option<LogFormat>,
+    brokers: Option<String>,
+    command: F,
+) -> ExitCode
+where
+    F: AsyncFnOnce(Settings) -> Result<(), CommandError>,
+{
+    let mut settings = match Settings::load(file) {
+        Ok(settings) => settings,
+        Err(error) => {
+            report_settings_error(&error);
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    if let Some(brokers) = brokers {
+        settings.kafka.brokers = brokers;
+    }
+    if let Err(error) = conveyor::telemetry::init(
+        log_format.unwrap_or(settings.log.format),
+        &settings.log.level,
+    ) {
+        eprintln!("conveyor: {error}");
+        return ExitCode::from(EXIT_USAGE);
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(error) => {
+            eprintln!("conveyor: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let outcome = runtime.block_on(command(settings));
+    // Tasks cut off by a drain deadline may still be running: do not wait.
+    runtime.shutdown_timeout(Duration::from_millis(100));
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(CommandError::Usage(message)) => {
+            eprintln!("conveyor: {message}");
+            ExitCode::from(EXIT_USAGE)
+        }
+        Err(CommandError::Failed(message)) => {
+            eprintln!("conveyor: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// How a command failed: the user's input (exit 2) or at run time (exit 1).
+enum CommandError {
+    Usage(String),
+    Failed(String),
+}
+
+impl From<ToolError> for CommandError {
+    fn from(error: ToolError) -> Self {
+        match error {
+            ToolError::Input(message) => CommandError::Usage(message),
+            other => CommandError::Failed(other.to_string()),
+        }
+    }
+}
+
+impl From<worker::WorkerError> for CommandError {
+    fn from(error: worker::WorkerError) -> Self {
+        match error {
+            worker::WorkerError::Config(message) => CommandError::Usage(message),
+            other => CommandError::Failed(other.to_string()),
+        }
+    }
+}
+
+/// Sets `stop` on the first SIGINT or SIGTERM; exits at once on a second.
+fn stop_on_signals(stop: Arc<AtomicBool>) {
+    tokio::spawn(async move {
+        match conveyor::shutdown::stop_requested().await {
+            Ok(signal) => {
+                tracing::info!(
+                    signal,
+                    "stopping: draining in-flight tasks (a second signal exits at once)"
+                );
+                stop.store(true, Ordering::Relaxed);
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for signals");
+                return;
+            }
+        }
+        if let Ok(signal) = conveyor::shutdown::stop_requested().await {
+            tracing::warn!(signal, "second signal: exiting without draining");
+            std::process::exit(130);
+        }
+    });
+}
+
+async fn run_worker(settings: Settings) -> Result<(), CommandError> {
+    let specs = worker::processor_specs(&settings)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    stop_on_signals(stop.clone());
+    worker::run(specs, stop).await?;
+    Ok(())
+}
+
+async fn run_submit(settings: Settings, args: SubmitArgs) -> Result<(), CommandError> {
+    let submission = Submission {
+        task_type: args.task_type,
+        payload: args.payload,
+        key: args.key,
+        count: args.count,
+        topic: args.topic,
+    };
+    for id in tools::submit(&settings, &submission).await? {
+        println!("{id}");
+    }
+    Ok(())
+}
+
+async fn run_results(settings: Settings, follow: bool) -> Result<(), CommandError> {
+    let stop = Arc::new(AtomicBool::new(false));
+    stop_on_signals(stop.clone());
+    tokio::task::spawn_blocking(move || {
+        tools::print_results(&settings, follow, &stop, |line| println!("{line}"))
+    })
+    .await
+    .map_err(|e| CommandError::Failed(e.to_string()))??;
+    Ok(())
 }
 
 fn not_built(command: &str, what: &str) -> ExitCode {
@@ -175,31 +365,66 @@ async fn dev_main(user_settings: Option<Settings>) -> anyhow::Result<()> {
         topics.join(", ")
     );
 
-    let first_type = settings
+    let specs = worker::processor_specs(&settings).map_err(|e| anyhow::anyhow!("{e}"))?;
+    for spec in &specs {
+        let types: Vec<&str> = spec.settings.tasks.keys().map(String::as_str).collect();
+        println!(
+            "  worker: processor `{}` runs task types {}",
+            spec.settings.name,
+            types.join(", ")
+        );
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    stop_on_signals(stop.clone());
+    let running = tokio::spawn(worker::run(specs, stop.clone()));
+
+    // Prove the whole path: a task in, its result out.
+    let check_type = settings
         .processors
         .iter()
         .flat_map(|p| p.tasks.keys())
-        .next()
-        .cloned()
-        .unwrap_or_else(|| "echo".into());
-    let check_topic = settings.topics.task_topic(&first_type);
-    if !topics.contains(&check_topic) {
-        cluster.create_topic(&check_topic, DEV_PARTITIONS)?;
+        .find(|t| t.as_str() == "echo")
+        .or_else(|| {
+            settings
+                .processors
+                .iter()
+                .flat_map(|p| p.tasks.keys())
+                .next()
+        })
+        .cloned();
+    if let Some(task_type) = check_type {
+        let submission = Submission {
+            task_type: task_type.clone(),
+            payload: r#"{"hello":"conveyor"}"#.into(),
+            key: None,
+            count: 1,
+            topic: None,
+        };
+        let started = Instant::now();
+        let ids = tools::submit(&settings, &submission).await?;
+        if let Some(&id) = ids.first() {
+            let result = tools::wait_for_result(&settings, id, Duration::from_secs(30)).await?;
+            println!(
+                "  check: task {id} ({task_type}) went through the worker: {} in {} ms",
+                result.status.symbol(),
+                started.elapsed().as_millis()
+            );
+            anyhow::ensure!(
+                result.status == TaskStatus::Succeeded,
+                "the check task failed: {:?}",
+                result.error
+            );
+        }
     }
-    let sent = TaskRequest::new(first_type, br#"{"hello":"conveyor"}"#.to_vec());
-    let back = dev::round_trip(&settings, &check_topic, &sent, Duration::from_secs(10)).await?;
-    anyhow::ensure!(
-        back == sent,
-        "the request read back differs from the one sent"
-    );
+    let exe = "cargo run --release --";
+    println!("  try, in another shell:");
     println!(
-        "  check: task {} ({}) produced to {check_topic} with acks=all, read back and decoded intact",
-        sent.id, sent.task_type
+        "    {exe} submit --brokers {bootstrap} --type sleep --payload '{{\"ms\": 500}}' --count 3"
     );
-    println!("  not running yet: the processor engine and the HTTP gateway (planned; see README.md \"Status\")");
-    println!("  any Kafka client can use {bootstrap} meanwhile; Ctrl-C stops the cluster.");
-    let signal = conveyor::shutdown::stop_requested().await?;
-    tracing::info!(signal, "stopping the embedded cluster");
+    println!("    {exe} results --brokers {bootstrap} --follow");
+    println!("  not running yet: the HTTP gateway (planned; see README.md \"Status\")");
+    println!("  Ctrl-C stops the worker (draining in-flight tasks) and the cluster.");
+    running.await??;
     drop(cluster);
     Ok(())
 }

@@ -96,16 +96,46 @@ fn environment_is_a_layer_of_config_check() {
 }
 
 #[test]
-fn commands_not_built_yet_say_so_and_exit_2() {
-    for command in ["worker", "gateway", "submit"] {
-        let output = conveyor(&[command]);
-        assert_eq!(output.status.code(), Some(2), "conveyor {command}");
-        assert!(
-            stderr(&output).starts_with(&format!("conveyor {command}: not built yet")),
-            "conveyor {command}: {}",
-            stderr(&output)
-        );
-    }
+fn gateway_is_not_built_yet_and_says_so_with_status_2() {
+    let output = conveyor(&["gateway"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).starts_with("conveyor gateway: not built yet"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[test]
+fn worker_without_processors_exits_2_saying_what_to_add() {
+    let path = temp_config("[kafka]\nbrokers = \"127.0.0.1:1\"\n");
+    let output = conveyor(&["worker", "--config", path.to_str().expect("utf-8 path")]);
+    let _ = std::fs::remove_file(&path);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains("no processors configured: add a [[processors]] section"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[test]
+fn submit_refuses_a_payload_that_is_not_json() {
+    let output = conveyor(&[
+        "submit",
+        "--brokers",
+        "127.0.0.1:1",
+        "--type",
+        "echo",
+        "--payload",
+        "{nope",
+    ]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains("--payload is not valid JSON"),
+        "{}",
+        stderr(&output)
+    );
 }
 
 /// Every leaf key of a fully populated configuration appears in the example
@@ -168,7 +198,7 @@ fn collect_leaf_keys(value: &toml::Value, keys: &mut Vec<String>) {
 }
 
 #[test]
-fn dev_starts_the_embedded_cluster_round_trips_a_task_and_stops_on_sigint() {
+fn dev_runs_a_task_through_the_worker_and_stops_on_sigint() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_conveyor"))
         .arg("dev")
         .env_remove("CONVEYOR_CONFIG")
@@ -190,7 +220,7 @@ fn dev_starts_the_embedded_cluster_round_trips_a_task_and_stops_on_sigint() {
     let mut lines = Vec::new();
     while !lines
         .iter()
-        .any(|l: &String| l.contains("Ctrl-C stops the cluster"))
+        .any(|l: &String| l.contains("Ctrl-C stops the worker"))
     {
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
@@ -203,7 +233,10 @@ fn dev_starts_the_embedded_cluster_round_trips_a_task_and_stops_on_sigint() {
     }
     let text = lines.join("\n");
     assert!(text.contains("embedded Kafka-protocol cluster"), "{text}");
-    assert!(text.contains("read back and decoded intact"), "{text}");
+    assert!(
+        text.contains("went through the worker: SUCCEEDED"),
+        "{text}"
+    );
     assert!(text.contains("conveyor.tasks.echo"), "{text}");
 
     let status = Command::new("kill")

@@ -357,6 +357,16 @@ impl Codec {
         binary::write_string_map(out, &request.metadata);
     }
 
+    /// The id and, if readable, the type of a request that may not decode as
+    /// a whole: enough to report a FAILED result for a malformed record.
+    pub fn peek_request(&self, input: &[u8]) -> Option<(Uuid, Option<String>)> {
+        const RECORD: &str = "TaskRequest";
+        let body = self.unframe(input, RECORD, request_schema_id).ok()?;
+        let mut r = Reader::new(body, RECORD);
+        let id = r.read_uuid().ok()?;
+        Some((id, r.read_string().ok()))
+    }
+
     /// Decodes one request; see the module docs for what is accepted.
     pub fn decode_request(&self, input: &[u8]) -> Result<TaskRequest, DecodeError> {
         const RECORD: &str = "TaskRequest";
@@ -688,6 +698,20 @@ mod tests {
             err.to_string(),
             "cannot decode TaskRequest.id: not a hyphenated UUID"
         );
+    }
+
+    #[test]
+    fn peek_reads_id_and_type_of_a_broken_request() {
+        let req = sample_request();
+        let mut bytes = encode_request(Codec::default(), &req);
+        bytes.truncate(60); // inside the payload
+        let codec = Codec::default();
+        assert!(codec.decode_request(&bytes).is_err());
+        assert_eq!(
+            codec.peek_request(&bytes),
+            Some((req.id, Some("resize_image".into())))
+        );
+        assert_eq!(codec.peek_request(b"garbage"), None);
     }
 
     #[test]

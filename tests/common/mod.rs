@@ -137,3 +137,362 @@ pub fn unique(prefix: &str) -> String {
 pub fn announce(line: &str) {
     let _ = std::io::stderr().write_all(format!("conveyor-test: {line}\n").as_bytes());
 }
+
+// ---------------------------------------------------------------------------
+// Producing requests, reading results, running workers.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use conveyor::codec::{Codec, TaskRequest, TaskResult};
+use conveyor::handlers::Registry;
+use conveyor::processor::{ProcessorSpec, ProcessorStatus};
+use conveyor::settings::{HandlerKind, Ordering, ProcessorSettings, TaskSettings};
+use conveyor::worker::{self, WorkerError};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+use uuid::Uuid;
+
+impl TestKafka {
+    /// A producer with conveyor's producer settings.
+    pub fn producer(&self) -> FutureProducer {
+        conveyor::kafka::producer_config(&self.settings().kafka)
+            .set("linger.ms", "5")
+            .create()
+            .expect("producer")
+    }
+
+    /// Produces `requests` to `topic`, keyed by their key or id, and waits
+    /// until the broker acknowledged every one.
+    pub async fn produce_requests(&self, topic: &str, requests: &[TaskRequest]) {
+        let codec = Codec::default();
+        let producer = self.producer();
+        let mut pending = Vec::with_capacity(requests.len());
+        for request in requests {
+            let mut value = Vec::new();
+            codec.encode_request(request, &mut value);
+            let key = request
+                .key
+                .clone()
+                .unwrap_or_else(|| request.id.to_string());
+            pending.push(
+                self.send(&producer, topic, key.as_bytes(), &value, None)
+                    .await,
+            );
+        }
+        for delivery in pending {
+            acked(delivery).await;
+        }
+    }
+
+    /// Queues one raw record, waiting while the producer queue is full.
+    pub async fn send(
+        &self,
+        producer: &FutureProducer,
+        topic: &str,
+        key: &[u8],
+        value: &[u8],
+        partition: Option<i32>,
+    ) -> rdkafka::producer::DeliveryFuture {
+        loop {
+            let mut record = FutureRecord::to(topic).key(key).payload(value);
+            if let Some(p) = partition {
+                record = record.partition(p);
+            }
+            match producer.send_result(record) {
+                Ok(delivery) => return delivery,
+                Err((
+                    KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull),
+                    _,
+                )) => tokio::time::sleep(Duration::from_millis(5)).await,
+                Err((e, _)) => panic!("producing to {topic}: {e}"),
+            }
+        }
+    }
+
+    /// A consumer reading every partition of `topic` from the start, with
+    /// end-of-partition events.
+    pub fn reader(&self, topic: &str) -> (BaseConsumer, usize) {
+        let consumer: BaseConsumer =
+            conveyor::kafka::consumer_config(&self.settings().kafka, &unique("reader"), 6_000)
+                .set("enable.auto.commit", "false")
+                .set("enable.partition.eof", "true")
+                .create()
+                .expect("reader");
+        let metadata = consumer
+            .fetch_metadata(Some(topic), SETUP_TIMEOUT)
+            .expect("metadata");
+        let mut list = TopicPartitionList::new();
+        for t in metadata.topics() {
+            for p in t.partitions() {
+                list.add_partition_offset(topic, p.id(), Offset::Beginning)
+                    .expect("partition");
+            }
+        }
+        let count = list.count();
+        assert!(count > 0, "topic {topic} has partitions");
+        consumer.assign(&list).expect("assign");
+        (consumer, count)
+    }
+
+    /// Reads `topic` until a result for every id in `expected` arrived (or
+    /// `timeout` passes: then it panics naming how many are missing), then
+    /// on to the end of every partition so that duplicates written so far
+    /// are counted too.
+    pub async fn collect_results(
+        &self,
+        topic: &str,
+        expected: &HashSet<Uuid>,
+        timeout: Duration,
+    ) -> Results {
+        let codec = Codec::default();
+        let (consumer, partitions) = self.reader(topic);
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut results = Results::default();
+        let mut at_end = HashSet::new();
+        loop {
+            let complete = expected.iter().all(|id| results.by_id.contains_key(id));
+            if complete && at_end.len() == partitions {
+                return results;
+            }
+            match consumer.poll(Duration::ZERO) {
+                Some(Ok(m)) => {
+                    at_end.remove(&m.partition());
+                    let result = codec
+                        .decode_result(m.payload().unwrap_or_default())
+                        .expect("results decode");
+                    results.by_id.entry(result.id).or_default().push(result);
+                }
+                Some(Err(KafkaError::PartitionEOF(p))) => {
+                    at_end.insert(p);
+                }
+                Some(Err(e)) => panic!("reading {topic}: {e}"),
+                None => {
+                    if tokio::time::Instant::now() >= deadline {
+                        let missing = expected
+                            .iter()
+                            .filter(|id| !results.by_id.contains_key(id))
+                            .count();
+                        panic!(
+                            "{}: {missing} of {} results missing after {timeout:?}",
+                            self.describe(),
+                            expected.len()
+                        );
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
+    }
+
+    /// The group's committed offset of each partition of `topic`.
+    pub fn committed(&self, group: &str, topic: &str) -> HashMap<i32, i64> {
+        let consumer: BaseConsumer =
+            conveyor::kafka::consumer_config(&self.settings().kafka, group, 6_000)
+                .set("enable.auto.commit", "false")
+                .create()
+                .expect("consumer");
+        let (_, partitions) = self.reader(topic);
+        let mut list = TopicPartitionList::new();
+        for p in 0..partitions as i32 {
+            list.add_partition(topic, p);
+        }
+        let committed = consumer
+            .committed_offsets(list, SETUP_TIMEOUT)
+            .expect("committed offsets");
+        committed
+            .elements()
+            .iter()
+            .filter_map(|e| match e.offset() {
+                Offset::Offset(o) => Some((e.partition(), o)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The high watermark (end offset) of each partition of `topic`.
+    pub fn end_offsets(&self, topic: &str) -> HashMap<i32, i64> {
+        let (consumer, partitions) = self.reader(topic);
+        (0..partitions as i32)
+            .map(|p| {
+                let (_, high) = consumer
+                    .fetch_watermarks(topic, p, SETUP_TIMEOUT)
+                    .expect("watermarks");
+                (p, high)
+            })
+            .collect()
+    }
+}
+
+async fn acked(delivery: rdkafka::producer::DeliveryFuture) {
+    tokio::time::timeout(SETUP_TIMEOUT, delivery)
+        .await
+        .expect("delivery report in time")
+        .expect("delivery future not cancelled")
+        .expect("broker acknowledged the record");
+}
+
+/// Results read back, by task id (more than one entry: duplicates).
+#[derive(Debug, Default)]
+pub struct Results {
+    pub by_id: HashMap<Uuid, Vec<TaskResult>>,
+}
+
+impl Results {
+    /// Results beyond the first of each task.
+    pub fn duplicates(&self) -> usize {
+        self.by_id.values().map(|v| v.len().saturating_sub(1)).sum()
+    }
+
+    /// Every result, duplicates included.
+    pub fn all(&self) -> impl Iterator<Item = &TaskResult> {
+        self.by_id.values().flatten()
+    }
+}
+
+/// Topics and group of one engine test.
+pub struct Pipeline {
+    pub input: String,
+    pub output: String,
+    pub group: String,
+    pub partitions: i32,
+}
+
+impl TestKafka {
+    /// Creates an input topic of `partitions` partitions and a results topic.
+    pub async fn pipeline(&self, partitions: i32) -> Pipeline {
+        Pipeline {
+            input: self.create_topic("tasks", partitions).await,
+            output: self.create_topic("results", 4).await,
+            group: unique("group"),
+            partitions,
+        }
+    }
+
+    /// Settings with one processor reading `pipeline` with `tasks`.
+    pub fn worker_settings(
+        &self,
+        pipeline: &Pipeline,
+        ordering: Ordering,
+        tasks: &[(&str, HandlerKind)],
+    ) -> Settings {
+        let mut settings = self.settings();
+        settings.processors.push(ProcessorSettings {
+            name: "test".into(),
+            group_id: Some(pipeline.group.clone()),
+            input_topics: vec![pipeline.input.clone()],
+            output_topic: Some(pipeline.output.clone()),
+            tasks: tasks
+                .iter()
+                .map(|(t, h)| {
+                    (
+                        (*t).to_owned(),
+                        TaskSettings {
+                            handler: *h,
+                            url: None,
+                            timeout_ms: 30_000,
+                        },
+                    )
+                })
+                .collect(),
+            ordering,
+            max_in_flight: 64,
+            max_in_flight_per_partition: 16,
+            commit_interval_ms: 500,
+            // The mock cluster moves a departed member's partitions only
+            // after the session timeout: keep it short.
+            session_timeout_ms: 6_000,
+            drain_timeout_ms: 3_000,
+        });
+        settings.fill_derived();
+        settings.validate().expect("test settings are valid");
+        settings
+    }
+}
+
+/// A worker running in this process.
+pub struct InProcessWorker {
+    stop: Arc<AtomicBool>,
+    handle: tokio::task::JoinHandle<Result<(), WorkerError>>,
+    pub status: Arc<ProcessorStatus>,
+}
+
+impl InProcessWorker {
+    /// Starts the processors of `settings` as worker `name`, with `registry`
+    /// instead of the configured handlers when given.
+    pub fn start(settings: &Settings, name: &str, registry: Option<Registry>) -> Self {
+        let mut specs: Vec<ProcessorSpec> = worker::processor_specs(settings).expect("specs");
+        assert_eq!(specs.len(), 1, "one processor per test worker");
+        let status = Arc::new(ProcessorStatus::default());
+        for spec in &mut specs {
+            spec.worker = name.to_owned();
+            spec.status = status.clone();
+            if let Some(r) = &registry {
+                spec.registry = r.clone();
+            }
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let handle = tokio::spawn(worker::run(specs, stop.clone()));
+        InProcessWorker {
+            stop,
+            handle,
+            status,
+        }
+    }
+
+    /// Asks the worker to stop and waits until it drained and committed.
+    pub async fn stop(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        tokio::time::timeout(SETUP_TIMEOUT, self.handle)
+            .await
+            .expect("worker stops in time")
+            .expect("worker task did not panic")
+            .expect("worker stopped cleanly");
+    }
+}
+
+/// Polls `condition` until it holds, or panics after `timeout` naming `what`.
+pub async fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !condition() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Writes `settings` to a temporary TOML file for the `conveyor` binary.
+pub fn config_file(settings: &Settings) -> PathBuf {
+    let path = std::env::temp_dir().join(format!("{}.toml", unique("conveyor-test-config")));
+    std::fs::write(&path, settings.to_toml().expect("settings serialize")).expect("write config");
+    path
+}
+
+/// `count` requests of `task_type` with `payload`.
+pub fn requests(task_type: &str, payload: &str, count: usize) -> Vec<TaskRequest> {
+    (0..count)
+        .map(|_| TaskRequest::new(task_type, payload.as_bytes().to_vec()))
+        .collect()
+}
+
+/// The ids of `requests`.
+pub fn ids(requests: &[TaskRequest]) -> HashSet<Uuid> {
+    requests.iter().map(|r| r.id).collect()
+}
+
+/// Sends the library's logs to the test output when `RUST_LOG` is set.
+pub fn init_logs() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    }
+}

@@ -1,0 +1,143 @@
+//! Handlers: the code that runs a task. The [`Handler`] trait for Rust code,
+//! a [`Registry`] from task type to handler, and the built-ins the binary
+//! offers by name: `echo`, `sleep`, `sha256` and `http`.
+//!
+//! A handler returns an [`Output`] or a [`HandlerError`] that says whether
+//! trying again could help ([`HandlerError::Retryable`]) or not
+//! ([`HandlerError::Permanent`]). The engine enforces the per-attempt
+//! timeout and catches panics, so a handler need not.
+
+mod builtin;
+mod http;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+
+use crate::codec::TaskRequest;
+use crate::settings::{HandlerKind, ProcessorSettings};
+
+pub use builtin::{Echo, Sha256, Sleep};
+pub use http::Http;
+
+/// What a successful task produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Output {
+    /// The output bytes (the result's `output`).
+    pub bytes: Vec<u8>,
+    /// Their media type (the result's `content_type`).
+    pub content_type: String,
+}
+
+/// Why a task failed, and whether another attempt could succeed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum HandlerError {
+    /// A passing condition (a timeout, an unavailable service): worth
+    /// another attempt.
+    #[error("{0}")]
+    Retryable(String),
+    /// The task itself is wrong (a malformed payload, a refused request):
+    /// another attempt would fail the same way.
+    #[error("{0}")]
+    Permanent(String),
+}
+
+impl HandlerError {
+    /// The failure class as written in a result's `error.kind`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            HandlerError::Retryable(_) => "retryable",
+            HandlerError::Permanent(_) => "permanent",
+        }
+    }
+}
+
+/// Where the task came from and what travels with it, beside the request.
+#[derive(Debug, Clone, Default)]
+pub struct TaskContext {
+    /// W3C trace context of the request record, if it had one.
+    pub traceparent: Option<String>,
+}
+
+/// Runs tasks of one or more types.
+///
+/// `handle` may be called concurrently for different tasks. The returned
+/// future may be dropped before it completes (on timeout or shutdown): it
+/// must not leave shared state half-changed when cancelled.
+pub trait Handler: Send + Sync + 'static {
+    /// Runs one attempt of `task`.
+    fn handle<'a>(
+        &'a self,
+        task: &'a TaskRequest,
+        context: &'a TaskContext,
+    ) -> BoxFuture<'a, Result<Output, HandlerError>>;
+}
+
+/// Task type → handler.
+#[derive(Clone, Default)]
+pub struct Registry {
+    handlers: HashMap<String, Arc<dyn Handler>>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut types: Vec<&String> = self.handlers.keys().collect();
+        types.sort();
+        f.debug_struct("Registry").field("types", &types).finish()
+    }
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Registers `handler` for `task_type`, replacing any earlier one.
+    pub fn register(&mut self, task_type: impl Into<String>, handler: Arc<dyn Handler>) {
+        self.handlers.insert(task_type.into(), handler);
+    }
+
+    /// The handler of `task_type`.
+    pub fn get(&self, task_type: &str) -> Option<&Arc<dyn Handler>> {
+        self.handlers.get(task_type)
+    }
+
+    /// The built-in handlers a processor's `tasks` table names.
+    pub fn from_settings(processor: &ProcessorSettings) -> Result<Registry, HandlerBuildError> {
+        let mut registry = Registry::new();
+        for (task_type, task) in &processor.tasks {
+            let handler: Arc<dyn Handler> = match task.handler {
+                HandlerKind::Echo => Arc::new(Echo),
+                HandlerKind::Sleep => Arc::new(Sleep),
+                HandlerKind::Sha256 => Arc::new(Sha256),
+                HandlerKind::Http => {
+                    let url = task.url.as_deref().ok_or_else(|| HandlerBuildError {
+                        task_type: task_type.clone(),
+                        message: "the http handler needs a url".into(),
+                    })?;
+                    Arc::new(Http::new(url, task.timeout_ms).map_err(|message| {
+                        HandlerBuildError {
+                            task_type: task_type.clone(),
+                            message,
+                        }
+                    })?)
+                }
+            };
+            registry.register(task_type.clone(), handler);
+        }
+        Ok(registry)
+    }
+}
+
+/// A handler that could not be built from its settings.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("task type `{task_type}`: {message}")]
+pub struct HandlerBuildError {
+    /// The task type whose handler failed.
+    pub task_type: String,
+    /// Why.
+    pub message: String,
+}

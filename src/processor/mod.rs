@@ -1,0 +1,650 @@
+//! The engine: one consumer-group member that reads task requests, runs a
+//! handler for each, produces the results and commits at least once.
+//!
+//! # The at-least-once rule
+//!
+//! An input offset is *stored* (handed to librdkafka's auto-commit) only
+//! when its task finished **and** the result record was acknowledged by the
+//! broker (`acks=all`, idempotent producer), and only over the contiguous
+//! prefix of finished offsets of its partition ([`OffsetTracker`]). A crash
+//! at any instant therefore loses nothing: whatever was not stored is read
+//! again by the next owner of the partition. It redoes at most the tasks in
+//! flight plus those finished since the last commit (`commit_interval_ms`).
+//!
+//! # Threads
+//!
+//! The consumer lives on one dedicated thread that polls it, dispatches
+//! records, stores offsets and pauses/resumes partitions; no other thread
+//! calls it, so pause and resume cannot race. librdkafka runs the rebalance
+//! callbacks on that thread too, inside `poll`, which lets a revoke *block*
+//! there until the revoked partitions' tasks have drained. Handlers run as
+//! tokio tasks; they report back through the shared [`State`] only.
+//!
+//! # Ordering and bounds
+//!
+//! Records are put in *lanes*: one per partition (`ordering = "partition"`),
+//! one per record key (`"key"`; records without a key get a lane each), or
+//! none (`"none"`). A lane runs its records one at a time in offset order.
+//! Records dispatched but not finished count against `max_in_flight` and
+//! `max_in_flight_per_partition`; a partition over its bound, or every
+//! partition when the processor is over its bound or the producer queue is
+//! full, is paused, never buffered further.
+//!
+//! # Rebalance and shutdown
+//!
+//! On revoke: records of the revoked partitions that have not started are
+//! dropped (they were not stored, so the next owner reads them), running
+//! ones are awaited until `drain_timeout_ms`, finished offsets are stored and
+//! committed synchronously, then the partitions go. A task that finishes
+//! after its partition went still produces its result, but its offset is
+//! not stored. Shutdown does the same for every partition, then closes.
+
+mod task;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering as AtomicOrdering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::producer::{FutureProducer, Producer};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tracing::{debug, error, info, warn};
+
+use crate::codec::Codec;
+use crate::handlers::Registry;
+use crate::kafka;
+use crate::offsets::OffsetTracker;
+use crate::settings::{KafkaSettings, Ordering, ProcessorSettings};
+
+/// How long one poll waits when there is nothing in flight.
+const IDLE_POLL: Duration = Duration::from_millis(100);
+/// How long one poll waits while work is in flight, so offsets are stored
+/// and paused partitions resumed promptly.
+const BUSY_POLL: Duration = Duration::from_millis(5);
+
+/// Why a processor stopped other than by request.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProcessorError {
+    /// A client could not be created (bad librdkafka option, …).
+    #[error("processor `{processor}`: cannot create the Kafka {client}: {source}")]
+    Client {
+        /// Processor name.
+        processor: String,
+        /// `consumer` or `producer`.
+        client: &'static str,
+        /// librdkafka's error.
+        source: KafkaError,
+    },
+    /// An error that retrying cannot fix: the message says what to fix.
+    #[error("processor `{processor}`: {message}")]
+    Fatal {
+        /// Processor name.
+        processor: String,
+        /// What went wrong and what to fix.
+        message: String,
+    },
+}
+
+/// Live figures of a running processor, readable from any thread (for
+/// health checks and tests; metrics come from the same places).
+#[derive(Debug, Default)]
+pub struct ProcessorStatus {
+    assigned: AtomicUsize,
+    in_flight: AtomicUsize,
+    finished: AtomicUsize,
+}
+
+impl ProcessorStatus {
+    /// Partitions this member owns now.
+    pub fn assigned_partitions(&self) -> usize {
+        self.assigned.load(AtomicOrdering::Relaxed)
+    }
+
+    /// Records dispatched and not finished.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(AtomicOrdering::Relaxed)
+    }
+
+    /// Records finished (result acknowledged) since start.
+    pub fn finished(&self) -> usize {
+        self.finished.load(AtomicOrdering::Relaxed)
+    }
+}
+
+/// Everything one processor needs.
+#[derive(Debug, Clone)]
+pub struct ProcessorSpec {
+    /// The processor's settings, with derived defaults filled in.
+    pub settings: ProcessorSettings,
+    /// Cluster connection.
+    pub kafka: KafkaSettings,
+    /// Wire format of requests and results.
+    pub codec: Codec,
+    /// Handlers by task type.
+    pub registry: Registry,
+    /// This worker's identity, written into every result.
+    pub worker: String,
+    /// Where the processor publishes its live figures.
+    pub status: Arc<ProcessorStatus>,
+}
+
+type TopicPartition = (Arc<str>, i32);
+
+/// Which records must not overlap.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Lane {
+    Partition,
+    Key(Vec<u8>),
+    Unkeyed(i64),
+}
+
+/// One record handed to a task.
+#[derive(Debug)]
+pub(crate) struct Job {
+    topic: Arc<str>,
+    partition: i32,
+    offset: i64,
+    generation: u64,
+    lane: Option<Lane>,
+    payload: Vec<u8>,
+    traceparent: Option<String>,
+}
+
+/// A partition this member owns.
+#[derive(Debug)]
+struct Owned {
+    generation: u64,
+    tracker: OffsetTracker,
+    /// Dispatched and not finished, queued in lanes included.
+    in_flight: usize,
+    /// Lanes with a running task, and the records waiting behind it.
+    lanes: HashMap<Lane, VecDeque<Job>>,
+    /// Whether the consumer has this partition paused.
+    paused: bool,
+    /// A watermark to store at the next chance.
+    store: Option<i64>,
+    /// Being revoked: take nothing more from it.
+    revoking: bool,
+}
+
+impl Owned {
+    fn new(generation: u64) -> Self {
+        Owned {
+            generation,
+            tracker: OffsetTracker::new(),
+            in_flight: 0,
+            lanes: HashMap::new(),
+            paused: false,
+            store: None,
+            revoking: false,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct State {
+    generation: u64,
+    partitions: HashMap<TopicPartition, Owned>,
+    /// Dispatched and not finished, across partitions.
+    in_flight: usize,
+    stopping: bool,
+}
+
+/// State shared by the poll thread, the rebalance callbacks and the tasks.
+pub(crate) struct Shared {
+    name: String,
+    settings: ProcessorSettings,
+    output_topic: String,
+    codec: Codec,
+    registry: Registry,
+    worker: String,
+    producer: FutureProducer,
+    runtime: tokio::runtime::Handle,
+    state: Mutex<State>,
+    /// Signalled whenever a task finishes, for drains.
+    finished: Condvar,
+    /// Tasks waiting for room in the producer queue: intake stops meanwhile.
+    producer_blocked: AtomicUsize,
+    status: Arc<ProcessorStatus>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the counters torn (no
+        // handler code runs under it); keep going with the data as it is.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Takes one record into a lane; returns a job to start now, if any.
+    fn dispatch(&self, message: &BorrowedMessage<'_>) -> Option<Job> {
+        let topic = message.topic();
+        let partition = message.partition();
+        let offset = message.offset();
+        let mut state = self.lock();
+        if state.stopping {
+            return None;
+        }
+        let key: TopicPartition = (Arc::from(topic), partition);
+        let Some(owned) = state.partitions.get_mut(&key) else {
+            debug!(
+                topic,
+                partition, offset, "record of a partition not owned; left for its owner"
+            );
+            return None;
+        };
+        if owned.revoking {
+            return None;
+        }
+        if let Err(e) = owned.tracker.dispatched(offset) {
+            debug!(topic, partition, %e, "record delivered again; the first copy is in flight");
+            return None;
+        }
+        owned.in_flight += 1;
+        let lane = match self.settings.ordering {
+            Ordering::None => None,
+            Ordering::Partition => Some(Lane::Partition),
+            Ordering::Key => Some(match message.key() {
+                Some(k) => Lane::Key(k.to_vec()),
+                None => Lane::Unkeyed(offset),
+            }),
+        };
+        let job = Job {
+            topic: key.0.clone(),
+            partition,
+            offset,
+            generation: owned.generation,
+            lane: lane.clone(),
+            payload: message.payload().unwrap_or_default().to_vec(),
+            traceparent: traceparent(message),
+        };
+        let start = match lane {
+            None => Some(job),
+            Some(lane) => match owned.lanes.get_mut(&lane) {
+                Some(waiting) => {
+                    waiting.push_back(job);
+                    None
+                }
+                None => {
+                    owned.lanes.insert(lane, VecDeque::new());
+                    Some(job)
+                }
+            },
+        };
+        state.in_flight += 1;
+        self.status
+            .in_flight
+            .store(state.in_flight, AtomicOrdering::Relaxed);
+        start
+    }
+
+    /// Records that `job` finished (its result is acknowledged) and returns
+    /// the next job of its lane, if one waits.
+    fn complete(&self, job: &Job) -> Option<Job> {
+        let mut state = self.lock();
+        state.in_flight = state.in_flight.saturating_sub(1);
+        let mut next = None;
+        if let Some(owned) = state
+            .partitions
+            .get_mut(&(job.topic.clone(), job.partition))
+            .filter(|o| o.generation == job.generation)
+        {
+            owned.in_flight = owned.in_flight.saturating_sub(1);
+            if let Some(watermark) = owned.tracker.finished(job.offset) {
+                owned.store = Some(watermark);
+            }
+            if let Some(lane) = &job.lane {
+                next = owned.lanes.get_mut(lane).and_then(VecDeque::pop_front);
+                if next.is_none() {
+                    owned.lanes.remove(lane);
+                }
+            }
+        }
+        self.status
+            .in_flight
+            .store(state.in_flight, AtomicOrdering::Relaxed);
+        drop(state);
+        self.status.finished.fetch_add(1, AtomicOrdering::Relaxed);
+        self.finished.notify_all();
+        next
+    }
+
+    /// Stores pending watermarks and pauses or resumes partitions to keep
+    /// within the bounds. Poll thread only.
+    fn apply<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>) {
+        let mut store = TopicPartitionList::new();
+        let mut pause = TopicPartitionList::new();
+        let mut resume = TopicPartitionList::new();
+        {
+            let mut state = self.lock();
+            let all_full = state.in_flight >= self.settings.max_in_flight
+                || self.producer_blocked.load(AtomicOrdering::Relaxed) > 0;
+            let per_partition = self.settings.max_in_flight_per_partition;
+            for ((topic, partition), owned) in &mut state.partitions {
+                if let Some(watermark) = owned.store.take() {
+                    let _ =
+                        store.add_partition_offset(topic, *partition, Offset::Offset(watermark));
+                }
+                let want_paused = all_full || owned.in_flight >= per_partition;
+                if want_paused != owned.paused {
+                    owned.paused = want_paused;
+                    let list = if want_paused { &mut pause } else { &mut resume };
+                    list.add_partition(topic, *partition);
+                }
+            }
+        }
+        if store.count() > 0 {
+            if let Err(e) = consumer.store_offsets(&store) {
+                // Only for partitions no longer assigned: their new owner
+                // reads those records again, which at-least-once allows.
+                debug!(processor = %self.name, error = %e, "storing offsets failed");
+            }
+        }
+        if pause.count() > 0 {
+            if let Err(e) = consumer.pause(&pause) {
+                warn!(processor = %self.name, error = %e, "pausing partitions failed");
+            }
+        }
+        if resume.count() > 0 {
+            if let Err(e) = consumer.resume(&resume) {
+                warn!(processor = %self.name, error = %e, "resuming partitions failed");
+            }
+        }
+    }
+
+    /// Stops intake on `partitions` (all when `None`), drops their records
+    /// that have not started, waits until the running ones finish or the
+    /// drain deadline passes, stores what finished and commits it
+    /// synchronously. Poll thread only (it may be inside a rebalance).
+    fn drain<C: ConsumerContext>(
+        &self,
+        consumer: &BaseConsumer<C>,
+        partitions: Option<&[TopicPartition]>,
+        why: &str,
+    ) {
+        let deadline = Instant::now() + Duration::from_millis(self.settings.drain_timeout_ms);
+        let chosen = |tp: &TopicPartition| partitions.is_none_or(|list| list.contains(tp));
+        let mut state = self.lock();
+        let mut dropped = 0;
+        for (tp, owned) in state.partitions.iter_mut().filter(|(tp, _)| chosen(tp)) {
+            owned.revoking = true;
+            for waiting in owned.lanes.values_mut() {
+                dropped += waiting.len();
+                owned.in_flight = owned.in_flight.saturating_sub(waiting.len());
+                waiting.clear();
+            }
+            debug!(topic = %tp.0, partition = tp.1, in_flight = owned.in_flight, "draining");
+        }
+        state.in_flight = state.in_flight.saturating_sub(dropped);
+        loop {
+            let running: usize = state
+                .partitions
+                .iter()
+                .filter(|(tp, _)| chosen(tp))
+                .map(|(_, o)| o.in_flight)
+                .sum();
+            let now = Instant::now();
+            if running == 0 {
+                info!(processor = %self.name, why, not_started = dropped, "drained");
+                break;
+            }
+            if now >= deadline {
+                warn!(
+                    processor = %self.name,
+                    why,
+                    still_running = running,
+                    drain_timeout_ms = self.settings.drain_timeout_ms,
+                    "drain deadline passed; tasks still running will produce results but their offsets are not committed"
+                );
+                break;
+            }
+            state = match self.finished.wait_timeout(state, deadline - now) {
+                Ok((guard, _)) => guard,
+                Err(poisoned) => poisoned.into_inner().0,
+            };
+        }
+        drop(state);
+        self.apply(consumer);
+        match consumer.commit_consumer_state(CommitMode::Sync) {
+            Ok(()) => debug!(processor = %self.name, why, "committed"),
+            // Nothing stored since the last commit.
+            Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+            Err(e) => warn!(processor = %self.name, why, error = %e, "synchronous commit failed"),
+        }
+    }
+}
+
+/// The W3C trace context header of a record, if valid UTF-8.
+fn traceparent(message: &BorrowedMessage<'_>) -> Option<String> {
+    let headers = message.headers()?;
+    headers
+        .iter()
+        .find(|h| h.key == "traceparent")
+        .and_then(|h| h.value)
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .map(str::to_owned)
+}
+
+/// The consumer's context: rebalance callbacks that drain and commit.
+pub(crate) struct EngineContext {
+    shared: Arc<Shared>,
+}
+
+impl ClientContext for EngineContext {}
+
+impl ConsumerContext for EngineContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Revoke(list) => {
+                let partitions = topic_partitions(list);
+                if consumer.assignment_lost() {
+                    // Another member may own them already: committing now
+                    // could move its offsets backwards. Just let go.
+                    warn!(processor = %self.shared.name, partitions = ?partitions, "assignment lost; letting go without committing");
+                } else {
+                    info!(processor = %self.shared.name, partitions = ?partitions, "partitions revoked; draining");
+                    self.shared.drain(consumer, Some(&partitions), "revoke");
+                }
+                let mut state = self.shared.lock();
+                for tp in &partitions {
+                    if let Some(owned) = state.partitions.remove(tp) {
+                        let queued: usize = owned.lanes.values().map(VecDeque::len).sum();
+                        state.in_flight = state.in_flight.saturating_sub(queued);
+                    }
+                }
+                let status = &self.shared.status;
+                status
+                    .assigned
+                    .store(state.partitions.len(), AtomicOrdering::Relaxed);
+                status
+                    .in_flight
+                    .store(state.in_flight, AtomicOrdering::Relaxed);
+            }
+            Rebalance::Assign(_) => {}
+            Rebalance::Error(e) => {
+                error!(processor = %self.shared.name, error = %e, "rebalance failed");
+            }
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(list) = rebalance {
+            let partitions = topic_partitions(list);
+            info!(processor = %self.shared.name, partitions = ?partitions, "partitions assigned");
+            let mut state = self.shared.lock();
+            state.generation += 1;
+            let generation = state.generation;
+            for tp in partitions {
+                state
+                    .partitions
+                    .entry(tp)
+                    .or_insert_with(|| Owned::new(generation));
+            }
+            let assigned = state.partitions.len();
+            self.shared
+                .status
+                .assigned
+                .store(assigned, AtomicOrdering::Relaxed);
+        }
+    }
+}
+
+fn topic_partitions(list: &TopicPartitionList) -> Vec<TopicPartition> {
+    list.elements()
+        .iter()
+        .map(|e| (Arc::from(e.topic()), e.partition()))
+        .collect()
+}
+
+/// Errors that no amount of retrying fixes; the rest are logged and
+/// librdkafka recovers from them.
+fn fatal_message(error: &KafkaError) -> Option<String> {
+    let code = error.rdkafka_error_code()?;
+    let advice = match code {
+        RDKafkaErrorCode::UnknownTopicOrPartition => {
+            "an input topic does not exist: create it, or fix processors[].input_topics"
+        }
+        RDKafkaErrorCode::TopicAuthorizationFailed => {
+            "not authorized for an input topic: grant READ on it to this principal"
+        }
+        RDKafkaErrorCode::GroupAuthorizationFailed => {
+            "not authorized for the consumer group: grant READ on the group to this principal"
+        }
+        RDKafkaErrorCode::SaslAuthenticationFailed | RDKafkaErrorCode::Authentication => {
+            "authentication failed: check the security settings in [kafka.options]"
+        }
+        _ => return None,
+    };
+    Some(format!("{advice} ({error})"))
+}
+
+/// Runs one processor until `stop` is set, then drains, commits and
+/// returns. Errors only for what retrying cannot fix.
+pub async fn run(spec: ProcessorSpec, stop: Arc<AtomicBool>) -> Result<(), ProcessorError> {
+    let name = spec.settings.name.clone();
+    let client_error = |client, source| ProcessorError::Client {
+        processor: name.clone(),
+        client,
+        source,
+    };
+    // The idempotent producer needs a moment before it can send: create it
+    // before joining the group so a restart resumes quickly.
+    let producer: FutureProducer = kafka::producer_config(&spec.kafka)
+        .set("client.id", format!("{}-{}", spec.worker, name))
+        .create()
+        .map_err(|e| client_error("producer", e))?;
+    let group = spec
+        .settings
+        .group_id
+        .clone()
+        .unwrap_or_else(|| format!("conveyor.{name}"));
+    let output_topic = spec
+        .settings
+        .output_topic
+        .clone()
+        .unwrap_or_else(|| "conveyor.results".into());
+    let shared = Arc::new(Shared {
+        name: name.clone(),
+        settings: spec.settings.clone(),
+        output_topic,
+        codec: spec.codec,
+        registry: spec.registry,
+        worker: spec.worker.clone(),
+        producer,
+        runtime: tokio::runtime::Handle::current(),
+        state: Mutex::new(State::default()),
+        finished: Condvar::new(),
+        producer_blocked: AtomicUsize::new(0),
+        status: spec.status.clone(),
+    });
+    let consumer: BaseConsumer<EngineContext> =
+        kafka::consumer_config(&spec.kafka, &group, spec.settings.session_timeout_ms)
+            .set("client.id", format!("{}-{}", spec.worker, name))
+            .set("enable.auto.commit", "true")
+            .set(
+                "auto.commit.interval.ms",
+                spec.settings.commit_interval_ms.to_string(),
+            )
+            .set("auto.offset.reset", "earliest")
+            .create_with_context(EngineContext {
+                shared: shared.clone(),
+            })
+            .map_err(|e| client_error("consumer", e))?;
+    let topics: Vec<&str> = spec
+        .settings
+        .input_topics
+        .iter()
+        .map(String::as_str)
+        .collect();
+    consumer
+        .subscribe(&topics)
+        .map_err(|e| ProcessorError::Fatal {
+            processor: name.clone(),
+            message: format!("cannot subscribe to {topics:?}: {e}"),
+        })?;
+    info!(processor = %name, group = %group, topics = ?topics, "processor started");
+
+    let poll_shared = shared.clone();
+    let outcome = tokio::task::spawn_blocking(move || poll_loop(&poll_shared, consumer, &stop))
+        .await
+        .map_err(|e| ProcessorError::Fatal {
+            processor: name.clone(),
+            message: format!("the poll thread failed: {e}"),
+        })?;
+    // Every dispatched result was awaited by its task before its offset was
+    // stored; flushing covers results of tasks cut off by the deadline.
+    let producer = shared.producer.clone();
+    let flushed = tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(5))).await;
+    if let Ok(Err(e)) = flushed {
+        warn!(processor = %name, error = %e, "producer flush incomplete");
+    }
+    info!(processor = %name, "processor stopped");
+    outcome
+}
+
+fn poll_loop(
+    shared: &Arc<Shared>,
+    consumer: BaseConsumer<EngineContext>,
+    stop: &AtomicBool,
+) -> Result<(), ProcessorError> {
+    let mut result = Ok(());
+    while !stop.load(AtomicOrdering::Relaxed) {
+        shared.apply(&consumer);
+        let timeout = if shared.lock().in_flight > 0 {
+            BUSY_POLL
+        } else {
+            IDLE_POLL
+        };
+        match consumer.poll(timeout) {
+            None => {}
+            Some(Ok(message)) => {
+                if let Some(job) = shared.dispatch(&message) {
+                    task::spawn(shared.clone(), job);
+                }
+            }
+            Some(Err(e)) => match fatal_message(&e) {
+                Some(message) => {
+                    error!(processor = %shared.name, %message, "stopping");
+                    result = Err(ProcessorError::Fatal {
+                        processor: shared.name.clone(),
+                        message,
+                    });
+                    break;
+                }
+                None => warn!(processor = %shared.name, error = %e, "consumer error; continuing"),
+            },
+        }
+    }
+    shared.lock().stopping = true;
+    shared.drain(&consumer, None, "shutdown");
+    // Closing the consumer runs the revoke callback (nothing left to drain)
+    // and leaves the group at once instead of after the session timeout.
+    drop(consumer);
+    result
+}

@@ -1,0 +1,348 @@
+//! Command-line helpers around the topics: `conveyor submit` produces task
+//! requests, `conveyor results` prints decoded results, and
+//! [`wait_for_result`] follows the results topic until one task's result
+//! arrives (used by `conveyor dev` to prove the whole path works).
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::ClientContext;
+use rdkafka::{Offset, TopicPartitionList};
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::codec::{Codec, TaskRequest, TaskResult};
+use crate::kafka;
+use crate::settings::Settings;
+
+/// Why a tool failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ToolError {
+    /// Bad input from the user: the message names it.
+    #[error("{0}")]
+    Input(String),
+    /// The cluster did not do what was asked.
+    #[error("{what}: {source}")]
+    Kafka {
+        /// What was being done.
+        what: String,
+        /// librdkafka's error.
+        source: KafkaError,
+    },
+    /// Nothing came within the time allowed.
+    #[error("{0}")]
+    Timeout(String),
+}
+
+fn kafka_error(what: impl Into<String>) -> impl FnOnce(KafkaError) -> ToolError {
+    let what = what.into();
+    move |source| ToolError::Kafka { what, source }
+}
+
+/// What `conveyor submit` sends.
+#[derive(Debug, Clone)]
+pub struct Submission {
+    /// Task type.
+    pub task_type: String,
+    /// JSON payload text.
+    pub payload: String,
+    /// Optional ordering key.
+    pub key: Option<String>,
+    /// How many tasks (each with its own id).
+    pub count: u32,
+    /// Topic; default: the task type's topic.
+    pub topic: Option<String>,
+}
+
+/// Produces the submission's tasks with `acks=all` and returns their ids
+/// once the broker has acknowledged every one.
+pub async fn submit(settings: &Settings, submission: &Submission) -> Result<Vec<Uuid>, ToolError> {
+    if let Err(e) = serde_json::from_str::<serde_json::Value>(&submission.payload) {
+        return Err(ToolError::Input(format!(
+            "--payload is not valid JSON: {e}"
+        )));
+    }
+    if let Err(e) = crate::settings::check_topic_name(&submission.task_type) {
+        return Err(ToolError::Input(format!("--type: task type {e}")));
+    }
+    if submission.count == 0 {
+        return Err(ToolError::Input("--count must be at least 1".into()));
+    }
+    let codec = settings
+        .codec
+        .wire_format()
+        .map(Codec::new)
+        .ok_or_else(|| ToolError::Input("codec settings are incomplete".into()))?;
+    let topic = submission
+        .topic
+        .clone()
+        .unwrap_or_else(|| settings.topics.task_topic(&submission.task_type));
+    let producer: FutureProducer = kafka::producer_config(&settings.kafka)
+        .create()
+        .map_err(kafka_error("creating the producer"))?;
+    let mut pending = std::collections::VecDeque::new();
+    let mut ids = Vec::with_capacity(submission.count as usize);
+    for _ in 0..submission.count {
+        let mut request = TaskRequest::new(&submission.task_type, submission.payload.clone());
+        request.key = submission.key.clone();
+        let mut value = Vec::new();
+        codec.encode_request(&request, &mut value);
+        let key = request
+            .key
+            .clone()
+            .unwrap_or_else(|| request.id.to_string());
+        loop {
+            let record = FutureRecord::to(&topic).key(&key).payload(&value);
+            match producer.send_result(record) {
+                Ok(delivery) => {
+                    pending.push_back(delivery);
+                    break;
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    // Make room by waiting for the oldest acknowledgement.
+                    match pending.pop_front() {
+                        Some(oldest) => acknowledged(oldest, &topic).await?,
+                        None => tokio::time::sleep(Duration::from_millis(10)).await,
+                    }
+                }
+                Err((e, _)) => return Err(kafka_error(format!("producing to {topic}"))(e)),
+            }
+        }
+        ids.push(request.id);
+    }
+    for delivery in pending {
+        acknowledged(delivery, &topic).await?;
+    }
+    Ok(ids)
+}
+
+async fn acknowledged(
+    delivery: rdkafka::producer::DeliveryFuture,
+    topic: &str,
+) -> Result<(), ToolError> {
+    match delivery.await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err((e, _))) => Err(kafka_error(format!("producing to {topic}"))(e)),
+        Err(_) => Err(ToolError::Input(
+            "the producer stopped before acknowledging".into(),
+        )),
+    }
+}
+
+/// A result as one JSON object: the output is embedded as JSON when its
+/// content type says JSON and it parses, else as UTF-8 text when it is
+/// text, else as base64 under `output_base64`.
+pub fn result_json(result: &TaskResult) -> serde_json::Value {
+    let mut value = json!({
+        "id": result.id.to_string(),
+        "type": result.task_type,
+        "status": result.status.symbol(),
+        "attempts": result.attempts,
+        "started_at": result.started_at,
+        "finished_at": result.finished_at,
+        "worker": result.worker,
+    });
+    if let (Some(output), Some(map)) = (&result.output, value.as_object_mut()) {
+        map.insert("content_type".into(), json!(result.content_type));
+        let as_json = result
+            .content_type
+            .contains("json")
+            .then(|| serde_json::from_slice::<serde_json::Value>(output).ok())
+            .flatten();
+        match (as_json, std::str::from_utf8(output)) {
+            (Some(parsed), _) => map.insert("output".into(), parsed),
+            (None, Ok(text)) => map.insert("output".into(), json!(text)),
+            (None, Err(_)) => map.insert("output_base64".into(), json!(base64_encode(output))),
+        };
+    }
+    if let (Some(error), Some(map)) = (&result.error, value.as_object_mut()) {
+        map.insert(
+            "error".into(),
+            json!({ "kind": error.kind, "message": error.message }),
+        );
+    }
+    value
+}
+
+/// Standard base64 with padding (RFC 4648), for binary outputs.
+fn base64_encode(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk.first().copied().unwrap_or(0),
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                let index = ((n >> (18 - 6 * i)) & 0x3f) as usize;
+                out.push(char::from(ALPHABET.get(index).copied().unwrap_or(b'=')));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// A context that does not report reaching the end of a partition as an
+/// error: for a reader, it is the expected way to finish.
+struct ReaderContext;
+
+impl ClientContext for ReaderContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if !matches!(error, KafkaError::PartitionEOF(_)) {
+            tracing::warn!(%error, reason, "Kafka client error");
+        }
+    }
+}
+
+impl ConsumerContext for ReaderContext {}
+
+type Reader = BaseConsumer<ReaderContext>;
+
+/// A consumer reading every partition of `topic` from the beginning,
+/// outside any consumer group's commits.
+fn reader(settings: &Settings, topic: &str) -> Result<Reader, ToolError> {
+    let group = format!("conveyor-reader-{}", Uuid::new_v4());
+    let consumer: Reader = kafka::consumer_config(&settings.kafka, &group, 10_000)
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .create_with_context(ReaderContext)
+        .map_err(kafka_error("creating the consumer"))?;
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .map_err(kafka_error(format!("reading the metadata of {topic}")))?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic && t.error().is_none())
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    if partitions.is_empty() {
+        return Err(ToolError::Input(format!("topic {topic} does not exist")));
+    }
+    let mut list = TopicPartitionList::new();
+    for p in &partitions {
+        list.add_partition_offset(topic, *p, Offset::Beginning)
+            .map_err(kafka_error("building the assignment"))?;
+    }
+    consumer
+        .assign(&list)
+        .map_err(kafka_error(format!("assigning {topic}")))?;
+    Ok(consumer)
+}
+
+/// Prints the results topic's records as JSON lines through `print`, until
+/// the end of every partition (or forever with `follow`, until `stop`).
+pub fn print_results(
+    settings: &Settings,
+    follow: bool,
+    stop: &std::sync::atomic::AtomicBool,
+    mut print: impl FnMut(&str),
+) -> Result<usize, ToolError> {
+    let topic = &settings.topics.results;
+    let codec = settings
+        .codec
+        .wire_format()
+        .map(Codec::new)
+        .ok_or_else(|| ToolError::Input("codec settings are incomplete".into()))?;
+    let consumer = reader(settings, topic)?;
+    let partitions = consumer
+        .assignment()
+        .map_err(kafka_error("reading the assignment"))?
+        .count();
+    let mut at_end = HashSet::new();
+    let mut printed = 0;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        if !follow && at_end.len() >= partitions {
+            break;
+        }
+        match consumer.poll(Duration::from_millis(200)) {
+            None => {}
+            Some(Err(KafkaError::PartitionEOF(p))) => {
+                at_end.insert(p);
+            }
+            Some(Err(e)) => return Err(kafka_error(format!("reading {topic}"))(e)),
+            Some(Ok(message)) => {
+                at_end.remove(&message.partition());
+                let line = match codec.decode_result(message.payload().unwrap_or_default()) {
+                    Ok(result) => result_json(&result).to_string(),
+                    Err(e) => json!({
+                        "undecodable": e.to_string(),
+                        "partition": message.partition(),
+                        "offset": message.offset(),
+                    })
+                    .to_string(),
+                };
+                print(&line);
+                printed += 1;
+            }
+        }
+    }
+    Ok(printed)
+}
+
+/// Follows the results topic until the result of task `id` arrives.
+pub async fn wait_for_result(
+    settings: &Settings,
+    id: Uuid,
+    timeout: Duration,
+) -> Result<TaskResult, ToolError> {
+    let topic = settings.topics.results.clone();
+    let codec = settings
+        .codec
+        .wire_format()
+        .map(Codec::new)
+        .ok_or_else(|| ToolError::Input("codec settings are incomplete".into()))?;
+    let consumer = reader(settings, &topic)?;
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match consumer.poll(Duration::ZERO) {
+            Some(Ok(message)) => {
+                if let Ok(result) = codec.decode_result(message.payload().unwrap_or_default()) {
+                    if result.id == id {
+                        return Ok(result);
+                    }
+                }
+            }
+            Some(Err(KafkaError::PartitionEOF(_))) | None => {
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(ToolError::Timeout(format!(
+                        "no result for task {id} on {topic} within {timeout:?}"
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Some(Err(e)) => return Err(kafka_error(format!("reading {topic}"))(e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_matches_rfc_4648_vectors() {
+        for (input, expected) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ] {
+            assert_eq!(base64_encode(input.as_bytes()), expected);
+        }
+    }
+}

@@ -1,0 +1,89 @@
+//! A worker: every configured processor, run side by side until a stop is
+//! requested, then drained in order.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use crate::codec::Codec;
+use crate::handlers::Registry;
+use crate::processor::{self, ProcessorError, ProcessorSpec};
+use crate::settings::Settings;
+
+/// Why the worker could not run.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WorkerError {
+    /// The configuration cannot run a worker.
+    #[error("{0}")]
+    Config(String),
+    /// A processor stopped with an error.
+    #[error(transparent)]
+    Processor(#[from] ProcessorError),
+}
+
+/// This process's identity in results and client ids:
+/// `<kafka.client_id>-<host>-<pid>`.
+pub fn worker_id(client_id: &str) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "localhost".into());
+    format!("{client_id}-{host}-{}", std::process::id())
+}
+
+/// The processors `settings` describes, ready to run.
+pub fn processor_specs(settings: &Settings) -> Result<Vec<ProcessorSpec>, WorkerError> {
+    if settings.processors.is_empty() {
+        return Err(WorkerError::Config(
+            "no processors configured: add a [[processors]] section (see conveyor.example.toml)"
+                .into(),
+        ));
+    }
+    let codec = settings
+        .codec
+        .wire_format()
+        .map(Codec::new)
+        .ok_or_else(|| {
+            WorkerError::Config(
+                "codec settings are incomplete (run `conveyor config check`)".into(),
+            )
+        })?;
+    let worker = worker_id(&settings.kafka.client_id);
+    settings
+        .processors
+        .iter()
+        .map(|p| {
+            let registry = Registry::from_settings(p)
+                .map_err(|e| WorkerError::Config(format!("processor `{}`: {e}", p.name)))?;
+            Ok(ProcessorSpec {
+                settings: p.clone(),
+                kafka: settings.kafka.clone(),
+                codec,
+                registry,
+                worker: worker.clone(),
+                status: Default::default(),
+            })
+        })
+        .collect()
+}
+
+/// Runs every processor until `stop` is set (each then drains and commits)
+/// or one fails; a failure stops the others too.
+pub async fn run(specs: Vec<ProcessorSpec>, stop: Arc<AtomicBool>) -> Result<(), WorkerError> {
+    let mut running = tokio::task::JoinSet::new();
+    for spec in specs {
+        running.spawn(processor::run(spec, stop.clone()));
+    }
+    let mut first_error = None;
+    while let Some(joined) = running.join_next().await {
+        let outcome =
+            joined.map_err(|e| WorkerError::Config(format!("a processor task failed: {e}")));
+        if let Err(e) = outcome.and_then(|r| r.map_err(WorkerError::from)) {
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            first_error.get_or_insert(e);
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}

@@ -1,0 +1,301 @@
+//! The processor engine against a real broker: no loss with several
+//! members, order per key, bad input, rebalances. Every test runs against
+//! the mock cluster and, when `CONVEYOR_TEST_BROKERS` is set, the external
+//! broker. Workers run in this process here; `tests/process.rs` kills the
+//! real binary.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{ids, requests, wait_until, InProcessWorker, TestKafka};
+use conveyor::codec::{Codec, TaskRequest, TaskStatus};
+use conveyor::handlers::{Handler, HandlerError, Output, Registry, TaskContext};
+use conveyor::settings::{HandlerKind, Ordering};
+use futures::future::BoxFuture;
+use futures::FutureExt;
+
+const LONG: Duration = Duration::from_secs(120);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_loss_with_two_workers_in_one_group() {
+    const TASKS: usize = 10_000;
+    for kafka in TestKafka::all("no_loss_with_two_workers_in_one_group") {
+        let pipeline = kafka.pipeline(8).await;
+        let settings =
+            kafka.worker_settings(&pipeline, Ordering::None, &[("echo", HandlerKind::Echo)]);
+        let a = InProcessWorker::start(&settings, "worker-a", None);
+        let b = InProcessWorker::start(&settings, "worker-b", None);
+        wait_until("both workers own partitions", LONG, || {
+            a.status.assigned_partitions() > 0
+                && b.status.assigned_partitions() > 0
+                && a.status.assigned_partitions() + b.status.assigned_partitions() == 8
+        })
+        .await;
+
+        let sent = requests("echo", r#"{"n":1}"#, TASKS);
+        kafka.produce_requests(&pipeline.input, &sent).await;
+        let results = kafka
+            .collect_results(&pipeline.output, &ids(&sent), LONG)
+            .await;
+
+        assert_eq!(
+            results.by_id.len(),
+            TASKS,
+            "one result per task, no stray ids"
+        );
+        assert!(results.all().all(|r| r.status == TaskStatus::Succeeded));
+        assert!(results
+            .all()
+            .all(|r| r.output.as_deref() == Some(&br#"{"n":1}"#[..])));
+        let per_worker = results
+            .all()
+            .fold(HashMap::<&str, usize>::new(), |mut m, r| {
+                *m.entry(r.worker.as_str()).or_default() += 1;
+                m
+            });
+        assert_eq!(per_worker.len(), 2, "both workers did work: {per_worker:?}");
+        // Nothing rebalanced after the tasks were produced.
+        assert_eq!(results.duplicates(), 0, "{}", kafka.describe());
+        a.stop().await;
+        b.stop().await;
+        // Every input offset was committed on the way out.
+        assert_eq!(
+            kafka.committed(&pipeline.group, &pipeline.input),
+            kafka.end_offsets(&pipeline.input),
+            "{}",
+            kafka.describe()
+        );
+    }
+}
+
+/// Records, per key, how many tasks run at once and in which order they
+/// ran, and the most tasks running at once overall.
+#[derive(Default)]
+struct Recorder {
+    state: Mutex<RecorderState>,
+}
+
+#[derive(Default)]
+struct RecorderState {
+    running_per_key: HashMap<String, usize>,
+    worst_per_key: usize,
+    running: usize,
+    most_running: usize,
+    order: HashMap<String, Vec<u64>>,
+}
+
+impl Handler for Recorder {
+    fn handle<'a>(
+        &'a self,
+        task: &'a TaskRequest,
+        _context: &'a TaskContext,
+    ) -> BoxFuture<'a, Result<Output, HandlerError>> {
+        async move {
+            let key = task.key.clone().unwrap_or_default();
+            let seq: u64 = std::str::from_utf8(&task.payload)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| HandlerError::Permanent("payload is not a number".into()))?;
+            {
+                let mut s = self.state.lock().unwrap();
+                let on_key = s.running_per_key.entry(key.clone()).or_default();
+                *on_key += 1;
+                let on_key = *on_key;
+                s.worst_per_key = s.worst_per_key.max(on_key);
+                s.running += 1;
+                s.most_running = s.most_running.max(s.running);
+                s.order.entry(key.clone()).or_default().push(seq);
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            let mut s = self.state.lock().unwrap();
+            s.running -= 1;
+            if let Some(n) = s.running_per_key.get_mut(&key) {
+                *n -= 1;
+            }
+            Ok(Output {
+                bytes: task.payload.clone(),
+                content_type: "text/plain".into(),
+            })
+        }
+        .boxed()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn key_ordering_runs_each_key_in_order_and_keys_concurrently() {
+    const KEYS: usize = 12;
+    const PER_KEY: u64 = 30;
+    for kafka in TestKafka::all("key_ordering_runs_each_key_in_order_and_keys_concurrently") {
+        // Two partitions: several keys share each one, so only key ordering
+        // (not partition ordering) can explain any overlap.
+        let pipeline = kafka.pipeline(2).await;
+        let settings =
+            kafka.worker_settings(&pipeline, Ordering::Key, &[("ordered", HandlerKind::Echo)]);
+        let recorder = Arc::new(Recorder::default());
+        let mut registry = Registry::new();
+        registry.register("ordered", recorder.clone());
+
+        let mut sent = Vec::new();
+        for seq in 0..PER_KEY {
+            for k in 0..KEYS {
+                let mut r = TaskRequest::new("ordered", seq.to_string().into_bytes());
+                r.key = Some(format!("key-{k}"));
+                sent.push(r);
+            }
+        }
+        kafka.produce_requests(&pipeline.input, &sent).await;
+        let worker = InProcessWorker::start(&settings, "worker", Some(registry));
+        let results = kafka
+            .collect_results(&pipeline.output, &ids(&sent), LONG)
+            .await;
+        worker.stop().await;
+
+        assert_eq!(results.by_id.len(), sent.len());
+        let s = recorder.state.lock().unwrap();
+        assert_eq!(s.worst_per_key, 1, "two tasks of one key ran at once");
+        assert!(
+            s.most_running > 1,
+            "different keys never overlapped (most running at once: {})",
+            s.most_running
+        );
+        assert_eq!(s.order.len(), KEYS);
+        for (key, order) in &s.order {
+            let expected: Vec<u64> = (0..PER_KEY).collect();
+            assert_eq!(order, &expected, "tasks of {key} ran out of submit order");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_input_fails_alone_and_is_committed() {
+    for kafka in TestKafka::all("bad_input_fails_alone_and_is_committed") {
+        let pipeline = kafka.pipeline(1).await;
+        let settings = kafka.worker_settings(
+            &pipeline,
+            Ordering::Partition,
+            &[("echo", HandlerKind::Echo)],
+        );
+        let codec = Codec::default();
+        let producer = kafka.producer();
+
+        // In one partition, in this order: garbage, a request cut short after
+        // its id and type, a request of an unknown type, a good request.
+        let truncated = TaskRequest::new("echo", b"{}".to_vec());
+        let mut truncated_bytes = Vec::new();
+        codec.encode_request(&truncated, &mut truncated_bytes);
+        truncated_bytes.truncate(45);
+        let unknown = TaskRequest::new("no_such_type", b"{}".to_vec());
+        let mut unknown_bytes = Vec::new();
+        codec.encode_request(&unknown, &mut unknown_bytes);
+        let good = TaskRequest::new("echo", br#"{"ok":true}"#.to_vec());
+        let mut good_bytes = Vec::new();
+        codec.encode_request(&good, &mut good_bytes);
+        for (key, value) in [
+            (&b"garbage"[..], &b"\xff\xfe not avro at all"[..]),
+            (b"truncated", &truncated_bytes),
+            (b"unknown", &unknown_bytes),
+            (b"good", &good_bytes),
+        ] {
+            let delivery = kafka
+                .send(&producer, &pipeline.input, key, value, Some(0))
+                .await;
+            delivery.await.expect("delivered").expect("acknowledged");
+        }
+
+        let worker = InProcessWorker::start(&settings, "worker", None);
+        let expected: HashSet<_> = [truncated.id, unknown.id, good.id].into();
+        let results = kafka
+            .collect_results(&pipeline.output, &expected, LONG)
+            .await;
+        wait_until("all four records finished", LONG, || {
+            worker.status.finished() == 4
+        })
+        .await;
+        worker.stop().await;
+
+        assert_eq!(
+            results.by_id.len(),
+            3,
+            "the garbage record has no id to report"
+        );
+        let kind = |id| {
+            let r = &results.by_id[&id][0];
+            (r.status, r.error.as_ref().map(|e| e.kind.clone()))
+        };
+        assert_eq!(
+            kind(truncated.id),
+            (TaskStatus::Failed, Some("decode".into()))
+        );
+        assert_eq!(
+            kind(unknown.id),
+            (TaskStatus::Failed, Some("unknown_type".into()))
+        );
+        assert_eq!(kind(good.id), (TaskStatus::Succeeded, None));
+        assert_eq!(results.by_id[&truncated.id][0].task_type, "echo");
+        assert!(results.by_id[&unknown.id][0]
+            .error
+            .as_ref()
+            .is_some_and(|e| e.message.contains("no_such_type")));
+        assert_eq!(
+            kafka.committed(&pipeline.group, &pipeline.input),
+            HashMap::from([(0, 4)]),
+            "{}: all four offsets committed",
+            kafka.describe()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_member_joining_and_leaving_mid_run_loses_nothing() {
+    const TASKS: usize = 3_000;
+    common::init_logs();
+    for kafka in TestKafka::all("a_member_joining_and_leaving_mid_run_loses_nothing") {
+        let pipeline = kafka.pipeline(8).await;
+        let settings =
+            kafka.worker_settings(&pipeline, Ordering::None, &[("sleep", HandlerKind::Sleep)]);
+        let max_in_flight = settings.processors[0].max_in_flight;
+        // 2 ms each, at most 64 at once: long enough to rebalance mid-run.
+        let sent = requests("sleep", r#"{"ms":2}"#, TASKS);
+        kafka.produce_requests(&pipeline.input, &sent).await;
+
+        let a = InProcessWorker::start(&settings, "worker-a", None);
+        wait_until("worker a is working", LONG, || a.status.finished() >= 200).await;
+        let b = InProcessWorker::start(&settings, "worker-b", None);
+        wait_until("worker b owns partitions", LONG, || {
+            b.status.assigned_partitions() > 0
+        })
+        .await;
+        let done_before_b_leaves = a.status.finished() + b.status.finished();
+        wait_until("worker b did some work", LONG, || b.status.finished() >= 50).await;
+        b.stop().await;
+        assert!(
+            done_before_b_leaves < TASKS,
+            "the run ended before the rebalance; make it longer"
+        );
+        let results = kafka
+            .collect_results(&pipeline.output, &ids(&sent), LONG)
+            .await;
+        a.stop().await;
+
+        assert_eq!(
+            results.by_id.len(),
+            TASKS,
+            "{}: every task has a result",
+            kafka.describe()
+        );
+        let duplicates = results.duplicates();
+        common::announce(&format!(
+            "rebalance on {}: {duplicates} duplicate results of {TASKS}",
+            kafka.describe()
+        ));
+        // Two rebalances, each drained and committed: at most one in-flight
+        // window each, even if a drain deadline were missed.
+        assert!(
+            duplicates <= 2 * max_in_flight,
+            "{duplicates} duplicates exceed two in-flight windows ({max_in_flight} each)"
+        );
+    }
+}
