@@ -55,6 +55,9 @@ impl OffsetTracker {
                 });
             }
         }
+        // Until something finishes, the committable offset is the first one
+        // dispatched: nothing to report yet.
+        self.reported.get_or_insert(offset);
         self.pending.push_back((offset, false));
         self.next = Some(offset + 1);
         self.unfinished += 1;
