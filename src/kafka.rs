@@ -22,6 +22,11 @@ const CONSUMER_TUNING: &[(&str, &str)] = &[
     // mock cluster among them) refuse commits then, which turns every
     // rebalance into a replay of the last commit interval.
     ("partition.assignment.strategy", "cooperative-sticky"),
+    // Bound the prefetch queue: librdkafka's defaults (100,000 messages per
+    // partition, 64 MiB) let a large backlog fill memory ahead of the
+    // in-flight bounds. 16 MiB still keeps a fast pipe fed.
+    ("queued.min.messages", "10000"),
+    ("queued.max.messages.kbytes", "16384"),
 ];
 
 /// Settings shared by every client: brokers, client id, `tuning` and the

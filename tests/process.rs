@@ -1,0 +1,284 @@
+//! The real `conveyor worker` binary as a child process: killed with
+//! SIGKILL mid-run (nothing lost, duplicates within the bound), stopped with
+//! SIGTERM mid-run (no duplicates at all), and its memory under a large
+//! backlog. Against the mock cluster and, when configured, the external
+//! broker.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{ids, requests, wait_until, Pipeline, TestKafka};
+use conveyor::codec::{now_millis, TaskStatus};
+use conveyor::settings::{HandlerKind, Ordering, Settings};
+
+const LONG: Duration = Duration::from_secs(180);
+
+struct Worker {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Worker {
+    fn start(config: &Path) -> Worker {
+        let log = config.with_extension("log");
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("worker log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_conveyor"))
+            .args(["worker", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .env_remove("CONVEYOR_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .expect("start conveyor worker");
+        Worker { child, log }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.pid().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{name} failed");
+    }
+
+    /// Waits for the process to exit; panics with its log after `timeout`.
+    fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                panic!(
+                    "worker did not exit within {timeout:?}; log:\n{}",
+                    self.log_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// Resident set size in bytes, from /proc.
+    fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("process status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+            .expect("VmRSS line")
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn sleep_settings(kafka: &TestKafka, pipeline: &Pipeline) -> Settings {
+    kafka.worker_settings(pipeline, Ordering::None, &[("sleep", HandlerKind::Sleep)])
+}
+
+/// Results written so far (duplicates included): the sum of end offsets.
+fn results_written(kafka: &TestKafka, pipeline: &Pipeline) -> i64 {
+    kafka.end_offsets(&pipeline.output).values().sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_run_loses_nothing_and_duplicates_stay_bounded() {
+    const TASKS: usize = 6_000;
+    for kafka in TestKafka::all("sigkill_mid_run_loses_nothing_and_duplicates_stay_bounded") {
+        let pipeline = kafka.pipeline(4).await;
+        let settings = sleep_settings(&kafka, &pipeline);
+        let processor = &settings.processors[0];
+        let (window, interval) = (processor.max_in_flight, processor.commit_interval_ms);
+        let config = common::config_file(&settings);
+        let sent = requests("sleep", r#"{"ms":20}"#, TASKS);
+        kafka.produce_requests(&pipeline.input, &sent).await;
+
+        let mut first = Worker::start(&config);
+        let first_worker_prefix = format!("-{}", first.pid());
+        wait_until("the first worker wrote 1,500 results", LONG, || {
+            results_written(&kafka, &pipeline) >= 1_500
+        })
+        .await;
+        first.signal("KILL");
+        let killed_at = now_millis();
+        first.wait(Duration::from_secs(10));
+        assert!(
+            results_written(&kafka, &pipeline) < TASKS as i64,
+            "the run ended before the kill; make it longer"
+        );
+
+        let mut second = Worker::start(&config);
+        let results = kafka
+            .collect_results(&pipeline.output, &ids(&sent), LONG)
+            .await;
+        second.signal("TERM");
+        assert!(
+            second.wait(Duration::from_secs(30)).success(),
+            "{}",
+            second.log_tail()
+        );
+
+        assert_eq!(results.by_id.len(), TASKS, "every task has a result");
+        assert!(results.all().all(|r| r.status == TaskStatus::Succeeded));
+        // What at-least-once allows to be redone: the tasks in flight at the
+        // kill, plus those finished since the last commit. The latter are
+        // the first worker's results of the last commit interval (plus
+        // half a second for storing and committing to happen).
+        let recent = results
+            .all()
+            .filter(|r| r.worker.ends_with(&first_worker_prefix))
+            .filter(|r| r.finished_at >= killed_at - interval as i64 - 500)
+            .count();
+        let bound = window + recent;
+        let duplicates = results.duplicates();
+        common::announce(&format!(
+            "SIGKILL on {}: {duplicates} duplicates of {TASKS} (bound: {window} in flight + {recent} finished in the last commit interval = {bound})",
+            kafka.describe()
+        ));
+        assert!(
+            duplicates <= bound,
+            "{duplicates} duplicates exceed the bound {bound}"
+        );
+        let _ = std::fs::remove_file(&config);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_run_then_restart_gives_no_duplicates() {
+    const TASKS: usize = 4_000;
+    for kafka in TestKafka::all("sigterm_mid_run_then_restart_gives_no_duplicates") {
+        let pipeline = kafka.pipeline(4).await;
+        let settings = sleep_settings(&kafka, &pipeline);
+        let config = common::config_file(&settings);
+        let sent = requests("sleep", r#"{"ms":20}"#, TASKS);
+        kafka.produce_requests(&pipeline.input, &sent).await;
+
+        let mut first = Worker::start(&config);
+        wait_until("the first worker wrote 1,000 results", LONG, || {
+            results_written(&kafka, &pipeline) >= 1_000
+        })
+        .await;
+        first.signal("TERM");
+        let status = first.wait(Duration::from_secs(30));
+        assert!(
+            status.success(),
+            "exit after SIGTERM: {status}; log:\n{}",
+            first.log_tail()
+        );
+        let written = results_written(&kafka, &pipeline);
+        assert!(
+            written < TASKS as i64,
+            "the run ended before the stop; make it longer"
+        );
+
+        let mut second = Worker::start(&config);
+        let results = kafka
+            .collect_results(&pipeline.output, &ids(&sent), LONG)
+            .await;
+        second.signal("TERM");
+        assert!(
+            second.wait(Duration::from_secs(30)).success(),
+            "{}",
+            second.log_tail()
+        );
+
+        assert_eq!(results.by_id.len(), TASKS, "every task has a result");
+        assert_eq!(
+            results.duplicates(),
+            0,
+            "{}: a clean stop committed everything it finished",
+            kafka.describe()
+        );
+        let _ = std::fs::remove_file(&config);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_stays_bounded_under_a_large_backlog() {
+    const BACKLOG: usize = 200_000;
+    const CEILING: u64 = 200 * 1024 * 1024;
+    for kafka in TestKafka::all("memory_stays_bounded_under_a_large_backlog") {
+        // The mock cluster keeps at most 5 MiB per partition: 16 partitions
+        // hold the ~25 MB backlog.
+        let pipeline = kafka.pipeline(16).await;
+        let settings = sleep_settings(&kafka, &pipeline);
+        let config = common::config_file(&settings);
+        let producer = kafka.producer();
+        let codec = conveyor::codec::Codec::default();
+        let mut pending = Vec::new();
+        let mut value = Vec::new();
+        for request in requests("sleep", r#"{"ms":50}"#, BACKLOG) {
+            value.clear();
+            codec.encode_request(&request, &mut value);
+            pending.push(
+                kafka
+                    .send(
+                        &producer,
+                        &pipeline.input,
+                        request.id.as_bytes(),
+                        &value,
+                        None,
+                    )
+                    .await,
+            );
+        }
+        for delivery in pending {
+            delivery.await.expect("delivered").expect("acknowledged");
+        }
+
+        let mut worker = Worker::start(&config);
+        wait_until("the worker is processing the backlog", LONG, || {
+            results_written(&kafka, &pipeline) >= 200
+        })
+        .await;
+        let mut peak = 0;
+        let mut samples = HashMap::new();
+        for i in 0..40 {
+            let rss = worker.rss_bytes();
+            peak = peak.max(rss);
+            samples.insert(i, rss);
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        worker.signal("TERM");
+        assert!(
+            worker.wait(Duration::from_secs(30)).success(),
+            "{}",
+            worker.log_tail()
+        );
+        common::announce(&format!(
+            "memory on {}: peak RSS {:.1} MiB with a backlog of {BACKLOG} (ceiling {} MiB)",
+            kafka.describe(),
+            peak as f64 / 1048576.0,
+            CEILING / 1048576
+        ));
+        assert!(peak < CEILING, "peak RSS {peak} bytes is over the ceiling");
+        let _ = std::fs::remove_file(&config);
+    }
+}
