@@ -12,7 +12,17 @@
 //!   optionally Confluent-framed. Pure; never panics on input.
 //! - [`settings`]: the configuration tree (defaults → TOML file →
 //!   `CONVEYOR__…` environment) and its validation, which names every bad key.
+//! - [`offsets`]: [`offsets::OffsetTracker`], the contiguous-prefix rule that
+//!   decides which offset may be committed. Pure.
+//! - [`processor`]: the engine. One consumer-group member: dispatch into
+//!   ordering lanes, in-flight bounds by pause/resume, results produced and
+//!   acknowledged before offsets are stored, drain and commit on revoke and
+//!   shutdown.
+//! - [`handlers`]: the [`handlers::Handler`] trait, the registry and the
+//!   built-ins (`echo`, `sleep`, `sha256`, `http`).
+//! - [`worker`]: every configured processor side by side.
 //! - [`kafka`]: librdkafka client configuration shared by every client.
+//! - [`tools`]: `conveyor submit` and `conveyor results`.
 //! - [`telemetry`]: the `tracing` subscriber (text or JSON).
 //! - [`dev`]: the embedded Kafka-protocol cluster behind `conveyor dev`.
 //! - [`shutdown`]: signals that ask for an orderly stop.
@@ -21,10 +31,11 @@
 //!
 //! # Status
 //!
-//! The contracts, configuration, logging and the embedded dev cluster are
-//! here. The processor engine, failure handling, the HTTP gateway, metrics and
-//! workflows are planned work; the subcommands that will run them say so and
-//! exit with status 2 until they exist.
+//! The contracts, configuration, logging, the processor engine with its
+//! built-in handlers, and the embedded dev cluster are here. Retries and the
+//! dead-letter topic, the HTTP gateway, metrics and workflows are planned
+//! work; the subcommands that will run them say so and exit with status 2
+//! until they exist.
 
 pub mod codec;
 pub mod dev;

@@ -299,3 +299,87 @@ async fn a_member_joining_and_leaving_mid_run_loses_nothing() {
         );
     }
 }
+
+struct Panics;
+
+impl Handler for Panics {
+    fn handle<'a>(
+        &'a self,
+        _task: &'a TaskRequest,
+        _context: &'a TaskContext,
+    ) -> BoxFuture<'a, Result<Output, HandlerError>> {
+        async move { panic!("handler bug") }.boxed()
+    }
+}
+
+struct Hangs;
+
+impl Handler for Hangs {
+    fn handle<'a>(
+        &'a self,
+        _task: &'a TaskRequest,
+        _context: &'a TaskContext,
+    ) -> BoxFuture<'a, Result<Output, HandlerError>> {
+        futures::future::pending().boxed()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_panic_or_a_timeout_fails_the_task_not_the_worker() {
+    for kafka in TestKafka::all("a_panic_or_a_timeout_fails_the_task_not_the_worker") {
+        let pipeline = kafka.pipeline(1).await;
+        let mut settings = kafka.worker_settings(
+            &pipeline,
+            Ordering::Partition,
+            &[
+                ("panics", HandlerKind::Echo),
+                ("hangs", HandlerKind::Echo),
+                ("echo", HandlerKind::Echo),
+            ],
+        );
+        if let Some(hangs) = settings.processors[0].tasks.get_mut("hangs") {
+            hangs.timeout_ms = 200;
+        }
+        let mut registry = Registry::from_settings(&settings.processors[0]).unwrap();
+        registry.register("panics", Arc::new(Panics));
+        registry.register("hangs", Arc::new(Hangs));
+        // One partition, partition ordering: the echo task runs only after
+        // the other two ended.
+        let sent = vec![
+            TaskRequest::new("panics", b"{}".to_vec()),
+            TaskRequest::new("hangs", b"{}".to_vec()),
+            TaskRequest::new("echo", b"{}".to_vec()),
+        ];
+        kafka.produce_requests(&pipeline.input, &sent).await;
+        let worker = InProcessWorker::start(&settings, "worker", Some(registry));
+        let results = kafka
+            .collect_results(&pipeline.output, &ids(&sent), LONG)
+            .await;
+        worker.stop().await;
+
+        let outcome = |i: usize| {
+            let r = &results.by_id[&sent[i].id][0];
+            (
+                r.status,
+                r.error
+                    .as_ref()
+                    .map(|e| (e.kind.clone(), e.message.clone())),
+            )
+        };
+        assert_eq!(
+            outcome(0),
+            (
+                TaskStatus::Failed,
+                Some(("panic".into(), "handler panicked: handler bug".into()))
+            )
+        );
+        assert_eq!(
+            outcome(1),
+            (
+                TaskStatus::Failed,
+                Some(("timeout".into(), "no answer within 200 ms".into()))
+            )
+        );
+        assert_eq!(outcome(2), (TaskStatus::Succeeded, None));
+    }
+}

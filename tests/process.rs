@@ -282,3 +282,24 @@ async fn memory_stays_bounded_under_a_large_backlog() {
         let _ = std::fs::remove_file(&config);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_input_topic_stops_the_worker_saying_what_to_fix() {
+    for kafka in TestKafka::all("a_missing_input_topic_stops_the_worker_saying_what_to_fix") {
+        let mut pipeline = kafka.pipeline(1).await;
+        pipeline.input = common::unique("never-created");
+        let settings = sleep_settings(&kafka, &pipeline);
+        let config = common::config_file(&settings);
+        let mut worker = Worker::start(&config);
+        let status = worker.wait(Duration::from_secs(60));
+        let log = std::fs::read_to_string(&worker.log).unwrap_or_default();
+        assert_eq!(status.code(), Some(1), "{}: {log}", kafka.describe());
+        assert!(
+            log.contains(
+                "an input topic does not exist: create it, or fix processors[].input_topics"
+            ),
+            "{log}"
+        );
+        let _ = std::fs::remove_file(&config);
+    }
+}

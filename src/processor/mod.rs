@@ -18,7 +18,7 @@
 //! calls it, so pause and resume cannot race. librdkafka runs the rebalance
 //! callbacks on that thread too, inside `poll`, which lets a revoke *block*
 //! there until the revoked partitions' tasks have drained. Handlers run as
-//! tokio tasks; they report back through the shared [`State`] only.
+//! tokio tasks; they report back through the shared state only.
 //!
 //! # Ordering and bounds
 //!
