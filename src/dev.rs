@@ -56,7 +56,11 @@ impl DevCluster {
         ];
         for p in &settings.processors {
             topics.extend(p.input_topics.iter().cloned());
+            if p.uses_retry_topics() {
+                topics.extend(p.input_topics.iter().map(|t| p.retry_topic(t)));
+            }
             topics.extend(p.output_topic.iter().cloned());
+            topics.extend(p.dead_letter_topic.iter().cloned());
         }
         topics.sort();
         topics.dedup();
@@ -73,11 +77,7 @@ pub fn dev_settings(bootstrap: &str) -> Settings {
     let mut settings = Settings::default();
     settings.kafka.brokers = bootstrap.to_owned();
     settings.kafka.client_id = "conveyor-dev".into();
-    let task = |handler| TaskSettings {
-        handler,
-        url: None,
-        timeout_ms: 30_000,
-    };
+    let task = TaskSettings::new;
     settings.processors.push(ProcessorSettings {
         name: "dev".into(),
         tasks: [

@@ -43,6 +43,8 @@ pub mod handlers;
 pub mod kafka;
 pub mod offsets;
 pub mod processor;
+pub mod retry;
+pub mod breaker;
 pub mod settings;
 pub mod shutdown;
 pub mod telemetry;

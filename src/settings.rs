@@ -18,9 +18,13 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::Path;
 
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
 
+use crate::breaker::BreakerConfig;
 use crate::codec::WireFormat;
+use crate::retry::RetryPolicy;
 
 /// Prefix of the environment variables that override the file.
 pub const ENV_PREFIX: &str = "CONVEYOR";
@@ -225,6 +229,98 @@ pub struct ProcessorSettings {
     /// go of the partitions, in milliseconds; must be below
     /// `session_timeout_ms`.
     pub drain_timeout_ms: u64,
+    /// Attempts in all (the first included) for a task that fails with a
+    /// retryable error, a timeout or a panic. Task types may override it.
+    pub max_attempts: u32,
+    /// Backoff after the first failed attempt, in milliseconds; it doubles
+    /// with each further attempt. Task types may override it.
+    pub initial_backoff_ms: u64,
+    /// Longest backoff, in milliseconds. Task types may override it.
+    pub max_backoff_ms: u64,
+    /// Spread of each backoff, as a fraction (0.2: ±20%).
+    pub backoff_jitter: f64,
+    /// Backoffs at least this long (in milliseconds) go through the retry
+    /// topic instead of holding the partition; 0 turns retry topics off.
+    pub retry_topic_threshold_ms: u64,
+    /// The retry topic of input topic `T` is `T<retry_topic_suffix>`. It must
+    /// exist when retry topics are in use.
+    pub retry_topic_suffix: String,
+    /// Where tasks that fail for good, and records that cannot be decoded,
+    /// are copied. Default: `topics.dead_letter`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dead_letter_topic: Option<String>,
+    /// The poison-pill breaker.
+    pub breaker: BreakerSettings,
+}
+
+/// `[processors.breaker]`: stop instead of dead-lettering a whole topic when
+/// most tasks fail.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BreakerSettings {
+    /// Whether the breaker is on.
+    pub enabled: bool,
+    /// How many recent terminal outcomes it looks at.
+    pub window: usize,
+    /// Share of failures among them that trips it (0.5: more than half).
+    pub failure_ratio: f64,
+    /// How long it stays open before trying again, in milliseconds.
+    pub cooldown_ms: u64,
+}
+
+impl Default for BreakerSettings {
+    fn default() -> Self {
+        BreakerSettings {
+            enabled: true,
+            window: 1000,
+            failure_ratio: 0.5,
+            cooldown_ms: 60_000,
+        }
+    }
+}
+
+impl ProcessorSettings {
+    /// The retry policy of `task_type`: the processor's settings with the
+    /// task type's overrides.
+    pub fn retry_policy(&self, task_type: &str) -> RetryPolicy {
+        let task = self.tasks.get(task_type);
+        let pick = |over: Option<u64>, base: u64| Duration::from_millis(over.unwrap_or(base));
+        RetryPolicy {
+            max_attempts: task.and_then(|t| t.max_attempts).unwrap_or(self.max_attempts),
+            initial_backoff: pick(task.and_then(|t| t.initial_backoff_ms), self.initial_backoff_ms),
+            max_backoff: pick(task.and_then(|t| t.max_backoff_ms), self.max_backoff_ms),
+            jitter: self.backoff_jitter,
+            retry_topic_threshold: (self.retry_topic_threshold_ms > 0)
+                .then(|| Duration::from_millis(self.retry_topic_threshold_ms)),
+        }
+    }
+
+    /// Whether any task type can back off long enough to use the retry
+    /// topics (the worker then reads them too).
+    pub fn uses_retry_topics(&self) -> bool {
+        self.tasks.keys().any(|t| {
+            let p = self.retry_policy(t);
+            p.max_attempts > 1
+                && p.retry_topic_threshold.is_some_and(|threshold| {
+                    // The longest backoff, jitter included.
+                    p.max_backoff.as_secs_f64() * (1.0 + p.jitter) >= threshold.as_secs_f64()
+                })
+        })
+    }
+
+    /// The retry topic of input topic `input`.
+    pub fn retry_topic(&self, input: &str) -> String {
+        format!("{input}{}", self.retry_topic_suffix)
+    }
+
+    /// The breaker's settings, when it is on.
+    pub fn breaker_config(&self) -> Option<BreakerConfig> {
+        self.breaker.enabled.then(|| BreakerConfig {
+            window: self.breaker.window,
+            failure_ratio: self.breaker.failure_ratio,
+            cooldown: Duration::from_millis(self.breaker.cooldown_ms),
+        })
+    }
 }
 
 impl Default for ProcessorSettings {
@@ -241,6 +337,14 @@ impl Default for ProcessorSettings {
             commit_interval_ms: 1000,
             session_timeout_ms: 10_000,
             drain_timeout_ms: 5_000,
+            max_attempts: 3,
+            initial_backoff_ms: 500,
+            max_backoff_ms: 60_000,
+            backoff_jitter: 0.2,
+            retry_topic_threshold_ms: 5_000,
+            retry_topic_suffix: ".retry".into(),
+            dead_letter_topic: None,
+            breaker: BreakerSettings::default(),
         }
     }
 }
@@ -270,6 +374,30 @@ pub struct TaskSettings {
     /// Longest one attempt may run, in milliseconds.
     #[serde(default = "default_task_timeout_ms")]
     pub timeout_ms: u64,
+    /// Overrides the processor's `max_attempts` for this type.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
+    /// Overrides the processor's `initial_backoff_ms` for this type.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initial_backoff_ms: Option<u64>,
+    /// Overrides the processor's `max_backoff_ms` for this type.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_backoff_ms: Option<u64>,
+}
+
+impl TaskSettings {
+    /// A task type run by `handler` with the default timeout and the
+    /// processor's retry settings.
+    pub fn new(handler: HandlerKind) -> Self {
+        TaskSettings {
+            handler,
+            url: None,
+            timeout_ms: default_task_timeout_ms(),
+            max_attempts: None,
+            initial_backoff_ms: None,
+            max_backoff_ms: None,
+        }
+    }
 }
 
 fn default_task_timeout_ms() -> u64 {
@@ -409,6 +537,9 @@ impl Settings {
             if p.output_topic.is_none() {
                 p.output_topic = Some(self.topics.results.clone());
             }
+            if p.dead_letter_topic.is_none() {
+                p.dead_letter_topic = Some(self.topics.dead_letter.clone());
+            }
         }
     }
 
@@ -541,6 +672,17 @@ impl Settings {
                 if task.timeout_ms == 0 {
                     bad(key("timeout_ms"), "must be > 0");
                 }
+                if task.max_attempts == Some(0) {
+                    bad(key("max_attempts"), "must be > 0");
+                }
+                let initial = task.initial_backoff_ms.unwrap_or(p.initial_backoff_ms);
+                let max = task.max_backoff_ms.unwrap_or(p.max_backoff_ms);
+                if (task.initial_backoff_ms.is_some() || task.max_backoff_ms.is_some()) && initial > max {
+                    bad(
+                        key("initial_backoff_ms"),
+                        &format!("{initial} is above the max_backoff_ms in force ({max})"),
+                    );
+                }
             }
             for (j, topic) in p.input_topics.iter().enumerate() {
                 if let Err(why) = check_topic_name(topic) {
@@ -569,6 +711,37 @@ impl Settings {
             // librdkafka's own limits for session.timeout.ms.
             if !(1_000..=3_600_000).contains(&p.session_timeout_ms) {
                 bad(at("session_timeout_ms"), "must be between 1000 and 3600000");
+            }
+            if p.max_attempts == 0 {
+                bad(at("max_attempts"), "must be > 0 (1 means no retries)");
+            }
+            if p.initial_backoff_ms > p.max_backoff_ms {
+                bad(
+                    at("initial_backoff_ms"),
+                    &format!("must not exceed max_backoff_ms ({})", p.max_backoff_ms),
+                );
+            }
+            if !(0.0..=1.0).contains(&p.backoff_jitter) {
+                bad(at("backoff_jitter"), "must be between 0 and 1");
+            }
+            if let Err(why) = check_topic_name(&format!("x{}", p.retry_topic_suffix)) {
+                bad(at("retry_topic_suffix"), &why);
+            } else if p.retry_topic_suffix.is_empty() {
+                bad(at("retry_topic_suffix"), "must not be empty (the retry topic would be the input topic)");
+            }
+            if let Some(topic) = &p.dead_letter_topic {
+                if let Err(why) = check_topic_name(topic) {
+                    bad(at("dead_letter_topic"), &why);
+                }
+            }
+            if p.breaker.window == 0 {
+                bad(at("breaker.window"), "must be > 0");
+            }
+            if !(p.breaker.failure_ratio > 0.0 && p.breaker.failure_ratio <= 1.0) {
+                bad(at("breaker.failure_ratio"), "must be above 0 and at most 1");
+            }
+            if p.breaker.cooldown_ms == 0 {
+                bad(at("breaker.cooldown_ms"), "must be > 0");
             }
             if p.drain_timeout_ms == 0 {
                 bad(at("drain_timeout_ms"), "must be > 0");
@@ -680,7 +853,11 @@ mod tests {
         assert_eq!(p.group_id.as_deref(), Some("conveyor.main"));
         assert_eq!(p.input_topics, ["conveyor.tasks.echo"]);
         assert_eq!(p.output_topic.as_deref(), Some("conveyor.results"));
+        assert_eq!(p.dead_letter_topic.as_deref(), Some("conveyor.dlq"));
         assert_eq!(p.ordering, Ordering::Partition);
+        // 60 s max backoff ≥ 5 s threshold: retry topics are in use.
+        assert!(p.uses_retry_topics());
+        assert_eq!(p.retry_topic("conveyor.tasks.echo"), "conveyor.tasks.echo.retry");
     }
 
     #[test]

@@ -153,9 +153,11 @@ fn example_documents_every_key() {
         tasks: [(
             "web".to_owned(),
             TaskSettings {
-                handler: HandlerKind::Http,
                 url: Some("http://x".into()),
-                timeout_ms: 1,
+                max_attempts: Some(1),
+                initial_backoff_ms: Some(1),
+                max_backoff_ms: Some(1),
+                ..TaskSettings::new(HandlerKind::Http)
             },
         )]
         .into_iter()

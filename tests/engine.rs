@@ -370,16 +370,25 @@ async fn a_panic_or_a_timeout_fails_the_task_not_the_worker() {
             outcome(0),
             (
                 TaskStatus::Failed,
-                Some(("panic".into(), "handler panicked: handler bug".into()))
+                Some((
+                    "panic".into(),
+                    "after 3 attempts: handler panicked: handler bug".into()
+                ))
             )
         );
         assert_eq!(
             outcome(1),
             (
                 TaskStatus::Failed,
-                Some(("timeout".into(), "no answer within 200 ms".into()))
+                Some((
+                    "timeout".into(),
+                    "after 3 attempts: no answer within 200 ms".into()
+                ))
             )
         );
+        // Both are retryable: each ran all three attempts before failing.
+        assert_eq!(results.by_id[&sent[0].id][0].attempts, 3);
+        assert_eq!(results.by_id[&sent[1].id][0].attempts, 3);
         assert_eq!(outcome(2), (TaskStatus::Succeeded, None));
     }
 }

@@ -39,6 +39,7 @@
 //! after its partition went still produces its result, but its offset is
 //! not stored. Shutdown does the same for every partition, then closes.
 
+pub mod headers;
 mod task;
 
 use std::collections::{HashMap, VecDeque};
@@ -48,12 +49,13 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::{FutureProducer, Producer};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tracing::{debug, error, info, warn};
 
+use crate::breaker::Breaker;
 use crate::codec::Codec;
 use crate::handlers::Registry;
 use crate::kafka;
@@ -151,8 +153,10 @@ pub(crate) struct Job {
     offset: i64,
     generation: u64,
     lane: Option<Lane>,
+    key: Option<Vec<u8>>,
+    timestamp: Option<i64>,
     payload: Vec<u8>,
-    traceparent: Option<String>,
+    headers: headers::Incoming,
 }
 
 /// A partition this member owns.
@@ -211,9 +215,18 @@ pub(crate) struct Shared {
     /// Tasks waiting for room in the producer queue: intake stops meanwhile.
     producer_blocked: AtomicUsize,
     status: Arc<ProcessorStatus>,
+    dead_letter_topic: String,
+    /// The poison-pill breaker, when on.
+    breaker: Mutex<Option<Breaker>>,
 }
 
 impl Shared {
+    /// Whether the breaker is open now.
+    fn breaker_open(&self) -> bool {
+        let mut breaker = self.breaker.lock().unwrap_or_else(|p| p.into_inner());
+        breaker.as_mut().is_some_and(|b| b.is_open(Instant::now()))
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock cannot leave the counters torn (no
         // handler code runs under it); keep going with the data as it is.
@@ -261,8 +274,10 @@ impl Shared {
             offset,
             generation: owned.generation,
             lane: lane.clone(),
+            key: message.key().map(<[u8]>::to_vec),
+            timestamp: message.timestamp().to_millis(),
             payload: message.payload().unwrap_or_default().to_vec(),
-            traceparent: traceparent(message),
+            headers: headers::read(message),
         };
         let start = match lane {
             None => Some(job),
@@ -321,10 +336,12 @@ impl Shared {
         let mut store = TopicPartitionList::new();
         let mut pause = TopicPartitionList::new();
         let mut resume = TopicPartitionList::new();
+        let breaker_open = self.breaker_open();
         {
             let mut state = self.lock();
             let all_full = state.in_flight >= self.settings.max_in_flight
-                || self.producer_blocked.load(AtomicOrdering::Relaxed) > 0;
+                || self.producer_blocked.load(AtomicOrdering::Relaxed) > 0
+                || breaker_open;
             let per_partition = self.settings.max_in_flight_per_partition;
             for ((topic, partition), owned) in &mut state.partitions {
                 if let Some(watermark) = owned.store.take() {
@@ -420,17 +437,6 @@ impl Shared {
     }
 }
 
-/// The W3C trace context header of a record, if valid UTF-8.
-fn traceparent(message: &BorrowedMessage<'_>) -> Option<String> {
-    let headers = message.headers()?;
-    headers
-        .iter()
-        .find(|h| h.key == "traceparent")
-        .and_then(|h| h.value)
-        .and_then(|v| std::str::from_utf8(v).ok())
-        .map(str::to_owned)
-}
-
 /// The consumer's context: rebalance callbacks that drain and commit.
 pub(crate) struct EngineContext {
     shared: Arc<Shared>,
@@ -508,7 +514,9 @@ fn fatal_message(error: &KafkaError) -> Option<String> {
     let code = error.rdkafka_error_code()?;
     let advice = match code {
         RDKafkaErrorCode::UnknownTopicOrPartition => {
-            "an input topic does not exist: create it, or fix processors[].input_topics"
+            "an input topic does not exist: create it, or fix processors[].input_topics \
+             (retry topics, <input><retry_topic_suffix>, must exist too unless \
+             retry_topic_threshold_ms = 0)"
         }
         RDKafkaErrorCode::TopicAuthorizationFailed => {
             "not authorized for an input topic: grant READ on it to this principal"
@@ -562,6 +570,12 @@ pub async fn run(spec: ProcessorSpec, stop: Arc<AtomicBool>) -> Result<(), Proce
         finished: Condvar::new(),
         producer_blocked: AtomicUsize::new(0),
         status: spec.status.clone(),
+        dead_letter_topic: spec
+            .settings
+            .dead_letter_topic
+            .clone()
+            .unwrap_or_else(|| "conveyor.dlq".into()),
+        breaker: Mutex::new(spec.settings.breaker_config().map(Breaker::new)),
     });
     let consumer: BaseConsumer<EngineContext> =
         kafka::consumer_config(&spec.kafka, &group, spec.settings.session_timeout_ms)

@@ -102,17 +102,23 @@ impl TestKafka {
     /// `partitions` partitions; returns its name.
     pub async fn create_topic(&self, prefix: &str, partitions: i32) -> String {
         let name = unique(prefix);
+        self.create_named_topic(&name, partitions).await;
+        name
+    }
+
+    /// Creates topic `name` with `partitions` partitions.
+    pub async fn create_named_topic(&self, name: &str, partitions: i32) {
         match &self.backend {
             // The mock cluster has no admin CreateTopics.
             Backend::Mock(cluster) => cluster
-                .create_topic(&name, partitions, 1)
+                .create_topic(name, partitions, 1)
                 .expect("mock cluster creates the topic"),
             Backend::External => {
                 let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
                     .set("bootstrap.servers", &self.brokers)
                     .create()
                     .expect("admin client");
-                let topic = NewTopic::new(&name, partitions, TopicReplication::Fixed(1));
+                let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
                 let options = AdminOptions::new().operation_timeout(Some(SETUP_TIMEOUT));
                 let results = admin
                     .create_topics([&topic], &options)
@@ -123,7 +129,6 @@ impl TestKafka {
                 }
             }
         }
-        name
     }
 }
 
@@ -359,16 +364,21 @@ impl Results {
 pub struct Pipeline {
     pub input: String,
     pub output: String,
+    pub dead_letter: String,
     pub group: String,
     pub partitions: i32,
 }
 
 impl TestKafka {
-    /// Creates an input topic of `partitions` partitions and a results topic.
+    /// Creates an input topic of `partitions` partitions, its retry topic,
+    /// a results topic and a dead-letter topic.
     pub async fn pipeline(&self, partitions: i32) -> Pipeline {
+        let input = self.create_topic("tasks", partitions).await;
+        self.create_named_topic(&format!("{input}.retry"), partitions).await;
         Pipeline {
-            input: self.create_topic("tasks", partitions).await,
+            input,
             output: self.create_topic("results", 4).await,
+            dead_letter: self.create_topic("dlq", 2).await,
             group: unique("group"),
             partitions,
         }
@@ -387,16 +397,13 @@ impl TestKafka {
             group_id: Some(pipeline.group.clone()),
             input_topics: vec![pipeline.input.clone()],
             output_topic: Some(pipeline.output.clone()),
+            dead_letter_topic: Some(pipeline.dead_letter.clone()),
             tasks: tasks
                 .iter()
                 .map(|(t, h)| {
                     (
                         (*t).to_owned(),
-                        TaskSettings {
-                            handler: *h,
-                            url: None,
-                            timeout_ms: 30_000,
-                        },
+                        TaskSettings::new(*h),
                     )
                 })
                 .collect(),
@@ -408,6 +415,7 @@ impl TestKafka {
             // after the session timeout: keep it short.
             session_timeout_ms: 6_000,
             drain_timeout_ms: 3_000,
+            ..ProcessorSettings::default()
         });
         settings.fill_derived();
         settings.validate().expect("test settings are valid");

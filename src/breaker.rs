@@ -1,0 +1,181 @@
+//! The poison-pill breaker: when more than a set share of the recent tasks
+//! fail for good, something is wrong with the handler or its dependencies,
+//! not with the tasks. Rather than drain the whole topic into the
+//! dead-letter topic, the processor stops: the failure that trips the
+//! breaker is not dead-lettered, intake pauses, and nothing further is
+//! committed until a cool-down has passed (or the worker restarts).
+//!
+//! The window counts terminal outcomes only (a task that will be retried
+//! counts once it ends). It trips as soon as the failures among the last
+//! `window` outcomes exceed `failure_ratio × window`, so at most that many
+//! dead letters are written before it trips. After the cool-down the window
+//! starts empty.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+/// Breaker settings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BreakerConfig {
+    /// Outcomes remembered.
+    pub window: usize,
+    /// Share of failures in the window that trips it, 0 to 1.
+    pub failure_ratio: f64,
+    /// How long it stays open.
+    pub cooldown: Duration,
+}
+
+/// Sliding-window breaker. Pure: the caller passes the time.
+#[derive(Debug, Clone)]
+pub struct Breaker {
+    config: BreakerConfig,
+    outcomes: VecDeque<bool>,
+    failures: usize,
+    open_until: Option<Instant>,
+}
+
+/// What recording an outcome did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Carry on.
+    Closed,
+    /// This failure tripped the breaker (or it was open already): hold the
+    /// task until the breaker closes.
+    Open,
+}
+
+impl Breaker {
+    /// A closed breaker with an empty window.
+    pub fn new(config: BreakerConfig) -> Self {
+        Breaker {
+            config,
+            outcomes: VecDeque::with_capacity(config.window),
+            failures: 0,
+            open_until: None,
+        }
+    }
+
+    /// Most failures the window tolerates.
+    pub fn tolerated_failures(&self) -> usize {
+        (self.config.failure_ratio * self.config.window as f64).floor() as usize
+    }
+
+    /// Whether it is open at `now`; closing after the cool-down empties the
+    /// window.
+    pub fn is_open(&mut self, now: Instant) -> bool {
+        match self.open_until {
+            Some(until) if now < until => true,
+            Some(_) => {
+                self.open_until = None;
+                self.outcomes.clear();
+                self.failures = 0;
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// When it closes, if open.
+    pub fn open_until(&self) -> Option<Instant> {
+        self.open_until
+    }
+
+    /// Records a success.
+    pub fn success(&mut self, now: Instant) {
+        if !self.is_open(now) {
+            self.push(false);
+        }
+    }
+
+    /// Records a terminal failure; `Open` means do not dead-letter it.
+    pub fn failure(&mut self, now: Instant) -> Verdict {
+        if self.is_open(now) {
+            return Verdict::Open;
+        }
+        // Failures in the window once this one is in and the oldest out.
+        let full = self.outcomes.len() >= self.config.window;
+        let evicted = usize::from(full && self.outcomes.front() == Some(&true));
+        if self.failures + 1 - evicted > self.tolerated_failures() {
+            self.open_until = Some(now + self.config.cooldown);
+            return Verdict::Open;
+        }
+        self.push(true);
+        Verdict::Closed
+    }
+
+    fn push(&mut self, failed: bool) {
+        if self.config.window == 0 {
+            return;
+        }
+        if self.outcomes.len() == self.config.window {
+            if let Some(true) = self.outcomes.pop_front() {
+                self.failures -= 1;
+            }
+        }
+        self.outcomes.push_back(failed);
+        if failed {
+            self.failures += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn breaker() -> Breaker {
+        Breaker::new(BreakerConfig {
+            window: 10,
+            failure_ratio: 0.5,
+            cooldown: Duration::from_secs(60),
+        })
+    }
+
+    #[test]
+    fn trips_on_the_failure_past_the_tolerated_share() {
+        let mut b = breaker();
+        let now = Instant::now();
+        for _ in 0..5 {
+            assert_eq!(b.failure(now), Verdict::Closed);
+        }
+        assert_eq!(b.failure(now), Verdict::Open, "the sixth of ten trips it");
+        assert!(b.is_open(now));
+        assert_eq!(b.failure(now), Verdict::Open);
+    }
+
+    #[test]
+    fn old_failures_slide_out_of_the_window() {
+        let mut b = breaker();
+        let now = Instant::now();
+        for _ in 0..5 {
+            assert_eq!(b.failure(now), Verdict::Closed);
+        }
+        for _ in 0..5 {
+            b.success(now);
+        }
+        // The window is full: 5 failures, 5 successes. Each new failure
+        // pushes out an old failure first, so the count stays at 5.
+        for _ in 0..5 {
+            assert_eq!(b.failure(now), Verdict::Closed);
+        }
+        for _ in 0..5 {
+            b.success(now);
+        }
+        assert!(!b.is_open(now));
+    }
+
+    #[test]
+    fn closes_after_the_cooldown_with_an_empty_window() {
+        let mut b = breaker();
+        let now = Instant::now();
+        for _ in 0..6 {
+            b.failure(now);
+        }
+        assert!(b.is_open(now + Duration::from_secs(59)));
+        let later = now + Duration::from_secs(61);
+        assert!(!b.is_open(later));
+        for _ in 0..5 {
+            assert_eq!(b.failure(later), Verdict::Closed);
+        }
+    }
+}
