@@ -6,10 +6,11 @@
 //! committed until a cool-down has passed (or the worker restarts).
 //!
 //! The window counts terminal outcomes only (a task that will be retried
-//! counts once it ends). It trips as soon as the failures among the last
-//! `window` outcomes exceed `failure_ratio × window`, so at most that many
-//! dead letters are written before it trips. After the cool-down the window
-//! starts empty.
+//! counts once it ends). It trips on the failure that would bring the
+//! failures among the last `window` outcomes to `failure_ratio × window`
+//! (500 of the last 1,000 by default), and that failure is held, not
+//! dead-lettered: fewer dead letters than that are written before it trips.
+//! After the cool-down the window starts empty.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -55,9 +56,9 @@ impl Breaker {
         }
     }
 
-    /// Most failures the window tolerates.
-    pub fn tolerated_failures(&self) -> usize {
-        (self.config.failure_ratio * self.config.window as f64).floor() as usize
+    /// Failures in the window that trip it (at least 1).
+    pub fn threshold(&self) -> usize {
+        ((self.config.failure_ratio * self.config.window as f64).ceil() as usize).max(1)
     }
 
     /// Whether it is open at `now`; closing after the cool-down empties the
@@ -95,7 +96,7 @@ impl Breaker {
         // Failures in the window once this one is in and the oldest out.
         let full = self.outcomes.len() >= self.config.window;
         let evicted = usize::from(full && self.outcomes.front() == Some(&true));
-        if self.failures + 1 - evicted > self.tolerated_failures() {
+        if self.failures + 1 - evicted >= self.threshold() {
             self.open_until = Some(now + self.config.cooldown);
             return Verdict::Open;
         }
@@ -132,13 +133,13 @@ mod tests {
     }
 
     #[test]
-    fn trips_on_the_failure_past_the_tolerated_share() {
+    fn trips_on_the_failure_that_reaches_the_threshold() {
         let mut b = breaker();
         let now = Instant::now();
-        for _ in 0..5 {
+        for _ in 0..4 {
             assert_eq!(b.failure(now), Verdict::Closed);
         }
-        assert_eq!(b.failure(now), Verdict::Open, "the sixth of ten trips it");
+        assert_eq!(b.failure(now), Verdict::Open, "the fifth of ten trips it");
         assert!(b.is_open(now));
         assert_eq!(b.failure(now), Verdict::Open);
     }
@@ -147,18 +148,18 @@ mod tests {
     fn old_failures_slide_out_of_the_window() {
         let mut b = breaker();
         let now = Instant::now();
-        for _ in 0..5 {
+        for _ in 0..4 {
             assert_eq!(b.failure(now), Verdict::Closed);
         }
-        for _ in 0..5 {
+        for _ in 0..6 {
             b.success(now);
         }
-        // The window is full: 5 failures, 5 successes. Each new failure
-        // pushes out an old failure first, so the count stays at 5.
-        for _ in 0..5 {
+        // The window is full: 4 failures, then 6 successes. Each new failure
+        // pushes out an old failure first, so the count stays at 4.
+        for _ in 0..4 {
             assert_eq!(b.failure(now), Verdict::Closed);
         }
-        for _ in 0..5 {
+        for _ in 0..6 {
             b.success(now);
         }
         assert!(!b.is_open(now));
@@ -168,13 +169,13 @@ mod tests {
     fn closes_after_the_cooldown_with_an_empty_window() {
         let mut b = breaker();
         let now = Instant::now();
-        for _ in 0..6 {
+        for _ in 0..5 {
             b.failure(now);
         }
         assert!(b.is_open(now + Duration::from_secs(59)));
         let later = now + Duration::from_secs(61);
         assert!(!b.is_open(later));
-        for _ in 0..5 {
+        for _ in 0..4 {
             assert_eq!(b.failure(later), Verdict::Closed);
         }
     }

@@ -37,6 +37,7 @@
 //! work; the subcommands that will run them say so and exit with status 2
 //! until they exist.
 
+pub mod breaker;
 pub mod codec;
 pub mod dev;
 pub mod handlers;
@@ -44,7 +45,6 @@ pub mod kafka;
 pub mod offsets;
 pub mod processor;
 pub mod retry;
-pub mod breaker;
 pub mod settings;
 pub mod shutdown;
 pub mod telemetry;

@@ -86,15 +86,27 @@ mod tests {
     #[test]
     fn short_backoffs_stay_in_place_long_ones_use_the_retry_topic() {
         let p = policy();
-        assert_eq!(p.decide(1, 0.5), Decision::InPlace(Duration::from_millis(100)));
-        assert_eq!(p.decide(3, 0.5), Decision::InPlace(Duration::from_millis(400)));
-        assert_eq!(p.decide(4, 0.5), Decision::RetryTopic(Duration::from_millis(800)));
+        assert_eq!(
+            p.decide(1, 0.5),
+            Decision::InPlace(Duration::from_millis(100))
+        );
+        assert_eq!(
+            p.decide(3, 0.5),
+            Decision::InPlace(Duration::from_millis(400))
+        );
+        assert_eq!(
+            p.decide(4, 0.5),
+            Decision::RetryTopic(Duration::from_millis(800))
+        );
         assert_eq!(p.decide(6, 0.5), Decision::Exhausted);
         let no_topic = RetryPolicy {
             retry_topic_threshold: None,
             ..p
         };
-        assert_eq!(no_topic.decide(5, 0.5), Decision::InPlace(Duration::from_millis(1000)));
+        assert_eq!(
+            no_topic.decide(5, 0.5),
+            Decision::InPlace(Duration::from_millis(1000))
+        );
     }
 
     #[test]
@@ -103,8 +115,14 @@ mod tests {
             jitter: 0.2,
             ..policy()
         };
-        assert_eq!(p.decide(2, 0.0), Decision::InPlace(Duration::from_millis(160)));
-        assert_eq!(p.decide(2, 0.5), Decision::InPlace(Duration::from_millis(200)));
+        assert_eq!(
+            p.decide(2, 0.0),
+            Decision::InPlace(Duration::from_millis(160))
+        );
+        assert_eq!(
+            p.decide(2, 0.5),
+            Decision::InPlace(Duration::from_millis(200))
+        );
         let Decision::InPlace(high) = p.decide(2, 0.999_999) else {
             panic!("in place")
         };

@@ -286,8 +286,13 @@ impl ProcessorSettings {
         let task = self.tasks.get(task_type);
         let pick = |over: Option<u64>, base: u64| Duration::from_millis(over.unwrap_or(base));
         RetryPolicy {
-            max_attempts: task.and_then(|t| t.max_attempts).unwrap_or(self.max_attempts),
-            initial_backoff: pick(task.and_then(|t| t.initial_backoff_ms), self.initial_backoff_ms),
+            max_attempts: task
+                .and_then(|t| t.max_attempts)
+                .unwrap_or(self.max_attempts),
+            initial_backoff: pick(
+                task.and_then(|t| t.initial_backoff_ms),
+                self.initial_backoff_ms,
+            ),
             max_backoff: pick(task.and_then(|t| t.max_backoff_ms), self.max_backoff_ms),
             jitter: self.backoff_jitter,
             retry_topic_threshold: (self.retry_topic_threshold_ms > 0)
@@ -677,7 +682,9 @@ impl Settings {
                 }
                 let initial = task.initial_backoff_ms.unwrap_or(p.initial_backoff_ms);
                 let max = task.max_backoff_ms.unwrap_or(p.max_backoff_ms);
-                if (task.initial_backoff_ms.is_some() || task.max_backoff_ms.is_some()) && initial > max {
+                if (task.initial_backoff_ms.is_some() || task.max_backoff_ms.is_some())
+                    && initial > max
+                {
                     bad(
                         key("initial_backoff_ms"),
                         &format!("{initial} is above the max_backoff_ms in force ({max})"),
@@ -727,7 +734,10 @@ impl Settings {
             if let Err(why) = check_topic_name(&format!("x{}", p.retry_topic_suffix)) {
                 bad(at("retry_topic_suffix"), &why);
             } else if p.retry_topic_suffix.is_empty() {
-                bad(at("retry_topic_suffix"), "must not be empty (the retry topic would be the input topic)");
+                bad(
+                    at("retry_topic_suffix"),
+                    "must not be empty (the retry topic would be the input topic)",
+                );
             }
             if let Some(topic) = &p.dead_letter_topic {
                 if let Err(why) = check_topic_name(topic) {
@@ -857,7 +867,10 @@ mod tests {
         assert_eq!(p.ordering, Ordering::Partition);
         // 60 s max backoff ≥ 5 s threshold: retry topics are in use.
         assert!(p.uses_retry_topics());
-        assert_eq!(p.retry_topic("conveyor.tasks.echo"), "conveyor.tasks.echo.retry");
+        assert_eq!(
+            p.retry_topic("conveyor.tasks.echo"),
+            "conveyor.tasks.echo.retry"
+        );
     }
 
     #[test]

@@ -99,6 +99,7 @@ pub struct ProcessorStatus {
     assigned: AtomicUsize,
     in_flight: AtomicUsize,
     finished: AtomicUsize,
+    breaker_open: AtomicBool,
 }
 
 impl ProcessorStatus {
@@ -115,6 +116,11 @@ impl ProcessorStatus {
     /// Records finished (result acknowledged) since start.
     pub fn finished(&self) -> usize {
         self.finished.load(AtomicOrdering::Relaxed)
+    }
+
+    /// Whether the poison-pill breaker is open.
+    pub fn breaker_open(&self) -> bool {
+        self.breaker_open.load(AtomicOrdering::Relaxed)
     }
 }
 
@@ -224,7 +230,11 @@ impl Shared {
     /// Whether the breaker is open now.
     fn breaker_open(&self) -> bool {
         let mut breaker = self.breaker.lock().unwrap_or_else(|p| p.into_inner());
-        breaker.as_mut().is_some_and(|b| b.is_open(Instant::now()))
+        let open = breaker.as_mut().is_some_and(|b| b.is_open(Instant::now()));
+        self.status
+            .breaker_open
+            .store(open, AtomicOrdering::Relaxed);
+        open
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -590,12 +600,12 @@ pub async fn run(spec: ProcessorSpec, stop: Arc<AtomicBool>) -> Result<(), Proce
                 shared: shared.clone(),
             })
             .map_err(|e| client_error("consumer", e))?;
-    let topics: Vec<&str> = spec
-        .settings
-        .input_topics
-        .iter()
-        .map(String::as_str)
-        .collect();
+    let mut topics: Vec<String> = spec.settings.input_topics.clone();
+    if spec.settings.uses_retry_topics() {
+        let retry = spec.settings.input_topics.iter();
+        topics.extend(retry.map(|t| spec.settings.retry_topic(t)));
+    }
+    let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
     consumer
         .subscribe(&topics)
         .map_err(|e| ProcessorError::Fatal {

@@ -71,7 +71,11 @@ struct Terminal {
 enum End {
     Succeeded(TaskResult),
     Failed(Terminal),
-    Parked { request: TaskRequest, due_at: i64, first_failure_at: i64 },
+    Parked {
+        request: TaskRequest,
+        due_at: i64,
+        first_failure_at: i64,
+    },
 }
 
 async fn run_job(shared: &Shared, job: &Job) {
@@ -185,13 +189,21 @@ async fn run_task(shared: &Shared, job: &Job, mut request: TaskRequest) -> End {
                 debug!(task_id = %request.id, attempt = request.attempt, "task succeeded");
                 return End::Succeeded(succeeded(shared, &request, started_at, output));
             }
-            Ok(Ok(Err(e))) => (e.kind(), e.to_string(), matches!(e, HandlerError::Retryable(_))),
+            Ok(Ok(Err(e))) => (
+                e.kind(),
+                e.to_string(),
+                matches!(e, HandlerError::Retryable(_)),
+            ),
             Ok(Err(panic)) => {
                 let message = format!("handler panicked: {}", panic_message(panic.as_ref()));
                 error!(task_id = %request.id, %message);
                 ("panic", message, true)
             }
-            Err(_) => ("timeout", format!("no answer within {} ms", task.timeout_ms), true),
+            Err(_) => (
+                "timeout",
+                format!("no answer within {} ms", task.timeout_ms),
+                true,
+            ),
         };
         let (kind, message, retryable) = error;
         let now = now_millis();
@@ -225,7 +237,8 @@ async fn run_task(shared: &Shared, job: &Job, mut request: TaskRequest) -> End {
             Decision::RetryTopic(delay) => {
                 warn!(task_id = %request.id, attempt = request.attempt, kind, error = %message, delay_ms = delay.as_millis() as u64, "task failed; parking it in the retry topic");
                 request.attempt += 1;
-                let due_at = now.saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX));
+                let due_at =
+                    now.saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX));
                 return End::Parked {
                     request,
                     due_at,
@@ -236,7 +249,12 @@ async fn run_task(shared: &Shared, job: &Job, mut request: TaskRequest) -> End {
     }
 }
 
-fn succeeded(shared: &Shared, request: &TaskRequest, started_at: i64, output: Output) -> TaskResult {
+fn succeeded(
+    shared: &Shared,
+    request: &TaskRequest,
+    started_at: i64,
+    output: Output,
+) -> TaskResult {
     TaskResult {
         id: request.id,
         task_type: request.task_type.clone(),
@@ -259,7 +277,12 @@ fn error_of(failure: &Terminal) -> TaskError {
     }
 }
 
-fn failed_result(shared: &Shared, request: &TaskRequest, started_at: i64, failure: &Terminal) -> TaskResult {
+fn failed_result(
+    shared: &Shared,
+    request: &TaskRequest,
+    started_at: i64,
+    failure: &Terminal,
+) -> TaskResult {
     TaskResult {
         id: request.id,
         task_type: request.task_type.clone(),
@@ -299,7 +322,13 @@ fn trip_breaker(shared: &Shared) -> Option<Instant> {
     let b = breaker.as_mut()?;
     match b.failure(Instant::now()) {
         Verdict::Closed => None,
-        Verdict::Open => b.open_until(),
+        Verdict::Open => {
+            shared
+                .status
+                .breaker_open
+                .store(true, AtomicOrdering::Relaxed);
+            b.open_until()
+        }
     }
 }
 
@@ -317,9 +346,15 @@ fn origin(job: &Job) -> Origin {
 fn origin_headers(origin: &Origin) -> [(&'static str, Option<String>); 4] {
     [
         (headers::ORIGINAL_TOPIC, Some(origin.topic.clone())),
-        (headers::ORIGINAL_PARTITION, Some(origin.partition.to_string())),
+        (
+            headers::ORIGINAL_PARTITION,
+            Some(origin.partition.to_string()),
+        ),
         (headers::ORIGINAL_OFFSET, Some(origin.offset.to_string())),
-        (headers::ORIGINAL_TIMESTAMP, origin.timestamp.map(|t| t.to_string())),
+        (
+            headers::ORIGINAL_TIMESTAMP,
+            origin.timestamp.map(|t| t.to_string()),
+        ),
     ]
 }
 
@@ -333,28 +368,48 @@ async fn fail(shared: &Shared, job: &Job, failure: Terminal, result: Option<Task
             (headers::ATTEMPTS, Some(failure.attempts.to_string())),
             (headers::PROCESSOR, Some(shared.name.clone())),
             (headers::WORKER, Some(shared.worker.clone())),
-            (headers::FIRST_FAILURE_AT, Some(failure.first_failure_at.to_string())),
+            (
+                headers::FIRST_FAILURE_AT,
+                Some(failure.first_failure_at.to_string()),
+            ),
             (headers::LAST_FAILURE_AT, Some(now_millis().to_string())),
             (headers::TRACEPARENT, job.headers.traceparent.clone()),
         ]
         .into_iter()
         .chain(origin_headers(&origin)),
     );
-    let mut records = vec![(Target::DeadLetter, job.payload.clone(), Some(dead_letter_headers))];
+    let mut records = vec![(
+        Target::DeadLetter,
+        job.payload.clone(),
+        Some(dead_letter_headers),
+    )];
     if let Some(result) = result {
-        records.push((Target::Output(result.id), encode_result(shared, &result), None));
+        records.push((
+            Target::Output(result.id),
+            encode_result(shared, &result),
+            None,
+        ));
     }
     deliver(shared, job, records).await;
 }
 
 /// Hands the next attempt to the retry topic, due at `due_at`.
-async fn park(shared: &Shared, job: &Job, request: &TaskRequest, due_at: i64, first_failure_at: i64) {
+async fn park(
+    shared: &Shared,
+    job: &Job,
+    request: &TaskRequest,
+    due_at: i64,
+    first_failure_at: i64,
+) {
     let origin = origin(job);
     let topic = shared.settings.retry_topic(&origin.topic);
     let park_headers = headers::build(
         [
             (headers::NOT_BEFORE, Some(due_at.to_string())),
-            (headers::FIRST_FAILURE_AT, Some(first_failure_at.to_string())),
+            (
+                headers::FIRST_FAILURE_AT,
+                Some(first_failure_at.to_string()),
+            ),
             (headers::TRACEPARENT, job.headers.traceparent.clone()),
         ]
         .into_iter()
@@ -362,7 +417,12 @@ async fn park(shared: &Shared, job: &Job, request: &TaskRequest, due_at: i64, fi
     );
     let mut value = Vec::new();
     shared.codec.encode_request(request, &mut value);
-    deliver(shared, job, vec![(Target::Topic(topic), value, Some(park_headers))]).await;
+    deliver(
+        shared,
+        job,
+        vec![(Target::Topic(topic), value, Some(park_headers))],
+    )
+    .await;
 }
 
 fn encode_result(shared: &Shared, result: &TaskResult) -> Vec<u8> {
@@ -382,21 +442,27 @@ enum Target {
 }
 
 /// Produces `records` and returns once the broker acknowledged all of them.
-async fn deliver(shared: &Shared, job: &Job, records: Vec<(Target, Vec<u8>, Option<OwnedHeaders>)>) {
-    let sends = records.into_iter().map(|(target, value, extra)| async move {
-        let (topic, key): (&str, Option<Vec<u8>>) = match &target {
-            Target::Output(id) => (&shared.output_topic, Some(id.to_string().into_bytes())),
-            Target::DeadLetter => (&shared.dead_letter_topic, job.key.clone()),
-            Target::Topic(t) => (t, job.key.clone()),
-        };
-        let record_headers = extra.or_else(|| {
-            job.headers
-                .traceparent
-                .clone()
-                .map(|t| headers::build([(headers::TRACEPARENT, Some(t))]))
+async fn deliver(
+    shared: &Shared,
+    job: &Job,
+    records: Vec<(Target, Vec<u8>, Option<OwnedHeaders>)>,
+) {
+    let sends = records
+        .into_iter()
+        .map(|(target, value, extra)| async move {
+            let (topic, key): (&str, Option<Vec<u8>>) = match &target {
+                Target::Output(id) => (&shared.output_topic, Some(id.to_string().into_bytes())),
+                Target::DeadLetter => (&shared.dead_letter_topic, job.key.clone()),
+                Target::Topic(t) => (t, job.key.clone()),
+            };
+            let record_headers = extra.or_else(|| {
+                job.headers
+                    .traceparent
+                    .clone()
+                    .map(|t| headers::build([(headers::TRACEPARENT, Some(t))]))
+            });
+            produce(shared, topic, key.as_deref(), value, record_headers).await;
         });
-        produce(shared, topic, key.as_deref(), value, record_headers).await;
-    });
     futures::future::join_all(sends).await;
 }
 
@@ -430,7 +496,9 @@ async fn produce(
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                 if !blocked {
                     blocked = true;
-                    shared.producer_blocked.fetch_add(1, AtomicOrdering::Relaxed);
+                    shared
+                        .producer_blocked
+                        .fetch_add(1, AtomicOrdering::Relaxed);
                 }
                 tokio::time::sleep(QUEUE_FULL_WAIT).await;
                 continue;
@@ -439,7 +507,11 @@ async fn produce(
         };
         if is_too_large(&failure) {
             if let Some(smaller) = without_output(shared, &value, &failure) {
-                warn!(topic, bytes = value.len(), "result too large for the broker; reporting a failure instead");
+                warn!(
+                    topic,
+                    bytes = value.len(),
+                    "result too large for the broker; reporting a failure instead"
+                );
                 value = smaller;
                 continue;
             }
@@ -448,7 +520,9 @@ async fn produce(
         tokio::time::sleep(PRODUCE_RETRY).await;
     }
     if blocked {
-        shared.producer_blocked.fetch_sub(1, AtomicOrdering::Relaxed);
+        shared
+            .producer_blocked
+            .fetch_sub(1, AtomicOrdering::Relaxed);
     }
 }
 

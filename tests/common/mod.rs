@@ -374,7 +374,8 @@ impl TestKafka {
     /// a results topic and a dead-letter topic.
     pub async fn pipeline(&self, partitions: i32) -> Pipeline {
         let input = self.create_topic("tasks", partitions).await;
-        self.create_named_topic(&format!("{input}.retry"), partitions).await;
+        self.create_named_topic(&format!("{input}.retry"), partitions)
+            .await;
         Pipeline {
             input,
             output: self.create_topic("results", 4).await,
@@ -400,12 +401,7 @@ impl TestKafka {
             dead_letter_topic: Some(pipeline.dead_letter.clone()),
             tasks: tasks
                 .iter()
-                .map(|(t, h)| {
-                    (
-                        (*t).to_owned(),
-                        TaskSettings::new(*h),
-                    )
-                })
+                .map(|(t, h)| ((*t).to_owned(), TaskSettings::new(*h)))
                 .collect(),
             ordering,
             max_in_flight: 64,
@@ -503,4 +499,63 @@ pub fn init_logs() {
             .with_test_writer()
             .try_init();
     }
+}
+
+impl TestKafka {
+    /// The mock cluster, for fault injection; `None` on an external broker.
+    pub fn mock_cluster(&self) -> Option<&MockCluster<'static, DefaultProducerContext>> {
+        match &self.backend {
+            Backend::Mock(cluster) => Some(cluster),
+            Backend::External => None,
+        }
+    }
+
+    /// Every record of `topic` from the start, once there are at least
+    /// `at_least` and every partition was read to its end.
+    pub async fn read_records(
+        &self,
+        topic: &str,
+        at_least: usize,
+        timeout: Duration,
+    ) -> Vec<rdkafka::message::OwnedMessage> {
+        let (consumer, partitions) = self.reader(topic);
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut records = Vec::new();
+        let mut at_end = HashSet::new();
+        loop {
+            if records.len() >= at_least && at_end.len() == partitions {
+                return records;
+            }
+            match consumer.poll(Duration::ZERO) {
+                Some(Ok(m)) => {
+                    at_end.remove(&m.partition());
+                    records.push(m.detach());
+                }
+                Some(Err(KafkaError::PartitionEOF(p))) => {
+                    at_end.insert(p);
+                }
+                Some(Err(e)) => panic!("reading {topic}: {e}"),
+                None => {
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "{}: {} of at least {at_least} records on {topic} after {timeout:?}",
+                        self.describe(),
+                        records.len()
+                    );
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
+    }
+}
+
+/// The value of header `name` of `record`, as text.
+pub fn header(record: &rdkafka::message::OwnedMessage, name: &str) -> Option<String> {
+    use rdkafka::message::Headers;
+    let headers = record.headers()?;
+    headers
+        .iter()
+        .find(|h| h.key == name)
+        .and_then(|h| h.value)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
 }
