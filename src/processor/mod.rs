@@ -176,6 +176,8 @@ struct Owned {
     lanes: HashMap<Lane, VecDeque<Job>>,
     /// Whether the consumer has this partition paused.
     paused: bool,
+    /// Over its own bound (until back to half of it).
+    over: bool,
     /// A watermark to store at the next chance.
     store: Option<i64>,
     /// Being revoked: take nothing more from it.
@@ -190,6 +192,7 @@ impl Owned {
             in_flight: 0,
             lanes: HashMap::new(),
             paused: false,
+            over: false,
             store: None,
             revoking: false,
         }
@@ -202,6 +205,9 @@ struct State {
     partitions: HashMap<TopicPartition, Owned>,
     /// Dispatched and not finished, across partitions.
     in_flight: usize,
+    /// Every partition paused: the processor is over its bound (until back
+    /// to half of it), the producer queue is full or the breaker is open.
+    all_paused: bool,
     stopping: bool,
 }
 
@@ -349,16 +355,29 @@ impl Shared {
         let breaker_open = self.breaker_open();
         {
             let mut state = self.lock();
-            let all_full = state.in_flight >= self.settings.max_in_flight
-                || self.producer_blocked.load(AtomicOrdering::Relaxed) > 0
-                || breaker_open;
+            // Pause at a bound, resume only once back to half of it: every
+            // resume makes librdkafka fetch again, so resuming at the first
+            // free slot would trade throughput for a fetch per task.
+            let max = self.settings.max_in_flight;
+            let blocked = self.producer_blocked.load(AtomicOrdering::Relaxed) > 0 || breaker_open;
+            if blocked || state.in_flight >= max {
+                state.all_paused = true;
+            } else if state.in_flight <= max / 2 {
+                state.all_paused = false;
+            }
+            let all_paused = state.all_paused;
             let per_partition = self.settings.max_in_flight_per_partition;
             for ((topic, partition), owned) in &mut state.partitions {
                 if let Some(watermark) = owned.store.take() {
                     let _ =
                         store.add_partition_offset(topic, *partition, Offset::Offset(watermark));
                 }
-                let want_paused = all_full || owned.in_flight >= per_partition;
+                if owned.in_flight >= per_partition {
+                    owned.over = true;
+                } else if owned.in_flight <= per_partition / 2 {
+                    owned.over = false;
+                }
+                let want_paused = all_paused || owned.over;
                 if want_paused != owned.paused {
                     owned.paused = want_paused;
                     let list = if want_paused { &mut pause } else { &mut resume };
