@@ -40,6 +40,7 @@
 pub mod breaker;
 pub mod codec;
 pub mod dev;
+pub mod dlq;
 pub mod handlers;
 pub mod kafka;
 pub mod offsets;

@@ -79,6 +79,9 @@ enum Command {
     Submit(SubmitArgs),
     /// Print task results as JSON lines (from the start of the results topic).
     Results(ResultsArgs),
+    /// Inspect and replay dead letters.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
     /// Inspect the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -119,6 +122,72 @@ struct ResultsArgs {
 }
 
 #[derive(Subcommand)]
+enum DlqCommand {
+    /// One JSON line per dead letter: where it is, task id and type, error
+    /// kind and message, attempts, and where it was first read.
+    List(DlqArgs),
+    /// One dead letter in full: every header and the decoded request.
+    Show {
+        #[command(flatten)]
+        common: DlqArgs,
+        /// Its partition in the dead-letter topic.
+        #[arg(long = "at-partition", value_name = "P")]
+        at_partition: i32,
+        /// Its offset in that partition.
+        #[arg(long = "at-offset", value_name = "O")]
+        at_offset: i64,
+    },
+    /// Produce the selected dead letters again to their original topics,
+    /// with the attempt number reset to 1 (same task ids). Replaying twice
+    /// runs the tasks twice: select with the filters, and check with
+    /// --dry-run first.
+    Replay {
+        #[command(flatten)]
+        common: DlqArgs,
+        /// Print what would be replayed; produce nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+#[derive(Args, Clone)]
+struct DlqArgs {
+    /// Dead-letter topic; default topics.dead_letter.
+    #[arg(long)]
+    topic: Option<String>,
+    /// Brokers (host:port,…); overrides kafka.brokers.
+    #[arg(long)]
+    brokers: Option<String>,
+    /// Only this partition of the dead-letter topic.
+    #[arg(long)]
+    partition: Option<i32>,
+    /// Only offsets from this one on (inclusive).
+    #[arg(long)]
+    from_offset: Option<i64>,
+    /// Only offsets up to this one (inclusive).
+    #[arg(long)]
+    to_offset: Option<i64>,
+    /// Only tasks of this type.
+    #[arg(long = "type", value_name = "TYPE")]
+    task_type: Option<String>,
+    /// Only this error kind (permanent, timeout, retryable, panic, decode, unknown_type…).
+    #[arg(long)]
+    kind: Option<String>,
+}
+
+impl DlqArgs {
+    fn filter(&self) -> conveyor::dlq::Filter {
+        conveyor::dlq::Filter {
+            partition: self.partition,
+            from_offset: self.from_offset,
+            to_offset: self.to_offset,
+            task_type: self.task_type.clone(),
+            kind: self.kind.clone(),
+        }
+    }
+}
+
+#[derive(Subcommand)]
 enum ConfigCommand {
     /// Print the effective configuration (defaults, file and environment
     /// merged, derived defaults filled in) as TOML and exit 0; or print every
@@ -137,6 +206,16 @@ fn main() -> ExitCode {
             let brokers = args.brokers.clone();
             with_settings(cli.config.as_deref(), cli.log_format, brokers, |s| {
                 run_submit(s, args)
+            })
+        }
+        Command::Dlq(command) => {
+            let common = match &command {
+                DlqCommand::List(c) => c,
+                DlqCommand::Show { common, .. } | DlqCommand::Replay { common, .. } => common,
+            };
+            let brokers = common.brokers.clone();
+            with_settings(cli.config.as_deref(), cli.log_format, brokers, |s| {
+                run_dlq(s, command)
             })
         }
         Command::Results(args) => {
@@ -264,6 +343,57 @@ async fn run_submit(settings: Settings, args: SubmitArgs) -> Result<(), CommandE
     };
     for id in tools::submit(&settings, &submission).await? {
         println!("{id}");
+    }
+    Ok(())
+}
+
+async fn run_dlq(settings: Settings, command: DlqCommand) -> Result<(), CommandError> {
+    let (common, show_at, replay) = match &command {
+        DlqCommand::List(c) => (c.clone(), None, None),
+        DlqCommand::Show {
+            common,
+            at_partition,
+            at_offset,
+        } => (common.clone(), Some((*at_partition, *at_offset)), None),
+        DlqCommand::Replay { common, dry_run } => (common.clone(), None, Some(*dry_run)),
+    };
+    let topic = common
+        .topic
+        .clone()
+        .unwrap_or_else(|| settings.topics.dead_letter.clone());
+    let filter = common.filter();
+    let reader_settings = settings.clone();
+    let read_topic = topic.clone();
+    let letters = tokio::task::spawn_blocking(move || {
+        conveyor::dlq::read(&reader_settings, &read_topic, &filter)
+    })
+    .await
+    .map_err(|e| CommandError::Failed(e.to_string()))??;
+    if let Some((partition, offset)) = show_at {
+        let letter = letters
+            .iter()
+            .find(|l| l.partition == partition && l.offset == offset)
+            .ok_or_else(|| {
+                CommandError::Usage(format!(
+                    "no dead letter at partition {partition}, offset {offset} of {topic}"
+                ))
+            })?;
+        let text = serde_json::to_string_pretty(&letter.detail())
+            .map_err(|e| CommandError::Failed(e.to_string()))?;
+        println!("{text}");
+        return Ok(());
+    }
+    match replay {
+        None => {
+            for letter in &letters {
+                println!("{}", letter.summary());
+            }
+        }
+        Some(dry_run) => {
+            for line in conveyor::dlq::replay(&settings, &letters, dry_run).await? {
+                println!("{line}");
+            }
+        }
     }
     Ok(())
 }

@@ -40,7 +40,7 @@ pub enum ToolError {
     Timeout(String),
 }
 
-fn kafka_error(what: impl Into<String>) -> impl FnOnce(KafkaError) -> ToolError {
+pub(crate) fn kafka_error(what: impl Into<String>) -> impl FnOnce(KafkaError) -> ToolError {
     let what = what.into();
     move |source| ToolError::Kafka { what, source }
 }
@@ -150,16 +150,7 @@ pub fn result_json(result: &TaskResult) -> serde_json::Value {
     });
     if let (Some(output), Some(map)) = (&result.output, value.as_object_mut()) {
         map.insert("content_type".into(), json!(result.content_type));
-        let as_json = result
-            .content_type
-            .contains("json")
-            .then(|| serde_json::from_slice::<serde_json::Value>(output).ok())
-            .flatten();
-        match (as_json, std::str::from_utf8(output)) {
-            (Some(parsed), _) => map.insert("output".into(), parsed),
-            (None, Ok(text)) => map.insert("output".into(), json!(text)),
-            (None, Err(_)) => map.insert("output_base64".into(), json!(base64_encode(output))),
-        };
+        embed_bytes(map, "output", output, &result.content_type);
     }
     if let (Some(error), Some(map)) = (&result.error, value.as_object_mut()) {
         map.insert(
@@ -168,6 +159,60 @@ pub fn result_json(result: &TaskResult) -> serde_json::Value {
         );
     }
     value
+}
+
+/// Inserts `bytes` into `map` under `name`: as JSON when `content_type` says
+/// JSON and it parses, else as text when it is UTF-8, else as base64 under
+/// `<name>_base64`.
+pub fn embed_bytes(
+    map: &mut serde_json::Map<String, serde_json::Value>,
+    name: &str,
+    bytes: &[u8],
+    content_type: &str,
+) {
+    let as_json = content_type
+        .contains("json")
+        .then(|| serde_json::from_slice::<serde_json::Value>(bytes).ok())
+        .flatten();
+    match (as_json, std::str::from_utf8(bytes)) {
+        (Some(parsed), _) => map.insert(name.into(), parsed),
+        (None, Ok(text)) => map.insert(name.into(), json!(text)),
+        (None, Err(_)) => map.insert(format!("{name}_base64"), json!(base64_encode(bytes))),
+    };
+}
+
+/// Every record of `topic`, from the start to the end it had when read.
+pub fn read_topic(
+    settings: &Settings,
+    topic: &str,
+) -> Result<Vec<rdkafka::message::OwnedMessage>, ToolError> {
+    let consumer = reader(settings, topic)?;
+    let partitions = consumer
+        .assignment()
+        .map_err(kafka_error("reading the assignment"))?
+        .count();
+    let mut at_end = HashSet::new();
+    let mut records = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while at_end.len() < partitions {
+        match consumer.poll(Duration::from_millis(200)) {
+            None if std::time::Instant::now() > deadline => {
+                return Err(ToolError::Timeout(format!(
+                    "{topic} was not read to its end within 60 s"
+                )))
+            }
+            None => {}
+            Some(Err(KafkaError::PartitionEOF(p))) => {
+                at_end.insert(p);
+            }
+            Some(Err(e)) => return Err(kafka_error(format!("reading {topic}"))(e)),
+            Some(Ok(message)) => {
+                at_end.remove(&message.partition());
+                records.push(message.detach());
+            }
+        }
+    }
+    Ok(records)
 }
 
 /// Standard base64 with padding (RFC 4648), for binary outputs.

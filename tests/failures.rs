@@ -473,3 +473,135 @@ async fn injected_broker_faults_lose_nothing() {
         results.duplicates()
     ));
 }
+
+/// Fails every task permanently until fixed.
+struct Switch {
+    fixed: std::sync::atomic::AtomicBool,
+}
+
+impl Handler for Switch {
+    fn handle<'a>(
+        &'a self,
+        task: &'a TaskRequest,
+        _context: &'a TaskContext,
+    ) -> BoxFuture<'a, Result<Output, HandlerError>> {
+        async move {
+            if !self.fixed.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(HandlerError::Permanent("handler bug".into()));
+            }
+            Ok(Output {
+                bytes: task.payload.clone(),
+                content_type: "text/plain".into(),
+            })
+        }
+        .boxed()
+    }
+}
+
+fn dlq_command(
+    kafka: &TestKafka,
+    pipeline: &Pipeline,
+    args: &[&str],
+) -> (i32, Vec<serde_json::Value>) {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_conveyor"))
+        .arg("dlq")
+        .args(args)
+        .args([
+            "--brokers",
+            kafka.brokers(),
+            "--topic",
+            &pipeline.dead_letter,
+        ])
+        .env_remove("CONVEYOR_CONFIG")
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run conveyor dlq");
+    let lines = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    (output.status.code().unwrap_or(-1), lines)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dead_letters_replayed_after_a_fix_succeed_and_a_dry_run_changes_nothing() {
+    const TASKS: usize = 5;
+    for kafka in
+        TestKafka::all("dead_letters_replayed_after_a_fix_succeed_and_a_dry_run_changes_nothing")
+    {
+        let pipeline = kafka.pipeline(2).await;
+        let settings = settings_with(&kafka, &pipeline, Ordering::Partition);
+        let switch = Arc::new(Switch {
+            fixed: std::sync::atomic::AtomicBool::new(false),
+        });
+        let mut registry = Registry::from_settings(&settings.processors[0]).unwrap();
+        registry.register("flaky", switch.clone());
+        let sent = requests("flaky", "payload", TASKS);
+        kafka.produce_requests(&pipeline.input, &sent).await;
+        let worker = InProcessWorker::start(&settings, "worker", Some(registry));
+        let first = kafka
+            .collect_results(&pipeline.output, &ids(&sent), LONG)
+            .await;
+        assert!(first.all().all(|r| r.status == TaskStatus::Failed));
+        kafka.read_records(&pipeline.dead_letter, TASKS, LONG).await;
+
+        let (code, listed) = dlq_command(&kafka, &pipeline, &["list", "--kind", "permanent"]);
+        assert_eq!(code, 0);
+        assert_eq!(listed.len(), TASKS);
+        assert!(listed
+            .iter()
+            .all(|l| l["type"] == "flaky" && l["error"] == "handler bug"));
+
+        let input_before = kafka.end_offsets(&pipeline.input);
+        let (code, planned) = dlq_command(&kafka, &pipeline, &["replay", "--dry-run"]);
+        assert_eq!(code, 0);
+        assert_eq!(planned.len(), TASKS);
+        assert!(planned
+            .iter()
+            .all(|l| l["status"] == "would replay" && l["to"] == pipeline.input.as_str()));
+        assert_eq!(
+            kafka.end_offsets(&pipeline.input),
+            input_before,
+            "a dry run produced nothing"
+        );
+
+        switch
+            .fixed
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let (code, replayed) = dlq_command(&kafka, &pipeline, &["replay", "--type", "flaky"]);
+        assert_eq!(code, 0);
+        assert_eq!(
+            replayed
+                .iter()
+                .filter(|l| l["status"] == "replayed")
+                .count(),
+            TASKS
+        );
+        let input_after: i64 = kafka.end_offsets(&pipeline.input).values().sum();
+        assert_eq!(
+            input_after,
+            input_before.values().sum::<i64>() + TASKS as i64
+        );
+
+        // Finished means its result was acknowledged: read them all after.
+        wait_until("the replayed tasks finished", LONG, || {
+            worker.status.finished() == 2 * TASKS
+        })
+        .await;
+        let results = kafka
+            .collect_results(&pipeline.output, &ids(&sent), LONG)
+            .await;
+        worker.stop().await;
+        for task in &sent {
+            let outcomes: Vec<_> = results.by_id[&task.id]
+                .iter()
+                .map(|r| (r.status, r.attempts))
+                .collect();
+            assert!(
+                outcomes.contains(&(TaskStatus::Succeeded, 1)),
+                "task {} after replay: {outcomes:?}",
+                task.id
+            );
+        }
+    }
+}

@@ -1,0 +1,244 @@
+//! `conveyor dlq`: list, inspect and replay dead letters.
+//!
+//! A dead letter is the original task record (value and key unchanged) with
+//! headers saying why it failed, how often it ran, and where it was first
+//! read (see [`crate::processor::headers`]). Replaying one produces the
+//! request again to its original topic with the attempt number reset to 1.
+//! Replays are not de-duplicated: replaying the same dead letters twice runs
+//! their tasks twice (with the same task ids), so select with the filters.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use rdkafka::message::{Headers, Message, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::json;
+
+use crate::codec::{Codec, DecodeError, TaskRequest};
+use crate::kafka;
+use crate::processor::headers as h;
+use crate::settings::Settings;
+use crate::tools::{embed_bytes, kafka_error, read_topic, ToolError};
+
+/// One dead letter as read back.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    /// Partition of the dead-letter topic.
+    pub partition: i32,
+    /// Offset in that partition.
+    pub offset: i64,
+    /// The original record key.
+    pub key: Option<Vec<u8>>,
+    /// The original record value.
+    pub value: Vec<u8>,
+    /// Every header, as text.
+    pub headers: BTreeMap<String, String>,
+    /// The value decoded as a task request, if it is one.
+    pub request: Result<TaskRequest, DecodeError>,
+}
+
+impl DeadLetter {
+    fn from_record(record: &OwnedMessage, codec: &Codec) -> DeadLetter {
+        let value = record.payload().unwrap_or_default().to_vec();
+        let headers = record
+            .headers()
+            .map(|hs| {
+                hs.iter()
+                    .map(|hd| {
+                        let v = hd.value.map(|v| String::from_utf8_lossy(v).into_owned());
+                        (hd.key.to_owned(), v.unwrap_or_default())
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        DeadLetter {
+            partition: record.partition(),
+            offset: record.offset(),
+            key: record.key().map(<[u8]>::to_vec),
+            request: codec.decode_request(&value),
+            value,
+            headers,
+        }
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(String::as_str)
+    }
+
+    /// The task type, when the request decodes.
+    pub fn task_type(&self) -> Option<&str> {
+        self.request.as_ref().ok().map(|r| r.task_type.as_str())
+    }
+
+    /// The error kind header.
+    pub fn kind(&self) -> Option<&str> {
+        self.header(h::ERROR_KIND)
+    }
+
+    /// One line for `dlq list`.
+    pub fn summary(&self) -> serde_json::Value {
+        json!({
+            "partition": self.partition,
+            "offset": self.offset,
+            "id": self.request.as_ref().ok().map(|r| r.id.to_string()),
+            "type": self.task_type(),
+            "kind": self.kind(),
+            "error": self.header(h::ERROR_MESSAGE),
+            "attempts": self.header(h::ATTEMPTS),
+            "original": format!(
+                "{}/{}/{}",
+                self.header(h::ORIGINAL_TOPIC).unwrap_or("?"),
+                self.header(h::ORIGINAL_PARTITION).unwrap_or("?"),
+                self.header(h::ORIGINAL_OFFSET).unwrap_or("?"),
+            ),
+        })
+    }
+
+    /// Everything, for `dlq show`: headers and the decoded request.
+    pub fn detail(&self) -> serde_json::Value {
+        let mut value = json!({
+            "partition": self.partition,
+            "offset": self.offset,
+            "key": self.key.as_ref().map(|k| String::from_utf8_lossy(k).into_owned()),
+            "headers": self.headers,
+        });
+        if let Some(map) = value.as_object_mut() {
+            match &self.request {
+                Ok(r) => {
+                    let mut request = serde_json::Map::new();
+                    request.insert("id".into(), json!(r.id.to_string()));
+                    request.insert("type".into(), json!(r.task_type));
+                    request.insert("key".into(), json!(r.key));
+                    request.insert("content_type".into(), json!(r.content_type));
+                    request.insert("attempt".into(), json!(r.attempt));
+                    request.insert("submitted_at".into(), json!(r.submitted_at));
+                    request.insert("deadline".into(), json!(r.deadline));
+                    request.insert("metadata".into(), json!(r.metadata));
+                    embed_bytes(&mut request, "payload", &r.payload, &r.content_type);
+                    map.insert("request".into(), serde_json::Value::Object(request));
+                }
+                Err(e) => {
+                    map.insert("undecodable".into(), json!(e.to_string()));
+                    embed_bytes(map, "value", &self.value, "application/octet-stream");
+                }
+            }
+        }
+        value
+    }
+}
+
+/// Which dead letters a command applies to; unset fields match all.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    /// Partition of the dead-letter topic.
+    pub partition: Option<i32>,
+    /// Lowest offset, inclusive.
+    pub from_offset: Option<i64>,
+    /// Highest offset, inclusive.
+    pub to_offset: Option<i64>,
+    /// Task type.
+    pub task_type: Option<String>,
+    /// Error kind.
+    pub kind: Option<String>,
+}
+
+impl Filter {
+    /// Whether `letter` is selected.
+    pub fn matches(&self, letter: &DeadLetter) -> bool {
+        self.partition.is_none_or(|p| p == letter.partition)
+            && self.from_offset.is_none_or(|o| letter.offset >= o)
+            && self.to_offset.is_none_or(|o| letter.offset <= o)
+            && self
+                .task_type
+                .as_deref()
+                .is_none_or(|t| letter.task_type() == Some(t))
+            && self
+                .kind
+                .as_deref()
+                .is_none_or(|k| letter.kind() == Some(k))
+    }
+}
+
+/// The dead letters of `topic` that `filter` selects.
+pub fn read(
+    settings: &Settings,
+    topic: &str,
+    filter: &Filter,
+) -> Result<Vec<DeadLetter>, ToolError> {
+    let codec = codec(settings)?;
+    let mut letters: Vec<DeadLetter> = read_topic(settings, topic)?
+        .iter()
+        .map(|r| DeadLetter::from_record(r, &codec))
+        .filter(|l| filter.matches(l))
+        .collect();
+    letters.sort_by_key(|l| (l.partition, l.offset));
+    Ok(letters)
+}
+
+fn codec(settings: &Settings) -> Result<Codec, ToolError> {
+    settings
+        .codec
+        .wire_format()
+        .map(Codec::new)
+        .ok_or_else(|| ToolError::Input("codec settings are incomplete".into()))
+}
+
+/// Replays `letters` to their original topics with the attempt reset to 1
+/// (only reports what it would do with `dry_run`). Returns one line per
+/// letter saying what happened to it.
+pub async fn replay(
+    settings: &Settings,
+    letters: &[DeadLetter],
+    dry_run: bool,
+) -> Result<Vec<serde_json::Value>, ToolError> {
+    let codec = codec(settings)?;
+    let producer: Option<FutureProducer> = if dry_run {
+        None
+    } else {
+        Some(
+            kafka::producer_config(&settings.kafka)
+                .create()
+                .map_err(kafka_error("creating the producer"))?,
+        )
+    };
+    let mut report = Vec::new();
+    for letter in letters {
+        let mut line = json!({ "partition": letter.partition, "offset": letter.offset });
+        let outcome = match (&letter.request, letter.header(h::ORIGINAL_TOPIC)) {
+            (Err(e), _) => Err(format!(
+                "skipped: not a task request ({e}); fix and produce it by hand"
+            )),
+            (Ok(_), None) => Err(format!("skipped: no {} header", h::ORIGINAL_TOPIC)),
+            (Ok(request), Some(topic)) => Ok((request, topic)),
+        };
+        match outcome {
+            Err(why) => {
+                line["status"] = json!(why);
+            }
+            Ok((request, topic)) => {
+                line["id"] = json!(request.id.to_string());
+                line["to"] = json!(topic);
+                let mut fresh = request.clone();
+                fresh.attempt = 1;
+                let mut value = Vec::new();
+                codec.encode_request(&fresh, &mut value);
+                match &producer {
+                    None => line["status"] = json!("would replay"),
+                    Some(producer) => {
+                        let mut record = FutureRecord::<[u8], [u8]>::to(topic).payload(&value);
+                        if let Some(key) = &letter.key {
+                            record = record.key(key);
+                        }
+                        producer
+                            .send(record, Duration::from_secs(30))
+                            .await
+                            .map_err(|(e, _)| kafka_error(format!("replaying to {topic}"))(e))?;
+                        line["status"] = json!("replayed");
+                    }
+                }
+            }
+        }
+        report.push(line);
+    }
+    Ok(report)
+}
