@@ -18,8 +18,12 @@
 //!   ordering lanes, in-flight bounds by pause/resume, results produced and
 //!   acknowledged before offsets are stored, drain and commit on revoke and
 //!   shutdown.
+//! - [`retry`]: backoff and the in-place / retry-topic / give-up decision.
+//!   Pure.
+//! - [`breaker`]: the poison-pill breaker's sliding window. Pure.
 //! - [`handlers`]: the [`handlers::Handler`] trait, the registry and the
 //!   built-ins (`echo`, `sleep`, `sha256`, `http`).
+//! - [`dlq`]: reading, filtering and replaying dead letters.
 //! - [`worker`]: every configured processor side by side.
 //! - [`kafka`]: librdkafka client configuration shared by every client.
 //! - [`tools`]: `conveyor submit` and `conveyor results`.
@@ -32,10 +36,10 @@
 //! # Status
 //!
 //! The contracts, configuration, logging, the processor engine with its
-//! built-in handlers, and the embedded dev cluster are here. Retries and the
-//! dead-letter topic, the HTTP gateway, metrics and workflows are planned
-//! work; the subcommands that will run them say so and exit with status 2
-//! until they exist.
+//! built-in handlers, failure handling (retries, retry topics, dead letters,
+//! the breaker) and the embedded dev cluster are here. The HTTP gateway,
+//! metrics and workflows are planned work; the subcommand that will run the
+//! gateway says so and exits with status 2 until it exists.
 
 pub mod breaker;
 pub mod codec;

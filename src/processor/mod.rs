@@ -30,6 +30,13 @@
 //! partition when the processor is over its bound or the producer queue is
 //! full, is paused, never buffered further.
 //!
+//! # Failures
+//!
+//! See `task.rs`: retries in place or through the retry topic, dead
+//! letters with FAILED results, the breaker. A task's outputs (result, dead
+//! letter, parked retry) are all acknowledged before its offset counts as
+//! finished.
+//!
 //! # Rebalance and shutdown
 //!
 //! On revoke: records of the revoked partitions that have not started are
