@@ -18,7 +18,7 @@ use crate::codec::{Codec, DecodeError, TaskRequest};
 use crate::kafka;
 use crate::processor::headers as h;
 use crate::settings::Settings;
-use crate::tools::{embed_bytes, kafka_error, read_topic, ToolError};
+use crate::tools::{codec_of, embed_bytes, kafka_error, read_topic, ToolError};
 
 /// One dead letter as read back.
 #[derive(Debug, Clone)]
@@ -165,7 +165,7 @@ pub fn read(
     topic: &str,
     filter: &Filter,
 ) -> Result<Vec<DeadLetter>, ToolError> {
-    let codec = codec(settings)?;
+    let codec = codec_of(settings)?;
     let mut letters: Vec<DeadLetter> = read_topic(settings, topic)?
         .iter()
         .map(|r| DeadLetter::from_record(r, &codec))
@@ -173,14 +173,6 @@ pub fn read(
         .collect();
     letters.sort_by_key(|l| (l.partition, l.offset));
     Ok(letters)
-}
-
-fn codec(settings: &Settings) -> Result<Codec, ToolError> {
-    settings
-        .codec
-        .wire_format()
-        .map(Codec::new)
-        .ok_or_else(|| ToolError::Input("codec settings are incomplete".into()))
 }
 
 /// Replays `letters` to their original topics with the attempt reset to 1
@@ -191,7 +183,7 @@ pub async fn replay(
     letters: &[DeadLetter],
     dry_run: bool,
 ) -> Result<Vec<serde_json::Value>, ToolError> {
-    let codec = codec(settings)?;
+    let codec = codec_of(settings)?;
     let producer: Option<FutureProducer> = if dry_run {
         None
     } else {

@@ -121,6 +121,12 @@ pub enum WireFormatName {
 }
 
 impl CodecSettings {
+    /// The codec writing this wire format; `None` if the settings are
+    /// incomplete (which [`Settings::validate`] reports).
+    pub fn codec(&self) -> Option<crate::codec::Codec> {
+        self.wire_format().map(crate::codec::Codec::new)
+    }
+
     /// The wire format to write; `None` if the settings are incomplete (which
     /// [`Settings::validate`] reports).
     pub fn wire_format(&self) -> Option<WireFormat> {

@@ -74,11 +74,7 @@ pub async fn submit(settings: &Settings, submission: &Submission) -> Result<Vec<
     if submission.count == 0 {
         return Err(ToolError::Input("--count must be at least 1".into()));
     }
-    let codec = settings
-        .codec
-        .wire_format()
-        .map(Codec::new)
-        .ok_or_else(|| ToolError::Input("codec settings are incomplete".into()))?;
+    let codec = codec_of(settings)?;
     let topic = submission
         .topic
         .clone()
@@ -186,21 +182,32 @@ pub fn read_topic(
     settings: &Settings,
     topic: &str,
 ) -> Result<Vec<rdkafka::message::OwnedMessage>, ToolError> {
+    let mut records = Vec::new();
+    let never = std::sync::atomic::AtomicBool::new(false);
+    scan(settings, topic, false, &never, |m| records.push(m.detach()))?;
+    Ok(records)
+}
+
+/// Calls `each` with every record of `topic` from the start, until the end
+/// of every partition (or, with `follow`, until `stop` is set).
+fn scan(
+    settings: &Settings,
+    topic: &str,
+    follow: bool,
+    stop: &std::sync::atomic::AtomicBool,
+    mut each: impl FnMut(&rdkafka::message::BorrowedMessage<'_>),
+) -> Result<(), ToolError> {
     let consumer = reader(settings, topic)?;
     let partitions = consumer
         .assignment()
         .map_err(kafka_error("reading the assignment"))?
         .count();
     let mut at_end = HashSet::new();
-    let mut records = Vec::new();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while at_end.len() < partitions {
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        if !follow && at_end.len() >= partitions {
+            break;
+        }
         match consumer.poll(Duration::from_millis(200)) {
-            None if std::time::Instant::now() > deadline => {
-                return Err(ToolError::Timeout(format!(
-                    "{topic} was not read to its end within 60 s"
-                )))
-            }
             None => {}
             Some(Err(KafkaError::PartitionEOF(p))) => {
                 at_end.insert(p);
@@ -208,11 +215,11 @@ pub fn read_topic(
             Some(Err(e)) => return Err(kafka_error(format!("reading {topic}"))(e)),
             Some(Ok(message)) => {
                 at_end.remove(&message.partition());
-                records.push(message.detach());
+                each(&message);
             }
         }
     }
-    Ok(records)
+    Ok(())
 }
 
 /// Standard base64 with padding (RFC 4648), for binary outputs.
@@ -294,46 +301,35 @@ pub fn print_results(
     stop: &std::sync::atomic::AtomicBool,
     mut print: impl FnMut(&str),
 ) -> Result<usize, ToolError> {
-    let topic = &settings.topics.results;
-    let codec = settings
-        .codec
-        .wire_format()
-        .map(Codec::new)
-        .ok_or_else(|| ToolError::Input("codec settings are incomplete".into()))?;
-    let consumer = reader(settings, topic)?;
-    let partitions = consumer
-        .assignment()
-        .map_err(kafka_error("reading the assignment"))?
-        .count();
-    let mut at_end = HashSet::new();
+    let codec = codec_of(settings)?;
     let mut printed = 0;
-    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-        if !follow && at_end.len() >= partitions {
-            break;
-        }
-        match consumer.poll(Duration::from_millis(200)) {
-            None => {}
-            Some(Err(KafkaError::PartitionEOF(p))) => {
-                at_end.insert(p);
-            }
-            Some(Err(e)) => return Err(kafka_error(format!("reading {topic}"))(e)),
-            Some(Ok(message)) => {
-                at_end.remove(&message.partition());
-                let line = match codec.decode_result(message.payload().unwrap_or_default()) {
-                    Ok(result) => result_json(&result).to_string(),
-                    Err(e) => json!({
-                        "undecodable": e.to_string(),
-                        "partition": message.partition(),
-                        "offset": message.offset(),
-                    })
-                    .to_string(),
-                };
-                print(&line);
-                printed += 1;
-            }
-        }
-    }
+    scan(
+        settings,
+        &settings.topics.results,
+        follow,
+        stop,
+        |message| {
+            let line = match codec.decode_result(message.payload().unwrap_or_default()) {
+                Ok(result) => result_json(&result).to_string(),
+                Err(e) => json!({
+                    "undecodable": e.to_string(),
+                    "partition": message.partition(),
+                    "offset": message.offset(),
+                })
+                .to_string(),
+            };
+            print(&line);
+            printed += 1;
+        },
+    )?;
     Ok(printed)
+}
+
+/// The codec the settings describe.
+pub(crate) fn codec_of(settings: &Settings) -> Result<Codec, ToolError> {
+    settings.codec.codec().ok_or_else(|| {
+        ToolError::Input("codec settings are incomplete (run `conveyor config check`)".into())
+    })
 }
 
 /// Follows the results topic until the result of task `id` arrives.
@@ -343,11 +339,7 @@ pub async fn wait_for_result(
     timeout: Duration,
 ) -> Result<TaskResult, ToolError> {
     let topic = settings.topics.results.clone();
-    let codec = settings
-        .codec
-        .wire_format()
-        .map(Codec::new)
-        .ok_or_else(|| ToolError::Input("codec settings are incomplete".into()))?;
+    let codec = codec_of(settings)?;
     let consumer = reader(settings, &topic)?;
     let deadline = tokio::time::Instant::now() + timeout;
     loop {

@@ -4,7 +4,6 @@
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use crate::codec::Codec;
 use crate::handlers::Registry;
 use crate::processor::{self, ProcessorError, ProcessorSpec};
 use crate::settings::Settings;
@@ -41,15 +40,9 @@ pub fn processor_specs(settings: &Settings) -> Result<Vec<ProcessorSpec>, Worker
                 .into(),
         ));
     }
-    let codec = settings
-        .codec
-        .wire_format()
-        .map(Codec::new)
-        .ok_or_else(|| {
-            WorkerError::Config(
-                "codec settings are incomplete (run `conveyor config check`)".into(),
-            )
-        })?;
+    let codec = settings.codec.codec().ok_or_else(|| {
+        WorkerError::Config("codec settings are incomplete (run `conveyor config check`)".into())
+    })?;
     let worker = worker_id(&settings.kafka.client_id);
     settings
         .processors
