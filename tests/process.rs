@@ -295,9 +295,10 @@ async fn a_missing_input_topic_stops_the_worker_saying_what_to_fix() {
         let log = std::fs::read_to_string(&worker.log).unwrap_or_default();
         assert_eq!(status.code(), Some(1), "{}: {log}", kafka.describe());
         assert!(
-            log.contains(
-                "an input topic does not exist: create it, or fix processors[].input_topics"
-            ),
+            log.contains(&format!(
+                "these topics do not exist: {0}, {0}.retry; create them",
+                pipeline.input
+            )),
             "{log}"
         );
         let _ = std::fs::remove_file(&config);

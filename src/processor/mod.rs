@@ -170,6 +170,10 @@ pub(crate) struct Job {
     timestamp: Option<i64>,
     payload: Vec<u8>,
     headers: headers::Incoming,
+    /// From a retry topic, waiting until due: counts against its partition's
+    /// bound only, so parked retries cannot use up the processor's bound and
+    /// hold up fresh tasks.
+    parked: bool,
 }
 
 /// A partition this member owns.
@@ -301,7 +305,13 @@ impl Shared {
             timestamp: message.timestamp().to_millis(),
             payload: message.payload().unwrap_or_default().to_vec(),
             headers: headers::read(message),
+            parked: false,
         };
+        let job = Job {
+            parked: job.headers.not_before.is_some(),
+            ..job
+        };
+        let parked = job.parked;
         let start = match lane {
             None => Some(job),
             Some(lane) => match owned.lanes.get_mut(&lane) {
@@ -315,7 +325,9 @@ impl Shared {
                 }
             },
         };
-        state.in_flight += 1;
+        if !parked {
+            state.in_flight += 1;
+        }
         self.status
             .in_flight
             .store(state.in_flight, AtomicOrdering::Relaxed);
@@ -326,7 +338,9 @@ impl Shared {
     /// the next job of its lane, if one waits.
     fn complete(&self, job: &Job) -> Option<Job> {
         let mut state = self.lock();
-        state.in_flight = state.in_flight.saturating_sub(1);
+        if !job.parked {
+            state.in_flight = state.in_flight.saturating_sub(1);
+        }
         let mut next = None;
         if let Some(owned) = state
             .partitions
@@ -428,7 +442,7 @@ impl Shared {
         for (tp, owned) in state.partitions.iter_mut().filter(|(tp, _)| chosen(tp)) {
             owned.revoking = true;
             for waiting in owned.lanes.values_mut() {
-                dropped += waiting.len();
+                dropped += waiting.iter().filter(|j| !j.parked).count();
                 owned.in_flight = owned.in_flight.saturating_sub(waiting.len());
                 waiting.clear();
             }
@@ -496,7 +510,7 @@ impl ConsumerContext for EngineContext {
                 let mut state = self.shared.lock();
                 for tp in &partitions {
                     if let Some(owned) = state.partitions.remove(tp) {
-                        let queued: usize = owned.lanes.values().map(VecDeque::len).sum();
+                        let queued = owned.lanes.values().flatten().filter(|j| !j.parked).count();
                         state.in_flight = state.in_flight.saturating_sub(queued);
                     }
                 }
@@ -631,6 +645,33 @@ pub async fn run(spec: ProcessorSpec, stop: Arc<AtomicBool>) -> Result<(), Proce
         let retry = spec.settings.input_topics.iter();
         topics.extend(retry.map(|t| spec.settings.retry_topic(t)));
     }
+    // Every topic this processor reads or writes must exist: a missing
+    // output topic would otherwise hold every task (its offset is stored
+    // only once the output is acknowledged) with nothing but warnings.
+    let mut needed = topics.clone();
+    needed.push(shared.output_topic.clone());
+    needed.push(shared.dead_letter_topic.clone());
+    let check = shared.producer.clone();
+    let missing = tokio::task::spawn_blocking(move || missing_topics(&check, &needed))
+        .await
+        .map_err(|e| ProcessorError::Fatal {
+            processor: name.clone(),
+            message: format!("checking topics failed: {e}"),
+        })?
+        .map_err(|message| ProcessorError::Fatal {
+            processor: name.clone(),
+            message,
+        })?;
+    if !missing.is_empty() {
+        return Err(ProcessorError::Fatal {
+            processor: name.clone(),
+            message: format!(
+                "these topics do not exist: {}; create them (retry topics are \
+                 <input><retry_topic_suffix>; set retry_topic_threshold_ms = 0 to do without)",
+                missing.join(", ")
+            ),
+        });
+    }
     let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
     consumer
         .subscribe(&topics)
@@ -656,6 +697,28 @@ pub async fn run(spec: ProcessorSpec, stop: Arc<AtomicBool>) -> Result<(), Proce
     }
     info!(processor = %name, "processor stopped");
     outcome
+}
+
+/// The topics of `wanted` the cluster does not have.
+fn missing_topics(producer: &FutureProducer, wanted: &[String]) -> Result<Vec<String>, String> {
+    let metadata = producer
+        .client()
+        .fetch_metadata(None, Duration::from_secs(30))
+        .map_err(|e| format!("cannot read the cluster's topics: {e}"))?;
+    let present: std::collections::HashSet<&str> = metadata
+        .topics()
+        .iter()
+        .filter(|t| t.error().is_none())
+        .map(|t| t.name())
+        .collect();
+    let mut missing: Vec<String> = wanted
+        .iter()
+        .filter(|t| !present.contains(t.as_str()))
+        .cloned()
+        .collect();
+    missing.sort();
+    missing.dedup();
+    Ok(missing)
 }
 
 fn poll_loop(
