@@ -77,6 +77,8 @@ pub fn dev_settings(bootstrap: &str) -> Settings {
     let mut settings = Settings::default();
     settings.kafka.brokers = bootstrap.to_owned();
     settings.kafka.client_id = "conveyor-dev".into();
+    // Any free port: several dev instances may run on one machine.
+    settings.metrics.listen = "127.0.0.1:0".into();
     let task = TaskSettings::new;
     settings.processors.push(ProcessorSettings {
         name: "dev".into(),

@@ -47,6 +47,7 @@ pub mod dev;
 pub mod dlq;
 pub mod handlers;
 pub mod kafka;
+pub mod metrics;
 pub mod offsets;
 pub mod processor;
 pub mod retry;

@@ -325,8 +325,25 @@ fn stop_on_signals(stop: Arc<AtomicBool>) {
     });
 }
 
+/// Starts the metrics listener unless `metrics.listen` is empty.
+async fn serve_metrics(
+    settings: &Settings,
+    specs: &[conveyor::processor::ProcessorSpec],
+) -> Result<Option<std::net::SocketAddr>, CommandError> {
+    let (Some(spec), false) = (specs.first(), settings.metrics.listen.is_empty()) else {
+        return Ok(None);
+    };
+    let (address, _server) =
+        conveyor::metrics::serve(&settings.metrics.listen, spec.metrics.clone())
+            .await
+            .map_err(|e| CommandError::Usage(e.to_string()))?;
+    tracing::info!(%address, "serving metrics at /metrics");
+    Ok(Some(address))
+}
+
 async fn run_worker(settings: Settings) -> Result<(), CommandError> {
     let specs = worker::processor_specs(&settings)?;
+    serve_metrics(&settings, &specs).await?;
     let stop = Arc::new(AtomicBool::new(false));
     stop_on_signals(stop.clone());
     worker::run(specs, stop).await?;
@@ -496,6 +513,14 @@ async fn dev_main(user_settings: Option<Settings>) -> anyhow::Result<()> {
     );
 
     let specs = worker::processor_specs(&settings).map_err(|e| anyhow::anyhow!("{e}"))?;
+    if let Some(address) = serve_metrics(&settings, &specs)
+        .await
+        .map_err(|e| match e {
+            CommandError::Usage(m) | CommandError::Failed(m) => anyhow::anyhow!(m),
+        })?
+    {
+        println!("  metrics: http://{address}/metrics");
+    }
     for spec in &specs {
         let types: Vec<&str> = spec.settings.tasks.keys().map(String::as_str).collect();
         println!(

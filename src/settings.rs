@@ -63,6 +63,8 @@ pub struct Settings {
     pub log: LogSettings,
     /// Default topic names.
     pub topics: TopicSettings,
+    /// The Prometheus endpoint.
+    pub metrics: MetricsSettings,
     /// The processors a worker runs, each its own consumer-group member.
     pub processors: Vec<ProcessorSettings>,
 }
@@ -169,6 +171,26 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line.
     Json,
+}
+
+/// `[metrics]`: the Prometheus endpoint.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsSettings {
+    /// Address of the `/metrics` listener (`host:port`); empty: none.
+    pub listen: String,
+    /// How often consumer lag is refreshed from librdkafka's statistics, in
+    /// milliseconds.
+    pub lag_interval_ms: u64,
+}
+
+impl Default for MetricsSettings {
+    fn default() -> Self {
+        MetricsSettings {
+            listen: "127.0.0.1:9464".into(),
+            lag_interval_ms: 5_000,
+        }
+    }
 }
 
 /// `[topics]`: default topic names.
@@ -617,6 +639,17 @@ impl Settings {
             }
         }
 
+        if !self.metrics.listen.is_empty()
+            && self.metrics.listen.parse::<std::net::SocketAddr>().is_err()
+        {
+            bad(
+                "metrics.listen".into(),
+                "must be an IP address and port, like 127.0.0.1:9464 (or \"\" for none)",
+            );
+        }
+        if self.metrics.lag_interval_ms < 100 {
+            bad("metrics.lag_interval_ms".into(), "must be at least 100");
+        }
         if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&self.log.level) {
             bad("log.level".into(), &format!("not a valid filter: {e}"));
         }

@@ -5,6 +5,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use crate::handlers::Registry;
+use crate::metrics::Metrics;
 use crate::processor::{self, ProcessorError, ProcessorSpec};
 use crate::settings::Settings;
 
@@ -44,6 +45,7 @@ pub fn processor_specs(settings: &Settings) -> Result<Vec<ProcessorSpec>, Worker
         WorkerError::Config("codec settings are incomplete (run `conveyor config check`)".into())
     })?;
     let worker = worker_id(&settings.kafka.client_id);
+    let metrics = Arc::new(Metrics::new());
     settings
         .processors
         .iter()
@@ -57,6 +59,8 @@ pub fn processor_specs(settings: &Settings) -> Result<Vec<ProcessorSpec>, Worker
                 registry,
                 worker: worker.clone(),
                 status: Default::default(),
+                metrics: metrics.clone(),
+                lag_interval_ms: settings.metrics.lag_interval_ms,
             })
         })
         .collect()

@@ -24,8 +24,11 @@ async fn no_loss_with_two_workers_in_one_group() {
     const TASKS: usize = 10_000;
     for kafka in TestKafka::all("no_loss_with_two_workers_in_one_group") {
         let pipeline = kafka.pipeline(8).await;
-        let settings =
+        let mut settings =
             kafka.worker_settings(&pipeline, Ordering::None, &[("echo", HandlerKind::Echo)]);
+        // Retry topics off: the split of partitions between the two members is
+        // then a split of the input, so both get work.
+        settings.processors[0].retry_topic_threshold_ms = 0;
         let a = InProcessWorker::start(&settings, "worker-a", None);
         let b = InProcessWorker::start(&settings, "worker-b", None);
         wait_until("both workers own partitions", LONG, || {
@@ -250,15 +253,21 @@ async fn bad_input_fails_alone_and_is_committed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_member_joining_and_leaving_mid_run_loses_nothing() {
-    const TASKS: usize = 3_000;
+    const TASKS: usize = 4_000;
     common::init_logs();
     for kafka in TestKafka::all("a_member_joining_and_leaving_mid_run_loses_nothing") {
         let pipeline = kafka.pipeline(8).await;
-        let settings =
-            kafka.worker_settings(&pipeline, Ordering::None, &[("sleep", HandlerKind::Sleep)]);
+        let mut settings = kafka.worker_settings(
+            &pipeline,
+            Ordering::Partition,
+            &[("sleep", HandlerKind::Sleep)],
+        );
+        // Retry topics off: every partition b takes over is an input one.
+        settings.processors[0].retry_topic_threshold_ms = 0;
         let max_in_flight = settings.processors[0].max_in_flight;
-        // 2 ms each, at most 64 at once: long enough to rebalance mid-run.
-        let sent = requests("sleep", r#"{"ms":2}"#, TASKS);
+        // 10 ms each, one at a time per partition: about 5 s over 8
+        // partitions, long enough to rebalance mid-run.
+        let sent = requests("sleep", r#"{"ms":10}"#, TASKS);
         kafka.produce_requests(&pipeline.input, &sent).await;
 
         let a = InProcessWorker::start(&settings, "worker-a", None);

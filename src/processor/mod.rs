@@ -66,6 +66,7 @@ use crate::breaker::Breaker;
 use crate::codec::Codec;
 use crate::handlers::Registry;
 use crate::kafka;
+use crate::metrics::Metrics;
 use crate::offsets::OffsetTracker;
 use crate::settings::{KafkaSettings, Ordering, ProcessorSettings};
 
@@ -146,6 +147,10 @@ pub struct ProcessorSpec {
     pub worker: String,
     /// Where the processor publishes its live figures.
     pub status: Arc<ProcessorStatus>,
+    /// The worker's metrics.
+    pub metrics: Arc<Metrics>,
+    /// How often librdkafka reports statistics (consumer lag), in ms.
+    pub lag_interval_ms: u64,
 }
 
 type TopicPartition = (Arc<str>, i32);
@@ -241,6 +246,7 @@ pub(crate) struct Shared {
     dead_letter_topic: String,
     /// The poison-pill breaker, when on.
     breaker: Mutex<Option<Breaker>>,
+    metrics: Arc<Metrics>,
 }
 
 impl Shared {
@@ -251,7 +257,40 @@ impl Shared {
         self.status
             .breaker_open
             .store(open, AtomicOrdering::Relaxed);
+        self.metrics
+            .breaker_open
+            .with_label_values(&[&self.name])
+            .set(i64::from(open));
         open
+    }
+
+    /// `task_type` as a metric label: configured types only.
+    pub(crate) fn type_label<'a>(&self, task_type: &'a str) -> &'a str {
+        if self.settings.tasks.contains_key(task_type) {
+            task_type
+        } else {
+            crate::metrics::UNKNOWN_TYPE
+        }
+    }
+
+    fn publish_in_flight(&self, in_flight: usize) {
+        self.status
+            .in_flight
+            .store(in_flight, AtomicOrdering::Relaxed);
+        self.metrics
+            .tasks_in_flight
+            .with_label_values(&[&self.name])
+            .set(i64::try_from(in_flight).unwrap_or(i64::MAX));
+    }
+
+    fn publish_assigned(&self, assigned: usize) {
+        self.status
+            .assigned
+            .store(assigned, AtomicOrdering::Relaxed);
+        self.metrics
+            .partitions_assigned
+            .with_label_values(&[&self.name])
+            .set(i64::try_from(assigned).unwrap_or(i64::MAX));
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -328,9 +367,7 @@ impl Shared {
         if !parked {
             state.in_flight += 1;
         }
-        self.status
-            .in_flight
-            .store(state.in_flight, AtomicOrdering::Relaxed);
+        self.publish_in_flight(state.in_flight);
         start
     }
 
@@ -358,9 +395,7 @@ impl Shared {
                 }
             }
         }
-        self.status
-            .in_flight
-            .store(state.in_flight, AtomicOrdering::Relaxed);
+        self.publish_in_flight(state.in_flight);
         drop(state);
         self.status.finished.fetch_add(1, AtomicOrdering::Relaxed);
         self.finished.notify_all();
@@ -405,6 +440,11 @@ impl Shared {
                     list.add_partition(topic, *partition);
                 }
             }
+            let paused = state.partitions.values().filter(|o| o.paused).count();
+            self.metrics
+                .partitions_paused
+                .with_label_values(&[&self.name])
+                .set(i64::try_from(paused).unwrap_or(i64::MAX));
         }
         if store.count() > 0 {
             if let Err(e) = consumer.store_offsets(&store) {
@@ -478,11 +518,16 @@ impl Shared {
         }
         drop(state);
         self.apply(consumer);
+        if let Err(e) = self.commit_now(consumer) {
+            warn!(processor = %self.name, why, error = %e, "synchronous commit failed");
+        }
+    }
+
+    /// Commits what is stored, synchronously. Nothing stored is success.
+    fn commit_now<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>) -> Result<(), KafkaError> {
         match consumer.commit_consumer_state(CommitMode::Sync) {
-            Ok(()) => debug!(processor = %self.name, why, "committed"),
-            // Nothing stored since the last commit.
-            Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
-            Err(e) => warn!(processor = %self.name, why, error = %e, "synchronous commit failed"),
+            Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => Ok(()),
+            Err(e) => Err(e),
         }
     }
 }
@@ -492,7 +537,41 @@ pub(crate) struct EngineContext {
     shared: Arc<Shared>,
 }
 
-impl ClientContext for EngineContext {}
+impl ClientContext for EngineContext {
+    /// Consumer lag per owned partition, from librdkafka's statistics.
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let shared = &self.shared;
+        let state = shared.lock();
+        for ((topic, partition), owned) in &state.partitions {
+            let Some(stats) = statistics
+                .topics
+                .get(topic.as_ref())
+                .and_then(|t| t.partitions.get(partition))
+            else {
+                continue;
+            };
+            let high = stats.hi_offset;
+            if high < 0 {
+                continue; // not known yet
+            }
+            // Nothing committed yet: everything from the log start is lag.
+            let committed = if stats.committed_offset >= 0 {
+                stats.committed_offset
+            } else {
+                stats.lo_offset.max(0)
+            };
+            let next_unfinished = owned.tracker.watermark().unwrap_or(committed);
+            let labels = [shared.name.as_str(), topic.as_ref(), &partition.to_string()];
+            let m = &shared.metrics;
+            m.committed_lag
+                .with_label_values(&labels)
+                .set((high - committed).max(0));
+            m.processing_lag
+                .with_label_values(&labels)
+                .set((high - next_unfinished).max(0));
+        }
+    }
+}
 
 impl ConsumerContext for EngineContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -507,24 +586,59 @@ impl ConsumerContext for EngineContext {
                     info!(processor = %self.shared.name, partitions = ?partitions, "partitions revoked; draining");
                     self.shared.drain(consumer, Some(&partitions), "revoke");
                 }
-                let mut state = self.shared.lock();
+                let shared = &self.shared;
+                let event = if consumer.assignment_lost() {
+                    "lost"
+                } else {
+                    "revoked"
+                };
+                shared
+                    .metrics
+                    .rebalance_events
+                    .with_label_values(&[&shared.name, event])
+                    .inc_by(partitions.len() as u64);
+                let mut state = shared.lock();
                 for tp in &partitions {
                     if let Some(owned) = state.partitions.remove(tp) {
                         let queued = owned.lanes.values().flatten().filter(|j| !j.parked).count();
                         state.in_flight = state.in_flight.saturating_sub(queued);
                     }
+                    // No stale lag series for partitions this member let go.
+                    let labels = [shared.name.as_str(), tp.0.as_ref(), &tp.1.to_string()];
+                    let _ = shared.metrics.committed_lag.remove_label_values(&labels);
+                    let _ = shared.metrics.processing_lag.remove_label_values(&labels);
                 }
-                let status = &self.shared.status;
-                status
-                    .assigned
-                    .store(state.partitions.len(), AtomicOrdering::Relaxed);
-                status
-                    .in_flight
-                    .store(state.in_flight, AtomicOrdering::Relaxed);
+                shared.publish_assigned(state.partitions.len());
+                shared.publish_in_flight(state.in_flight);
             }
             Rebalance::Assign(_) => {}
             Rebalance::Error(e) => {
                 error!(processor = %self.shared.name, error = %e, "rebalance failed");
+            }
+        }
+    }
+
+    fn commit_callback(
+        &self,
+        result: rdkafka::error::KafkaResult<()>,
+        _offsets: &TopicPartitionList,
+    ) {
+        let shared = &self.shared;
+        match result {
+            Ok(()) => shared
+                .metrics
+                .offset_commits
+                .with_label_values(&[&shared.name])
+                .inc(),
+            // Nothing was stored since the last commit: not a failure.
+            Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+            Err(e) => {
+                warn!(processor = %shared.name, error = %e, "offset commit failed");
+                shared
+                    .metrics
+                    .offset_commit_failures
+                    .with_label_values(&[&shared.name])
+                    .inc();
             }
         }
     }
@@ -542,11 +656,12 @@ impl ConsumerContext for EngineContext {
                     .entry(tp)
                     .or_insert_with(|| Owned::new(generation));
             }
-            let assigned = state.partitions.len();
+            self.shared.publish_assigned(state.partitions.len());
             self.shared
-                .status
-                .assigned
-                .store(assigned, AtomicOrdering::Relaxed);
+                .metrics
+                .rebalance_events
+                .with_label_values(&[&self.shared.name, "assigned"])
+                .inc_by(list.count() as u64);
         }
     }
 }
@@ -626,7 +741,9 @@ pub async fn run(spec: ProcessorSpec, stop: Arc<AtomicBool>) -> Result<(), Proce
             .clone()
             .unwrap_or_else(|| "conveyor.dlq".into()),
         breaker: Mutex::new(spec.settings.breaker_config().map(Breaker::new)),
+        metrics: spec.metrics.clone(),
     });
+    zero_series(&spec.metrics, &name, &spec.settings);
     let consumer: BaseConsumer<EngineContext> =
         kafka::consumer_config(&spec.kafka, &group, spec.settings.session_timeout_ms)
             .set("client.id", format!("{}-{}", spec.worker, name))
@@ -636,6 +753,7 @@ pub async fn run(spec: ProcessorSpec, stop: Arc<AtomicBool>) -> Result<(), Proce
                 spec.settings.commit_interval_ms.to_string(),
             )
             .set("auto.offset.reset", "earliest")
+            .set("statistics.interval.ms", spec.lag_interval_ms.to_string())
             .create_with_context(EngineContext {
                 shared: shared.clone(),
             })
@@ -699,6 +817,39 @@ pub async fn run(spec: ProcessorSpec, stop: Arc<AtomicBool>) -> Result<(), Proce
     outcome
 }
 
+/// Creates this processor's series at zero, so that dashboards and alerts
+/// see "none yet" rather than "no data".
+fn zero_series(m: &Metrics, name: &str, settings: &ProcessorSettings) {
+    for counter in [
+        &m.produce_errors,
+        &m.offset_commits,
+        &m.offset_commit_failures,
+    ] {
+        counter.with_label_values(&[name]);
+    }
+    for gauge in [
+        &m.tasks_in_flight,
+        &m.partitions_assigned,
+        &m.partitions_paused,
+        &m.breaker_open,
+    ] {
+        gauge.with_label_values(&[name]);
+    }
+    for event in ["assigned", "revoked", "lost"] {
+        m.rebalance_events.with_label_values(&[name, event]);
+    }
+    for record in ["result", "dead_letter", "retry"] {
+        m.records_produced.with_label_values(&[name, record]);
+    }
+    for task_type in settings.tasks.keys() {
+        m.tasks_consumed.with_label_values(&[name, task_type]);
+        m.tasks_succeeded.with_label_values(&[name, task_type]);
+        for via in ["in_place", "retry_topic"] {
+            m.tasks_retried.with_label_values(&[name, task_type, via]);
+        }
+    }
+}
+
 /// The topics of `wanted` the cluster does not have.
 fn missing_topics(producer: &FutureProducer, wanted: &[String]) -> Result<Vec<String>, String> {
     let metadata = producer
@@ -756,6 +907,29 @@ fn poll_loop(
     }
     shared.lock().stopping = true;
     shared.drain(&consumer, None, "shutdown");
+    // A commit refused because the group is rebalancing (another member
+    // joined or left just now) succeeds once the rebalance is through, and
+    // that needs this member to keep polling. Nothing new is dispatched
+    // while stopping. Without this, a clean stop could leave its last
+    // offsets uncommitted, and a restart would redo that work.
+    let deadline = Instant::now() + Duration::from_millis(shared.settings.drain_timeout_ms);
+    while let Err(e) = shared.commit_now(&consumer) {
+        let retriable = matches!(
+            e.rdkafka_error_code(),
+            Some(
+                RDKafkaErrorCode::RebalanceInProgress
+                    | RDKafkaErrorCode::IllegalGeneration
+                    | RDKafkaErrorCode::UnknownMemberId
+            )
+        );
+        if !retriable || Instant::now() >= deadline {
+            warn!(processor = %shared.name, error = %e, "final commit failed; a restart will redo the work since the last commit");
+            break;
+        }
+        debug!(processor = %shared.name, error = %e, "final commit refused during a rebalance; polling and trying again");
+        let _ = consumer.poll(Duration::from_millis(100));
+        shared.apply(&consumer);
+    }
     // Closing the consumer runs the revoke callback (nothing left to drain)
     // and leaves the group at once instead of after the session timeout.
     drop(consumer);

@@ -50,6 +50,9 @@ async fn run_lane(shared: Arc<Shared>, mut job: Job) {
             topic = %job.topic,
             partition = job.partition,
             offset = job.offset,
+            task_id = tracing::field::Empty,
+            task_type = tracing::field::Empty,
+            attempt = tracing::field::Empty,
         );
         run_job(&shared, &job).instrument(span).await;
         match shared.complete(&job) {
@@ -114,9 +117,29 @@ async fn run_job(shared: &Shared, job: &Job) {
                 worker: shared.worker.clone(),
                 workflow: None,
             });
+            let m = &shared.metrics;
+            let labels = [shared.name.as_str(), crate::metrics::UNKNOWN_TYPE];
+            m.tasks_consumed.with_label_values(&labels).inc();
             fail(shared, job, failure, result).await;
+            let labels = [shared.name.as_str(), crate::metrics::UNKNOWN_TYPE, "decode"];
+            m.tasks_failed.with_label_values(&labels).inc();
+            m.tasks_dead_lettered.with_label_values(&labels).inc();
             return;
         }
+    };
+    let span = tracing::Span::current();
+    span.record("task_id", tracing::field::display(request.id));
+    span.record("task_type", request.task_type.as_str());
+    let type_label = shared.type_label(&request.task_type);
+    let m = &shared.metrics;
+    m.tasks_consumed
+        .with_label_values(&[&shared.name, type_label])
+        .inc();
+    let observe_latency = || {
+        let seconds = (now_millis() - request.submitted_at).max(0) as f64 / 1000.0;
+        m.task_latency
+            .with_label_values(&[&shared.name, type_label])
+            .observe(seconds);
     };
     loop {
         let started_at = now_millis();
@@ -125,6 +148,10 @@ async fn run_job(shared: &Shared, job: &Job) {
                 record_success(shared);
                 let value = encode_result(shared, &result);
                 deliver(shared, job, vec![(Target::Output(result.id), value, None)]).await;
+                m.tasks_succeeded
+                    .with_label_values(&[&shared.name, type_label])
+                    .inc();
+                observe_latency();
                 return;
             }
             End::Parked {
@@ -149,7 +176,12 @@ async fn run_job(shared: &Shared, job: &Job) {
                     continue;
                 }
                 let result = failed_result(shared, &request, started_at, &failure);
+                let kind = failure.kind.clone();
                 fail(shared, job, failure, Some(result)).await;
+                let labels = [shared.name.as_str(), type_label, kind.as_str()];
+                m.tasks_failed.with_label_values(&labels).inc();
+                m.tasks_dead_lettered.with_label_values(&labels).inc();
+                observe_latency();
                 return;
             }
         }
@@ -181,10 +213,35 @@ async fn run_task(shared: &Shared, job: &Job, mut request: TaskRequest) -> End {
     };
     let timeout = Duration::from_millis(task.timeout_ms);
     let mut first_failure_at = job.headers.first_failure_at;
+    let type_label = shared.type_label(&request.task_type);
+    let duration = |outcome: &str, since: Instant| {
+        shared
+            .metrics
+            .handler_duration
+            .with_label_values(&[&shared.name, type_label, outcome])
+            .observe(since.elapsed().as_secs_f64());
+    };
+    let retried = |via: &str| {
+        shared
+            .metrics
+            .tasks_retried
+            .with_label_values(&[&shared.name, type_label, via])
+            .inc();
+    };
     loop {
         request.attempt = request.attempt.max(1);
+        tracing::Span::current().record("attempt", request.attempt);
+        let began = Instant::now();
         let attempt = AssertUnwindSafe(handler.handle(&request, &context)).catch_unwind();
-        let error = match tokio::time::timeout(timeout, attempt).await {
+        let outcome = tokio::time::timeout(timeout, attempt).await;
+        let outcome_label = match &outcome {
+            Ok(Ok(Ok(_))) => "success",
+            Ok(Ok(Err(e))) => e.kind(),
+            Ok(Err(_)) => "panic",
+            Err(_) => "timeout",
+        };
+        duration(outcome_label, began);
+        let error = match outcome {
             Ok(Ok(Ok(output))) => {
                 debug!(task_id = %request.id, attempt = request.attempt, "task succeeded");
                 return End::Succeeded(succeeded(shared, &request, started_at, output));
@@ -231,11 +288,13 @@ async fn run_task(shared: &Shared, job: &Job, mut request: TaskRequest) -> End {
             }
             Decision::InPlace(delay) => {
                 warn!(task_id = %request.id, attempt = request.attempt, kind, error = %message, delay_ms = delay.as_millis() as u64, "task failed; retrying in place");
+                retried("in_place");
                 tokio::time::sleep(delay).await;
                 request.attempt += 1;
             }
             Decision::RetryTopic(delay) => {
                 warn!(task_id = %request.id, attempt = request.attempt, kind, error = %message, delay_ms = delay.as_millis() as u64, "task failed; parking it in the retry topic");
+                retried("retry_topic");
                 request.attempt += 1;
                 let due_at =
                     now.saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX));
@@ -450,10 +509,14 @@ async fn deliver(
     let sends = records
         .into_iter()
         .map(|(target, value, extra)| async move {
-            let (topic, key): (&str, Option<Vec<u8>>) = match &target {
-                Target::Output(id) => (&shared.output_topic, Some(id.to_string().into_bytes())),
-                Target::DeadLetter => (&shared.dead_letter_topic, job.key.clone()),
-                Target::Topic(t) => (t, job.key.clone()),
+            let (topic, key, record): (&str, Option<Vec<u8>>, &str) = match &target {
+                Target::Output(id) => (
+                    &shared.output_topic,
+                    Some(id.to_string().into_bytes()),
+                    "result",
+                ),
+                Target::DeadLetter => (&shared.dead_letter_topic, job.key.clone(), "dead_letter"),
+                Target::Topic(t) => (t, job.key.clone(), "retry"),
             };
             let record_headers = extra.or_else(|| {
                 job.headers
@@ -462,6 +525,11 @@ async fn deliver(
                     .map(|t| headers::build([(headers::TRACEPARENT, Some(t))]))
             });
             produce(shared, topic, key.as_deref(), value, record_headers).await;
+            shared
+                .metrics
+                .records_produced
+                .with_label_values(&[&shared.name, record])
+                .inc();
         });
     futures::future::join_all(sends).await;
 }
@@ -516,6 +584,11 @@ async fn produce(
                 continue;
             }
         }
+        shared
+            .metrics
+            .produce_errors
+            .with_label_values(&[&shared.name])
+            .inc();
         warn!(topic, error = %failure, "record not acknowledged; producing it again");
         tokio::time::sleep(PRODUCE_RETRY).await;
     }

@@ -95,6 +95,8 @@ impl TestKafka {
         let mut settings = Settings::default();
         settings.kafka.brokers = self.brokers.clone();
         settings.kafka.client_id = "conveyor-test".into();
+        // Tests run workers side by side: each takes any free port.
+        settings.metrics.listen = "127.0.0.1:0".into();
         settings
     }
 
@@ -424,6 +426,7 @@ pub struct InProcessWorker {
     stop: Arc<AtomicBool>,
     handle: tokio::task::JoinHandle<Result<(), WorkerError>>,
     pub status: Arc<ProcessorStatus>,
+    pub metrics: Arc<conveyor::metrics::Metrics>,
 }
 
 impl InProcessWorker {
@@ -441,22 +444,33 @@ impl InProcessWorker {
             }
         }
         let stop = Arc::new(AtomicBool::new(false));
+        let metrics = specs[0].metrics.clone();
         let handle = tokio::spawn(worker::run(specs, stop.clone()));
         InProcessWorker {
             stop,
             handle,
             status,
+            metrics,
         }
     }
 
     /// Asks the worker to stop and waits until it drained and committed.
-    pub async fn stop(self) {
+    pub async fn stop(mut self) {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        tokio::time::timeout(SETUP_TIMEOUT, self.handle)
+        let handle = std::mem::replace(&mut self.handle, tokio::spawn(async { Ok(()) }));
+        tokio::time::timeout(SETUP_TIMEOUT, handle)
             .await
             .expect("worker stops in time")
             .expect("worker task did not panic")
             .expect("worker stopped cleanly");
+    }
+}
+
+impl Drop for InProcessWorker {
+    /// A test that fails before stopping its workers must still end: the
+    /// runtime waits for every poll thread when it shuts down.
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

@@ -1,0 +1,314 @@
+//! Prometheus metrics: one [`Registry`] per process, every name a constant
+//! here, labels only from bounded sets (processor, topic, partition, task
+//! type, outcome, error kind — never a task id or key). Task types that are
+//! not configured are counted as `_unknown`, so a producer cannot create
+//! label values.
+//!
+//! Served as text at `/metrics` on `metrics.listen`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// `conveyor_tasks_consumed_total{processor,task_type}`: task records taken.
+pub const TASKS_CONSUMED: &str = "conveyor_tasks_consumed_total";
+/// `conveyor_tasks_succeeded_total{processor,task_type}`.
+pub const TASKS_SUCCEEDED: &str = "conveyor_tasks_succeeded_total";
+/// `conveyor_tasks_failed_total{processor,task_type,kind}`: terminal failures.
+pub const TASKS_FAILED: &str = "conveyor_tasks_failed_total";
+/// `conveyor_tasks_retried_total{processor,task_type,via}`: retries
+/// scheduled, `via` = `in_place` or `retry_topic`.
+pub const TASKS_RETRIED: &str = "conveyor_tasks_retried_total";
+/// `conveyor_tasks_dead_lettered_total{processor,task_type,kind}`.
+pub const TASKS_DEAD_LETTERED: &str = "conveyor_tasks_dead_lettered_total";
+/// `conveyor_handler_duration_seconds{processor,task_type,outcome}`: one
+/// observation per attempt; outcome `success`, `retryable`, `permanent`,
+/// `timeout` or `panic`.
+pub const HANDLER_DURATION: &str = "conveyor_handler_duration_seconds";
+/// `conveyor_task_latency_seconds{processor,task_type}`: from the request's
+/// `submitted_at` to the acknowledgement of its terminal result.
+pub const TASK_LATENCY: &str = "conveyor_task_latency_seconds";
+/// `conveyor_records_produced_total{processor,record}`: acknowledged
+/// outputs, `record` = `result`, `dead_letter` or `retry`.
+pub const RECORDS_PRODUCED: &str = "conveyor_records_produced_total";
+/// `conveyor_produce_errors_total{processor}`: produce attempts that failed
+/// (each is tried again).
+pub const PRODUCE_ERRORS: &str = "conveyor_produce_errors_total";
+/// `conveyor_offset_commits_total{processor}`: successful commits.
+pub const OFFSET_COMMITS: &str = "conveyor_offset_commits_total";
+/// `conveyor_offset_commit_failures_total{processor}`.
+pub const OFFSET_COMMIT_FAILURES: &str = "conveyor_offset_commit_failures_total";
+/// `conveyor_tasks_in_flight{processor}`: dispatched and not finished.
+pub const TASKS_IN_FLIGHT: &str = "conveyor_tasks_in_flight";
+/// `conveyor_partitions_assigned{processor}`.
+pub const PARTITIONS_ASSIGNED: &str = "conveyor_partitions_assigned";
+/// `conveyor_partitions_paused{processor}`: paused by the in-flight bounds,
+/// a full producer queue or the breaker.
+pub const PARTITIONS_PAUSED: &str = "conveyor_partitions_paused";
+/// `conveyor_rebalance_events_total{processor,event}`: `assigned`,
+/// `revoked` or `lost` partitions.
+pub const REBALANCE_EVENTS: &str = "conveyor_rebalance_events_total";
+/// `conveyor_breaker_open{processor}`: 1 while the poison-pill breaker is open.
+pub const BREAKER_OPEN: &str = "conveyor_breaker_open";
+/// `conveyor_consumer_committed_lag_messages{processor,topic,partition}`:
+/// high watermark − committed offset.
+pub const COMMITTED_LAG: &str = "conveyor_consumer_committed_lag_messages";
+/// `conveyor_consumer_processing_lag_messages{processor,topic,partition}`:
+/// high watermark − the next offset not yet finished.
+pub const PROCESSING_LAG: &str = "conveyor_consumer_processing_lag_messages";
+
+/// Label value for task types no handler is configured for.
+pub const UNKNOWN_TYPE: &str = "_unknown";
+
+/// Every metric of a worker, registered in one registry.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// See [`TASKS_CONSUMED`].
+    pub tasks_consumed: IntCounterVec,
+    /// See [`TASKS_SUCCEEDED`].
+    pub tasks_succeeded: IntCounterVec,
+    /// See [`TASKS_FAILED`].
+    pub tasks_failed: IntCounterVec,
+    /// See [`TASKS_RETRIED`].
+    pub tasks_retried: IntCounterVec,
+    /// See [`TASKS_DEAD_LETTERED`].
+    pub tasks_dead_lettered: IntCounterVec,
+    /// See [`HANDLER_DURATION`].
+    pub handler_duration: HistogramVec,
+    /// See [`TASK_LATENCY`].
+    pub task_latency: HistogramVec,
+    /// See [`RECORDS_PRODUCED`].
+    pub records_produced: IntCounterVec,
+    /// See [`PRODUCE_ERRORS`].
+    pub produce_errors: IntCounterVec,
+    /// See [`OFFSET_COMMITS`].
+    pub offset_commits: IntCounterVec,
+    /// See [`OFFSET_COMMIT_FAILURES`].
+    pub offset_commit_failures: IntCounterVec,
+    /// See [`TASKS_IN_FLIGHT`].
+    pub tasks_in_flight: IntGaugeVec,
+    /// See [`PARTITIONS_ASSIGNED`].
+    pub partitions_assigned: IntGaugeVec,
+    /// See [`PARTITIONS_PAUSED`].
+    pub partitions_paused: IntGaugeVec,
+    /// See [`REBALANCE_EVENTS`].
+    pub rebalance_events: IntCounterVec,
+    /// See [`BREAKER_OPEN`].
+    pub breaker_open: IntGaugeVec,
+    /// See [`COMMITTED_LAG`].
+    pub committed_lag: IntGaugeVec,
+    /// See [`PROCESSING_LAG`].
+    pub processing_lag: IntGaugeVec,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let metric = IntCounterVec::new(Opts::new(name, help), labels)
+        .unwrap_or_else(|e| unreachable!("metric {name} is well-formed: {e}"));
+    register(registry, name, Box::new(metric.clone()));
+    metric
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let metric = IntGaugeVec::new(Opts::new(name, help), labels)
+        .unwrap_or_else(|e| unreachable!("metric {name} is well-formed: {e}"));
+    register(registry, name, Box::new(metric.clone()));
+    metric
+}
+
+fn histogram(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> HistogramVec {
+    // 1 ms to ~65 s.
+    let buckets = prometheus::exponential_buckets(0.001, 2.0, 17)
+        .unwrap_or_else(|e| unreachable!("buckets are well-formed: {e}"));
+    let metric = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
+        .unwrap_or_else(|e| unreachable!("metric {name} is well-formed: {e}"));
+    register(registry, name, Box::new(metric.clone()));
+    metric
+}
+
+fn register(registry: &Registry, name: &str, metric: Box<dyn prometheus::core::Collector>) {
+    // Names are constants, each registered once in a fresh registry.
+    if let Err(e) = registry.register(metric) {
+        unreachable!("metric {name} registers once: {e}");
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Every metric, registered in a new registry.
+    pub fn new() -> Self {
+        let r = Registry::new();
+        let p = &["processor"];
+        let pt = &["processor", "task_type"];
+        let ptk = &["processor", "task_type", "kind"];
+        let lag = &["processor", "topic", "partition"];
+        Metrics {
+            tasks_consumed: counter(
+                &r,
+                TASKS_CONSUMED,
+                "Task records taken from the input and retry topics.",
+                pt,
+            ),
+            tasks_succeeded: counter(
+                &r,
+                TASKS_SUCCEEDED,
+                "Tasks that succeeded (result acknowledged).",
+                pt,
+            ),
+            tasks_failed: counter(
+                &r,
+                TASKS_FAILED,
+                "Tasks that failed for good, by error kind.",
+                ptk,
+            ),
+            tasks_retried: counter(
+                &r,
+                TASKS_RETRIED,
+                "Retries scheduled, in place or through the retry topic.",
+                &["processor", "task_type", "via"],
+            ),
+            tasks_dead_lettered: counter(
+                &r,
+                TASKS_DEAD_LETTERED,
+                "Records written to the dead-letter topic, by error kind.",
+                ptk,
+            ),
+            handler_duration: histogram(
+                &r,
+                HANDLER_DURATION,
+                "Duration of one handler attempt.",
+                &["processor", "task_type", "outcome"],
+            ),
+            task_latency: histogram(
+                &r,
+                TASK_LATENCY,
+                "From the request's submitted_at to its terminal result's acknowledgement.",
+                pt,
+            ),
+            records_produced: counter(
+                &r,
+                RECORDS_PRODUCED,
+                "Records the broker acknowledged, by kind.",
+                &["processor", "record"],
+            ),
+            produce_errors: counter(
+                &r,
+                PRODUCE_ERRORS,
+                "Produce attempts that failed and were tried again.",
+                p,
+            ),
+            offset_commits: counter(&r, OFFSET_COMMITS, "Successful offset commits.", p),
+            offset_commit_failures: counter(
+                &r,
+                OFFSET_COMMIT_FAILURES,
+                "Failed offset commits.",
+                p,
+            ),
+            tasks_in_flight: gauge(&r, TASKS_IN_FLIGHT, "Tasks dispatched and not finished.", p),
+            partitions_assigned: gauge(&r, PARTITIONS_ASSIGNED, "Partitions this member owns.", p),
+            partitions_paused: gauge(
+                &r,
+                PARTITIONS_PAUSED,
+                "Partitions paused by the bounds, a full producer queue or the breaker.",
+                p,
+            ),
+            rebalance_events: counter(
+                &r,
+                REBALANCE_EVENTS,
+                "Partitions assigned, revoked or lost.",
+                &["processor", "event"],
+            ),
+            breaker_open: gauge(
+                &r,
+                BREAKER_OPEN,
+                "1 while the poison-pill breaker is open.",
+                p,
+            ),
+            committed_lag: gauge(
+                &r,
+                COMMITTED_LAG,
+                "High watermark minus committed offset, per owned partition.",
+                lag,
+            ),
+            processing_lag: gauge(
+                &r,
+                PROCESSING_LAG,
+                "High watermark minus the next offset not yet finished, per owned partition.",
+                lag,
+            ),
+            registry: r,
+        }
+    }
+
+    /// The registry, for serving or adding more metrics.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::warn!(error = %e, "encoding metrics failed");
+        }
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+/// Why the metrics listener could not start.
+#[derive(Debug, thiserror::Error)]
+#[error("metrics.listen = \"{listen}\": {reason}")]
+pub struct ServeError {
+    listen: String,
+    reason: String,
+}
+
+/// Binds `listen` and serves `GET /metrics` until the returned handle is
+/// aborted; returns the bound address (useful with port 0).
+pub async fn serve(
+    listen: &str,
+    metrics: Arc<Metrics>,
+) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), ServeError> {
+    let error = |reason: String| ServeError {
+        listen: listen.to_owned(),
+        reason,
+    };
+    let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| {
+        error(format!(
+            "cannot listen: {e}; choose another address, or \"\" to serve no metrics"
+        ))
+    })?;
+    let address = listener.local_addr().map_err(|e| error(e.to_string()))?;
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let metrics = metrics.clone();
+            async move {
+                (
+                    [("content-type", "text/plain; version=0.0.4")],
+                    metrics.render(),
+                )
+            }
+        }),
+    );
+    let handle = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "metrics listener stopped");
+        }
+    });
+    Ok((address, handle))
+}
