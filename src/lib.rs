@@ -25,6 +25,7 @@
 //!   built-ins (`echo`, `sleep`, `sha256`, `http`).
 //! - [`dlq`]: reading, filtering and replaying dead letters.
 //! - [`worker`]: every configured processor side by side.
+//! - [`metrics`]: the Prometheus registry, metric names, `/metrics`.
 //! - [`kafka`]: librdkafka client configuration shared by every client.
 //! - [`tools`]: `conveyor submit` and `conveyor results`.
 //! - [`telemetry`]: the `tracing` subscriber (text or JSON).
@@ -37,8 +38,8 @@
 //!
 //! The contracts, configuration, logging, the processor engine with its
 //! built-in handlers, failure handling (retries, retry topics, dead letters,
-//! the breaker) and the embedded dev cluster are here. The HTTP gateway,
-//! metrics and workflows are planned work; the subcommand that will run the
+//! the breaker), Prometheus metrics and the embedded dev cluster are here.
+//! The HTTP gateway and workflows are planned work; the subcommand that will run the
 //! gateway says so and exits with status 2 until it exists.
 
 pub mod breaker;
