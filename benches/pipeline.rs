@@ -1,0 +1,402 @@
+//! End-to-end throughput: conveyor's processor with the `echo` handler
+//! against a bare rdkafka consume→produce loop, on the same broker, topics,
+//! message count and producer settings, alternated in one run.
+//!
+//! ```sh
+//! cargo bench --bench pipeline                       # in-process mock cluster
+//! cargo bench --bench pipeline -- --brokers 127.0.0.1:9092 --messages 200000
+//! ```
+//!
+//! Options: `--messages N` (100,000), `--partitions P` (8), `--rounds R`
+//! (3), `--payload BYTES` (200). For profiling, the environment variables
+//! `BENCH_MAX` and `BENCH_PP` set the processor's `max_in_flight` and
+//! `max_in_flight_per_partition` (default 1024 and 256), and `BENCH_OPTS`
+//! adds librdkafka properties (`key=value,key=value`).
+//!
+//! Each round preloads nothing new: the input topic is filled once, and
+//! each run reads all of it with a fresh consumer group into a fresh output
+//! topic. Throughput counts from the first output acknowledged to the last,
+//! the same way for both, so group-join time is not measured. CPU seconds
+//! are the whole process's (with the mock cluster, its broker threads too).
+//!
+//! The baseline is the fastest honest loop here: a `BaseConsumer` polled on
+//! one thread, a `ThreadedProducer` whose delivery callback advances a
+//! per-partition contiguous watermark (conveyor's own `OffsetTracker`) and
+//! stores offsets: at-least-once, like conveyor, with no task per record.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering as AtomicOrdering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use conveyor::codec::{Codec, TaskRequest};
+use conveyor::handlers::Registry;
+use conveyor::kafka;
+use conveyor::metrics::Metrics;
+use conveyor::offsets::OffsetTracker;
+use conveyor::processor::{self, ProcessorSpec, ProcessorStatus};
+use conveyor::settings::{HandlerKind, KafkaSettings, Ordering, ProcessorSettings, TaskSettings};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer, DefaultConsumerContext};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{
+    BaseRecord, DeliveryResult, FutureProducer, FutureRecord, Producer, ProducerContext,
+    ThreadedProducer,
+};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+
+struct Options {
+    brokers: Option<String>,
+    messages: usize,
+    partitions: i32,
+    rounds: usize,
+    payload: usize,
+}
+
+fn options() -> Options {
+    let mut o = Options {
+        brokers: None,
+        messages: 100_000,
+        partitions: 8,
+        rounds: 3,
+        payload: 200,
+    };
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let mut value = || it.next().cloned().unwrap_or_default();
+        match arg.as_str() {
+            "--brokers" => o.brokers = Some(value()),
+            "--messages" => o.messages = value().parse().unwrap_or(o.messages),
+            "--partitions" => o.partitions = value().parse().unwrap_or(o.partitions),
+            "--rounds" => o.rounds = value().parse().unwrap_or(o.rounds),
+            "--payload" => o.payload = value().parse().unwrap_or(o.payload),
+            _ => {} // cargo bench passes --bench
+        }
+    }
+    o
+}
+
+enum Broker {
+    Mock(MockCluster<'static, rdkafka::producer::DefaultProducerContext>),
+    External(String),
+}
+
+impl Broker {
+    fn brokers(&self) -> String {
+        match self {
+            Broker::Mock(c) => c.bootstrap_servers(),
+            Broker::External(b) => b.clone(),
+        }
+    }
+
+    async fn topic(&self, prefix: &str, partitions: i32) -> String {
+        let name = format!("{prefix}-{}", uuid::Uuid::new_v4().simple());
+        match self {
+            Broker::Mock(c) => c.create_topic(&name, partitions, 1).expect("create topic"),
+            Broker::External(b) => {
+                let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+                    .set("bootstrap.servers", b)
+                    .create()
+                    .expect("admin");
+                let topic = NewTopic::new(&name, partitions, TopicReplication::Fixed(1));
+                for r in admin
+                    .create_topics([&topic], &AdminOptions::new())
+                    .await
+                    .expect("create topics")
+                {
+                    r.expect("topic created");
+                }
+            }
+        }
+        name
+    }
+}
+
+fn cpu_seconds() -> f64 {
+    // SAFETY: getrusage fills the struct it is given; zeroed is a valid start.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: RUSAGE_SELF with a valid pointer.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+    t(usage.ru_utime) + t(usage.ru_stime)
+}
+
+fn peak_rss_mib() -> f64 {
+    // SAFETY: as above.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    usage.ru_maxrss as f64 / 1024.0
+}
+
+async fn preload(kafka: &KafkaSettings, topic: &str, n: usize, payload: usize) {
+    let producer: FutureProducer = kafka::producer_config(kafka)
+        .set("linger.ms", "5")
+        .create()
+        .expect("producer");
+    let codec = Codec::default();
+    let body = vec![b'x'; payload];
+    let mut pending = Vec::with_capacity(n);
+    let mut value = Vec::new();
+    for _ in 0..n {
+        let request = TaskRequest::new("echo", body.clone());
+        value.clear();
+        codec.encode_request(&request, &mut value);
+        loop {
+            let record = FutureRecord::to(topic)
+                .key(request.id.as_bytes())
+                .payload(&value);
+            match producer.send_result(record) {
+                Ok(d) => {
+                    pending.push(d);
+                    break;
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    tokio::time::sleep(Duration::from_millis(2)).await
+                }
+                Err((e, _)) => panic!("preload: {e}"),
+            }
+        }
+    }
+    for d in pending {
+        d.await.expect("delivery").expect("acknowledged");
+    }
+}
+
+/// Measured span of one run.
+struct Run {
+    rate: f64,
+    cpu_per_100k: f64,
+}
+
+fn run_from(first: Instant, last: Instant, n: usize, cpu: f64) -> Run {
+    let seconds = (last - first).as_secs_f64().max(1e-9);
+    Run {
+        rate: (n.saturating_sub(1)) as f64 / seconds,
+        cpu_per_100k: cpu / n as f64 * 100_000.0,
+    }
+}
+
+struct RawContext {
+    trackers: Mutex<HashMap<i32, OffsetTracker>>,
+    consumer: OnceLock<Arc<BaseConsumer>>,
+    input: String,
+    delivered: AtomicU64,
+    first: OnceLock<Instant>,
+}
+
+impl ClientContext for RawContext {}
+
+impl ProducerContext for RawContext {
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, opaque: usize) {
+        if result.is_err() {
+            panic!(
+                "baseline produce failed: {:?}",
+                result.as_ref().err().map(|e| &e.0)
+            );
+        }
+        self.first.get_or_init(Instant::now);
+        let partition = (opaque >> 48) as i32;
+        let offset = (opaque & ((1 << 48) - 1)) as i64;
+        let watermark = self
+            .trackers
+            .lock()
+            .ok()
+            .and_then(|mut t| t.get_mut(&partition).and_then(|t| t.finished(offset)));
+        if let (Some(w), Some(c)) = (watermark, self.consumer.get()) {
+            let mut list = TopicPartitionList::new();
+            let _ = list.add_partition_offset(&self.input, partition, Offset::Offset(w));
+            let _ = c.store_offsets(&list);
+        }
+        self.delivered.fetch_add(1, AtomicOrdering::Relaxed);
+    }
+}
+
+fn baseline(kafka: &KafkaSettings, input: &str, output: &str, n: usize) -> Run {
+    let context = Arc::new(RawContext {
+        trackers: Mutex::new(HashMap::new()),
+        consumer: OnceLock::new(),
+        input: input.to_owned(),
+        delivered: AtomicU64::new(0),
+        first: OnceLock::new(),
+    });
+    let producer: ThreadedProducer<ArcContext> = kafka::producer_config(kafka)
+        .create_with_context(ArcContext(context.clone()))
+        .expect("producer");
+    let group = format!("bench-raw-{}", uuid::Uuid::new_v4().simple());
+    let consumer: Arc<BaseConsumer> = Arc::new(
+        kafka::consumer_config(kafka, &group, 10_000)
+            .set("auto.offset.reset", "earliest")
+            .set("enable.auto.commit", "true")
+            .create_with_context(DefaultConsumerContext)
+            .expect("consumer"),
+    );
+    let _ = context.consumer.set(consumer.clone());
+    consumer.subscribe(&[input]).expect("subscribe");
+    let cpu = cpu_seconds();
+    while context.delivered.load(AtomicOrdering::Relaxed) < n as u64 {
+        let Some(message) = consumer.poll(Duration::from_millis(100)) else {
+            continue;
+        };
+        let message = message.expect("consume");
+        let (partition, offset) = (message.partition(), message.offset());
+        if let Ok(mut t) = context.trackers.lock() {
+            let _ = t.entry(partition).or_default().dispatched(offset);
+        }
+        let opaque = ((partition as usize) << 48) | offset as usize;
+        let mut record = BaseRecord::with_opaque_to(output, opaque)
+            .payload(message.payload().unwrap_or_default())
+            .key(message.key().unwrap_or_default());
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                    record = r;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err((e, _)) => panic!("baseline send: {e}"),
+            }
+        }
+    }
+    let last = Instant::now();
+    let cpu = cpu_seconds() - cpu;
+    let first = context.first.get().copied().unwrap_or(last);
+    drop(consumer);
+    let _ = producer.flush(Duration::from_secs(10));
+    run_from(first, last, n, cpu)
+}
+
+/// Lets the delivery callback live in an `Arc` shared with the poll loop.
+struct ArcContext(Arc<RawContext>);
+
+impl ClientContext for ArcContext {}
+
+impl ProducerContext for ArcContext {
+    type DeliveryOpaque = usize;
+    fn delivery(&self, result: &DeliveryResult<'_>, opaque: usize) {
+        self.0.delivery(result, opaque);
+    }
+}
+
+async fn conveyor_run(
+    kafka: &KafkaSettings,
+    input: &str,
+    output: &str,
+    dlq: &str,
+    n: usize,
+) -> Run {
+    let mut tasks = std::collections::BTreeMap::new();
+    tasks.insert("echo".to_owned(), TaskSettings::new(HandlerKind::Echo));
+    let settings = ProcessorSettings {
+        name: "bench".into(),
+        group_id: Some(format!("bench-conveyor-{}", uuid::Uuid::new_v4().simple())),
+        input_topics: vec![input.to_owned()],
+        output_topic: Some(output.to_owned()),
+        dead_letter_topic: Some(dlq.to_owned()),
+        tasks,
+        ordering: Ordering::None,
+        retry_topic_threshold_ms: 0,
+        max_in_flight: std::env::var("BENCH_MAX")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1024),
+        max_in_flight_per_partition: std::env::var("BENCH_PP")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(256),
+        ..ProcessorSettings::default()
+    };
+    let registry = Registry::from_settings(&settings).expect("registry");
+    let status = Arc::new(ProcessorStatus::default());
+    let spec = ProcessorSpec {
+        settings,
+        kafka: kafka.clone(),
+        codec: Codec::default(),
+        registry,
+        worker: "bench".into(),
+        status: status.clone(),
+        metrics: Arc::new(Metrics::new()),
+        lag_interval_ms: 5_000,
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let running = tokio::spawn(processor::run(spec, stop.clone()));
+    while status.finished() == 0 {
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+    let first = Instant::now();
+    let cpu = cpu_seconds();
+    while status.finished() < n {
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+    let last = Instant::now();
+    let cpu = cpu_seconds() - cpu;
+    stop.store(true, AtomicOrdering::Relaxed);
+    running.await.expect("processor task").expect("processor");
+    run_from(first, last, n, cpu)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+fn main() {
+    let o = options();
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let broker = match &o.brokers {
+            Some(b) => Broker::External(b.clone()),
+            None => Broker::Mock(MockCluster::new(1).expect("mock cluster")),
+        };
+        let mut kafka = KafkaSettings {
+            brokers: broker.brokers(),
+            ..KafkaSettings::default()
+        };
+        if let Ok(extra) = std::env::var("BENCH_OPTS") {
+            for pair in extra.split(',').filter(|p| !p.is_empty()) {
+                if let Some((k, v)) = pair.split_once('=') {
+                    kafka.options.insert(k.to_owned(), v.to_owned());
+                }
+            }
+        }
+        let where_ = match &o.brokers {
+            Some(b) => format!("external broker {b}"),
+            None => "in-process mock cluster (keeps at most 5 MiB per partition: size runs to fit)".into(),
+        };
+        println!(
+            "pipeline: {} messages, {}-byte payloads, {} partitions, {} rounds, on the {where_}",
+            o.messages, o.payload, o.partitions, o.rounds
+        );
+        let input = broker.topic("bench-in", o.partitions).await;
+        let dlq = broker.topic("bench-dlq", 1).await;
+        preload(&kafka, &input, o.messages, o.payload).await;
+        let mut ratios = Vec::new();
+        for round in 1..=o.rounds {
+            let out = broker.topic("bench-raw-out", o.partitions).await;
+            let (k, i, m) = (kafka.clone(), input.clone(), o.messages);
+            let raw = tokio::task::spawn_blocking(move || baseline(&k, &i, &out, m))
+                .await
+                .expect("baseline");
+            let out = broker.topic("bench-conveyor-out", o.partitions).await;
+            let ours = conveyor_run(&kafka, &input, &out, &dlq, o.messages).await;
+            let ratio = ours.rate / raw.rate;
+            ratios.push(ratio);
+            println!(
+                "round {round}: raw {:>9.0} msg/s ({:.2} CPU s/100k) | conveyor echo {:>9.0} msg/s ({:.2} CPU s/100k) | ratio {ratio:.2}",
+                raw.rate, raw.cpu_per_100k, ours.rate, ours.cpu_per_100k
+            );
+        }
+        println!(
+            "ratio conveyor/raw (median of {} rounds): {:.2}; peak RSS of the process {:.0} MiB",
+            ratios.len(),
+            median(ratios),
+            peak_rss_mib()
+        );
+    });
+}
