@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -230,28 +229,8 @@ async fn memory_stays_bounded_under_a_large_backlog() {
         let pipeline = kafka.pipeline(16).await;
         let settings = sleep_settings(&kafka, &pipeline);
         let config = common::config_file(&settings);
-        let producer = kafka.producer();
-        let codec = conveyor::codec::Codec::default();
-        let mut pending = Vec::new();
-        let mut value = Vec::new();
-        for request in requests("sleep", r#"{"ms":50}"#, BACKLOG) {
-            value.clear();
-            codec.encode_request(&request, &mut value);
-            pending.push(
-                kafka
-                    .send(
-                        &producer,
-                        &pipeline.input,
-                        request.id.as_bytes(),
-                        &value,
-                        None,
-                    )
-                    .await,
-            );
-        }
-        for delivery in pending {
-            delivery.await.expect("delivered").expect("acknowledged");
-        }
+        let backlog = requests("sleep", r#"{"ms":50}"#, BACKLOG);
+        kafka.produce_requests(&pipeline.input, &backlog).await;
 
         let mut worker = Worker::start(&config);
         wait_until("the worker is processing the backlog", LONG, || {
@@ -259,11 +238,8 @@ async fn memory_stays_bounded_under_a_large_backlog() {
         })
         .await;
         let mut peak = 0;
-        let mut samples = HashMap::new();
-        for i in 0..40 {
-            let rss = worker.rss_bytes();
-            peak = peak.max(rss);
-            samples.insert(i, rss);
+        for _ in 0..40 {
+            peak = peak.max(worker.rss_bytes());
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
         worker.signal("TERM");
