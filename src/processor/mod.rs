@@ -403,12 +403,14 @@ impl Shared {
     }
 
     /// Stores pending watermarks and pauses or resumes partitions to keep
-    /// within the bounds. Poll thread only.
-    fn apply<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>) {
+    /// within the bounds. Returns the records in flight, read under the
+    /// same lock. Poll thread only.
+    fn apply<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>) -> usize {
         let mut store = TopicPartitionList::new();
         let mut pause = TopicPartitionList::new();
         let mut resume = TopicPartitionList::new();
         let breaker_open = self.breaker_open();
+        let in_flight;
         {
             let mut state = self.lock();
             // Pause at a bound, resume only once back to half of it: every
@@ -445,6 +447,7 @@ impl Shared {
                 .partitions_paused
                 .with_label_values(&[&self.name])
                 .set(i64::try_from(paused).unwrap_or(i64::MAX));
+            in_flight = state.in_flight;
         }
         if store.count() > 0 {
             if let Err(e) = consumer.store_offsets(&store) {
@@ -463,6 +466,7 @@ impl Shared {
                 warn!(processor = %self.name, error = %e, "resuming partitions failed");
             }
         }
+        in_flight
     }
 
     /// Stops intake on `partitions` (all when `None`), drops their records
@@ -517,7 +521,7 @@ impl Shared {
             };
         }
         drop(state);
-        self.apply(consumer);
+        let _ = self.apply(consumer);
         if let Err(e) = self.commit_now(consumer) {
             warn!(processor = %self.name, why, error = %e, "synchronous commit failed");
         }
@@ -879,8 +883,7 @@ fn poll_loop(
 ) -> Result<(), ProcessorError> {
     let mut result = Ok(());
     while !stop.load(AtomicOrdering::Relaxed) {
-        shared.apply(&consumer);
-        let timeout = if shared.lock().in_flight > 0 {
+        let timeout = if shared.apply(&consumer) > 0 {
             BUSY_POLL
         } else {
             IDLE_POLL
@@ -928,7 +931,7 @@ fn poll_loop(
         }
         debug!(processor = %shared.name, error = %e, "final commit refused during a rebalance; polling and trying again");
         let _ = consumer.poll(Duration::from_millis(100));
-        shared.apply(&consumer);
+        let _ = shared.apply(&consumer);
     }
     // Closing the consumer runs the revoke callback (nothing left to drain)
     // and leaves the group at once instead of after the session timeout.
