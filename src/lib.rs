@@ -46,6 +46,7 @@ pub mod breaker;
 pub mod codec;
 pub mod dev;
 pub mod dlq;
+pub mod gateway;
 pub mod handlers;
 pub mod kafka;
 pub mod metrics;

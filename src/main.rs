@@ -73,7 +73,16 @@ enum Command {
     /// drains in-flight tasks (up to drain_timeout_ms), commits and exits 0;
     /// a second signal exits at once with status 130.
     Worker,
-    /// Run the HTTP gateway (submit tasks, look up results). Not built yet.
+    /// Run the HTTP gateway: submit tasks, look up their status and results.
+    ///
+    /// Serves the API on gateway.listen (POST /v1/tasks, POST
+    /// /v1/tasks:batch, GET /v1/tasks/{id}?wait=10s, /healthz, /readyz,
+    /// /metrics, /openapi.json). Accepts the task types of the
+    /// configuration's [[processors]] and gateway.task_types; every topic it
+    /// writes or follows must exist. The status view is built from the
+    /// results and task topics (see README "HTTP gateway" for its limits).
+    /// SIGINT or SIGTERM stops accepting connections, answers the requests
+    /// in flight, flushes the producer and exits 0.
     Gateway,
     /// Produce task requests and print their ids, one per line.
     Submit(SubmitArgs),
@@ -201,7 +210,7 @@ fn main() -> ExitCode {
         Command::Config(ConfigCommand::Check) => config_check(cli.config.as_deref()),
         Command::Dev => run_dev(cli.config.as_deref(), cli.log_format),
         Command::Worker => with_settings(cli.config.as_deref(), cli.log_format, None, run_worker),
-        Command::Gateway => not_built("gateway", "the HTTP gateway"),
+        Command::Gateway => with_settings(cli.config.as_deref(), cli.log_format, None, run_gateway),
         Command::Submit(args) => {
             let brokers = args.brokers.clone();
             with_settings(cli.config.as_deref(), cli.log_format, brokers, |s| {
@@ -350,6 +359,24 @@ async fn run_worker(settings: Settings) -> Result<(), CommandError> {
     Ok(())
 }
 
+async fn run_gateway(settings: Settings) -> Result<(), CommandError> {
+    let metrics = Arc::new(conveyor::metrics::Metrics::new());
+    let stop = Arc::new(AtomicBool::new(false));
+    stop_on_signals(stop.clone());
+    let gateway = conveyor::gateway::start(&settings, metrics, stop)
+        .await
+        .map_err(gateway_error)?;
+    tracing::info!(address = %gateway.address(), "gateway listening");
+    gateway.finished().await.map_err(gateway_error)
+}
+
+fn gateway_error(error: conveyor::gateway::GatewayError) -> CommandError {
+    match error {
+        conveyor::gateway::GatewayError::Config(message) => CommandError::Usage(message),
+        other => CommandError::Failed(other.to_string()),
+    }
+}
+
 async fn run_submit(settings: Settings, args: SubmitArgs) -> Result<(), CommandError> {
     let submission = Submission {
         task_type: args.task_type,
@@ -424,14 +451,6 @@ async fn run_results(settings: Settings, follow: bool) -> Result<(), CommandErro
     .await
     .map_err(|e| CommandError::Failed(e.to_string()))??;
     Ok(())
-}
-
-fn not_built(command: &str, what: &str) -> ExitCode {
-    eprintln!(
-        "conveyor {command}: not built yet: {what} is planned work (see \"Status\" in README.md); \
-         nothing was done."
-    );
-    ExitCode::from(EXIT_USAGE)
 }
 
 fn report_settings_error(error: &SettingsError) {
@@ -531,7 +550,19 @@ async fn dev_main(user_settings: Option<Settings>) -> anyhow::Result<()> {
     }
     let stop = Arc::new(AtomicBool::new(false));
     stop_on_signals(stop.clone());
+    let metrics = specs.first().map(|s| s.metrics.clone()).unwrap_or_default();
     let running = tokio::spawn(worker::run(specs, stop.clone()));
+    let gateway = match conveyor::gateway::start(&settings, metrics.clone(), stop.clone()).await {
+        Err(conveyor::gateway::GatewayError::Config(why)) if why.contains("cannot listen") => {
+            // Another program has the port: any free one will do here.
+            let mut settings = settings.clone();
+            settings.gateway.listen = "127.0.0.1:0".into();
+            conveyor::gateway::start(&settings, metrics, stop.clone()).await?
+        }
+        other => other?,
+    };
+    let api = format!("http://{}", gateway.address());
+    println!("  gateway: {api} (API described at {api}/openapi.json)");
 
     // Prove the whole path: a task in, its result out.
     let check_type = settings
@@ -572,14 +603,23 @@ async fn dev_main(user_settings: Option<Settings>) -> anyhow::Result<()> {
         }
     }
     let exe = "cargo run --release --";
-    println!("  try, in another shell:");
+    println!(
+        "  try, in another shell: submit a task over HTTP, then wait up to 10 s for its result:"
+    );
+    println!(
+        "    id=$(curl -s -X POST {api}/v1/tasks -H 'content-type: application/json' \
+         -d '{{\"type\": \"sleep\", \"payload\": {{\"ms\": 500}}}}' | sed 's/.*\"id\":\"\\([^\"]*\\)\".*/\\1/')"
+    );
+    println!("    curl -s \"{api}/v1/tasks/$id?wait=10s\"");
+    println!("  or with the command line:");
     println!(
         "    {exe} submit --brokers {bootstrap} --type sleep --payload '{{\"ms\": 500}}' --count 3"
     );
     println!("    {exe} results --brokers {bootstrap} --follow");
-    println!("  not running yet: the HTTP gateway (planned; see README.md \"Status\")");
-    println!("  Ctrl-C stops the worker (draining in-flight tasks) and the cluster.");
+    println!("  Ctrl-C stops the gateway, the worker (draining in-flight tasks) and the cluster.");
+    let served = gateway.finished().await;
     running.await??;
+    served?;
     drop(cluster);
     Ok(())
 }

@@ -60,6 +60,17 @@ pub const COMMITTED_LAG: &str = "conveyor_consumer_committed_lag_messages";
 /// high watermark − the next offset not yet finished.
 pub const PROCESSING_LAG: &str = "conveyor_consumer_processing_lag_messages";
 
+/// `conveyor_gateway_requests_total{route,status}`: HTTP requests answered
+/// by the gateway, `route` being the route's template (`/v1/tasks/{id}`).
+pub const GATEWAY_REQUESTS: &str = "conveyor_gateway_requests_total";
+/// `conveyor_gateway_request_duration_seconds{route}`.
+pub const GATEWAY_REQUEST_DURATION: &str = "conveyor_gateway_request_duration_seconds";
+/// `conveyor_gateway_tasks_submitted_total{task_type}`: tasks the broker
+/// acknowledged from the gateway.
+pub const GATEWAY_TASKS_SUBMITTED: &str = "conveyor_gateway_tasks_submitted_total";
+/// `conveyor_gateway_view_tasks`: tasks held by the gateway's status view.
+pub const GATEWAY_VIEW_TASKS: &str = "conveyor_gateway_view_tasks";
+
 /// Label value for task types no handler is configured for.
 pub const UNKNOWN_TYPE: &str = "_unknown";
 
@@ -103,6 +114,14 @@ pub struct Metrics {
     pub committed_lag: IntGaugeVec,
     /// See [`PROCESSING_LAG`].
     pub processing_lag: IntGaugeVec,
+    /// See [`GATEWAY_REQUESTS`].
+    pub gateway_requests: IntCounterVec,
+    /// See [`GATEWAY_REQUEST_DURATION`].
+    pub gateway_request_duration: HistogramVec,
+    /// See [`GATEWAY_TASKS_SUBMITTED`].
+    pub gateway_tasks_submitted: IntCounterVec,
+    /// See [`GATEWAY_VIEW_TASKS`].
+    pub gateway_view_tasks: IntGaugeVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -249,6 +268,30 @@ impl Metrics {
                 PROCESSING_LAG,
                 "High watermark minus the next offset not yet finished, per owned partition.",
                 lag,
+            ),
+            gateway_requests: counter(
+                &r,
+                GATEWAY_REQUESTS,
+                "HTTP requests answered by the gateway, by route and status.",
+                &["route", "status"],
+            ),
+            gateway_request_duration: histogram(
+                &r,
+                GATEWAY_REQUEST_DURATION,
+                "Time to answer one gateway request, by route.",
+                &["route"],
+            ),
+            gateway_tasks_submitted: counter(
+                &r,
+                GATEWAY_TASKS_SUBMITTED,
+                "Tasks submitted through the gateway and acknowledged by the broker.",
+                &["task_type"],
+            ),
+            gateway_view_tasks: gauge(
+                &r,
+                GATEWAY_VIEW_TASKS,
+                "Tasks held by the gateway's status view.",
+                &[],
             ),
             registry: r,
         }

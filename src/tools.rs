@@ -247,11 +247,15 @@ fn base64_encode(bytes: &[u8]) -> String {
 
 /// A context that does not report reaching the end of a partition as an
 /// error: for a reader, it is the expected way to finish.
-struct ReaderContext;
+pub(crate) struct ReaderContext;
 
 impl ClientContext for ReaderContext {
     fn error(&self, error: KafkaError, reason: &str) {
-        if !matches!(error, KafkaError::PartitionEOF(_)) {
+        let end_of_partition = matches!(
+            error,
+            KafkaError::PartitionEOF(_) | KafkaError::Global(RDKafkaErrorCode::PartitionEOF)
+        );
+        if !end_of_partition {
             tracing::warn!(%error, reason, "Kafka client error");
         }
     }

@@ -1,5 +1,6 @@
-//! The `conveyor` binary as a user meets it: `config check`, the commands
-//! that are not built yet, and `conveyor dev` starting and stopping.
+//! The `conveyor` binary as a user meets it: `config check`, bad
+//! configurations, and `conveyor dev` starting, answering its printed curl
+//! commands and stopping.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -96,14 +97,20 @@ fn environment_is_a_layer_of_config_check() {
 }
 
 #[test]
-fn gateway_is_not_built_yet_and_says_so_with_status_2() {
-    let output = conveyor(&["gateway"]);
-    assert_eq!(output.status.code(), Some(2));
-    assert!(
-        stderr(&output).starts_with("conveyor gateway: not built yet"),
-        "{}",
-        stderr(&output)
+fn gateway_with_a_bad_gateway_section_exits_2_naming_the_keys() {
+    let path = temp_config(
+        "[gateway]\nlisten = \"localhost\"\nmax_wait_ms = 40000\nauth_tokens = [\"short\"]\n",
     );
+    let output = conveyor(&["gateway", "--config", path.to_str().expect("utf-8 path")]);
+    assert_eq!(output.status.code(), Some(2));
+    let text = stderr(&output);
+    for expected in [
+        "gateway.listen: must be an IP address and port",
+        "gateway.max_wait_ms: must be below gateway.request_timeout_ms (30000)",
+        "gateway.auth_tokens[0]: must be at least 16 printable ASCII characters",
+    ] {
+        assert!(text.contains(expected), "missing `{expected}` in: {text}");
+    }
 }
 
 #[test]
@@ -222,7 +229,7 @@ fn dev_runs_a_task_through_the_worker_and_stops_on_sigint() {
     let mut lines = Vec::new();
     while !lines
         .iter()
-        .any(|l: &String| l.contains("Ctrl-C stops the worker"))
+        .any(|l: &String| l.contains("Ctrl-C stops the gateway"))
     {
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
@@ -240,6 +247,28 @@ fn dev_runs_a_task_through_the_worker_and_stops_on_sigint() {
         "{text}"
     );
     assert!(text.contains("conveyor.tasks.echo"), "{text}");
+
+    // The printed curl commands work as printed: submit over HTTP, then a
+    // GET with wait answers the result.
+    let script: Vec<&str> = lines
+        .iter()
+        .map(|l| l.trim_start())
+        .filter(|l| l.starts_with("id=$(curl") || l.starts_with("curl -s \""))
+        .collect();
+    assert_eq!(script.len(), 2, "two curl lines printed: {text}");
+    if Command::new("curl").arg("--version").output().is_ok() {
+        let output = Command::new("sh")
+            .args(["-c", &script.join("\n")])
+            .output()
+            .expect("run sh");
+        let answer = String::from_utf8_lossy(&output.stdout);
+        let task: serde_json::Value = serde_json::from_str(&answer)
+            .unwrap_or_else(|e| panic!("the GET printed no JSON ({e}): {answer}"));
+        assert_eq!(task["status"], "succeeded", "{answer}");
+        assert_eq!(task["result"], serde_json::json!({"slept_ms": 500}));
+    } else {
+        eprintln!("conveyor-test: curl is not installed; the printed curl commands were not run");
+    }
 
     let status = Command::new("kill")
         .args(["-INT", &child.id().to_string()])

@@ -1,0 +1,480 @@
+//! The API's input checks and error answers: every refusal is a JSON body
+//! `{"error": {"code", "field", "message"}}` naming the field at fault.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::{json, Map, Value};
+
+/// Longest ordering key accepted, in bytes.
+pub const MAX_KEY_BYTES: usize = 1024;
+/// Longest idempotency key accepted, in bytes.
+pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 256;
+
+/// A refusal: status, a stable machine-readable code, the field at fault
+/// (when one is), and a sentence for people.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Stable code, such as `invalid_field`.
+    pub code: &'static str,
+    /// The field at fault, as a path (`tasks[2].type`).
+    pub field: Option<String>,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl ApiError {
+    /// A refusal not tied to a field.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            field: None,
+            message: message.into(),
+        }
+    }
+
+    /// A 422 naming `field`.
+    pub fn field(field: impl Into<String>, message: impl Into<String>) -> Self {
+        ApiError {
+            status: StatusCode::UNPROCESSABLE_ENTITY,
+            code: "invalid_field",
+            field: Some(field.into()),
+            message: message.into(),
+        }
+    }
+
+    /// The same refusal with another status and code.
+    pub fn with(mut self, status: StatusCode, code: &'static str) -> Self {
+        self.status = status;
+        self.code = code;
+        self
+    }
+
+    /// The JSON body.
+    pub fn body(&self) -> Value {
+        let mut error = json!({ "code": self.code, "message": self.message });
+        if let (Some(field), Some(map)) = (&self.field, error.as_object_mut()) {
+            map.insert("field".into(), json!(field));
+        }
+        json!({ "error": error })
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, axum::Json(self.body())).into_response()
+    }
+}
+
+/// A task as submitted, checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewTask {
+    /// Its type.
+    pub task_type: String,
+    /// The topic its type goes to.
+    pub topic: String,
+    /// The payload as JSON text.
+    pub payload: Vec<u8>,
+    /// Ordering key.
+    pub key: Option<String>,
+    /// Idempotency key.
+    pub idempotency_key: Option<String>,
+    /// Deadline, ms since the epoch.
+    pub deadline: Option<i64>,
+}
+
+/// What submitted tasks are checked against.
+#[derive(Debug, Clone)]
+pub struct Rules {
+    /// Accepted task types and their topics.
+    pub task_topics: BTreeMap<String, String>,
+    /// Largest payload, in bytes of JSON text.
+    pub max_payload_bytes: usize,
+    /// Most tasks in one batch.
+    pub max_batch: usize,
+}
+
+const TASK_FIELDS: &[&str] = &["type", "payload", "key", "idempotency_key", "deadline"];
+
+/// Parses a request body as JSON (400 naming the line and column if it is
+/// not).
+pub fn parse_json(body: &[u8]) -> Result<Value, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError {
+        status: StatusCode::BAD_REQUEST,
+        code: "invalid_json",
+        field: Some("body".into()),
+        message: format!("the request body is not valid JSON: {e}"),
+    })
+}
+
+fn object<'a>(value: &'a Value, field: &str) -> Result<&'a Map<String, Value>, ApiError> {
+    value.as_object().ok_or_else(|| {
+        ApiError::field(
+            if field.is_empty() { "body" } else { field },
+            format!("must be a JSON object, not {}", kind_of(value)),
+        )
+    })
+}
+
+fn kind_of(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn optional_string<'a>(
+    map: &'a Map<String, Value>,
+    name: &str,
+    path: &str,
+    max_bytes: usize,
+) -> Result<Option<&'a str>, ApiError> {
+    match map.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.is_empty() => Err(ApiError::field(
+            path,
+            "must not be empty (leave it out instead)",
+        )),
+        Some(Value::String(s)) if s.len() > max_bytes => Err(ApiError::field(
+            path,
+            format!("is {} bytes; at most {max_bytes} are accepted", s.len()),
+        )),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(other) => Err(ApiError::field(
+            path,
+            format!("must be a string, not {}", kind_of(other)),
+        )),
+    }
+}
+
+/// Checks one task object; field paths start with `prefix` (`""` or
+/// `tasks[3].`).
+pub fn parse_task(
+    value: &Value,
+    prefix: &str,
+    rules: &Rules,
+    now: i64,
+) -> Result<NewTask, ApiError> {
+    let path = |name: &str| format!("{prefix}{name}");
+    let map = object(value, prefix.trim_end_matches('.'))?;
+    if let Some(unknown) = map.keys().find(|k| !TASK_FIELDS.contains(&k.as_str())) {
+        return Err(ApiError::field(
+            path(unknown),
+            format!("unknown field; a task has {}", TASK_FIELDS.join(", ")),
+        ));
+    }
+    let task_type = match map.get("type") {
+        None | Some(Value::Null) => {
+            return Err(ApiError::field(path("type"), "required: the task type"))
+        }
+        Some(Value::String(t)) => t,
+        Some(other) => {
+            return Err(ApiError::field(
+                path("type"),
+                format!("must be a string, not {}", kind_of(other)),
+            ))
+        }
+    };
+    let Some(topic) = rules.task_topics.get(task_type) else {
+        let known: Vec<&str> = rules.task_topics.keys().map(String::as_str).collect();
+        return Err(ApiError::field(
+            path("type"),
+            format!(
+                "unknown task type `{task_type}`; this gateway accepts: {}",
+                if known.is_empty() {
+                    "none (configure [[processors]] or gateway.task_types)".to_owned()
+                } else {
+                    known.join(", ")
+                }
+            ),
+        ));
+    };
+    let payload = match map.get("payload") {
+        None => {
+            return Err(ApiError::field(
+                path("payload"),
+                "required: any JSON value (use {} for none)",
+            ))
+        }
+        Some(payload) => payload.to_string().into_bytes(),
+    };
+    if payload.len() > rules.max_payload_bytes {
+        return Err(ApiError::field(
+            path("payload"),
+            format!(
+                "is {} bytes of JSON; at most {} are accepted (gateway.max_payload_bytes)",
+                payload.len(),
+                rules.max_payload_bytes
+            ),
+        )
+        .with(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"));
+    }
+    let key = optional_string(map, "key", &path("key"), MAX_KEY_BYTES)?;
+    let idempotency_key = optional_string(
+        map,
+        "idempotency_key",
+        &path("idempotency_key"),
+        MAX_IDEMPOTENCY_KEY_BYTES,
+    )?;
+    let deadline = match map.get("deadline") {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(n)) => match n.as_i64() {
+            Some(at) if at > now => Some(at),
+            Some(_) => {
+                return Err(ApiError::field(
+                    path("deadline"),
+                    "is in the past (milliseconds since the Unix epoch)",
+                ))
+            }
+            None => {
+                return Err(ApiError::field(
+                    path("deadline"),
+                    "must be a whole number of milliseconds since the Unix epoch",
+                ))
+            }
+        },
+        Some(Value::String(text)) => match parse_duration(text) {
+            Ok(after) if !after.is_zero() => {
+                let ms = i64::try_from(after.as_millis()).unwrap_or(i64::MAX);
+                Some(now.saturating_add(ms))
+            }
+            Ok(_) => return Err(ApiError::field(path("deadline"), "must be after now")),
+            Err(why) => return Err(ApiError::field(path("deadline"), why)),
+        },
+        Some(other) => {
+            return Err(ApiError::field(
+                path("deadline"),
+                format!(
+                "must be milliseconds since the Unix epoch or a duration such as \"30s\", not {}",
+                kind_of(other)
+            ),
+            ))
+        }
+    };
+    Ok(NewTask {
+        task_type: task_type.clone(),
+        topic: topic.clone(),
+        payload,
+        key: key.map(str::to_owned),
+        idempotency_key: idempotency_key.map(str::to_owned),
+        deadline,
+    })
+}
+
+/// Checks a batch body `{"tasks": [...]}`.
+pub fn parse_batch(value: &Value, rules: &Rules, now: i64) -> Result<Vec<NewTask>, ApiError> {
+    let map = object(value, "")?;
+    if let Some(unknown) = map.keys().find(|k| k.as_str() != "tasks") {
+        return Err(ApiError::field(
+            unknown.clone(),
+            "unknown field; a batch is {\"tasks\": [...]}",
+        ));
+    }
+    let tasks = match map.get("tasks") {
+        None => return Err(ApiError::field("tasks", "required: an array of tasks")),
+        Some(Value::Array(tasks)) => tasks,
+        Some(other) => {
+            return Err(ApiError::field(
+                "tasks",
+                format!("must be an array, not {}", kind_of(other)),
+            ))
+        }
+    };
+    if tasks.is_empty() {
+        return Err(ApiError::field("tasks", "must hold at least one task"));
+    }
+    if tasks.len() > rules.max_batch {
+        return Err(ApiError::field(
+            "tasks",
+            format!(
+                "holds {} tasks; at most {} are accepted (gateway.max_batch)",
+                tasks.len(),
+                rules.max_batch
+            ),
+        )
+        .with(StatusCode::PAYLOAD_TOO_LARGE, "batch_too_large"));
+    }
+    tasks
+        .iter()
+        .enumerate()
+        .map(|(i, task)| parse_task(task, &format!("tasks[{i}]."), rules, now))
+        .collect()
+}
+
+/// Parses a duration: a whole number followed by `ms`, `s` or `m` (`500ms`,
+/// `10s`, `2m`), or a bare number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let digits_end = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(digits_end);
+    let bad = || format!("`{text}` is not a duration such as 500ms, 10s or 2m");
+    let n: u64 = number.parse().map_err(|_| bad())?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "" | "s" => Ok(Duration::from_secs(n)),
+        "m" => n.checked_mul(60).map(Duration::from_secs).ok_or_else(bad),
+        _ => Err(bad()),
+    }
+}
+
+/// Whether `value` is a well-formed W3C `traceparent` (version 00, non-zero
+/// trace and parent ids).
+pub fn valid_traceparent(value: &str) -> bool {
+    let parts: Vec<&str> = value.split('-').collect();
+    let hex = |s: &str, len: usize| {
+        s.len() == len
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    match parts.as_slice() {
+        [version, trace, parent, flags] => {
+            *version == "00"
+                && hex(trace, 32)
+                && hex(parent, 16)
+                && hex(flags, 2)
+                && trace.bytes().any(|b| b != b'0')
+                && parent.bytes().any(|b| b != b'0')
+        }
+        _ => false,
+    }
+}
+
+/// A new sampled W3C `traceparent` with random trace and parent ids.
+pub fn new_traceparent() -> String {
+    let trace = uuid::Uuid::new_v4().simple().to_string();
+    let parent = format!("{:016x}", fastrand::u64(1..));
+    format!("00-{trace}-{parent}-01")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules() -> Rules {
+        Rules {
+            task_topics: [("echo".to_owned(), "conveyor.tasks.echo".to_owned())]
+                .into_iter()
+                .collect(),
+            max_payload_bytes: 16,
+            max_batch: 2,
+        }
+    }
+
+    fn refusal(body: &str) -> (u16, Option<String>) {
+        let value = match parse_json(body.as_bytes()) {
+            Ok(v) => v,
+            Err(e) => return (e.status.as_u16(), e.field),
+        };
+        match parse_task(&value, "", &rules(), 1_000) {
+            Ok(task) => panic!("accepted {body}: {task:?}"),
+            Err(e) => (e.status.as_u16(), e.field),
+        }
+    }
+
+    #[test]
+    fn a_good_task_is_accepted_with_its_topic() {
+        let value = json!({"type": "echo", "payload": {"a": 1}, "key": "k",
+                           "idempotency_key": "i", "deadline": "2s"});
+        let task = parse_task(&value, "", &rules(), 1_000).expect("valid");
+        assert_eq!(task.topic, "conveyor.tasks.echo");
+        assert_eq!(task.payload, br#"{"a":1}"#);
+        assert_eq!(task.key.as_deref(), Some("k"));
+        assert_eq!(task.idempotency_key.as_deref(), Some("i"));
+        assert_eq!(task.deadline, Some(3_000));
+    }
+
+    #[test]
+    fn every_bad_input_names_its_field_and_status() {
+        let some = |s: &str| Some(s.to_owned());
+        assert_eq!(refusal("{"), (400, some("body")));
+        assert_eq!(refusal("[]"), (422, some("body")));
+        assert_eq!(refusal(r#"{"payload": 1}"#), (422, some("type")));
+        assert_eq!(refusal(r#"{"type": 3, "payload": 1}"#), (422, some("type")));
+        assert_eq!(
+            refusal(r#"{"type": "nope", "payload": 1}"#),
+            (422, some("type"))
+        );
+        assert_eq!(refusal(r#"{"type": "echo"}"#), (422, some("payload")));
+        assert_eq!(
+            refusal(r#"{"type": "echo", "payload": "0123456789abcdef"}"#),
+            (413, some("payload"))
+        );
+        assert_eq!(
+            refusal(r#"{"type": "echo", "payload": 1, "paylod": 2}"#),
+            (422, some("paylod"))
+        );
+        assert_eq!(
+            refusal(r#"{"type": "echo", "payload": 1, "key": 5}"#),
+            (422, some("key"))
+        );
+        assert_eq!(
+            refusal(r#"{"type": "echo", "payload": 1, "idempotency_key": ""}"#),
+            (422, some("idempotency_key"))
+        );
+        assert_eq!(
+            refusal(r#"{"type": "echo", "payload": 1, "deadline": 999}"#),
+            (422, some("deadline"))
+        );
+        assert_eq!(
+            refusal(r#"{"type": "echo", "payload": 1, "deadline": "soon"}"#),
+            (422, some("deadline"))
+        );
+    }
+
+    #[test]
+    fn batch_errors_name_the_task() {
+        let r = rules();
+        let bad = json!({"tasks": [{"type": "echo", "payload": 1}, {"type": "x", "payload": 1}]});
+        let e = parse_batch(&bad, &r, 0).expect_err("bad type");
+        assert_eq!(e.field.as_deref(), Some("tasks[1].type"));
+        let many = json!({"tasks": [{"type": "echo", "payload": 1}, {"type": "echo", "payload": 1},
+                                    {"type": "echo", "payload": 1}]});
+        assert_eq!(
+            parse_batch(&many, &r, 0).map_err(|e| e.status.as_u16()),
+            Err(413)
+        );
+        assert_eq!(
+            parse_batch(&json!({"tasks": []}), &r, 0).map_err(|e| e.field),
+            Err(Some("tasks".into()))
+        );
+    }
+
+    #[test]
+    fn durations_parse_and_refuse() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("10"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        for bad in ["", "s", "1h", "-1s", "1.5s", "99999999999999999999s"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn traceparents_are_checked_and_made_well_formed() {
+        assert!(valid_traceparent(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        ));
+        assert!(!valid_traceparent(
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01"
+        ));
+        assert!(!valid_traceparent(
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01"
+        ));
+        assert!(!valid_traceparent("garbage"));
+        for _ in 0..100 {
+            assert!(valid_traceparent(&new_traceparent()));
+        }
+    }
+}

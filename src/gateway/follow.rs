@@ -1,0 +1,269 @@
+//! The status view's source: a consumer outside any group that reads the
+//! results and task topics from a look-back point and follows them.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
+use uuid::Uuid;
+
+use super::GatewayError;
+use crate::codec::{now_millis, Codec, TaskRequest, TaskResult};
+use crate::processor::headers;
+use crate::settings::KafkaSettings;
+use crate::tools::ReaderContext;
+
+/// What to follow.
+#[derive(Debug, Clone)]
+pub(super) struct Spec {
+    pub kafka: KafkaSettings,
+    pub codec: Codec,
+    pub task_topics: Vec<String>,
+    pub result_topics: Vec<String>,
+    pub lookback_ms: u64,
+    /// The view's capacity: how far back to read a partition whose
+    /// timestamp lookup found nothing.
+    pub max_tasks: usize,
+}
+
+/// What the follower saw.
+pub(super) enum Event {
+    /// A task request.
+    Request {
+        request: TaskRequest,
+        traceparent: Option<String>,
+    },
+    /// A task result.
+    Result(TaskResult),
+    /// Every partition has been read to the end it had at start.
+    CaughtUp,
+    /// About once a second, for housekeeping.
+    Tick,
+}
+
+pub(super) struct Follower {
+    consumer: BaseConsumer<ReaderContext>,
+    codec: Codec,
+    result_topics: HashSet<String>,
+    /// Records older than this (ms since the epoch) are skipped.
+    start: i64,
+    /// Partitions not yet read up to the high watermark they had at start,
+    /// with that watermark.
+    behind: HashMap<(String, i32), i64>,
+}
+
+impl Follower {
+    /// Checks that every topic exists and assigns all their partitions from
+    /// `lookback_ms` ago.
+    pub fn new(spec: &Spec) -> Result<Self, GatewayError> {
+        let kafka_error = |what: &str| {
+            let what = what.to_owned();
+            move |source| GatewayError::Kafka { what, source }
+        };
+        let group = format!("conveyor-gateway-{}", Uuid::new_v4());
+        let consumer: BaseConsumer<ReaderContext> =
+            crate::kafka::consumer_config(&spec.kafka, &group, 10_000)
+                .set("enable.auto.commit", "false")
+                .set("enable.partition.eof", "true")
+                .create_with_context(ReaderContext)
+                .map_err(kafka_error("creating the status view's consumer"))?;
+        let metadata = consumer
+            .fetch_metadata(None, Duration::from_secs(10))
+            .map_err(kafka_error("reading the cluster's metadata"))?;
+        let mut wanted: Vec<&String> = spec.result_topics.iter().chain(&spec.task_topics).collect();
+        wanted.sort();
+        wanted.dedup();
+        let mut missing = Vec::new();
+        let start =
+            now_millis().saturating_sub(i64::try_from(spec.lookback_ms).unwrap_or(i64::MAX));
+        let mut times = TopicPartitionList::new();
+        for topic in &wanted {
+            let found = metadata.topics().iter().find(|t| {
+                t.name() == topic.as_str() && t.error().is_none() && !t.partitions().is_empty()
+            });
+            match found {
+                None => missing.push(topic.as_str()),
+                Some(t) => {
+                    for p in t.partitions() {
+                        times
+                            .add_partition_offset(topic, p.id(), Offset::Offset(start))
+                            .map_err(kafka_error("building the assignment"))?;
+                    }
+                }
+            }
+        }
+        if !missing.is_empty() {
+            return Err(GatewayError::Config(format!(
+                "these topics do not exist: {} (create them, or fix [topics] and [[processors]])",
+                missing.join(", ")
+            )));
+        }
+        let partitions = times.count();
+        let assignment = match consumer.offsets_for_times(times.clone(), Duration::from_secs(10)) {
+            Ok(found) => {
+                // No record at or after the time: start at the end.
+                let mut list = TopicPartitionList::new();
+                for e in found.elements() {
+                    let offset = match e.offset() {
+                        Offset::Offset(o) if o >= 0 => Offset::Offset(o),
+                        _ => Offset::End,
+                    };
+                    list.add_partition_offset(e.topic(), e.partition(), offset)
+                        .map_err(kafka_error("building the assignment"))?;
+                }
+                list
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot look up offsets by time; the status view reads the topics from their start");
+                let mut list = TopicPartitionList::new();
+                for e in times.elements() {
+                    list.add_partition_offset(e.topic(), e.partition(), Offset::Beginning)
+                        .map_err(kafka_error("building the assignment"))?;
+                }
+                list
+            }
+        };
+        // A lookup that finds no record after the time answers End; some
+        // brokers (librdkafka's mock cluster) answer End whatever the time.
+        // Either way, read back at most this view's share of the partition
+        // and skip what is older than the look-back by record timestamp.
+        let share = i64::try_from(spec.max_tasks / partitions.max(1))
+            .unwrap_or(i64::MAX)
+            .max(1_000);
+        let mut behind = HashMap::new();
+        let mut from_offsets = TopicPartitionList::new();
+        for e in assignment.elements() {
+            let (low, high) = consumer
+                .fetch_watermarks(e.topic(), e.partition(), Duration::from_secs(10))
+                .map_err(kafka_error("reading the followed topics' watermarks"))?;
+            let from = match e.offset() {
+                Offset::Offset(o) => o.max(low),
+                _ => high.saturating_sub(share).max(low),
+            };
+            from_offsets
+                .add_partition_offset(e.topic(), e.partition(), Offset::Offset(from))
+                .map_err(kafka_error("building the assignment"))?;
+            if from < high {
+                behind.insert((e.topic().to_owned(), e.partition()), high);
+            }
+        }
+        tracing::debug!(?from_offsets, "status view starts from these offsets");
+        let assignment = from_offsets;
+        consumer
+            .assign(&assignment)
+            .map_err(kafka_error("assigning the followed topics"))?;
+        Ok(Follower {
+            consumer,
+            codec: spec.codec,
+            result_topics: spec.result_topics.iter().cloned().collect(),
+            start,
+            behind,
+        })
+    }
+
+    /// Polls until `stop`, handing what it reads to `apply`.
+    pub fn run(mut self, stop: &AtomicBool, mut apply: impl FnMut(Event)) {
+        let mut caught_up = false;
+        let mut last_tick = Instant::now();
+        while !stop.load(Ordering::Relaxed) {
+            if !caught_up && self.behind.is_empty() {
+                caught_up = true;
+                apply(Event::CaughtUp);
+            }
+            if last_tick.elapsed() >= Duration::from_secs(1) {
+                apply(Event::Tick);
+                last_tick = Instant::now();
+            }
+            match self.consumer.poll(Duration::from_millis(100)) {
+                None => {}
+                Some(Err(KafkaError::PartitionEOF(partition))) => self.reached_end(partition),
+                Some(Err(error)) => {
+                    tracing::warn!(%error, "status view: reading the followed topics");
+                }
+                Some(Ok(message)) => {
+                    if !self.behind.is_empty() {
+                        let at = (message.topic().to_owned(), message.partition());
+                        if self
+                            .behind
+                            .get(&at)
+                            .is_some_and(|high| message.offset() + 1 >= *high)
+                        {
+                            self.behind.remove(&at);
+                        }
+                    }
+                    if let Some(event) = self.decode(&message) {
+                        apply(event);
+                    }
+                }
+            }
+        }
+    }
+
+    fn decode(&self, message: &BorrowedMessage<'_>) -> Option<Event> {
+        if message
+            .timestamp()
+            .to_millis()
+            .is_some_and(|t| t < self.start)
+        {
+            return None;
+        }
+        let bytes = message.payload().unwrap_or_default();
+        let topic = message.topic();
+        if self.result_topics.contains(topic) {
+            return match self.codec.decode_result(bytes) {
+                Ok(result) => Some(Event::Result(result)),
+                Err(error) => {
+                    tracing::debug!(%error, topic, "status view: skipping an undecodable result");
+                    None
+                }
+            };
+        }
+        match self.codec.decode_request(bytes) {
+            Ok(request) => {
+                let traceparent = message.headers().and_then(|h| {
+                    h.iter()
+                        .find(|h| h.key == headers::TRACEPARENT)
+                        .and_then(|h| h.value)
+                        .and_then(|v| std::str::from_utf8(v).ok())
+                        .map(str::to_owned)
+                });
+                Some(Event::Request {
+                    request,
+                    traceparent,
+                })
+            }
+            Err(error) => {
+                tracing::debug!(%error, topic, "status view: skipping an undecodable request");
+                None
+            }
+        }
+    }
+
+    /// A partition numbered `partition` (of some followed topic) is at its
+    /// end: every such partition whose position passed its start-time high
+    /// watermark is caught up (offsets can have gaps, so the last record's
+    /// offset alone may never reach it).
+    fn reached_end(&mut self, partition: i32) {
+        if self.behind.is_empty() {
+            return;
+        }
+        let Ok(position) = self.consumer.position() else {
+            return;
+        };
+        for e in position.elements() {
+            if e.partition() != partition {
+                continue;
+            }
+            let at = (e.topic().to_owned(), e.partition());
+            if let (Offset::Offset(o), Some(high)) = (e.offset(), self.behind.get(&at)) {
+                if o >= *high {
+                    self.behind.remove(&at);
+                }
+            }
+        }
+    }
+}

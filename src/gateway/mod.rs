@@ -1,0 +1,814 @@
+//! The HTTP gateway: the front door for web applications.
+//!
+//! `POST /v1/tasks` checks a task, produces its [`TaskRequest`] with
+//! `acks=all` and answers `202 {"id", "status": "queued", "status_url"}` only
+//! once the broker has acknowledged it; `GET /v1/tasks/{id}` answers from a
+//! status view the gateway materialises itself ([`view`]), optionally
+//! long-polling (`?wait=10s`) until the task is terminal. No database: the
+//! view is built by following the results topic (terminal states) and the
+//! task topics (queued tasks, and the idempotency keys other replicas took),
+//! so every replica sees every task.
+//!
+//! The routes are listed in [`ROUTES`]; `openapi.json` beside this file
+//! documents them and is served at `/openapi.json` (a test checks the two
+//! agree).
+
+pub mod api;
+mod follow;
+pub mod view;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::types::RDKafkaErrorCode;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use crate::codec::{now_millis, Codec, TaskRequest};
+use crate::metrics::Metrics;
+use crate::processor::headers;
+use crate::settings::{GatewaySettings, Settings};
+use api::{ApiError, NewTask, Rules};
+use view::{Limits, TaskView, View, IDEMPOTENCY_METADATA};
+
+/// The OpenAPI 3 document of the API, as served at `/openapi.json`.
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+/// Every route the gateway serves: (method, path in OpenAPI's notation).
+pub const ROUTES: &[(&str, &str)] = &[
+    ("post", "/v1/tasks"),
+    ("post", "/v1/tasks:batch"),
+    ("get", "/v1/tasks/{id}"),
+    ("get", "/healthz"),
+    ("get", "/readyz"),
+    ("get", "/metrics"),
+    ("get", "/openapi.json"),
+];
+
+/// Why the gateway could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum GatewayError {
+    /// The configuration cannot work (a listener that cannot bind, topics
+    /// that do not exist).
+    #[error("{0}")]
+    Config(String),
+    /// The cluster could not be reached or refused.
+    #[error("{what}: {source}")]
+    Kafka {
+        /// What was being done.
+        what: String,
+        /// librdkafka's error.
+        source: KafkaError,
+    },
+    /// The HTTP server failed.
+    #[error("HTTP server: {0}")]
+    Serve(String),
+}
+
+/// What every request handler shares.
+struct Shared {
+    settings: GatewaySettings,
+    rules: Rules,
+    codec: Codec,
+    producer: FutureProducer,
+    view: Mutex<View>,
+    /// Idempotency keys of submissions not yet acknowledged.
+    reserved: Mutex<HashSet<String>>,
+    /// Set once the follower has read every partition to its end.
+    caught_up: AtomicBool,
+    /// Set when the gateway stops: long polls answer at once.
+    stopping: AtomicBool,
+    metrics: Arc<Metrics>,
+}
+
+impl Shared {
+    fn view(&self) -> MutexGuard<'_, View> {
+        self.view.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn reserved(&self) -> MutexGuard<'_, HashSet<String>> {
+        self.reserved.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A running gateway.
+pub struct Gateway {
+    address: SocketAddr,
+    server: tokio::task::JoinHandle<Result<(), GatewayError>>,
+}
+
+impl Gateway {
+    /// The address the API listens on (useful with port 0).
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+
+    /// Waits until the gateway has stopped: no longer accepting, in-flight
+    /// requests answered, the producer flushed.
+    pub async fn finished(self) -> Result<(), GatewayError> {
+        self.server
+            .await
+            .map_err(|e| GatewayError::Serve(e.to_string()))?
+    }
+}
+
+/// Checks the topics, starts the status view's follower, binds
+/// `gateway.listen` and serves until `stop` is set.
+pub async fn start(
+    settings: &Settings,
+    metrics: Arc<Metrics>,
+    stop: Arc<AtomicBool>,
+) -> Result<Gateway, GatewayError> {
+    let g = settings.gateway.clone();
+    let codec = settings
+        .codec
+        .codec()
+        .ok_or_else(|| GatewayError::Config("codec settings are incomplete".into()))?;
+    let task_topics = settings.gateway_task_topics();
+    let mut result_topics = vec![settings.topics.results.clone()];
+    result_topics.extend(
+        settings
+            .processors
+            .iter()
+            .filter_map(|p| p.output_topic.clone()),
+    );
+    result_topics.sort();
+    result_topics.dedup();
+
+    let producer: FutureProducer = crate::kafka::producer_config(&settings.kafka)
+        .set("message.timeout.ms", g.produce_timeout_ms.to_string())
+        .create()
+        .map_err(|source| GatewayError::Kafka {
+            what: "creating the producer".into(),
+            source,
+        })?;
+    let shared = Arc::new(Shared {
+        rules: Rules {
+            task_topics: task_topics.clone(),
+            max_payload_bytes: g.max_payload_bytes,
+            max_batch: g.max_batch,
+        },
+        codec,
+        producer,
+        view: Mutex::new(View::new(Limits {
+            max_tasks: g.view_max_tasks,
+            max_age_ms: i64::try_from(g.view_max_age_ms).unwrap_or(i64::MAX),
+            max_bytes: g.view_max_bytes,
+            idempotency_window_ms: i64::try_from(g.idempotency_window_ms).unwrap_or(i64::MAX),
+        })),
+        reserved: Mutex::new(HashSet::new()),
+        caught_up: AtomicBool::new(false),
+        stopping: AtomicBool::new(false),
+        metrics,
+        settings: g.clone(),
+    });
+
+    let follow_spec = follow::Spec {
+        kafka: settings.kafka.clone(),
+        codec,
+        task_topics: task_topics.values().cloned().collect(),
+        result_topics,
+        lookback_ms: g.view_lookback_ms,
+        max_tasks: g.view_max_tasks,
+    };
+    let follower = {
+        let spec = follow_spec.clone();
+        tokio::task::spawn_blocking(move || follow::Follower::new(&spec))
+            .await
+            .map_err(|e| GatewayError::Serve(e.to_string()))??
+    };
+
+    let listener = tokio::net::TcpListener::bind(&g.listen)
+        .await
+        .map_err(|e| {
+            GatewayError::Config(format!(
+                "gateway.listen = \"{}\": cannot listen: {e}",
+                g.listen
+            ))
+        })?;
+    let address = listener
+        .local_addr()
+        .map_err(|e| GatewayError::Serve(e.to_string()))?;
+
+    // The follower stops with the gateway's stop flag itself, not after the
+    // server: long polls are answered at once on stop anyway, and a
+    // blocking thread left running would hold up the runtime's shutdown.
+    let follower_thread = {
+        let shared = shared.clone();
+        let stop = stop.clone();
+        tokio::task::spawn_blocking(move || {
+            follower.run(&stop, |event| apply(&shared, event));
+        })
+    };
+
+    let app = router(shared.clone());
+    let server = tokio::spawn(async move {
+        let stopping = shared.clone();
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                tracing::info!("gateway stopping: no new connections, answering those in flight");
+                stopping.stopping.store(true, Ordering::Relaxed);
+                stopping.view().wake_all();
+            })
+            .await;
+        let producer = shared.producer.clone();
+        let flushed = tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(5)))
+            .await
+            .map_err(|e| GatewayError::Serve(e.to_string()))?;
+        if let Err(error) = flushed {
+            tracing::warn!(%error, "the gateway's producer did not flush");
+        }
+        let _ = follower_thread.await;
+        tracing::info!("gateway stopped");
+        served.map_err(|e| GatewayError::Serve(e.to_string()))
+    });
+    Ok(Gateway { address, server })
+}
+
+fn apply(shared: &Shared, event: follow::Event) {
+    let now = now_millis();
+    match event {
+        follow::Event::Request {
+            request,
+            traceparent,
+        } => shared.view().apply_request(&request, traceparent, now),
+        follow::Event::Result(result) => shared.view().apply_result(result, now),
+        follow::Event::CaughtUp => {
+            tracing::info!("gateway status view caught up with the results and task topics");
+            shared.caught_up.store(true, Ordering::Relaxed);
+        }
+        follow::Event::Tick => {
+            let mut view = shared.view();
+            view.evict(now);
+            let m = &shared.metrics;
+            m.gateway_view_tasks
+                .with_label_values(&[] as &[&str])
+                .set(i64::try_from(view.len()).unwrap_or(i64::MAX));
+        }
+    }
+}
+
+fn router(shared: Arc<Shared>) -> Router {
+    let api = Router::new()
+        .route("/v1/tasks", post(submit_one))
+        .route("/v1/tasks:batch", post(submit_batch))
+        .route("/v1/tasks/{id}", get(get_task))
+        .route_layer(middleware::from_fn_with_state(shared.clone(), authenticate));
+    let open = Router::new()
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/readyz", get(ready))
+        .route("/metrics", get(metrics_text))
+        .route(
+            "/openapi.json",
+            get(|| async { ([("content-type", "application/json")], OPENAPI) }),
+        );
+    api.merge(open)
+        .fallback(|| async {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "no_route",
+                "no such route; see /openapi.json",
+            )
+        })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this route does not take that method; see /openapi.json",
+            )
+        })
+        .layer(DefaultBodyLimit::max(shared.settings.max_body_bytes))
+        .layer(middleware::from_fn_with_state(shared.clone(), time_limit))
+        .layer(middleware::from_fn_with_state(shared.clone(), observe))
+        .with_state(shared)
+}
+
+/// Counts and times every request by route and status.
+async fn observe(State(shared): State<Arc<Shared>>, request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", |p| p.as_str())
+        .to_owned();
+    let started = Instant::now();
+    let response = next.run(request).await;
+    let m = &shared.metrics;
+    m.gateway_request_duration
+        .with_label_values(&[route.as_str()])
+        .observe(started.elapsed().as_secs_f64());
+    m.gateway_requests
+        .with_label_values(&[route.as_str(), response.status().as_str()])
+        .inc();
+    response
+}
+
+/// Answers 503 when a request takes longer than `gateway.request_timeout_ms`.
+async fn time_limit(State(shared): State<Arc<Shared>>, request: Request, next: Next) -> Response {
+    let limit = Duration::from_millis(shared.settings.request_timeout_ms);
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "timeout",
+            format!(
+                "the request took longer than gateway.request_timeout_ms ({} ms)",
+                limit.as_millis()
+            ),
+        )
+        .into_response(),
+    }
+}
+
+/// Requires `Authorization: Bearer <token>` with a configured token, when
+/// tokens are configured.
+async fn authenticate(State(shared): State<Arc<Shared>>, request: Request, next: Next) -> Response {
+    let tokens = &shared.settings.auth_tokens;
+    if tokens.is_empty() {
+        return next.run(request).await;
+    }
+    let presented = request
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let Some(presented) = presented else {
+        return unauthorized("send the header `Authorization: Bearer <token>`");
+    };
+    // Compare with every token, each in constant time, so the answer's
+    // timing says nothing about which token or how much of it matched.
+    let matched = tokens.iter().fold(false, |any, token| {
+        any | constant_time_eq(token.as_bytes(), presented.as_bytes())
+    });
+    if matched {
+        next.run(request).await
+    } else {
+        unauthorized("the bearer token is not one of gateway.auth_tokens")
+    }
+}
+
+fn unauthorized(message: &str) -> Response {
+    let mut response =
+        ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message).into_response();
+    response
+        .headers_mut()
+        .insert("www-authenticate", HeaderValue::from_static("Bearer"));
+    response
+}
+
+/// Equality whose time depends only on the lengths, not on where the bytes
+/// differ.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn metrics_text(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    (
+        [("content-type", "text/plain; version=0.0.4")],
+        shared.metrics.render(),
+    )
+}
+
+/// Ready when the broker answers a metadata request and the status view
+/// has caught up.
+async fn ready(State(shared): State<Arc<Shared>>) -> Response {
+    let mut problems = Vec::new();
+    if !shared.caught_up.load(Ordering::Relaxed) {
+        problems.push("the status view is still catching up with the results topic".to_owned());
+    }
+    let producer = shared.producer.clone();
+    let reachable = tokio::task::spawn_blocking(move || {
+        producer
+            .client()
+            .fetch_metadata(None, Duration::from_secs(2))
+            .map(|_| ())
+    })
+    .await;
+    match reachable {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => problems.push(format!("the broker does not answer: {e}")),
+        Err(e) => problems.push(format!("the broker check failed: {e}")),
+    }
+    if problems.is_empty() {
+        Json(json!({"status": "ready"})).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "not_ready", "problems": problems})),
+        )
+            .into_response()
+    }
+}
+
+/// The trace context of a submission: the caller's `traceparent` when it
+/// is well-formed, else a new one.
+fn traceparent_of(headers: &HeaderMap) -> String {
+    headers
+        .get(headers::TRACEPARENT)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| api::valid_traceparent(v))
+        .map_or_else(api::new_traceparent, str::to_owned)
+}
+
+fn body_bytes(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes, ApiError> {
+    body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError {
+                status: StatusCode::PAYLOAD_TOO_LARGE,
+                code: "body_too_large",
+                field: Some("body".into()),
+                message: format!("the request body is over {limit} bytes (gateway.max_body_bytes)"),
+            }
+        } else {
+            ApiError::new(rejection.status(), "bad_body", rejection.body_text())
+        }
+    })
+}
+
+async fn submit_one(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let traceparent = traceparent_of(&headers);
+    let outcome = async {
+        let body = body_bytes(body, shared.settings.max_body_bytes)?;
+        let value = api::parse_json(&body)?;
+        let task = api::parse_task(&value, "", &shared.rules, now_millis())?;
+        let mut accepted = submit(&shared, vec![task], &traceparent).await?;
+        accepted
+            .pop()
+            .ok_or_else(|| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "no task"))
+    }
+    .await;
+    with_traceparent(
+        match outcome {
+            Ok(accepted) => (StatusCode::ACCEPTED, Json(accepted)).into_response(),
+            Err(error) => error.into_response(),
+        },
+        &traceparent,
+    )
+}
+
+async fn submit_batch(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let traceparent = traceparent_of(&headers);
+    let outcome = async {
+        let body = body_bytes(body, shared.settings.max_body_bytes)?;
+        let value = api::parse_json(&body)?;
+        let tasks = api::parse_batch(&value, &shared.rules, now_millis())?;
+        let mut seen = HashMap::new();
+        for (i, task) in tasks.iter().enumerate() {
+            if let Some(key) = &task.idempotency_key {
+                if let Some(first) = seen.insert(key.clone(), i) {
+                    return Err(ApiError::field(
+                        format!("tasks[{i}].idempotency_key"),
+                        format!("is also the idempotency_key of tasks[{first}]"),
+                    ));
+                }
+            }
+        }
+        submit(&shared, tasks, &traceparent).await
+    }
+    .await;
+    with_traceparent(
+        match outcome {
+            Ok(accepted) => {
+                (StatusCode::ACCEPTED, Json(json!({ "tasks": accepted }))).into_response()
+            }
+            Err(error) => error.into_response(),
+        },
+        &traceparent,
+    )
+}
+
+fn with_traceparent(mut response: Response, traceparent: &str) -> Response {
+    if let Ok(value) = HeaderValue::from_str(traceparent) {
+        response.headers_mut().insert(headers::TRACEPARENT, value);
+    }
+    response
+}
+
+fn status_url(id: &Uuid) -> String {
+    format!("/v1/tasks/{id}")
+}
+
+/// Releases idempotency keys reserved by a submission however it ends
+/// (answered, failed, or its request dropped by the client or a timeout).
+struct Reservation<'a> {
+    shared: &'a Shared,
+    keys: Vec<String>,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        let mut reserved = self.shared.reserved();
+        for key in &self.keys {
+            reserved.remove(key);
+        }
+    }
+}
+
+/// Produces `tasks` (those whose idempotency key is not already taken) and
+/// answers once the broker acknowledged every one.
+async fn submit(
+    shared: &Shared,
+    tasks: Vec<NewTask>,
+    traceparent: &str,
+) -> Result<Vec<Value>, ApiError> {
+    let now = now_millis();
+    // Idempotency keys: already known (here or from another replica through
+    // the task topics) → the original task; being submitted right now by
+    // another request → 409, as the outcome is not known yet.
+    let mut reservation = Reservation {
+        shared,
+        keys: Vec::new(),
+    };
+    let mut answers: Vec<Option<Value>> = vec![None; tasks.len()];
+    {
+        let view = shared.view();
+        let mut reserved = shared.reserved();
+        for (i, task) in tasks.iter().enumerate() {
+            let Some(key) = &task.idempotency_key else {
+                continue;
+            };
+            if let Some(id) = view.idempotent(key, now) {
+                let status = view.get(&id).map_or("queued", |t| t.phase.name());
+                answers[i] = Some(json!({
+                    "id": id, "status": status, "status_url": status_url(&id),
+                    "idempotent_replay": true,
+                }));
+            } else if !reserved.insert(key.clone()) {
+                return Err(ApiError::field(
+                    field_of(tasks.len(), i, "idempotency_key"),
+                    "a request with this idempotency_key is being submitted right now; retry shortly",
+                )
+                .with(StatusCode::CONFLICT, "idempotency_key_in_use"));
+            } else {
+                reservation.keys.push(key.clone());
+            }
+        }
+    }
+
+    let mut pending = Vec::new();
+    let mut failure = None;
+    for (i, task) in tasks.iter().enumerate() {
+        if answers[i].is_some() {
+            continue;
+        }
+        let mut request = TaskRequest::new(&task.task_type, task.payload.clone());
+        request.key = task.key.clone();
+        request.deadline = task.deadline;
+        if let Some(key) = &task.idempotency_key {
+            request
+                .metadata
+                .insert(IDEMPOTENCY_METADATA.into(), key.clone());
+        }
+        let mut value = Vec::with_capacity(task.payload.len() + 96);
+        shared.codec.encode_request(&request, &mut value);
+        let record_key = request
+            .key
+            .clone()
+            .unwrap_or_else(|| request.id.to_string());
+        let record = FutureRecord::to(&task.topic)
+            .key(&record_key)
+            .payload(&value)
+            .headers(headers::build([(
+                headers::TRACEPARENT,
+                Some(traceparent.to_owned()),
+            )]));
+        match shared.producer.send_result(record) {
+            Ok(delivery) => pending.push((i, request, delivery)),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                failure = Some("the gateway's producer queue is full; retry shortly".to_owned());
+                break;
+            }
+            Err((e, _)) => {
+                failure = Some(format!("cannot produce to {}: {e}", task.topic));
+                break;
+            }
+        }
+    }
+
+    // Tasks already handed to the producer are awaited even after a
+    // failure, so the answer says which of them were written.
+    let mut acknowledged = Vec::new();
+    for (i, request, delivery) in pending {
+        match delivery.await {
+            Ok(Ok(_)) => {
+                shared
+                    .metrics
+                    .gateway_tasks_submitted
+                    .with_label_values(&[request.task_type.as_str()])
+                    .inc();
+                shared
+                    .view()
+                    .apply_request(&request, Some(traceparent.to_owned()), now_millis());
+                answers[i] = Some(json!({
+                    "id": request.id, "status": "queued", "status_url": status_url(&request.id),
+                }));
+                acknowledged.push(request.id);
+            }
+            Ok(Err((e, _))) => {
+                failure
+                    .get_or_insert_with(|| format!("the broker did not acknowledge the task: {e}"));
+            }
+            Err(_) => {
+                failure.get_or_insert_with(|| "the producer stopped".to_owned());
+            }
+        }
+    }
+    drop(reservation);
+    if let Some(message) = failure {
+        return Err(unavailable(&acknowledged, message));
+    }
+    Ok(answers.into_iter().flatten().collect())
+}
+
+fn field_of(count: usize, i: usize, name: &str) -> String {
+    if count == 1 {
+        name.to_owned()
+    } else {
+        format!("tasks[{i}].{name}")
+    }
+}
+
+/// 503: the broker did not take the tasks. `acknowledged` lists those of a
+/// batch that were written all the same.
+fn unavailable(acknowledged: &[Uuid], message: String) -> ApiError {
+    let mut error = ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "broker_unavailable",
+        message,
+    );
+    if !acknowledged.is_empty() {
+        error.message = format!(
+            "{}; these tasks of the batch were written: {}",
+            error.message,
+            acknowledged
+                .iter()
+                .map(Uuid::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    error
+}
+
+async fn get_task(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<String>,
+    Query(params): Query<BTreeMap<String, String>>,
+) -> Response {
+    match lookup(&shared, &id, &params).await {
+        Ok(task) => Json(render(&task)).into_response(),
+        Err(error) => error.into_response(),
+    }
+}
+
+async fn lookup(
+    shared: &Shared,
+    id: &str,
+    params: &BTreeMap<String, String>,
+) -> Result<TaskView, ApiError> {
+    let id = Uuid::parse_str(id).map_err(|e| {
+        ApiError::field("id", format!("`{id}` is not a task id (a UUID): {e}"))
+            .with(StatusCode::BAD_REQUEST, "invalid_id")
+    })?;
+    if let Some(unknown) = params.keys().find(|k| k.as_str() != "wait") {
+        return Err(ApiError::field(
+            unknown.clone(),
+            "unknown query parameter; this route takes `wait`",
+        )
+        .with(StatusCode::BAD_REQUEST, "invalid_parameter"));
+    }
+    let wait = match params.get("wait") {
+        None => Duration::ZERO,
+        Some(text) => api::parse_duration(text)
+            .map_err(|why| {
+                ApiError::field("wait", why).with(StatusCode::BAD_REQUEST, "invalid_parameter")
+            })?
+            .min(Duration::from_millis(shared.settings.max_wait_ms)),
+    };
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let notify;
+        let mut woken;
+        {
+            let mut view = shared.view();
+            let task = view.get(&id).cloned().ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "unknown_task",
+                    format!(
+                        "no task {id} is known here: never submitted, or older than the status \
+                         view keeps (gateway.view_max_age_ms, view_max_tasks)"
+                    ),
+                )
+            })?;
+            if task.phase.is_terminal()
+                || tokio::time::Instant::now() >= deadline
+                || shared.stopping.load(Ordering::Relaxed)
+            {
+                return Ok(task);
+            }
+            notify = view.waiter(id);
+            // Registered before the view is unlocked, so a result applied
+            // in between still wakes this request.
+            woken = Box::pin(notify.notified());
+            woken.as_mut().enable();
+        }
+        let _ = tokio::time::timeout_at(deadline, woken).await;
+        drop(notify);
+        shared.view().release_waiter(&id);
+    }
+}
+
+fn render(task: &TaskView) -> Value {
+    let mut value = json!({
+        "id": task.id,
+        "type": task.task_type,
+        "status": task.phase.name(),
+        "attempts": task.attempts,
+        "submitted_at": task.submitted_at,
+        "finished_at": task.finished_at,
+    });
+    if let Some(map) = value.as_object_mut() {
+        if let Some(output) = &task.output {
+            let content_type = task
+                .content_type
+                .as_deref()
+                .unwrap_or(crate::codec::DEFAULT_CONTENT_TYPE);
+            map.insert("content_type".into(), json!(content_type));
+            crate::tools::embed_bytes(map, "result", output, content_type);
+        }
+        if let Some(error) = &task.error {
+            map.insert(
+                "error".into(),
+                json!({"kind": error.kind, "message": error.message}),
+            );
+        }
+        if let Some(traceparent) = &task.traceparent {
+            map.insert("traceparent".into(), json!(traceparent));
+        }
+    }
+    value
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn constant_time_eq_is_equality() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
+        assert!(constant_time_eq(b"", b""));
+    }
+
+    #[test]
+    fn the_openapi_document_lists_exactly_the_routes() {
+        let doc: Value = serde_json::from_str(OPENAPI).expect("openapi.json is JSON");
+        assert_eq!(doc["openapi"].as_str().map(|v| &v[..2]), Some("3."));
+        let mut documented = Vec::new();
+        for (path, item) in doc["paths"].as_object().expect("paths").iter() {
+            for method in item.as_object().expect("path item").keys() {
+                if ["get", "post", "put", "delete", "patch"].contains(&method.as_str()) {
+                    documented.push((method.clone(), path.clone()));
+                }
+            }
+        }
+        documented.sort();
+        let mut routes: Vec<(String, String)> = ROUTES
+            .iter()
+            .map(|(m, p)| ((*m).to_owned(), (*p).to_owned()))
+            .collect();
+        routes.sort();
+        assert_eq!(documented, routes);
+    }
+}

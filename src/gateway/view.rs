@@ -1,0 +1,453 @@
+//! The gateway's status view: what it knows of each task, materialised from
+//! the task topics (a request seen: `queued`) and the results topic (a
+//! result seen: `succeeded` or `failed`), plus the idempotency index.
+//!
+//! Pure bookkeeping, no I/O: the follower feeds it records, the HTTP
+//! handlers read it. Memory is bounded three ways, the oldest entries going
+//! first: by count (`view_max_tasks`), by age (`view_max_age_ms`, measured
+//! from the record's own time) and by the bytes of outputs and errors held
+//! (`view_max_bytes`). A task forgotten by the view answers 404.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use tokio::sync::Notify;
+use uuid::Uuid;
+
+use crate::codec::{TaskError, TaskRequest, TaskResult, TaskStatus};
+
+/// Metadata key under which the gateway records a task's idempotency key,
+/// so every replica can learn it from the task topics.
+pub const IDEMPOTENCY_METADATA: &str = "conveyor.idempotency_key";
+
+/// Where a task stands, as the view knows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Its request is known, its result not yet.
+    Queued,
+    /// Its result says it succeeded.
+    Succeeded,
+    /// Its result says it failed for good.
+    Failed,
+}
+
+impl Phase {
+    /// The API's name for the phase.
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Queued => "queued",
+            Phase::Succeeded => "succeeded",
+            Phase::Failed => "failed",
+        }
+    }
+
+    /// Whether the task will not change any more.
+    pub fn is_terminal(self) -> bool {
+        self != Phase::Queued
+    }
+}
+
+/// What the view holds of one task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskView {
+    /// The task's id.
+    pub id: Uuid,
+    /// Its type.
+    pub task_type: String,
+    /// Where it stands.
+    pub phase: Phase,
+    /// When it was submitted (ms since the epoch), when its request was seen.
+    pub submitted_at: Option<i64>,
+    /// When it became terminal (ms since the epoch).
+    pub finished_at: Option<i64>,
+    /// How many times the handler ran, once terminal.
+    pub attempts: Option<i32>,
+    /// The handler's output, if it gave one.
+    pub output: Option<Vec<u8>>,
+    /// Media type of `output`.
+    pub content_type: Option<String>,
+    /// Why it failed.
+    pub error: Option<TaskError>,
+    /// The trace context it was submitted with.
+    pub traceparent: Option<String>,
+}
+
+impl TaskView {
+    fn bytes(&self) -> usize {
+        let error = self
+            .error
+            .as_ref()
+            .map_or(0, |e| e.kind.len() + e.message.len());
+        self.output.as_ref().map_or(0, Vec::len) + error
+    }
+}
+
+/// The view's bounds.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Most tasks kept.
+    pub max_tasks: usize,
+    /// Longest a task is kept, in ms, from its latest record's time.
+    pub max_age_ms: i64,
+    /// Most bytes of outputs and errors kept.
+    pub max_bytes: usize,
+    /// How long an idempotency key maps to its task, in ms.
+    pub idempotency_window_ms: i64,
+}
+
+struct Slot {
+    task: TaskView,
+    /// Position in `order`; an entry of `order` with another sequence is
+    /// stale.
+    seq: u64,
+}
+
+/// The status view and the idempotency index.
+pub struct View {
+    limits: Limits,
+    tasks: HashMap<Uuid, Slot>,
+    /// Oldest first: (sequence, record time, id).
+    order: VecDeque<(u64, i64, Uuid)>,
+    next_seq: u64,
+    bytes: usize,
+    idempotency: HashMap<String, (Uuid, i64)>,
+    /// Oldest first: (time, key).
+    idempotency_order: VecDeque<(i64, String)>,
+    waiters: HashMap<Uuid, Arc<Notify>>,
+}
+
+impl View {
+    /// An empty view with these bounds.
+    pub fn new(limits: Limits) -> Self {
+        View {
+            limits,
+            tasks: HashMap::new(),
+            order: VecDeque::new(),
+            next_seq: 0,
+            bytes: 0,
+            idempotency: HashMap::new(),
+            idempotency_order: VecDeque::new(),
+            waiters: HashMap::new(),
+        }
+    }
+
+    /// The task, if the view knows it.
+    pub fn get(&self, id: &Uuid) -> Option<&TaskView> {
+        self.tasks.get(id).map(|slot| &slot.task)
+    }
+
+    /// How many tasks the view holds.
+    pub fn len(&self) -> usize {
+        self.tasks.len()
+    }
+
+    /// Whether the view holds no task.
+    pub fn is_empty(&self) -> bool {
+        self.tasks.is_empty()
+    }
+
+    /// Bytes of outputs and errors held.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// The task first submitted with `key` within the window ending at
+    /// `now`.
+    pub fn idempotent(&self, key: &str, now: i64) -> Option<Uuid> {
+        self.idempotency
+            .get(key)
+            .filter(|(_, at)| now.saturating_sub(*at) < self.limits.idempotency_window_ms)
+            .map(|(id, _)| *id)
+    }
+
+    /// Records that `key` maps to task `id` from time `at`, unless it
+    /// already maps to a task within the window.
+    pub fn remember_idempotency(&mut self, key: &str, id: Uuid, at: i64) {
+        if self.idempotent(key, at).is_some() {
+            return;
+        }
+        self.idempotency.insert(key.to_owned(), (id, at));
+        self.idempotency_order.push_back((at, key.to_owned()));
+    }
+
+    /// Forgets an idempotency key (its submission was not acknowledged).
+    pub fn forget_idempotency(&mut self, key: &str, id: Uuid) {
+        if self
+            .idempotency
+            .get(key)
+            .is_some_and(|(known, _)| *known == id)
+        {
+            self.idempotency.remove(key);
+        }
+    }
+
+    /// A request was seen (or submitted here): the task is queued unless
+    /// the view already has its result.
+    pub fn apply_request(&mut self, request: &TaskRequest, traceparent: Option<String>, now: i64) {
+        if let Some(key) = request.metadata.get(IDEMPOTENCY_METADATA) {
+            self.remember_idempotency(key, request.id, request.submitted_at);
+        }
+        if let Some(slot) = self.tasks.get_mut(&request.id) {
+            slot.task.submitted_at.get_or_insert(request.submitted_at);
+            if slot.task.traceparent.is_none() {
+                slot.task.traceparent = traceparent;
+            }
+            return;
+        }
+        let task = TaskView {
+            id: request.id,
+            task_type: request.task_type.clone(),
+            phase: Phase::Queued,
+            submitted_at: Some(request.submitted_at),
+            finished_at: None,
+            attempts: None,
+            output: None,
+            content_type: None,
+            error: None,
+            traceparent,
+        };
+        self.insert(task, request.submitted_at, now);
+    }
+
+    /// A result was seen: the task is terminal. A second result for the
+    /// same task (at-least-once can write one twice) changes nothing.
+    pub fn apply_result(&mut self, result: TaskResult, now: i64) {
+        let phase = match result.status {
+            TaskStatus::Succeeded => Phase::Succeeded,
+            TaskStatus::Failed => Phase::Failed,
+        };
+        let id = result.id;
+        let (submitted_at, traceparent) = match self.tasks.remove(&id) {
+            Some(slot) if slot.task.phase.is_terminal() => {
+                self.tasks.insert(id, slot);
+                return;
+            }
+            Some(slot) => {
+                self.bytes = self.bytes.saturating_sub(slot.task.bytes());
+                (slot.task.submitted_at, slot.task.traceparent)
+            }
+            None => (None, None),
+        };
+        let finished_at = result.finished_at;
+        let task = TaskView {
+            id,
+            task_type: result.task_type,
+            phase,
+            submitted_at,
+            finished_at: Some(finished_at),
+            attempts: Some(result.attempts),
+            output: result.output,
+            content_type: Some(result.content_type),
+            error: result.error,
+            traceparent,
+        };
+        self.insert(task, finished_at, now);
+        if let Some(waiting) = self.waiters.remove(&id) {
+            waiting.notify_waiters();
+        }
+    }
+
+    /// The notifier woken when task `id` becomes terminal. Call
+    /// [`View::release_waiter`] when done waiting.
+    pub fn waiter(&mut self, id: Uuid) -> Arc<Notify> {
+        self.waiters.entry(id).or_default().clone()
+    }
+
+    /// Drops the notifier of `id` when nobody else waits on it.
+    pub fn release_waiter(&mut self, id: &Uuid) {
+        if self
+            .waiters
+            .get(id)
+            .is_some_and(|n| Arc::strong_count(n) == 1)
+        {
+            self.waiters.remove(id);
+        }
+    }
+
+    /// Wakes every waiter (the gateway is stopping).
+    pub fn wake_all(&mut self) {
+        for (_, waiting) in self.waiters.drain() {
+            waiting.notify_waiters();
+        }
+    }
+
+    /// How many tasks have someone waiting on them.
+    pub fn waiting(&self) -> usize {
+        self.waiters.len()
+    }
+
+    fn insert(&mut self, task: TaskView, at: i64, now: i64) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.bytes += task.bytes();
+        self.order.push_back((seq, at, task.id));
+        self.tasks.insert(task.id, Slot { task, seq });
+        self.evict(now);
+    }
+
+    /// Forgets the oldest tasks and idempotency keys beyond the bounds.
+    pub fn evict(&mut self, now: i64) {
+        let oldest_kept = now.saturating_sub(self.limits.max_age_ms);
+        while let Some(&(seq, at, id)) = self.order.front() {
+            let live = self.tasks.get(&id).is_some_and(|slot| slot.seq == seq);
+            let over = self.tasks.len() > self.limits.max_tasks
+                || self.bytes > self.limits.max_bytes
+                || at < oldest_kept;
+            if live && !over {
+                break;
+            }
+            self.order.pop_front();
+            if live {
+                if let Some(slot) = self.tasks.remove(&id) {
+                    self.bytes = self.bytes.saturating_sub(slot.task.bytes());
+                }
+            }
+        }
+        let oldest_key = now.saturating_sub(self.limits.idempotency_window_ms);
+        while let Some((at, key)) = self.idempotency_order.front() {
+            let over = self.idempotency.len() > self.limits.max_tasks || *at < oldest_key;
+            if !over {
+                break;
+            }
+            let at = *at;
+            if let Some((_, known_at)) = self.idempotency.get(key) {
+                if *known_at == at {
+                    self.idempotency.remove(key);
+                }
+            }
+            self.idempotency_order.pop_front();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> Limits {
+        Limits {
+            max_tasks: 3,
+            max_age_ms: 1_000,
+            max_bytes: 100,
+            idempotency_window_ms: 500,
+        }
+    }
+
+    fn request(at: i64) -> TaskRequest {
+        let mut r = TaskRequest::new("echo", b"{}".to_vec());
+        r.submitted_at = at;
+        r
+    }
+
+    fn result(id: Uuid, status: TaskStatus, output: &[u8], at: i64) -> TaskResult {
+        TaskResult {
+            id,
+            task_type: "echo".into(),
+            status,
+            output: Some(output.to_vec()),
+            content_type: "application/json".into(),
+            error: None,
+            attempts: 2,
+            started_at: at,
+            finished_at: at,
+            worker: "w".into(),
+            workflow: None,
+        }
+    }
+
+    #[test]
+    fn request_then_result_goes_queued_then_terminal_and_stays() {
+        let mut view = View::new(limits());
+        let r = request(10);
+        view.apply_request(&r, Some("tp".into()), 10);
+        assert_eq!(view.get(&r.id).map(|t| t.phase), Some(Phase::Queued));
+        view.apply_result(result(r.id, TaskStatus::Succeeded, b"1", 20), 20);
+        let task = view.get(&r.id).cloned();
+        assert_eq!(task.as_ref().map(|t| t.phase), Some(Phase::Succeeded));
+        assert_eq!(task.as_ref().and_then(|t| t.submitted_at), Some(10));
+        assert_eq!(
+            task.as_ref().and_then(|t| t.traceparent.clone()),
+            Some("tp".into())
+        );
+        // A duplicate result or a late request changes nothing.
+        view.apply_result(result(r.id, TaskStatus::Failed, b"2", 30), 30);
+        view.apply_request(&r, None, 30);
+        assert_eq!(view.get(&r.id), task.as_ref());
+        assert_eq!(view.len(), 1);
+        assert_eq!(view.bytes(), 1);
+    }
+
+    #[test]
+    fn result_before_request_is_terminal() {
+        let mut view = View::new(limits());
+        let r = request(10);
+        view.apply_result(result(r.id, TaskStatus::Failed, b"", 20), 20);
+        view.apply_request(&r, None, 21);
+        let task = view.get(&r.id);
+        assert_eq!(task.map(|t| t.phase), Some(Phase::Failed));
+        assert_eq!(task.and_then(|t| t.submitted_at), Some(10));
+    }
+
+    #[test]
+    fn bounds_forget_the_oldest_first() {
+        let mut view = View::new(limits());
+        let ids: Vec<Uuid> = (0..4)
+            .map(|i| {
+                let r = request(100 + i);
+                view.apply_request(&r, None, 100 + i);
+                r.id
+            })
+            .collect();
+        // Count: 3 kept, the first forgotten.
+        assert!(view.get(&ids[0]).is_none());
+        assert!(ids[1..].iter().all(|id| view.get(id).is_some()));
+        // Bytes: a 90-byte output then a 20-byte one push out the older.
+        view.apply_result(result(ids[2], TaskStatus::Succeeded, &[0; 90], 200), 200);
+        view.apply_result(result(ids[3], TaskStatus::Succeeded, &[0; 20], 201), 201);
+        assert!(view.get(&ids[2]).is_none(), "over max_bytes");
+        assert!(view.get(&ids[3]).is_some());
+        assert_eq!(view.bytes(), 20);
+        // Age: everything older than max_age_ms goes.
+        view.evict(1_202);
+        assert!(view.is_empty());
+        assert_eq!(view.bytes(), 0);
+    }
+
+    #[test]
+    fn idempotency_keys_hold_within_the_window_only() {
+        let mut view = View::new(limits());
+        let mut first = request(1_000);
+        first
+            .metadata
+            .insert(IDEMPOTENCY_METADATA.into(), "k".into());
+        view.apply_request(&first, None, 1_000);
+        assert_eq!(view.idempotent("k", 1_499), Some(first.id));
+        // A second request with the same key (another replica raced) does
+        // not take the key over.
+        let mut second = request(1_100);
+        second
+            .metadata
+            .insert(IDEMPOTENCY_METADATA.into(), "k".into());
+        view.apply_request(&second, None, 1_100);
+        assert_eq!(view.idempotent("k", 1_200), Some(first.id));
+        assert_eq!(view.idempotent("k", 1_500), None);
+        view.forget_idempotency("k", first.id);
+        assert_eq!(view.idempotent("k", 1_200), None);
+    }
+
+    #[tokio::test]
+    async fn a_result_wakes_its_waiter() {
+        let mut view = View::new(limits());
+        let r = request(10);
+        view.apply_request(&r, None, 10);
+        let waiter = view.waiter(r.id);
+        let woken = waiter.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        view.apply_result(result(r.id, TaskStatus::Succeeded, b"", 20), 20);
+        tokio::time::timeout(std::time::Duration::from_secs(1), woken)
+            .await
+            .expect("the waiter is woken");
+        assert_eq!(view.waiting(), 0);
+    }
+}
