@@ -61,7 +61,8 @@ pub const COMMITTED_LAG: &str = "conveyor_consumer_committed_lag_messages";
 pub const PROCESSING_LAG: &str = "conveyor_consumer_processing_lag_messages";
 
 /// `conveyor_gateway_requests_total{route,status}`: HTTP requests answered
-/// by the gateway, `route` being the route's template (`/v1/tasks/{id}`).
+/// by the gateway, `route` being the route (`/v1/tasks/:id` for a task's
+/// status) or `unmatched`.
 pub const GATEWAY_REQUESTS: &str = "conveyor_gateway_requests_total";
 /// `conveyor_gateway_request_duration_seconds{route}`.
 pub const GATEWAY_REQUEST_DURATION: &str = "conveyor_gateway_request_duration_seconds";

@@ -8,6 +8,7 @@
 mod common;
 
 use std::collections::HashSet;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -119,7 +120,6 @@ async fn a_known_mix_gives_exact_counters_and_histogram_counts() {
         .await;
         let s = scrape(&worker.metrics).await;
         worker.stop().await;
-        deploy_files_use_only_exported_names(&s);
 
         let p = ("processor", "test");
         let t = ("task_type", "mix");
@@ -187,6 +187,140 @@ async fn a_known_mix_gives_exact_counters_and_histogram_counts() {
     }
 }
 
+/// Sets the flag when dropped.
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Scrapes the gateway's own `/metrics` at `base`.
+async fn scrape_gateway(http: &reqwest::Client, base: &str) -> Scrape {
+    let text = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("body");
+    Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).expect("Prometheus text format")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn gateway_requests_are_counted_and_every_deploy_name_is_exported() {
+    for kafka in TestKafka::all("gateway_requests_are_counted_and_every_deploy_name_is_exported") {
+        let pipeline = kafka.pipeline(2).await;
+        let mut settings = kafka.worker_settings(
+            &pipeline,
+            Ordering::None,
+            &[("echo", HandlerKind::Echo), ("sleep", HandlerKind::Sleep)],
+        );
+        settings.metrics.lag_interval_ms = 200;
+        settings.processors[0].max_attempts = 1;
+        settings.gateway.listen = "127.0.0.1:0".into();
+        let worker = InProcessWorker::start(&settings, "worker", None);
+        let stop = Arc::new(AtomicBool::new(false));
+        // Stops the gateway even when an assertion fails first.
+        let _stop_on_drop = StopOnDrop(stop.clone());
+        // The worker's registry: one /metrics shows both, as in `conveyor dev`.
+        let gateway = conveyor::gateway::start(&settings, worker.metrics.clone(), stop.clone())
+            .await
+            .expect("gateway starts");
+        let base = format!("http://{}", gateway.address());
+        let http = reqwest::Client::new();
+        let post = |body: &'static str| {
+            let request = http
+                .post(format!("{base}/v1/tasks"))
+                .header("content-type", "application/json")
+                .body(body);
+            async move {
+                let response = request.send().await.expect("POST answered");
+                let status = response.status().as_u16();
+                (status, response.text().await.expect("body"))
+            }
+        };
+        let (status, first) = post(r#"{"type": "echo", "payload": 1}"#).await;
+        assert_eq!(status, 202, "{first}");
+        assert_eq!(post(r#"{"type": "echo", "payload": 2}"#).await.0, 202);
+        assert_eq!(post(r#"{"type": "nope", "payload": 3}"#).await.0, 422);
+        // Fails for good, so the failure and dead-letter series exist too.
+        assert_eq!(
+            post(r#"{"type": "sleep", "payload": {"msec": 1}}"#).await.0,
+            202
+        );
+        let id = serde_json::from_str::<serde_json::Value>(&first).expect("JSON")["id"]
+            .as_str()
+            .expect("id")
+            .to_owned();
+        let answer = http
+            .get(format!("{base}/v1/tasks/{id}?wait=30s"))
+            .send()
+            .await
+            .expect("GET answered");
+        assert_eq!(answer.status().as_u16(), 200);
+        let missing = http
+            .get(format!(
+                "{base}/v1/tasks/00000000-0000-4000-8000-000000000000"
+            ))
+            .send()
+            .await
+            .expect("GET answered");
+        assert_eq!(missing.status().as_u16(), 404);
+
+        // Lag series come from the worker's statistics and the view gauge
+        // from the gateway's housekeeping: wait for both.
+        let deadline = tokio::time::Instant::now() + LONG;
+        let s = loop {
+            let s = scrape_gateway(&http, &base).await;
+            let view_tasks = s
+                .samples
+                .iter()
+                .find(|x| x.metric == metrics::GATEWAY_VIEW_TASKS)
+                .map(|x| matches!(x.value, Value::Gauge(v) if v == 3.0));
+            if view_tasks == Some(true) && !lag_partitions(&s, metrics::PROCESSING_LAG).is_empty() {
+                break s;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no lag series or view gauge of 3 tasks"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let route = |r| ("route", r);
+        let requests = |r, status| {
+            value(
+                &s,
+                metrics::GATEWAY_REQUESTS,
+                &[route(r), ("status", status)],
+            )
+        };
+        assert_eq!(requests("/v1/tasks", "202"), 3.0);
+        assert_eq!(requests("/v1/tasks", "422"), 1.0);
+        assert_eq!(requests("/v1/tasks/:id", "200"), 1.0);
+        assert_eq!(requests("/v1/tasks/:id", "404"), 1.0);
+        assert_eq!(
+            value(&s, metrics::GATEWAY_REQUEST_DURATION, &[route("/v1/tasks")]),
+            4.0
+        );
+        assert_eq!(
+            value(
+                &s,
+                metrics::GATEWAY_TASKS_SUBMITTED,
+                &[("task_type", "echo")]
+            ),
+            2.0
+        );
+        deploy_files_use_only_exported_names(&s);
+
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        gateway.finished().await.expect("gateway stops cleanly");
+        worker.stop().await;
+    }
+}
+
 /// Scrapes until `condition` holds, or panics after a while naming `what`.
 async fn scrape_until(what: &str, metrics: &Arc<Metrics>, condition: impl Fn(&Scrape) -> bool) {
     let deadline = tokio::time::Instant::now() + LONG;
@@ -203,7 +337,7 @@ async fn scrape_until(what: &str, metrics: &Arc<Metrics>, condition: impl Fn(&Sc
 }
 
 /// Every `conveyor_…` name in the Grafana dashboard and the alert rules is a
-/// metric the worker exports (histogram series by their base name).
+/// metric the worker or the gateway exports (histogram series by their base name).
 fn deploy_files_use_only_exported_names(scrape: &Scrape) {
     let base = |name: &str| {
         ["_bucket", "_sum", "_count"]
@@ -240,7 +374,7 @@ fn deploy_files_use_only_exported_names(scrape: &Scrape) {
         .collect();
     assert!(
         unknown.is_empty(),
-        "names the worker does not export: {unknown:?}"
+        "names the worker and gateway do not export: {unknown:?}"
     );
 }
 

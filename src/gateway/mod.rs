@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -139,13 +139,16 @@ pub async fn start(
         .codec()
         .ok_or_else(|| GatewayError::Config("codec settings are incomplete".into()))?;
     let task_topics = settings.gateway_task_topics();
-    let mut result_topics = vec![settings.topics.results.clone()];
-    result_topics.extend(
-        settings
-            .processors
-            .iter()
-            .filter_map(|p| p.output_topic.clone()),
-    );
+    // Where results are written: the processors' output topics, or the
+    // default results topic for a gateway whose configuration runs none.
+    let mut result_topics: Vec<String> = settings
+        .processors
+        .iter()
+        .filter_map(|p| p.output_topic.clone())
+        .collect();
+    if result_topics.is_empty() {
+        result_topics.push(settings.topics.results.clone());
+    }
     result_topics.sort();
     result_topics.dedup();
 
@@ -300,21 +303,35 @@ fn router(shared: Arc<Shared>) -> Router {
         .with_state(shared)
 }
 
+/// The route a path belongs to, from [`ROUTES`], or `unmatched`: a bounded
+/// set of label values whatever paths clients send. (This runs before the
+/// router, where axum's `MatchedPath` is not known yet.) The id route is
+/// written `/v1/tasks/:id`: braces in label values trip up some
+/// exposition-format parsers.
+fn route_label(path: &str) -> &'static str {
+    if let Some(id) = path.strip_prefix("/v1/tasks/") {
+        if !id.is_empty() && !id.contains('/') {
+            return "/v1/tasks/:id";
+        }
+    }
+    ROUTES
+        .iter()
+        .map(|(_, route)| *route)
+        .find(|route| *route == path)
+        .unwrap_or("unmatched")
+}
+
 /// Counts and times every request by route and status.
 async fn observe(State(shared): State<Arc<Shared>>, request: Request, next: Next) -> Response {
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or("unmatched", |p| p.as_str())
-        .to_owned();
+    let route = route_label(request.uri().path());
     let started = Instant::now();
     let response = next.run(request).await;
     let m = &shared.metrics;
     m.gateway_request_duration
-        .with_label_values(&[route.as_str()])
+        .with_label_values(&[route])
         .observe(started.elapsed().as_secs_f64());
     m.gateway_requests
-        .with_label_values(&[route.as_str(), response.status().as_str()])
+        .with_label_values(&[route, response.status().as_str()])
         .inc();
     response
 }
@@ -782,6 +799,17 @@ fn render(task: &TaskView) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn route_labels_are_templates_or_unmatched() {
+        assert_eq!(route_label("/v1/tasks"), "/v1/tasks");
+        assert_eq!(route_label("/v1/tasks:batch"), "/v1/tasks:batch");
+        assert_eq!(route_label("/v1/tasks/abc"), "/v1/tasks/:id");
+        assert_eq!(route_label("/v1/tasks/"), "unmatched");
+        assert_eq!(route_label("/v1/tasks/a/b"), "unmatched");
+        assert_eq!(route_label("/metrics"), "/metrics");
+        assert_eq!(route_label("/anything"), "unmatched");
+    }
 
     #[test]
     fn constant_time_eq_is_equality() {
