@@ -14,11 +14,11 @@
 //! # Threads
 //!
 //! The consumer lives on one dedicated thread that polls it, dispatches
-//! records, stores offsets and pauses/resumes partitions; no other thread
-//! calls it, so pause and resume cannot race. librdkafka runs the rebalance
-//! callbacks on that thread too, inside `poll`, which lets a revoke *block*
-//! there until the revoked partitions' tasks have drained. Handlers run as
-//! tokio tasks; they report back through the shared state only.
+//! records and stores offsets; no other thread calls it. librdkafka runs
+//! the rebalance callbacks on that thread too, inside `poll`, which lets a
+//! revoke *block* there until the revoked partitions' tasks have drained.
+//! Handlers run as tokio tasks; they report back through the shared state
+//! only, and wake the poll thread when they finish.
 //!
 //! # Ordering and bounds
 //!
@@ -26,9 +26,23 @@
 //! one per record key (`"key"`; records without a key get a lane each), or
 //! none (`"none"`). A lane runs its records one at a time in offset order.
 //! Records dispatched but not finished count against `max_in_flight` and
-//! `max_in_flight_per_partition`; a partition over its bound, or every
-//! partition when the processor is over its bound or the producer queue is
-//! full, is paused, never buffered further.
+//! `max_in_flight_per_partition`.
+//!
+//! Each owned partition's records arrive on a queue of its own
+//! (librdkafka's partition queues), and the poll thread takes from a
+//! partition's queue only as many records as its bounds leave room for. A
+//! partition at its bound (or every partition, when the processor is at its
+//! bound, the producer queue is full or the breaker is open) is simply not
+//! read: its queue fills up to librdkafka's prefetch limits
+//! (`queued.min.messages`, `queued.max.messages.kbytes`, per partition with
+//! split queues) and fetching stops by itself. Pausing the partition instead
+//! would make librdkafka discard what it prefetched and fetch it again on
+//! resume, which cost ~200 ms per pause here (BENCHMARKS.md).
+//!
+//! A partition's queue is split off right after it is assigned; the few
+//! records fetched before that arrive on the consumer's main queue, which
+//! is therefore always emptied before any partition queue is read, so every
+//! partition is dispatched in offset order.
 //!
 //! # Failures
 //!
@@ -54,6 +68,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering as AtomicOrdering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use rdkafka::consumer::base_consumer::PartitionQueue;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
@@ -70,11 +85,10 @@ use crate::metrics::Metrics;
 use crate::offsets::OffsetTracker;
 use crate::settings::{KafkaSettings, Ordering, ProcessorSettings};
 
-/// How long one poll waits when there is nothing in flight.
+/// Longest the poll thread sleeps when nothing arrives: the main queue's
+/// callbacks (rebalances, statistics, commits) are served at least this
+/// often. Records and finished tasks wake it at once.
 const IDLE_POLL: Duration = Duration::from_millis(100);
-/// How long one poll waits while work is in flight, so offsets are stored
-/// and paused partitions resumed promptly.
-const BUSY_POLL: Duration = Duration::from_millis(5);
 
 /// Why a processor stopped other than by request.
 #[derive(Debug, thiserror::Error)]
@@ -190,10 +204,6 @@ struct Owned {
     in_flight: usize,
     /// Lanes with a running task, and the records waiting behind it.
     lanes: HashMap<Lane, VecDeque<Job>>,
-    /// Whether the consumer has this partition paused.
-    paused: bool,
-    /// Over its own bound (until back to half of it).
-    over: bool,
     /// A watermark to store at the next chance.
     store: Option<i64>,
     /// Being revoked: take nothing more from it.
@@ -207,8 +217,6 @@ impl Owned {
             tracker: OffsetTracker::new(),
             in_flight: 0,
             lanes: HashMap::new(),
-            paused: false,
-            over: false,
             store: None,
             revoking: false,
         }
@@ -221,9 +229,6 @@ struct State {
     partitions: HashMap<TopicPartition, Owned>,
     /// Dispatched and not finished, across partitions.
     in_flight: usize,
-    /// Every partition paused: the processor is over its bound (until back
-    /// to half of it), the producer queue is full or the breaker is open.
-    all_paused: bool,
     stopping: bool,
 }
 
@@ -247,6 +252,9 @@ pub(crate) struct Shared {
     /// The poison-pill breaker, when on.
     breaker: Mutex<Option<Breaker>>,
     metrics: Arc<Metrics>,
+    /// The poll thread, woken when a task finishes or a partition queue
+    /// receives records.
+    poll_thread: std::sync::OnceLock<std::thread::Thread>,
 }
 
 impl Shared {
@@ -399,55 +407,60 @@ impl Shared {
         drop(state);
         self.status.finished.fetch_add(1, AtomicOrdering::Relaxed);
         self.finished.notify_all();
+        self.wake();
         next
     }
 
-    /// Stores pending watermarks and pauses or resumes partitions to keep
-    /// within the bounds. Returns the records in flight, read under the
-    /// same lock. Poll thread only.
-    fn apply<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>) -> usize {
+    /// Wakes the poll thread: there is room for more records, or an offset
+    /// to store.
+    pub(crate) fn wake(&self) {
+        if let Some(thread) = self.poll_thread.get() {
+            thread.unpark();
+        }
+    }
+
+    /// Stores pending watermarks and works out how many records each
+    /// owned partition may take now: `owned` is refilled with every owned
+    /// partition and its room (0 when it must not be read). Returns the room
+    /// left processor-wide. Poll thread only.
+    fn apply<C: ConsumerContext>(
+        &self,
+        consumer: &BaseConsumer<C>,
+        owned: &mut Vec<(TopicPartition, usize)>,
+    ) -> usize {
+        owned.clear();
         let mut store = TopicPartitionList::new();
-        let mut pause = TopicPartitionList::new();
-        let mut resume = TopicPartitionList::new();
         let breaker_open = self.breaker_open();
-        let in_flight;
+        let room;
         {
             let mut state = self.lock();
-            // Pause at a bound, resume only once back to half of it: every
-            // resume makes librdkafka fetch again, so resuming at the first
-            // free slot would trade throughput for a fetch per task.
-            let max = self.settings.max_in_flight;
             let blocked = self.producer_blocked.load(AtomicOrdering::Relaxed) > 0 || breaker_open;
-            if blocked || state.in_flight >= max {
-                state.all_paused = true;
-            } else if state.in_flight <= max / 2 {
-                state.all_paused = false;
-            }
-            let all_paused = state.all_paused;
+            room = if blocked || state.stopping {
+                0
+            } else {
+                self.settings.max_in_flight.saturating_sub(state.in_flight)
+            };
             let per_partition = self.settings.max_in_flight_per_partition;
-            for ((topic, partition), owned) in &mut state.partitions {
-                if let Some(watermark) = owned.store.take() {
+            let mut closed: i64 = 0;
+            for ((topic, partition), o) in &mut state.partitions {
+                if let Some(watermark) = o.store.take() {
                     let _ =
                         store.add_partition_offset(topic, *partition, Offset::Offset(watermark));
                 }
-                if owned.in_flight >= per_partition {
-                    owned.over = true;
-                } else if owned.in_flight <= per_partition / 2 {
-                    owned.over = false;
+                let own_room = if o.revoking || room == 0 {
+                    0
+                } else {
+                    per_partition.saturating_sub(o.in_flight)
+                };
+                if own_room == 0 {
+                    closed += 1;
                 }
-                let want_paused = all_paused || owned.over;
-                if want_paused != owned.paused {
-                    owned.paused = want_paused;
-                    let list = if want_paused { &mut pause } else { &mut resume };
-                    list.add_partition(topic, *partition);
-                }
+                owned.push(((topic.clone(), *partition), own_room));
             }
-            let paused = state.partitions.values().filter(|o| o.paused).count();
             self.metrics
                 .partitions_paused
                 .with_label_values(&[&self.name])
-                .set(i64::try_from(paused).unwrap_or(i64::MAX));
-            in_flight = state.in_flight;
+                .set(closed);
         }
         if store.count() > 0 {
             if let Err(e) = consumer.store_offsets(&store) {
@@ -456,17 +469,7 @@ impl Shared {
                 debug!(processor = %self.name, error = %e, "storing offsets failed");
             }
         }
-        if pause.count() > 0 {
-            if let Err(e) = consumer.pause(&pause) {
-                warn!(processor = %self.name, error = %e, "pausing partitions failed");
-            }
-        }
-        if resume.count() > 0 {
-            if let Err(e) = consumer.resume(&resume) {
-                warn!(processor = %self.name, error = %e, "resuming partitions failed");
-            }
-        }
-        in_flight
+        room
     }
 
     /// Stops intake on `partitions` (all when `None`), drops their records
@@ -521,7 +524,7 @@ impl Shared {
             };
         }
         drop(state);
-        let _ = self.apply(consumer);
+        let _ = self.apply(consumer, &mut Vec::new());
         if let Err(e) = self.commit_now(consumer) {
             warn!(processor = %self.name, why, error = %e, "synchronous commit failed");
         }
@@ -746,6 +749,7 @@ pub async fn run(spec: ProcessorSpec, stop: Arc<AtomicBool>) -> Result<(), Proce
             .unwrap_or_else(|| "conveyor.dlq".into()),
         breaker: Mutex::new(spec.settings.breaker_config().map(Breaker::new)),
         metrics: spec.metrics.clone(),
+        poll_thread: std::sync::OnceLock::new(),
     });
     zero_series(&spec.metrics, &name, &spec.settings);
     let consumer: BaseConsumer<EngineContext> =
@@ -876,38 +880,166 @@ fn missing_topics(producer: &FutureProducer, wanted: &[String]) -> Result<Vec<St
     Ok(missing)
 }
 
-fn poll_loop(
+/// Most records taken from one partition's queue per pass, so that one
+/// busy partition does not hold up the others.
+const PARTITION_BATCH: usize = 64;
+
+/// Most records taken from the main queue per pass.
+const MAIN_BATCH: usize = 1024;
+
+type Engine = BaseConsumer<EngineContext>;
+
+/// What one read of a queue found.
+enum Polled {
+    /// Nothing there.
+    Empty,
+    /// A record, dispatched.
+    Record,
+    /// An error that ends the processor.
+    Fatal(ProcessorError),
+}
+
+/// Dispatches what `polled` holds.
+fn take(
     shared: &Arc<Shared>,
-    consumer: BaseConsumer<EngineContext>,
-    stop: &AtomicBool,
-) -> Result<(), ProcessorError> {
-    let mut result = Ok(());
-    while !stop.load(AtomicOrdering::Relaxed) {
-        let timeout = if shared.apply(&consumer) > 0 {
-            BUSY_POLL
-        } else {
-            IDLE_POLL
-        };
-        match consumer.poll(timeout) {
-            None => {}
-            Some(Ok(message)) => {
-                if let Some(job) = shared.dispatch(&message) {
-                    task::spawn(shared.clone(), job);
-                }
+    polled: Option<rdkafka::error::KafkaResult<BorrowedMessage<'_>>>,
+) -> Polled {
+    match polled {
+        None => Polled::Empty,
+        Some(Ok(message)) => {
+            if let Some(job) = shared.dispatch(&message) {
+                task::spawn(shared.clone(), job);
             }
-            Some(Err(e)) => match fatal_message(&e) {
-                Some(message) => {
-                    error!(processor = %shared.name, %message, "stopping");
-                    result = Err(ProcessorError::Fatal {
-                        processor: shared.name.clone(),
-                        message,
-                    });
-                    break;
-                }
-                None => warn!(processor = %shared.name, error = %e, "consumer error; continuing"),
-            },
+            Polled::Record
+        }
+        Some(Err(e)) => match fatal_message(&e) {
+            Some(message) => {
+                error!(processor = %shared.name, %message, "stopping");
+                Polled::Fatal(ProcessorError::Fatal {
+                    processor: shared.name.clone(),
+                    message,
+                })
+            }
+            None => {
+                warn!(processor = %shared.name, error = %e, "consumer error; continuing");
+                Polled::Record
+            }
+        },
+    }
+}
+
+/// Serves the main queue (rebalances, statistics, commit callbacks, errors,
+/// and records fetched before their partition's queue was split off) until
+/// it is empty. Returns whether it held anything.
+fn serve_main(shared: &Arc<Shared>, consumer: &Engine) -> Result<bool, ProcessorError> {
+    let mut any = false;
+    for _ in 0..MAIN_BATCH {
+        match take(shared, consumer.poll(Duration::ZERO)) {
+            Polled::Empty => break,
+            Polled::Record => any = true,
+            Polled::Fatal(e) => return Err(e),
         }
     }
+    Ok(any)
+}
+
+fn poll_loop(
+    shared: &Arc<Shared>,
+    consumer: Engine,
+    stop: &AtomicBool,
+) -> Result<(), ProcessorError> {
+    let consumer = Arc::new(consumer);
+    let this_thread = std::thread::current();
+    let _ = shared.poll_thread.set(this_thread.clone());
+    let mut queues: HashMap<TopicPartition, PartitionQueue<EngineContext>> = HashMap::new();
+    let mut owned = Vec::new();
+    let mut turn = 0usize;
+    let mut result = Ok(());
+    'outer: while !stop.load(AtomicOrdering::Relaxed) {
+        let mut any = match serve_main(shared, &consumer) {
+            Ok(any) => any,
+            Err(e) => {
+                result = Err(e);
+                break;
+            }
+        };
+        let mut room = shared.apply(&consumer, &mut owned);
+
+        // Split off the queues of newly assigned partitions, then empty the
+        // main queue once more: records fetched before a split are there,
+        // and must be dispatched before the partition queue's.
+        queues.retain(|tp, _| owned.iter().any(|(o, _)| o == tp));
+        let mut split = false;
+        for (tp, _) in &owned {
+            if queues.contains_key(tp) {
+                continue;
+            }
+            match consumer.split_partition_queue(&tp.0, tp.1) {
+                Some(mut queue) => {
+                    let thread = this_thread.clone();
+                    queue.set_nonempty_callback(move || thread.unpark());
+                    queues.insert(tp.clone(), queue);
+                    split = true;
+                }
+                None => {
+                    warn!(processor = %shared.name, topic = %tp.0, partition = tp.1,
+                          "cannot split off the partition's queue; its records come through the main queue");
+                }
+            }
+        }
+        if split {
+            match serve_main(shared, &consumer) {
+                Ok(more) => any |= more,
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+            room = shared.apply(&consumer, &mut owned);
+        }
+
+        // Read each partition with room, in turn from a rotating start so
+        // that a small processor-wide room is shared out.
+        if !owned.is_empty() {
+            turn = turn.wrapping_add(1);
+            let start = turn % owned.len();
+            for i in 0..owned.len() {
+                if room == 0 {
+                    break;
+                }
+                let Some((tp, own_room)) = owned.get((start + i) % owned.len()) else {
+                    continue;
+                };
+                let Some(queue) = queues.get(tp) else {
+                    continue;
+                };
+                let limit = (*own_room).min(room).min(PARTITION_BATCH);
+                for _ in 0..limit {
+                    match take(shared, queue.poll(Duration::ZERO)) {
+                        Polled::Empty => break,
+                        Polled::Record => {
+                            any = true;
+                            room -= 1;
+                        }
+                        Polled::Fatal(e) => {
+                            result = Err(e);
+                            break 'outer;
+                        }
+                    }
+                }
+            }
+        }
+        if !any {
+            // Woken early by a partition queue receiving records or a task
+            // finishing; the timeout serves the main queue's callbacks.
+            std::thread::park_timeout(IDLE_POLL);
+        }
+    }
+    drop(queues);
+    let consumer = match Arc::try_unwrap(consumer) {
+        Ok(consumer) => consumer,
+        Err(_) => unreachable!("the partition queues holding the consumer were dropped"),
+    };
     shared.lock().stopping = true;
     shared.drain(&consumer, None, "shutdown");
     // A commit refused because the group is rebalancing (another member
@@ -931,7 +1063,7 @@ fn poll_loop(
         }
         debug!(processor = %shared.name, error = %e, "final commit refused during a rebalance; polling and trying again");
         let _ = consumer.poll(Duration::from_millis(100));
-        let _ = shared.apply(&consumer);
+        let _ = shared.apply(&consumer, &mut Vec::new());
     }
     // Closing the consumer runs the revoke callback (nothing left to drain)
     // and leaves the group at once instead of after the session timeout.
