@@ -25,6 +25,8 @@
 //!   built-ins (`echo`, `sleep`, `sha256`, `http`).
 //! - [`dlq`]: reading, filtering and replaying dead letters.
 //! - [`worker`]: every configured processor side by side.
+//! - [`gateway`]: the HTTP API (axum): submit tasks, status and results
+//!   from a view it materialises from the results and task topics.
 //! - [`metrics`]: the Prometheus registry, metric names, `/metrics`.
 //! - [`kafka`]: librdkafka client configuration shared by every client.
 //! - [`tools`]: `conveyor submit` and `conveyor results`.
@@ -38,9 +40,8 @@
 //!
 //! The contracts, configuration, logging, the processor engine with its
 //! built-in handlers, failure handling (retries, retry topics, dead letters,
-//! the breaker), Prometheus metrics and the embedded dev cluster are here.
-//! The HTTP gateway and workflows are planned work; the subcommand that will run the
-//! gateway says so and exits with status 2 until it exists.
+//! the breaker), Prometheus metrics, the HTTP gateway and the embedded dev
+//! cluster are here. Workflows are planned work.
 
 pub mod breaker;
 pub mod codec;

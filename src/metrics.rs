@@ -45,8 +45,9 @@ pub const OFFSET_COMMIT_FAILURES: &str = "conveyor_offset_commit_failures_total"
 pub const TASKS_IN_FLIGHT: &str = "conveyor_tasks_in_flight";
 /// `conveyor_partitions_assigned{processor}`.
 pub const PARTITIONS_ASSIGNED: &str = "conveyor_partitions_assigned";
-/// `conveyor_partitions_paused{processor}`: paused by the in-flight bounds,
-/// a full producer queue or the breaker.
+/// `conveyor_partitions_paused{processor}`: owned partitions not being read
+/// (at their in-flight bound, or all of them while the processor is at its
+/// bound, the producer queue is full or the breaker is open).
 pub const PARTITIONS_PAUSED: &str = "conveyor_partitions_paused";
 /// `conveyor_rebalance_events_total{processor,event}`: `assigned`,
 /// `revoked` or `lost` partitions.
@@ -243,7 +244,7 @@ impl Metrics {
             partitions_paused: gauge(
                 &r,
                 PARTITIONS_PAUSED,
-                "Partitions paused by the bounds, a full producer queue or the breaker.",
+                "Owned partitions not being read: at the in-flight bounds, a full producer queue or the breaker.",
                 p,
             ),
             rebalance_events: counter(

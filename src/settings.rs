@@ -338,7 +338,7 @@ pub struct ProcessorSettings {
     /// bounds allow.
     pub ordering: Ordering,
     /// Most tasks running or awaiting acknowledgement in this processor;
-    /// partitions are paused when it is reached.
+    /// its partitions are not read while it is reached.
     pub max_in_flight: usize,
     /// Most such tasks from any one partition.
     pub max_in_flight_per_partition: usize,

@@ -252,9 +252,13 @@ pub(crate) struct Shared {
     /// The poison-pill breaker, when on.
     breaker: Mutex<Option<Breaker>>,
     metrics: Arc<Metrics>,
-    /// The poll thread, woken when a task finishes or a partition queue
-    /// receives records.
+    /// The poll thread, woken when a partition queue receives records, or
+    /// when a task finishes while `starved` is set.
     poll_thread: std::sync::OnceLock<std::thread::Thread>,
+    /// Set by the poll thread while some partition has no room: a finishing
+    /// task then wakes it (waking it on every finished task cost a syscall
+    /// per task).
+    starved: AtomicBool,
 }
 
 impl Shared {
@@ -407,7 +411,9 @@ impl Shared {
         drop(state);
         self.status.finished.fetch_add(1, AtomicOrdering::Relaxed);
         self.finished.notify_all();
-        self.wake();
+        if self.starved.swap(false, AtomicOrdering::AcqRel) {
+            self.wake();
+        }
         next
     }
 
@@ -750,6 +756,7 @@ pub async fn run(spec: ProcessorSpec, stop: Arc<AtomicBool>) -> Result<(), Proce
         breaker: Mutex::new(spec.settings.breaker_config().map(Breaker::new)),
         metrics: spec.metrics.clone(),
         poll_thread: std::sync::OnceLock::new(),
+        starved: AtomicBool::new(false),
     });
     zero_series(&spec.metrics, &name, &spec.settings);
     let consumer: BaseConsumer<EngineContext> =
@@ -963,7 +970,13 @@ fn poll_loop(
                 break;
             }
         };
+        // Set before the bounds are read: a task finishing from here on
+        // wakes this thread (its unpark is kept until the next park).
+        shared.starved.store(true, AtomicOrdering::Release);
         let mut room = shared.apply(&consumer, &mut owned);
+        if room > 0 && owned.iter().all(|(_, own_room)| *own_room > 0) {
+            shared.starved.store(false, AtomicOrdering::Release);
+        }
 
         // Split off the queues of newly assigned partitions, then empty the
         // main queue once more: records fetched before a split are there,
