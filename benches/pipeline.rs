@@ -7,8 +7,18 @@
 //! cargo bench --bench pipeline -- --brokers 127.0.0.1:9092 --messages 200000
 //! ```
 //!
+//! Latency mode, instead of the throughput rounds:
+//!
+//! ```sh
+//! cargo bench --bench pipeline -- --latency 2000,10000,40000 --seconds 5 --linger 0
+//! ```
+//!
+//! offers each rate open-loop (on schedule, whether results keep up or not)
+//! and prints p50/p99/p99.9 of submitted → result received by a consumer.
+//!
 //! Options: `--messages N` (100,000), `--partitions P` (8), `--rounds R`
-//! (3), `--payload BYTES` (200). For profiling, the environment variables
+//! (3), `--payload BYTES` (200), `--linger MS` (every producer's
+//! `linger.ms`; librdkafka's default is 5). For profiling, the environment variables
 //! `BENCH_MAX` and `BENCH_PP` set the processor's `max_in_flight` and
 //! `max_in_flight_per_partition` (default 1024 and 256), and `BENCH_OPTS`
 //! adds librdkafka properties (`key=value,key=value`).
@@ -55,6 +65,12 @@ struct Options {
     partitions: i32,
     rounds: usize,
     payload: usize,
+    /// Latency mode: the open-loop rates to offer, tasks per second.
+    latency: Vec<u64>,
+    /// Latency mode: seconds per rate.
+    seconds: u64,
+    /// `linger.ms` of every producer (the task producer and the processor's).
+    linger: Option<u64>,
 }
 
 fn options() -> Options {
@@ -64,6 +80,9 @@ fn options() -> Options {
         partitions: 8,
         rounds: 3,
         payload: 200,
+        latency: Vec::new(),
+        seconds: 5,
+        linger: None,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut it = args.iter();
@@ -75,6 +94,14 @@ fn options() -> Options {
             "--partitions" => o.partitions = value().parse().unwrap_or(o.partitions),
             "--rounds" => o.rounds = value().parse().unwrap_or(o.rounds),
             "--payload" => o.payload = value().parse().unwrap_or(o.payload),
+            "--latency" => {
+                o.latency = value()
+                    .split(',')
+                    .filter_map(|v| v.trim().parse().ok())
+                    .collect()
+            }
+            "--seconds" => o.seconds = value().parse().unwrap_or(o.seconds),
+            "--linger" => o.linger = value().parse().ok(),
             _ => {} // cargo bench passes --bench
         }
     }
@@ -284,13 +311,17 @@ impl ProducerContext for ArcContext {
     }
 }
 
-async fn conveyor_run(
+/// Starts conveyor's processor with the `echo` handler on `input`.
+fn start_processor(
     kafka: &KafkaSettings,
     input: &str,
     output: &str,
     dlq: &str,
-    n: usize,
-) -> Run {
+) -> (
+    Arc<AtomicBool>,
+    tokio::task::JoinHandle<Result<(), processor::ProcessorError>>,
+    Arc<ProcessorStatus>,
+) {
     let mut tasks = std::collections::BTreeMap::new();
     tasks.insert("echo".to_owned(), TaskSettings::new(HandlerKind::Echo));
     let settings = ProcessorSettings {
@@ -326,6 +357,17 @@ async fn conveyor_run(
     };
     let stop = Arc::new(AtomicBool::new(false));
     let running = tokio::spawn(processor::run(spec, stop.clone()));
+    (stop, running, status)
+}
+
+async fn conveyor_run(
+    kafka: &KafkaSettings,
+    input: &str,
+    output: &str,
+    dlq: &str,
+    n: usize,
+) -> Run {
+    let (stop, running, status) = start_processor(kafka, input, output, dlq);
     while status.finished() == 0 {
         tokio::time::sleep(Duration::from_micros(200)).await;
     }
@@ -339,6 +381,119 @@ async fn conveyor_run(
     stop.store(true, AtomicOrdering::Relaxed);
     running.await.expect("processor task").expect("processor");
     run_from(first, last, n, cpu)
+}
+
+fn micros_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// Latency mode: offers `rate` tasks per second for `seconds` (open loop:
+/// sends on schedule whether or not results keep up), each carrying its
+/// send time in microseconds as the payload; the `echo` processor returns
+/// it as the output, and a result consumer takes the difference on
+/// arrival. Prints p50/p99/p99.9 of submitted → result received.
+async fn latency_run(broker: &Broker, kafka: &KafkaSettings, rate: u64, seconds: u64) {
+    let input = broker.topic("bench-lat-in", 8).await;
+    let output = broker.topic("bench-lat-out", 8).await;
+    let dlq = broker.topic("bench-lat-dlq", 1).await;
+    let (stop, running, status) = start_processor(kafka, &input, &output, &dlq);
+    let total = (rate * seconds) as usize;
+
+    // The result consumer, from the start of the output topic.
+    let reader_kafka = kafka.clone();
+    let reader_topic = output.clone();
+    let reader = tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer<DefaultConsumerContext> = kafka::consumer_config(
+            &reader_kafka,
+            &format!("bench-lat-{}", uuid::Uuid::new_v4()),
+            10_000,
+        )
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.wait.max.ms", "1")
+        .create()
+        .expect("result consumer");
+        consumer
+            .subscribe(&[reader_topic.as_str()])
+            .expect("subscribe");
+        let codec = Codec::default();
+        let mut latencies = Vec::with_capacity(total);
+        let deadline = Instant::now() + Duration::from_secs(seconds + 60);
+        while latencies.len() < total && Instant::now() < deadline {
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+                let arrived = micros_now();
+                let sent = codec
+                    .decode_result(m.payload().unwrap_or_default())
+                    .ok()
+                    .and_then(|r| r.output)
+                    .and_then(|o| {
+                        std::str::from_utf8(&o)
+                            .ok()
+                            .and_then(|t| t.parse::<u64>().ok())
+                    });
+                if let Some(sent) = sent {
+                    latencies.push(arrived.saturating_sub(sent));
+                }
+            }
+        }
+        latencies
+    });
+    // Let the processor and the reader join their groups first.
+    while status.assigned_partitions() == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let producer: FutureProducer = kafka::producer_config(kafka).create().expect("producer");
+    let codec = Codec::default();
+    let started = Instant::now();
+    let mut sent = 0usize;
+    let mut value = Vec::new();
+    let mut pending = std::collections::VecDeque::new();
+    while sent < total {
+        let due = ((started.elapsed().as_secs_f64() * rate as f64) as usize).min(total);
+        while sent < due {
+            let mut request = TaskRequest::new("echo", micros_now().to_string().into_bytes());
+            request.content_type = "text/plain".into();
+            value.clear();
+            codec.encode_request(&request, &mut value);
+            match producer.send_result(
+                FutureRecord::to(&input)
+                    .key(request.id.as_bytes())
+                    .payload(&value),
+            ) {
+                Ok(d) => pending.push_back(d),
+                Err((e, _)) => panic!("latency producer: {e}"),
+            }
+            sent += 1;
+        }
+        while pending.len() > 100_000 {
+            if let Some(d) = pending.pop_front() {
+                let _ = d.await;
+            }
+        }
+        tokio::time::sleep(Duration::from_micros(500)).await;
+    }
+    let offered = sent as f64 / started.elapsed().as_secs_f64();
+    let mut latencies = reader.await.expect("reader");
+    stop.store(true, AtomicOrdering::Relaxed);
+    running.await.expect("processor task").expect("processor");
+    latencies.sort_unstable();
+    let q = |p: f64| {
+        let at = ((latencies.len().max(1) - 1) as f64 * p).round() as usize;
+        latencies.get(at).copied().unwrap_or(0) as f64 / 1000.0
+    };
+    println!(
+        "latency at {rate:>6}/s (offered {offered:>8.0}/s): p50 {:>7.2} ms  p99 {:>7.2} ms  p99.9 {:>7.2} ms  max {:>7.2} ms  ({} of {total} results)",
+        q(0.5),
+        q(0.99),
+        q(0.999),
+        q(1.0),
+        latencies.len()
+    );
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -373,6 +528,20 @@ fn main() {
             "pipeline: {} messages, {}-byte payloads, {} partitions, {} rounds, on the {where_}",
             o.messages, o.payload, o.partitions, o.rounds
         );
+        if let Some(linger) = o.linger {
+            kafka.options.insert("linger.ms".into(), linger.to_string());
+        }
+        if !o.latency.is_empty() {
+            println!(
+                "latency mode: echo processor, 8 partitions, {} s per rate, linger.ms {}",
+                o.seconds,
+                o.linger.map_or("librdkafka default (5)".to_owned(), |l| l.to_string())
+            );
+            for &rate in &o.latency {
+                latency_run(&broker, &kafka, rate, o.seconds).await;
+            }
+            return;
+        }
         let input = broker.topic("bench-in", o.partitions).await;
         let dlq = broker.topic("bench-dlq", 1).await;
         preload(&kafka, &input, o.messages, o.payload).await;
