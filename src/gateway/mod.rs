@@ -470,8 +470,7 @@ async fn submit_one(
 ) -> Response {
     let traceparent = traceparent_of(&headers);
     let outcome = async {
-        let body = body_bytes(body, shared.settings.max_body_bytes)?;
-        let value = api::parse_json(&body)?;
+        let value = json_body(&shared, body)?;
         let task = api::parse_task(&value, "", &shared.rules, now_millis())?;
         let mut accepted = submit(&shared, vec![task], &traceparent).await?;
         accepted
@@ -479,13 +478,7 @@ async fn submit_one(
             .ok_or_else(|| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "no task"))
     }
     .await;
-    with_traceparent(
-        match outcome {
-            Ok(accepted) => (StatusCode::ACCEPTED, Json(accepted)).into_response(),
-            Err(error) => error.into_response(),
-        },
-        &traceparent,
-    )
+    accepted_or_refused(outcome, &traceparent)
 }
 
 async fn submit_batch(
@@ -495,8 +488,7 @@ async fn submit_batch(
 ) -> Response {
     let traceparent = traceparent_of(&headers);
     let outcome = async {
-        let body = body_bytes(body, shared.settings.max_body_bytes)?;
-        let value = api::parse_json(&body)?;
+        let value = json_body(&shared, body)?;
         let tasks = api::parse_batch(&value, &shared.rules, now_millis())?;
         let mut seen = HashMap::new();
         for (i, task) in tasks.iter().enumerate() {
@@ -509,18 +501,25 @@ async fn submit_batch(
                 }
             }
         }
-        submit(&shared, tasks, &traceparent).await
+        Ok(json!({ "tasks": submit(&shared, tasks, &traceparent).await? }))
     }
     .await;
-    with_traceparent(
-        match outcome {
-            Ok(accepted) => {
-                (StatusCode::ACCEPTED, Json(json!({ "tasks": accepted }))).into_response()
-            }
-            Err(error) => error.into_response(),
-        },
-        &traceparent,
-    )
+    accepted_or_refused(outcome, &traceparent)
+}
+
+/// The request body as JSON, or the refusal naming what is wrong with it.
+fn json_body(shared: &Shared, body: Result<Bytes, BytesRejection>) -> Result<Value, ApiError> {
+    let body = body_bytes(body, shared.settings.max_body_bytes)?;
+    api::parse_json(&body)
+}
+
+/// 202 with `accepted`, or the refusal; either way with the trace context.
+fn accepted_or_refused(outcome: Result<Value, ApiError>, traceparent: &str) -> Response {
+    let response = match outcome {
+        Ok(accepted) => (StatusCode::ACCEPTED, Json(accepted)).into_response(),
+        Err(error) => error.into_response(),
+    };
+    with_traceparent(response, traceparent)
 }
 
 fn with_traceparent(mut response: Response, traceparent: &str) -> Response {
