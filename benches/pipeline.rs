@@ -7,7 +7,7 @@
 //! cargo bench --bench pipeline -- --brokers 127.0.0.1:9092 --messages 200000
 //! ```
 //!
-//! Latency mode, instead of the throughput rounds:
+//! Two more modes replace the throughput rounds. Latency mode
 //!
 //! ```sh
 //! cargo bench --bench pipeline -- --latency 2000,10000,40000 --seconds 5 --linger 0
@@ -15,6 +15,15 @@
 //!
 //! offers each rate open-loop (on schedule, whether results keep up or not)
 //! and prints p50/p99/p99.9 of submitted → result received by a consumer.
+//! Scaling mode
+//!
+//! ```sh
+//! cargo bench --bench pipeline -- --brokers 127.0.0.1:9092 --scaling 1,2,4
+//! ```
+//!
+//! runs that many real `conveyor worker` processes in one group over the
+//! same preloaded tasks (a fresh group and output topic each time) and
+//! prints the rate at which their results arrive.
 //!
 //! Options: `--messages N` (100,000), `--partitions P` (8), `--rounds R`
 //! (3), `--payload BYTES` (200), `--linger MS` (every producer's
@@ -71,6 +80,8 @@ struct Options {
     seconds: u64,
     /// `linger.ms` of every producer (the task producer and the processor's).
     linger: Option<u64>,
+    /// Scaling mode: how many `conveyor worker` processes to run in turn.
+    scaling: Vec<usize>,
 }
 
 fn options() -> Options {
@@ -83,6 +94,7 @@ fn options() -> Options {
         latency: Vec::new(),
         seconds: 5,
         linger: None,
+        scaling: Vec::new(),
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut it = args.iter();
@@ -101,6 +113,12 @@ fn options() -> Options {
                     .collect()
             }
             "--seconds" => o.seconds = value().parse().unwrap_or(o.seconds),
+            "--scaling" => {
+                o.scaling = value()
+                    .split(',')
+                    .filter_map(|v| v.trim().parse().ok())
+                    .collect()
+            }
             "--linger" => o.linger = value().parse().ok(),
             _ => {} // cargo bench passes --bench
         }
@@ -496,6 +514,96 @@ async fn latency_run(broker: &Broker, kafka: &KafkaSettings, rate: u64, seconds:
     );
 }
 
+/// Scaling mode: `workers` real `conveyor worker` processes in one group
+/// work through `n` preloaded tasks on `input`; a consumer counts the
+/// results. Rate from the first result to the last.
+async fn scaling_run(
+    kafka: &KafkaSettings,
+    input: &str,
+    output: &str,
+    dlq: &str,
+    n: usize,
+    workers: usize,
+) -> f64 {
+    let mut settings = conveyor::settings::Settings {
+        kafka: kafka.clone(),
+        ..Default::default()
+    };
+    settings.metrics.listen = String::new();
+    let mut tasks = std::collections::BTreeMap::new();
+    tasks.insert("echo".to_owned(), TaskSettings::new(HandlerKind::Echo));
+    settings.processors.push(ProcessorSettings {
+        name: "bench".into(),
+        group_id: Some(format!("bench-scale-{}", uuid::Uuid::new_v4().simple())),
+        input_topics: vec![input.to_owned()],
+        output_topic: Some(output.to_owned()),
+        dead_letter_topic: Some(dlq.to_owned()),
+        tasks,
+        ordering: Ordering::None,
+        retry_topic_threshold_ms: 0,
+        ..ProcessorSettings::default()
+    });
+    settings.fill_derived();
+    let path = std::env::temp_dir().join(format!(
+        "conveyor-bench-{}.toml",
+        uuid::Uuid::new_v4().simple()
+    ));
+    std::fs::write(&path, settings.to_toml().expect("settings serialize")).expect("write config");
+    let mut children: Vec<std::process::Child> = (0..workers)
+        .map(|_| {
+            std::process::Command::new(env!("CARGO_BIN_EXE_conveyor"))
+                .args(["worker", "--config"])
+                .arg(&path)
+                .env("RUST_LOG", "warn")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("start conveyor worker")
+        })
+        .collect();
+    let counter_kafka = kafka.clone();
+    let topic = output.to_owned();
+    let rate = tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer<DefaultConsumerContext> = kafka::consumer_config(
+            &counter_kafka,
+            &format!("bench-count-{}", uuid::Uuid::new_v4().simple()),
+            10_000,
+        )
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .expect("result counter");
+        consumer.subscribe(&[topic.as_str()]).expect("subscribe");
+        let (mut seen, mut first, mut last) = (0usize, None, Instant::now());
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while seen < n && Instant::now() < deadline {
+            if let Some(Ok(_)) = consumer.poll(Duration::from_millis(100)) {
+                seen += 1;
+                last = Instant::now();
+                first.get_or_insert(last);
+            }
+        }
+        let span = first.map_or(0.0, |f| last.duration_since(f).as_secs_f64());
+        if seen < n || span <= 0.0 {
+            0.0
+        } else {
+            n as f64 / span
+        }
+    })
+    .await
+    .expect("counter");
+    for child in &mut children {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+    }
+    for child in &mut children {
+        let _ = child.wait();
+    }
+    let _ = std::fs::remove_file(&path);
+    rate
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
@@ -530,6 +638,21 @@ fn main() {
         );
         if let Some(linger) = o.linger {
             kafka.options.insert("linger.ms".into(), linger.to_string());
+        }
+        if !o.scaling.is_empty() {
+            let input = broker.topic("bench-scale-in", o.partitions).await;
+            let dlq = broker.topic("bench-scale-dlq", 1).await;
+            preload(&kafka, &input, o.messages, o.payload).await;
+            println!(
+                "scaling mode: {} preloaded tasks over {} partitions, `conveyor worker` processes in one group",
+                o.messages, o.partitions
+            );
+            for &workers in &o.scaling {
+                let output = broker.topic("bench-scale-out", o.partitions).await;
+                let rate = scaling_run(&kafka, &input, &output, &dlq, o.messages, workers).await;
+                println!("{workers} worker process(es): {rate:>9.0} msg/s");
+            }
+            return;
         }
         if !o.latency.is_empty() {
             println!(
