@@ -427,12 +427,13 @@ impl Shared {
 
     /// Stores pending watermarks and works out how many records each
     /// owned partition may take now: `owned` is refilled with every owned
-    /// partition and its room (0 when it must not be read). Returns the room
-    /// left processor-wide. Poll thread only.
+    /// partition, its room (0 when it must not be read) and the generation
+    /// of its assignment. Returns the room left processor-wide. Poll thread
+    /// only.
     fn apply<C: ConsumerContext>(
         &self,
         consumer: &BaseConsumer<C>,
-        owned: &mut Vec<(TopicPartition, usize)>,
+        owned: &mut Vec<(TopicPartition, usize, u64)>,
     ) -> usize {
         owned.clear();
         let mut store = TopicPartitionList::new();
@@ -461,7 +462,7 @@ impl Shared {
                 if own_room == 0 {
                     closed += 1;
                 }
-                owned.push(((topic.clone(), *partition), own_room));
+                owned.push(((topic.clone(), *partition), own_room, o.generation));
             }
             self.metrics
                 .partitions_paused
@@ -958,7 +959,11 @@ fn poll_loop(
     let consumer = Arc::new(consumer);
     let this_thread = std::thread::current();
     let _ = shared.poll_thread.set(this_thread.clone());
-    let mut queues: HashMap<TopicPartition, PartitionQueue<EngineContext>> = HashMap::new();
+    // Each partition's queue, with the generation of the assignment it was
+    // split off in: a partition revoked and assigned again (both can happen
+    // within one poll under the eager protocol) has its queue re-forwarded
+    // to the main queue by librdkafka, so it is split off again.
+    let mut queues: HashMap<TopicPartition, (u64, PartitionQueue<EngineContext>)> = HashMap::new();
     let mut owned = Vec::new();
     let mut turn = 0usize;
     let mut result = Ok(());
@@ -974,16 +979,20 @@ fn poll_loop(
         // wakes this thread (its unpark is kept until the next park).
         shared.starved.store(true, AtomicOrdering::Release);
         let mut room = shared.apply(&consumer, &mut owned);
-        if room > 0 && owned.iter().all(|(_, own_room)| *own_room > 0) {
+        if room > 0 && owned.iter().all(|(_, own_room, _)| *own_room > 0) {
             shared.starved.store(false, AtomicOrdering::Release);
         }
 
         // Split off the queues of newly assigned partitions, then empty the
         // main queue once more: records fetched before a split are there,
         // and must be dispatched before the partition queue's.
-        queues.retain(|tp, _| owned.iter().any(|(o, _)| o == tp));
+        queues.retain(|tp, (generation, _)| {
+            owned
+                .iter()
+                .any(|(o, _, current)| o == tp && current == generation)
+        });
         let mut split = false;
-        for (tp, _) in &owned {
+        for (tp, _, generation) in &owned {
             if queues.contains_key(tp) {
                 continue;
             }
@@ -991,7 +1000,7 @@ fn poll_loop(
                 Some(mut queue) => {
                     let thread = this_thread.clone();
                     queue.set_nonempty_callback(move || thread.unpark());
-                    queues.insert(tp.clone(), queue);
+                    queues.insert(tp.clone(), (*generation, queue));
                     split = true;
                 }
                 None => {
@@ -1020,10 +1029,10 @@ fn poll_loop(
                 if room == 0 {
                     break;
                 }
-                let Some((tp, own_room)) = owned.get((start + i) % owned.len()) else {
+                let Some((tp, own_room, _)) = owned.get((start + i) % owned.len()) else {
                     continue;
                 };
-                let Some(queue) = queues.get(tp) else {
+                let Some((_, queue)) = queues.get(tp) else {
                     continue;
                 };
                 let limit = (*own_room).min(room).min(PARTITION_BATCH);
