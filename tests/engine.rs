@@ -261,15 +261,39 @@ async fn bad_input_fails_alone_and_is_committed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_member_joining_and_leaving_mid_run_loses_nothing() {
+    join_and_leave("a_member_joining_and_leaving_mid_run_loses_nothing", None).await;
+}
+
+/// The same under the eager protocol, where a revoke and the following
+/// assign can be served within one poll and librdkafka re-forwards the
+/// partitions' queues: nothing may be lost or left unread. (Duplicates are
+/// not bounded as tightly there: some brokers refuse the revoke-time commit
+/// during an eager rebalance.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_member_joining_and_leaving_under_the_eager_protocol_loses_nothing() {
+    join_and_leave(
+        "a_member_joining_and_leaving_under_the_eager_protocol_loses_nothing",
+        Some("range"),
+    )
+    .await;
+}
+
+async fn join_and_leave(test: &str, strategy: Option<&str>) {
     const TASKS: usize = 4_000;
     common::init_logs();
-    for kafka in TestKafka::all("a_member_joining_and_leaving_mid_run_loses_nothing") {
+    for kafka in TestKafka::all(test) {
         let pipeline = kafka.pipeline(8).await;
         let mut settings = kafka.worker_settings(
             &pipeline,
             Ordering::Partition,
             &[("sleep", HandlerKind::Sleep)],
         );
+        if let Some(strategy) = strategy {
+            settings
+                .kafka
+                .options
+                .insert("partition.assignment.strategy".into(), strategy.into());
+        }
         // Retry topics off: every partition b takes over is an input one.
         settings.processors[0].retry_topic_threshold_ms = 0;
         let max_in_flight = settings.processors[0].max_in_flight;
@@ -310,10 +334,12 @@ async fn a_member_joining_and_leaving_mid_run_loses_nothing() {
         ));
         // Two rebalances, each drained and committed: at most one in-flight
         // window each, even if a drain deadline were missed.
-        assert!(
-            duplicates <= 2 * max_in_flight,
-            "{duplicates} duplicates exceed two in-flight windows ({max_in_flight} each)"
-        );
+        if strategy.is_none() {
+            assert!(
+                duplicates <= 2 * max_in_flight,
+                "{duplicates} duplicates exceed two in-flight windows ({max_in_flight} each)"
+            );
+        }
     }
 }
 
