@@ -329,6 +329,24 @@ impl ProducerContext for ArcContext {
     }
 }
 
+/// A processor running the `echo` handler from `input` to `output`, in a
+/// fresh group named after `group_prefix`, with the default bounds.
+fn echo_processor(group_prefix: &str, input: &str, output: &str, dlq: &str) -> ProcessorSettings {
+    let mut tasks = std::collections::BTreeMap::new();
+    tasks.insert("echo".to_owned(), TaskSettings::new(HandlerKind::Echo));
+    ProcessorSettings {
+        name: "bench".into(),
+        group_id: Some(format!("{group_prefix}-{}", uuid::Uuid::new_v4().simple())),
+        input_topics: vec![input.to_owned()],
+        output_topic: Some(output.to_owned()),
+        dead_letter_topic: Some(dlq.to_owned()),
+        tasks,
+        ordering: Ordering::None,
+        retry_topic_threshold_ms: 0,
+        ..ProcessorSettings::default()
+    }
+}
+
 /// Starts conveyor's processor with the `echo` handler on `input`.
 fn start_processor(
     kafka: &KafkaSettings,
@@ -340,17 +358,7 @@ fn start_processor(
     tokio::task::JoinHandle<Result<(), processor::ProcessorError>>,
     Arc<ProcessorStatus>,
 ) {
-    let mut tasks = std::collections::BTreeMap::new();
-    tasks.insert("echo".to_owned(), TaskSettings::new(HandlerKind::Echo));
     let settings = ProcessorSettings {
-        name: "bench".into(),
-        group_id: Some(format!("bench-conveyor-{}", uuid::Uuid::new_v4().simple())),
-        input_topics: vec![input.to_owned()],
-        output_topic: Some(output.to_owned()),
-        dead_letter_topic: Some(dlq.to_owned()),
-        tasks,
-        ordering: Ordering::None,
-        retry_topic_threshold_ms: 0,
         max_in_flight: std::env::var("BENCH_MAX")
             .ok()
             .and_then(|v| v.parse().ok())
@@ -359,7 +367,7 @@ fn start_processor(
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(256),
-        ..ProcessorSettings::default()
+        ..echo_processor("bench-conveyor", input, output, dlq)
     };
     let registry = Registry::from_settings(&settings).expect("registry");
     let status = Arc::new(ProcessorStatus::default());
@@ -530,19 +538,9 @@ async fn scaling_run(
         ..Default::default()
     };
     settings.metrics.listen = String::new();
-    let mut tasks = std::collections::BTreeMap::new();
-    tasks.insert("echo".to_owned(), TaskSettings::new(HandlerKind::Echo));
-    settings.processors.push(ProcessorSettings {
-        name: "bench".into(),
-        group_id: Some(format!("bench-scale-{}", uuid::Uuid::new_v4().simple())),
-        input_topics: vec![input.to_owned()],
-        output_topic: Some(output.to_owned()),
-        dead_letter_topic: Some(dlq.to_owned()),
-        tasks,
-        ordering: Ordering::None,
-        retry_topic_threshold_ms: 0,
-        ..ProcessorSettings::default()
-    });
+    settings
+        .processors
+        .push(echo_processor("bench-scale", input, output, dlq));
     settings.fill_derived();
     let path = std::env::temp_dir().join(format!(
         "conveyor-bench-{}.toml",

@@ -9,11 +9,9 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::sync::Arc;
-use std::time::Duration;
 
-use common::{init_logs, InProcessWorker, TestKafka};
+use common::{init_logs, InProcessWorker, TestGateway, TestKafka};
 use conveyor::metrics::Metrics;
 use conveyor::settings::{HandlerKind, Ordering, TaskSettings};
 use serde_json::{json, Value};
@@ -95,13 +93,9 @@ async fn bottle_round_trip() {
             },
         );
         settings.topics.results = pipeline.output.clone();
-        settings.gateway.listen = "127.0.0.1:0".into();
         let worker = InProcessWorker::start(&settings, "bottle-test", None);
-        let stop = Arc::new(AtomicBool::new(false));
-        let gateway = conveyor::gateway::start(&settings, Arc::new(Metrics::new()), stop.clone())
-            .await
-            .expect("gateway starts");
-        let app = start_app(port, &format!("http://{}", gateway.address()));
+        let gateway = TestGateway::start(&settings, Arc::new(Metrics::new())).await;
+        let app = start_app(port, &gateway.base);
         let http = reqwest::Client::new();
         let base = format!("http://127.0.0.1:{port}");
 
@@ -152,11 +146,7 @@ async fn bottle_round_trip() {
         );
 
         drop(app);
-        stop.store(true, AtomicOrdering::Relaxed);
-        tokio::time::timeout(Duration::from_secs(30), gateway.finished())
-            .await
-            .expect("gateway stops")
-            .expect("cleanly");
+        gateway.stop().await;
         worker.stop().await;
     }
 }

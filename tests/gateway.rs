@@ -5,12 +5,11 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{header, init_logs, InProcessWorker, Pipeline, TestKafka};
-use conveyor::gateway::{self, Gateway, ROUTES};
+use common::{header, init_logs, InProcessWorker, Pipeline, TestGateway, TestKafka};
+use conveyor::gateway::{self, ROUTES};
 use conveyor::metrics::Metrics;
 use conveyor::settings::{HandlerKind, Ordering, Settings};
 use serde_json::{json, Value};
@@ -18,25 +17,17 @@ use serde_json::{json, Value};
 const TIMEOUT: Duration = Duration::from_secs(60);
 
 struct RunningGateway {
-    gateway: Option<Gateway>,
-    stop: Arc<AtomicBool>,
+    gateway: TestGateway,
     base: String,
     http: reqwest::Client,
 }
 
 impl RunningGateway {
     async fn start(settings: &Settings) -> RunningGateway {
-        let mut settings = settings.clone();
-        settings.gateway.listen = "127.0.0.1:0".into();
-        let stop = Arc::new(AtomicBool::new(false));
-        let gateway = gateway::start(&settings, Arc::new(Metrics::new()), stop.clone())
-            .await
-            .expect("gateway starts");
-        let base = format!("http://{}", gateway.address());
+        let gateway = TestGateway::start(settings, Arc::new(Metrics::new())).await;
         let running = RunningGateway {
-            gateway: Some(gateway),
-            stop,
-            base,
+            base: gateway.base.clone(),
+            gateway,
             http: reqwest::Client::new(),
         };
         // Ready: the broker answers and the view caught up.
@@ -101,20 +92,8 @@ impl RunningGateway {
         answer["id"].as_str().expect("an id").to_owned()
     }
 
-    async fn stop(mut self) {
-        self.stop.store(true, AtomicOrdering::Relaxed);
-        if let Some(gateway) = self.gateway.take() {
-            tokio::time::timeout(TIMEOUT, gateway.finished())
-                .await
-                .expect("gateway stops in time")
-                .expect("gateway stopped cleanly");
-        }
-    }
-}
-
-impl Drop for RunningGateway {
-    fn drop(&mut self) {
-        self.stop.store(true, AtomicOrdering::Relaxed);
+    async fn stop(self) {
+        self.gateway.stop().await;
     }
 }
 

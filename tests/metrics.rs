@@ -8,11 +8,10 @@
 mod common;
 
 use std::collections::HashSet;
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{ids, requests, wait_until, InProcessWorker, TestKafka};
+use common::{ids, requests, wait_until, InProcessWorker, TestGateway, TestKafka};
 use conveyor::codec::{Codec, TaskRequest, TaskStatus};
 use conveyor::handlers::{Handler, HandlerError, Output, Registry, TaskContext};
 use conveyor::metrics::{self, Metrics};
@@ -59,6 +58,11 @@ async fn scrape(metrics: &Arc<Metrics>) -> Scrape {
         .await
         .expect("body");
     server.abort();
+    parse_scrape(&text)
+}
+
+/// Parses a text exposition, failing the test if it is not one.
+fn parse_scrape(text: &str) -> Scrape {
     Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).expect("Prometheus text format")
 }
 
@@ -187,15 +191,6 @@ async fn a_known_mix_gives_exact_counters_and_histogram_counts() {
     }
 }
 
-/// Sets the flag when dropped.
-struct StopOnDrop(Arc<AtomicBool>);
-
-impl Drop for StopOnDrop {
-    fn drop(&mut self) {
-        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
 /// Scrapes the gateway's own `/metrics` at `base`.
 async fn scrape_gateway(http: &reqwest::Client, base: &str) -> Scrape {
     let text = http
@@ -206,7 +201,7 @@ async fn scrape_gateway(http: &reqwest::Client, base: &str) -> Scrape {
         .text()
         .await
         .expect("body");
-    Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).expect("Prometheus text format")
+    parse_scrape(&text)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -220,16 +215,10 @@ async fn gateway_requests_are_counted_and_every_deploy_name_is_exported() {
         );
         settings.metrics.lag_interval_ms = 200;
         settings.processors[0].max_attempts = 1;
-        settings.gateway.listen = "127.0.0.1:0".into();
         let worker = InProcessWorker::start(&settings, "worker", None);
-        let stop = Arc::new(AtomicBool::new(false));
-        // Stops the gateway even when an assertion fails first.
-        let _stop_on_drop = StopOnDrop(stop.clone());
         // The worker's registry: one /metrics shows both, as in `conveyor dev`.
-        let gateway = conveyor::gateway::start(&settings, worker.metrics.clone(), stop.clone())
-            .await
-            .expect("gateway starts");
-        let base = format!("http://{}", gateway.address());
+        let gateway = TestGateway::start(&settings, worker.metrics.clone()).await;
+        let base = gateway.base.clone();
         let http = reqwest::Client::new();
         let post = |body: &'static str| {
             let request = http
@@ -315,8 +304,7 @@ async fn gateway_requests_are_counted_and_every_deploy_name_is_exported() {
         );
         deploy_files_use_only_exported_names(&s);
 
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        gateway.finished().await.expect("gateway stops cleanly");
+        gateway.stop().await;
         worker.stop().await;
     }
 }

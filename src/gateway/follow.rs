@@ -18,7 +18,7 @@ use crate::settings::KafkaSettings;
 use crate::tools::ReaderContext;
 
 /// What to follow.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(super) struct Spec {
     pub kafka: KafkaSettings,
     pub codec: Codec,

@@ -188,12 +188,9 @@ pub async fn start(
         lookback_ms: g.view_lookback_ms,
         max_tasks: g.view_max_tasks,
     };
-    let follower = {
-        let spec = follow_spec.clone();
-        tokio::task::spawn_blocking(move || follow::Follower::new(&spec))
-            .await
-            .map_err(|e| GatewayError::Serve(e.to_string()))??
-    };
+    let follower = tokio::task::spawn_blocking(move || follow::Follower::new(&follow_spec))
+        .await
+        .map_err(|e| GatewayError::Serve(e.to_string()))??;
 
     let listener = tokio::net::TcpListener::bind(&g.listen)
         .await

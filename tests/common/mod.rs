@@ -573,3 +573,49 @@ pub fn header(record: &rdkafka::message::OwnedMessage, name: &str) -> Option<Str
         .and_then(|h| h.value)
         .map(|v| String::from_utf8_lossy(v).into_owned())
 }
+
+/// A gateway running in this process on a free port. Dropping it asks it to
+/// stop, so a test that fails first still ends (the gateway's follower
+/// thread would otherwise hold up the runtime's shutdown).
+pub struct TestGateway {
+    gateway: Option<conveyor::gateway::Gateway>,
+    stop: Arc<AtomicBool>,
+    /// `http://127.0.0.1:<port>`.
+    pub base: String,
+}
+
+impl TestGateway {
+    /// Starts the gateway `settings` describe, on any free loopback port,
+    /// recording into `metrics`.
+    pub async fn start(settings: &Settings, metrics: Arc<conveyor::metrics::Metrics>) -> Self {
+        let mut settings = settings.clone();
+        settings.gateway.listen = "127.0.0.1:0".into();
+        let stop = Arc::new(AtomicBool::new(false));
+        let gateway = conveyor::gateway::start(&settings, metrics, stop.clone())
+            .await
+            .expect("gateway starts");
+        let base = format!("http://{}", gateway.address());
+        TestGateway {
+            gateway: Some(gateway),
+            stop,
+            base,
+        }
+    }
+
+    /// Asks the gateway to stop and waits until it stopped cleanly.
+    pub async fn stop(mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(gateway) = self.gateway.take() {
+            tokio::time::timeout(SETUP_TIMEOUT, gateway.finished())
+                .await
+                .expect("gateway stops in time")
+                .expect("gateway stopped cleanly");
+        }
+    }
+}
+
+impl Drop for TestGateway {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
