@@ -257,13 +257,17 @@ where
     if let Some(brokers) = brokers {
         settings.kafka.brokers = brokers;
     }
-    if let Err(error) = conveyor::telemetry::init(
+    let _telemetry = match conveyor::telemetry::init(
         log_format.unwrap_or(settings.log.format),
         &settings.log.level,
+        &settings.otlp,
     ) {
-        eprintln!("conveyor: {error}");
-        return ExitCode::from(EXIT_USAGE);
-    }
+        Ok(guard) => guard,
+        Err(error) => {
+            eprintln!("conveyor: {error}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(error) => {
@@ -488,14 +492,18 @@ fn run_dev(file: Option<&std::path::Path>, log_format: Option<LogFormat>) -> Exi
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    let log = user_settings
+    let (log, otlp) = user_settings
         .as_ref()
-        .map(|s| s.log.clone())
+        .map(|s| (s.log.clone(), s.otlp.clone()))
         .unwrap_or_default();
-    if let Err(error) = conveyor::telemetry::init(log_format.unwrap_or(log.format), &log.level) {
-        eprintln!("conveyor dev: {error}");
-        return ExitCode::from(EXIT_USAGE);
-    }
+    let _telemetry =
+        match conveyor::telemetry::init(log_format.unwrap_or(log.format), &log.level, &otlp) {
+            Ok(guard) => guard,
+            Err(error) => {
+                eprintln!("conveyor dev: {error}");
+                return ExitCode::from(EXIT_USAGE);
+            }
+        };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(error) => {

@@ -65,6 +65,8 @@ pub struct Settings {
     pub topics: TopicSettings,
     /// The Prometheus endpoint.
     pub metrics: MetricsSettings,
+    /// Span export over OpenTelemetry's OTLP.
+    pub otlp: OtlpSettings,
     /// The HTTP gateway.
     pub gateway: GatewaySettings,
     /// The processors a worker runs, each its own consumer-group member.
@@ -191,6 +193,31 @@ impl Default for MetricsSettings {
         MetricsSettings {
             listen: "127.0.0.1:9464".into(),
             lag_interval_ms: 5_000,
+        }
+    }
+}
+
+/// `[otlp]`: exporting `tracing` spans (one per task, children of the
+/// request's `traceparent`) to an OpenTelemetry collector over OTLP/HTTP
+/// with protobuf bodies.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OtlpSettings {
+    /// Full URL spans are posted to, e.g. `http://127.0.0.1:4318/v1/traces`;
+    /// empty: no export.
+    pub endpoint: String,
+    /// `service.name` of the exported spans.
+    pub service_name: String,
+    /// How long one export request may take, in milliseconds.
+    pub timeout_ms: u64,
+}
+
+impl Default for OtlpSettings {
+    fn default() -> Self {
+        OtlpSettings {
+            endpoint: String::new(),
+            service_name: "conveyor".into(),
+            timeout_ms: 10_000,
         }
     }
 }
@@ -741,6 +768,21 @@ impl Settings {
             );
         }
         self.validate_gateway(&mut bad);
+        if !self.otlp.endpoint.is_empty()
+            && !(self.otlp.endpoint.starts_with("http://")
+                || self.otlp.endpoint.starts_with("https://"))
+        {
+            bad(
+                "otlp.endpoint".into(),
+                "must be an http:// or https:// URL, like http://127.0.0.1:4318/v1/traces (or \"\" for no export)",
+            );
+        }
+        if self.otlp.service_name.trim().is_empty() {
+            bad("otlp.service_name".into(), "must not be empty");
+        }
+        if self.otlp.timeout_ms == 0 {
+            bad("otlp.timeout_ms".into(), "must be at least 1");
+        }
         if self.metrics.lag_interval_ms < 100 {
             bad("metrics.lag_interval_ms".into(), "must be at least 100");
         }
@@ -1089,6 +1131,19 @@ mod tests {
         let text = format!("{ONE_PROCESSOR}\n[[processors]]\nname = \"b\"\nmax_in_flight = 0\n[processors.tasks.echo]\nhandler = \"echo\"\n");
         let found = problems(load_toml(&text));
         assert_eq!(found, ["processors[1].max_in_flight: must be > 0"]);
+    }
+
+    #[test]
+    fn otlp_export_settings_are_checked() {
+        let found = problems(load_toml(
+            "[otlp]\nendpoint = \"collector:4318\"\nservice_name = \" \"\ntimeout_ms = 0\n",
+        ));
+        assert_eq!(found.len(), 3, "{found:?}");
+        assert!(found[0].starts_with("otlp.endpoint: must be an http:// or https:// URL"));
+        assert!(found[1].starts_with("otlp.service_name: must not be empty"));
+        assert!(found[2].starts_with("otlp.timeout_ms: must be at least 1"));
+        let s = load_toml("[otlp]\nendpoint = \"http://127.0.0.1:4318/v1/traces\"\n").unwrap();
+        assert_eq!(s.otlp.endpoint, "http://127.0.0.1:4318/v1/traces");
     }
 
     #[test]

@@ -8,6 +8,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{ids, requests, wait_until, Pipeline, TestKafka};
@@ -279,4 +280,106 @@ async fn a_missing_input_topic_stops_the_worker_saying_what_to_fix() {
         );
         let _ = std::fs::remove_file(&config);
     }
+}
+
+/// Receives OTLP/HTTP export requests and keeps their bodies.
+async fn start_collector() -> (String, Arc<Mutex<Vec<Vec<u8>>>>) {
+    let bodies: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
+    let kept = bodies.clone();
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            let kept = kept.clone();
+            async move {
+                kept.lock().unwrap().push(body.to_vec());
+                axum::http::StatusCode::OK
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("collector listener");
+    let address = listener.local_addr().expect("collector address");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{address}/v1/traces"), bodies)
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn task_spans_are_exported_over_otlp_as_children_of_the_request_traceparent() {
+    const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+    const PARENT: &str = "00f067aa0ba902b7";
+    // Span export does not depend on the broker: the mock cluster suffices.
+    let kafka = TestKafka::mock();
+    let pipeline = kafka.pipeline(1).await;
+    let (endpoint, bodies) = start_collector().await;
+    let mut settings =
+        kafka.worker_settings(&pipeline, Ordering::None, &[("echo", HandlerKind::Echo)]);
+    settings.otlp.endpoint = endpoint;
+    settings.otlp.service_name = "conveyor-otlp-test".into();
+    let config = common::config_file(&settings);
+
+    let sent = requests("echo", r#"{"n":1}"#, 1);
+    let mut value = Vec::new();
+    conveyor::codec::Codec::default().encode_request(&sent[0], &mut value);
+    let traceparent = format!("00-{TRACE}-{PARENT}-01");
+    let headers = rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
+        key: "traceparent",
+        value: Some(traceparent.as_str()),
+    });
+    let producer = kafka.producer();
+    let key = sent[0].id.to_string();
+    producer
+        .send(
+            rdkafka::producer::FutureRecord::to(&pipeline.input)
+                .key(&key)
+                .payload(&value)
+                .headers(headers),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("task request acknowledged");
+
+    let mut worker = Worker::start(&config);
+    let results = kafka
+        .collect_results(&pipeline.output, &ids(&sent), LONG)
+        .await;
+    assert_eq!(results.by_id.len(), 1);
+    // A clean stop sends the spans still buffered.
+    worker.signal("TERM");
+    assert!(
+        worker.wait(Duration::from_secs(30)).success(),
+        "{}",
+        worker.log_tail()
+    );
+
+    let bodies = bodies.lock().unwrap().clone();
+    let hex = |s: &str| -> Vec<u8> {
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    };
+    // In OTLP's protobuf a span carries its trace id (16 bytes) and its
+    // parent's span id (8 bytes) raw, and attributes as strings.
+    let task_span = bodies.iter().find(|b| {
+        contains(b, &hex(TRACE)) && contains(b, &hex(PARENT)) && contains(b, key.as_bytes())
+    });
+    assert!(
+        task_span.is_some(),
+        "no exported span carries trace {TRACE}, parent {PARENT} and task id {key} \
+         ({} export requests received); log:\n{}",
+        bodies.len(),
+        worker.log_tail()
+    );
+    let body = task_span.unwrap_or(&bodies[0]);
+    assert!(
+        contains(body, b"conveyor-otlp-test"),
+        "service.name missing"
+    );
+    assert!(contains(body, b"task"), "span name missing");
+    let _ = std::fs::remove_file(&config);
 }

@@ -54,6 +54,7 @@ async fn run_lane(shared: Arc<Shared>, mut job: Job) {
             task_type = tracing::field::Empty,
             attempt = tracing::field::Empty,
         );
+        crate::telemetry::link_to_traceparent(&span, job.headers.traceparent.as_deref());
         run_job(&shared, &job).instrument(span).await;
         match shared.complete(&job) {
             Some(next) => job = next,
