@@ -768,10 +768,9 @@ impl Settings {
             );
         }
         self.validate_gateway(&mut bad);
-        if !self.otlp.endpoint.is_empty()
-            && !(self.otlp.endpoint.starts_with("http://")
-                || self.otlp.endpoint.starts_with("https://"))
-        {
+        let endpoint = &self.otlp.endpoint;
+        let web_url = endpoint.starts_with("http://") || endpoint.starts_with("https://");
+        if !endpoint.is_empty() && !web_url {
             bad(
                 "otlp.endpoint".into(),
                 "must be an http:// or https:// URL, like http://127.0.0.1:4318/v1/traces (or \"\" for no export)",
