@@ -25,6 +25,10 @@
 //! same preloaded tasks (a fresh group and output topic each time) and
 //! prints the rate at which their results arrive.
 //!
+//! Metrics-cost mode (`--metrics-cost`) alternates conveyor's processor with
+//! metrics recorded and with `metrics.enabled = false` instead of the raw
+//! loop, and prints the throughput ratio on/off.
+//!
 //! Options: `--messages N` (100,000), `--partitions P` (8), `--rounds R`
 //! (3), `--payload BYTES` (200), `--linger MS` (every producer's
 //! `linger.ms`; librdkafka's default is 5). For profiling, the environment variables
@@ -82,6 +86,8 @@ struct Options {
     linger: Option<u64>,
     /// Scaling mode: how many `conveyor worker` processes to run in turn.
     scaling: Vec<usize>,
+    /// Metrics-cost mode: conveyor with metrics on against metrics off.
+    metrics_cost: bool,
 }
 
 fn options() -> Options {
@@ -95,6 +101,7 @@ fn options() -> Options {
         seconds: 5,
         linger: None,
         scaling: Vec::new(),
+        metrics_cost: false,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut it = args.iter();
@@ -120,6 +127,7 @@ fn options() -> Options {
                     .collect()
             }
             "--linger" => o.linger = value().parse().ok(),
+            "--metrics-cost" => o.metrics_cost = true,
             _ => {} // cargo bench passes --bench
         }
     }
@@ -353,6 +361,7 @@ fn start_processor(
     input: &str,
     output: &str,
     dlq: &str,
+    metrics: Metrics,
 ) -> (
     Arc<AtomicBool>,
     tokio::task::JoinHandle<Result<(), processor::ProcessorError>>,
@@ -378,7 +387,7 @@ fn start_processor(
         registry,
         worker: "bench".into(),
         status: status.clone(),
-        metrics: Arc::new(Metrics::new()),
+        metrics: Arc::new(metrics),
         lag_interval_ms: 5_000,
     };
     let stop = Arc::new(AtomicBool::new(false));
@@ -392,8 +401,9 @@ async fn conveyor_run(
     output: &str,
     dlq: &str,
     n: usize,
+    metrics: Metrics,
 ) -> Run {
-    let (stop, running, status) = start_processor(kafka, input, output, dlq);
+    let (stop, running, status) = start_processor(kafka, input, output, dlq, metrics);
     while status.finished() == 0 {
         tokio::time::sleep(Duration::from_micros(200)).await;
     }
@@ -425,7 +435,7 @@ async fn latency_run(broker: &Broker, kafka: &KafkaSettings, rate: u64, seconds:
     let input = broker.topic("bench-lat-in", 8).await;
     let output = broker.topic("bench-lat-out", 8).await;
     let dlq = broker.topic("bench-lat-dlq", 1).await;
-    let (stop, running, status) = start_processor(kafka, &input, &output, &dlq);
+    let (stop, running, status) = start_processor(kafka, &input, &output, &dlq, Metrics::new());
     let total = (rate * seconds) as usize;
 
     // The result consumer, from the start of the output topic.
@@ -666,6 +676,29 @@ fn main() {
         let input = broker.topic("bench-in", o.partitions).await;
         let dlq = broker.topic("bench-dlq", 1).await;
         preload(&kafka, &input, o.messages, o.payload).await;
+        if o.metrics_cost {
+            println!("metrics-cost mode: conveyor echo with metrics recorded, then with metrics.enabled = false");
+            let mut ratios = Vec::new();
+            for round in 1..=o.rounds {
+                let out = broker.topic("bench-metrics-on-out", o.partitions).await;
+                let on = conveyor_run(&kafka, &input, &out, &dlq, o.messages, Metrics::new()).await;
+                let out = broker.topic("bench-metrics-off-out", o.partitions).await;
+                let off =
+                    conveyor_run(&kafka, &input, &out, &dlq, o.messages, Metrics::disabled()).await;
+                let ratio = on.rate / off.rate;
+                ratios.push(ratio);
+                println!(
+                    "round {round}: metrics on {:>9.0} msg/s ({:.2} CPU s/100k) | metrics off {:>9.0} msg/s ({:.2} CPU s/100k) | on/off {ratio:.2}",
+                    on.rate, on.cpu_per_100k, off.rate, off.cpu_per_100k
+                );
+            }
+            println!(
+                "throughput with metrics on / off (median of {} rounds): {:.2}",
+                ratios.len(),
+                median(ratios)
+            );
+            return;
+        }
         let mut ratios = Vec::new();
         for round in 1..=o.rounds {
             let out = broker.topic("bench-raw-out", o.partitions).await;
@@ -674,7 +707,7 @@ fn main() {
                 .await
                 .expect("baseline");
             let out = broker.topic("bench-conveyor-out", o.partitions).await;
-            let ours = conveyor_run(&kafka, &input, &out, &dlq, o.messages).await;
+            let ours = conveyor_run(&kafka, &input, &out, &dlq, o.messages, Metrics::new()).await;
             let ratio = ours.rate / raw.rate;
             ratios.push(ratio);
             println!(

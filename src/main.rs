@@ -338,12 +338,14 @@ fn stop_on_signals(stop: Arc<AtomicBool>) {
     });
 }
 
-/// Starts the metrics listener unless `metrics.listen` is empty.
+/// Starts the metrics listener unless `metrics.listen` is empty or
+/// metrics are off.
 async fn serve_metrics(
     settings: &Settings,
     specs: &[conveyor::processor::ProcessorSpec],
 ) -> Result<Option<std::net::SocketAddr>, CommandError> {
-    let (Some(spec), false) = (specs.first(), settings.metrics.listen.is_empty()) else {
+    let off = settings.metrics.listen.is_empty() || !settings.metrics.enabled;
+    let (Some(spec), false) = (specs.first(), off) else {
         return Ok(None);
     };
     let (address, _server) =

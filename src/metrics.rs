@@ -80,6 +80,8 @@ pub const UNKNOWN_TYPE: &str = "_unknown";
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
+    /// Whether the processor engine records anything (`metrics.enabled`).
+    enabled: bool,
     /// See [`TASKS_CONSUMED`].
     pub tasks_consumed: IntCounterVec,
     /// See [`TASKS_SUCCEEDED`].
@@ -296,7 +298,23 @@ impl Metrics {
                 &[],
             ),
             registry: r,
+            enabled: true,
         }
+    }
+
+    /// Metrics the processor engine does not record into
+    /// (`metrics.enabled = false`): every series stays at zero. For
+    /// measuring what recording costs; gateway metrics are unaffected.
+    pub fn disabled() -> Self {
+        Metrics {
+            enabled: false,
+            ..Self::new()
+        }
+    }
+
+    /// Whether the processor engine records into these metrics.
+    pub fn enabled(&self) -> bool {
+        self.enabled
     }
 
     /// The registry, for serving or adding more metrics.

@@ -181,6 +181,9 @@ pub enum LogFormat {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsSettings {
+    /// Whether workers record metrics at all. `false` records none and
+    /// serves no `/metrics` (it exists to measure what recording costs).
+    pub enabled: bool,
     /// Address of the `/metrics` listener (`host:port`); empty: none.
     pub listen: String,
     /// How often consumer lag is refreshed from librdkafka's statistics, in
@@ -191,6 +194,7 @@ pub struct MetricsSettings {
 impl Default for MetricsSettings {
     fn default() -> Self {
         MetricsSettings {
+            enabled: true,
             listen: "127.0.0.1:9464".into(),
             lag_interval_ms: 5_000,
         }

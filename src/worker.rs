@@ -45,7 +45,11 @@ pub fn processor_specs(settings: &Settings) -> Result<Vec<ProcessorSpec>, Worker
         WorkerError::Config("codec settings are incomplete (run `conveyor config check`)".into())
     })?;
     let worker = worker_id(&settings.kafka.client_id);
-    let metrics = Arc::new(Metrics::new());
+    let metrics = Arc::new(if settings.metrics.enabled {
+        Metrics::new()
+    } else {
+        Metrics::disabled()
+    });
     settings
         .processors
         .iter()

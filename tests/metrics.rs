@@ -191,6 +191,58 @@ async fn a_known_mix_gives_exact_counters_and_histogram_counts() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_metrics_off_tasks_run_and_nothing_is_recorded() {
+    const N: usize = 50;
+    // Whether recording happens does not depend on the broker.
+    let kafka = TestKafka::mock();
+    let pipeline = kafka.pipeline(2).await;
+    let mut settings =
+        kafka.worker_settings(&pipeline, Ordering::None, &[("echo", HandlerKind::Echo)]);
+    settings.metrics.enabled = false;
+    settings.metrics.lag_interval_ms = 200;
+    let sent = requests("echo", "{}", N);
+    kafka.produce_requests(&pipeline.input, &sent).await;
+    let worker = InProcessWorker::start(&settings, "worker", None);
+    let results = kafka
+        .collect_results(&pipeline.output, &ids(&sent), LONG)
+        .await;
+    assert_eq!(results.by_id.len(), N);
+    wait_until("every task finished", LONG, || {
+        worker.status.finished() == N
+    })
+    .await;
+    // Long enough for several statistics intervals had they been on.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(!worker.metrics.enabled());
+    let s = scrape(&worker.metrics).await;
+    worker.stop().await;
+    let p = ("processor", "test");
+    let t = ("task_type", "echo");
+    assert_eq!(value(&s, metrics::TASKS_CONSUMED, &[p, t]), 0.0);
+    assert_eq!(value(&s, metrics::TASKS_SUCCEEDED, &[p, t]), 0.0);
+    assert_eq!(
+        value(&s, metrics::RECORDS_PRODUCED, &[p, ("record", "result")]),
+        0.0
+    );
+    assert_eq!(value(&s, metrics::PARTITIONS_ASSIGNED, &[p]), 0.0);
+    assert_eq!(
+        value(&s, metrics::REBALANCE_EVENTS, &[p, ("event", "assigned")]),
+        0.0
+    );
+    for name in [
+        metrics::HANDLER_DURATION,
+        metrics::TASK_LATENCY,
+        metrics::COMMITTED_LAG,
+        metrics::PROCESSING_LAG,
+    ] {
+        assert!(
+            s.samples.iter().all(|x| x.metric != name),
+            "{name} was recorded with metrics off"
+        );
+    }
+}
+
 /// Scrapes the gateway's own `/metrics` at `base`.
 async fn scrape_gateway(http: &reqwest::Client, base: &str) -> Scrape {
     let text = http

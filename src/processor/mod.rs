@@ -269,10 +269,12 @@ impl Shared {
         self.status
             .breaker_open
             .store(open, AtomicOrdering::Relaxed);
-        self.metrics
-            .breaker_open
-            .with_label_values(&[&self.name])
-            .set(i64::from(open));
+        if self.metrics.enabled() {
+            self.metrics
+                .breaker_open
+                .with_label_values(&[&self.name])
+                .set(i64::from(open));
+        }
         open
     }
 
@@ -289,20 +291,24 @@ impl Shared {
         self.status
             .in_flight
             .store(in_flight, AtomicOrdering::Relaxed);
-        self.metrics
-            .tasks_in_flight
-            .with_label_values(&[&self.name])
-            .set(i64::try_from(in_flight).unwrap_or(i64::MAX));
+        if self.metrics.enabled() {
+            self.metrics
+                .tasks_in_flight
+                .with_label_values(&[&self.name])
+                .set(i64::try_from(in_flight).unwrap_or(i64::MAX));
+        }
     }
 
     fn publish_assigned(&self, assigned: usize) {
         self.status
             .assigned
             .store(assigned, AtomicOrdering::Relaxed);
-        self.metrics
-            .partitions_assigned
-            .with_label_values(&[&self.name])
-            .set(i64::try_from(assigned).unwrap_or(i64::MAX));
+        if self.metrics.enabled() {
+            self.metrics
+                .partitions_assigned
+                .with_label_values(&[&self.name])
+                .set(i64::try_from(assigned).unwrap_or(i64::MAX));
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -464,10 +470,12 @@ impl Shared {
                 }
                 owned.push(((topic.clone(), *partition), own_room, o.generation));
             }
-            self.metrics
-                .partitions_paused
-                .with_label_values(&[&self.name])
-                .set(closed);
+            if self.metrics.enabled() {
+                self.metrics
+                    .partitions_paused
+                    .with_label_values(&[&self.name])
+                    .set(closed);
+            }
         }
         if store.count() > 0 {
             if let Err(e) = consumer.store_offsets(&store) {
@@ -606,11 +614,13 @@ impl ConsumerContext for EngineContext {
                 } else {
                     "revoked"
                 };
-                shared
-                    .metrics
-                    .rebalance_events
-                    .with_label_values(&[&shared.name, event])
-                    .inc_by(partitions.len() as u64);
+                if shared.metrics.enabled() {
+                    shared
+                        .metrics
+                        .rebalance_events
+                        .with_label_values(&[&shared.name, event])
+                        .inc_by(partitions.len() as u64);
+                }
                 let mut state = shared.lock();
                 for tp in &partitions {
                     if let Some(owned) = state.partitions.remove(tp) {
@@ -639,20 +649,26 @@ impl ConsumerContext for EngineContext {
     ) {
         let shared = &self.shared;
         match result {
-            Ok(()) => shared
-                .metrics
-                .offset_commits
-                .with_label_values(&[&shared.name])
-                .inc(),
+            Ok(()) => {
+                if shared.metrics.enabled() {
+                    shared
+                        .metrics
+                        .offset_commits
+                        .with_label_values(&[&shared.name])
+                        .inc();
+                }
+            }
             // Nothing was stored since the last commit: not a failure.
             Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
             Err(e) => {
                 warn!(processor = %shared.name, error = %e, "offset commit failed");
-                shared
-                    .metrics
-                    .offset_commit_failures
-                    .with_label_values(&[&shared.name])
-                    .inc();
+                if shared.metrics.enabled() {
+                    shared
+                        .metrics
+                        .offset_commit_failures
+                        .with_label_values(&[&shared.name])
+                        .inc();
+                }
             }
         }
     }
@@ -671,11 +687,13 @@ impl ConsumerContext for EngineContext {
                     .or_insert_with(|| Owned::new(generation));
             }
             self.shared.publish_assigned(state.partitions.len());
-            self.shared
-                .metrics
-                .rebalance_events
-                .with_label_values(&[&self.shared.name, "assigned"])
-                .inc_by(list.count() as u64);
+            if self.shared.metrics.enabled() {
+                self.shared
+                    .metrics
+                    .rebalance_events
+                    .with_label_values(&[&self.shared.name, "assigned"])
+                    .inc_by(list.count() as u64);
+            }
         }
     }
 }
@@ -769,7 +787,16 @@ pub async fn run(spec: ProcessorSpec, stop: Arc<AtomicBool>) -> Result<(), Proce
                 spec.settings.commit_interval_ms.to_string(),
             )
             .set("auto.offset.reset", "earliest")
-            .set("statistics.interval.ms", spec.lag_interval_ms.to_string())
+            // Statistics feed only the lag gauges: none when metrics are off.
+            .set(
+                "statistics.interval.ms",
+                if spec.metrics.enabled() {
+                    spec.lag_interval_ms
+                } else {
+                    0
+                }
+                .to_string(),
+            )
             .create_with_context(EngineContext {
                 shared: shared.clone(),
             })

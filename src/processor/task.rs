@@ -118,13 +118,15 @@ async fn run_job(shared: &Shared, job: &Job) {
                 worker: shared.worker.clone(),
                 workflow: None,
             });
-            let m = &shared.metrics;
-            let labels = [shared.name.as_str(), crate::metrics::UNKNOWN_TYPE];
-            m.tasks_consumed.with_label_values(&labels).inc();
             fail(shared, job, failure, result).await;
-            let labels = [shared.name.as_str(), crate::metrics::UNKNOWN_TYPE, "decode"];
-            m.tasks_failed.with_label_values(&labels).inc();
-            m.tasks_dead_lettered.with_label_values(&labels).inc();
+            let m = &shared.metrics;
+            if m.enabled() {
+                let labels = [shared.name.as_str(), crate::metrics::UNKNOWN_TYPE];
+                m.tasks_consumed.with_label_values(&labels).inc();
+                let labels = [shared.name.as_str(), crate::metrics::UNKNOWN_TYPE, "decode"];
+                m.tasks_failed.with_label_values(&labels).inc();
+                m.tasks_dead_lettered.with_label_values(&labels).inc();
+            }
             return;
         }
     };
@@ -133,10 +135,15 @@ async fn run_job(shared: &Shared, job: &Job) {
     span.record("task_type", request.task_type.as_str());
     let type_label = shared.type_label(&request.task_type);
     let m = &shared.metrics;
-    m.tasks_consumed
-        .with_label_values(&[&shared.name, type_label])
-        .inc();
+    if m.enabled() {
+        m.tasks_consumed
+            .with_label_values(&[&shared.name, type_label])
+            .inc();
+    }
     let observe_latency = || {
+        if !m.enabled() {
+            return;
+        }
         let seconds = (now_millis() - request.submitted_at).max(0) as f64 / 1000.0;
         m.task_latency
             .with_label_values(&[&shared.name, type_label])
@@ -149,9 +156,11 @@ async fn run_job(shared: &Shared, job: &Job) {
                 record_success(shared);
                 let value = encode_result(shared, &result);
                 deliver(shared, job, vec![(Target::Output(result.id), value, None)]).await;
-                m.tasks_succeeded
-                    .with_label_values(&[&shared.name, type_label])
-                    .inc();
+                if m.enabled() {
+                    m.tasks_succeeded
+                        .with_label_values(&[&shared.name, type_label])
+                        .inc();
+                }
                 observe_latency();
                 return;
             }
@@ -179,9 +188,11 @@ async fn run_job(shared: &Shared, job: &Job) {
                 let result = failed_result(shared, &request, started_at, &failure);
                 let kind = failure.kind.clone();
                 fail(shared, job, failure, Some(result)).await;
-                let labels = [shared.name.as_str(), type_label, kind.as_str()];
-                m.tasks_failed.with_label_values(&labels).inc();
-                m.tasks_dead_lettered.with_label_values(&labels).inc();
+                if m.enabled() {
+                    let labels = [shared.name.as_str(), type_label, kind.as_str()];
+                    m.tasks_failed.with_label_values(&labels).inc();
+                    m.tasks_dead_lettered.with_label_values(&labels).inc();
+                }
                 observe_latency();
                 return;
             }
@@ -216,6 +227,9 @@ async fn run_task(shared: &Shared, job: &Job, mut request: TaskRequest) -> End {
     let mut first_failure_at = job.headers.first_failure_at;
     let type_label = shared.type_label(&request.task_type);
     let duration = |outcome: &str, since: Instant| {
+        if !shared.metrics.enabled() {
+            return;
+        }
         shared
             .metrics
             .handler_duration
@@ -223,6 +237,9 @@ async fn run_task(shared: &Shared, job: &Job, mut request: TaskRequest) -> End {
             .observe(since.elapsed().as_secs_f64());
     };
     let retried = |via: &str| {
+        if !shared.metrics.enabled() {
+            return;
+        }
         shared
             .metrics
             .tasks_retried
@@ -526,11 +543,13 @@ async fn deliver(
                     .map(|t| headers::build([(headers::TRACEPARENT, Some(t))]))
             });
             produce(shared, topic, key.as_deref(), value, record_headers).await;
-            shared
-                .metrics
-                .records_produced
-                .with_label_values(&[&shared.name, record])
-                .inc();
+            if shared.metrics.enabled() {
+                shared
+                    .metrics
+                    .records_produced
+                    .with_label_values(&[&shared.name, record])
+                    .inc();
+            }
         });
     futures::future::join_all(sends).await;
 }
@@ -585,11 +604,13 @@ async fn produce(
                 continue;
             }
         }
-        shared
-            .metrics
-            .produce_errors
-            .with_label_values(&[&shared.name])
-            .inc();
+        if shared.metrics.enabled() {
+            shared
+                .metrics
+                .produce_errors
+                .with_label_values(&[&shared.name])
+                .inc();
+        }
         warn!(topic, error = %failure, "record not acknowledged; producing it again");
         tokio::time::sleep(PRODUCE_RETRY).await;
     }
