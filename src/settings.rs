@@ -71,6 +71,41 @@ pub struct Settings {
     pub gateway: GatewaySettings,
     /// The processors a worker runs, each its own consumer-group member.
     pub processors: Vec<ProcessorSettings>,
+    /// Workflow definitions: named sequences of steps (task types), with
+    /// fan-out and join.
+    pub workflows: Vec<WorkflowSettings>,
+}
+
+/// `[[workflows]]`: one workflow definition.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkflowSettings {
+    /// Unique name, used in `POST /v1/workflows/{name}` and in every step's
+    /// request.
+    pub name: String,
+    /// The steps, run in this order.
+    pub steps: Vec<StepSettings>,
+    /// The whole run must finish within this many milliseconds of its
+    /// start, or it fails; 0: no limit.
+    #[serde(default)]
+    pub timeout_ms: u64,
+}
+
+/// One step of a workflow.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StepSettings {
+    /// The task type that runs the step; a processor of this configuration
+    /// must handle it.
+    pub task: String,
+    /// The step's output is a JSON array; each element becomes a child task
+    /// of the next step. A join must follow.
+    #[serde(default)]
+    pub fan_out: bool,
+    /// Receives, once every child has finished, the JSON array of the
+    /// children's outputs in child order.
+    #[serde(default)]
+    pub join: bool,
 }
 
 /// `[kafka]`: the cluster and client options.
@@ -297,6 +332,18 @@ impl Settings {
     /// to: every processor's types (to its input topic named after the type,
     /// or its only input topic), then `gateway.task_types`.
     pub fn gateway_task_topics(&self) -> BTreeMap<String, String> {
+        let mut topics = self.task_topics();
+        for task_type in &self.gateway.task_types {
+            topics
+                .entry(task_type.clone())
+                .or_insert_with(|| self.topics.task_topic(task_type));
+        }
+        topics
+    }
+
+    /// The topic each task type of the processors is read from (the first
+    /// processor handling a type decides).
+    pub fn task_topics(&self) -> BTreeMap<String, String> {
         let mut topics = BTreeMap::new();
         for p in &self.processors {
             for task_type in p.tasks.keys() {
@@ -307,11 +354,6 @@ impl Settings {
                 };
                 topics.entry(task_type.clone()).or_insert(topic);
             }
-        }
-        for task_type in &self.gateway.task_types {
-            topics
-                .entry(task_type.clone())
-                .or_insert_with(|| self.topics.task_topic(task_type));
         }
         topics
     }
@@ -772,6 +814,7 @@ impl Settings {
             );
         }
         self.validate_gateway(&mut bad);
+        self.validate_workflows(&mut bad);
         let endpoint = &self.otlp.endpoint;
         let web_url = endpoint.starts_with("http://") || endpoint.starts_with("https://");
         if !endpoint.is_empty() && !web_url {
@@ -948,6 +991,78 @@ impl Settings {
             Ok(())
         } else {
             Err(problems)
+        }
+    }
+
+    fn validate_workflows(&self, bad: &mut impl FnMut(String, &str)) {
+        let handled = self.task_topics();
+        let mut names = std::collections::BTreeSet::new();
+        for (i, w) in self.workflows.iter().enumerate() {
+            let at = |k: &str| format!("workflows[{i}] ({}).{k}", w.name);
+            if let Err(why) = check_topic_name(&w.name) {
+                bad(
+                    format!("workflows[{i}].name"),
+                    &format!("workflow name {why}"),
+                );
+            }
+            if !names.insert(w.name.as_str()) {
+                bad(
+                    format!("workflows[{i}].name"),
+                    &format!("`{}` is defined twice", w.name),
+                );
+            }
+            if w.steps.is_empty() {
+                bad(at("steps"), "must list at least one step");
+            }
+            // Whether the steps so far are inside a fan-out not yet joined.
+            let mut fanned_at: Option<usize> = None;
+            for (s, step) in w.steps.iter().enumerate() {
+                let key = at(&format!("steps[{s}]"));
+                if !handled.contains_key(&step.task) {
+                    bad(
+                        format!("{key}.task"),
+                        &format!(
+                            "unknown task type `{}`: no [[processors]] entry handles it",
+                            step.task
+                        ),
+                    );
+                }
+                if step.fan_out && step.join {
+                    bad(key.clone(), "cannot be both fan_out and join");
+                    continue;
+                }
+                if step.join {
+                    match fanned_at {
+                        None => bad(
+                            format!("{key}.join"),
+                            "a join needs a fan_out step before it (with no join between)",
+                        ),
+                        Some(f) if f + 1 == s => bad(
+                            format!("{key}.join"),
+                            &format!(
+                                "needs at least one step for the children between it and the fan_out at steps[{f}]"
+                            ),
+                        ),
+                        Some(_) => {}
+                    }
+                    fanned_at = None;
+                }
+                if step.fan_out {
+                    if let Some(f) = fanned_at {
+                        bad(
+                            format!("{key}.fan_out"),
+                            &format!("steps[{f}] fans out already and is not joined yet; nested fan-outs are not supported"),
+                        );
+                    }
+                    fanned_at = Some(s);
+                }
+            }
+            if let Some(f) = fanned_at {
+                bad(
+                    at(&format!("steps[{f}].fan_out")),
+                    "a fan_out must be followed by a join step",
+                );
+            }
         }
     }
 
@@ -1134,6 +1249,77 @@ mod tests {
         let text = format!("{ONE_PROCESSOR}\n[[processors]]\nname = \"b\"\nmax_in_flight = 0\n[processors.tasks.echo]\nhandler = \"echo\"\n");
         let found = problems(load_toml(&text));
         assert_eq!(found, ["processors[1].max_in_flight: must be > 0"]);
+    }
+
+    const WORKFLOW_PROCESSOR: &str = r#"
+        [[processors]]
+        name = "main"
+        [processors.tasks.split]
+        handler = "echo"
+        [processors.tasks.count]
+        handler = "echo"
+        [processors.tasks.sum]
+        handler = "echo"
+    "#;
+
+    fn workflow(steps: &str) -> Result<Settings, SettingsError> {
+        load_toml(&format!(
+            "{WORKFLOW_PROCESSOR}\n[[workflows]]\nname = \"wc\"\nsteps = [{steps}]\n"
+        ))
+    }
+
+    #[test]
+    fn a_well_formed_workflow_is_accepted() {
+        let s = workflow(
+            r#"{ task = "split", fan_out = true }, { task = "count" }, { task = "count" }, { task = "sum", join = true }, { task = "count" }"#,
+        )
+        .unwrap();
+        assert_eq!(s.workflows[0].steps.len(), 5);
+        assert!(s.workflows[0].steps[0].fan_out);
+        assert!(s.workflows[0].steps[3].join);
+        assert_eq!(s.workflows[0].timeout_ms, 0);
+    }
+
+    #[test]
+    fn bad_workflows_name_the_workflow_and_step() {
+        let cases = [
+            ("", "workflows[0] (wc).steps: must list at least one step"),
+            (
+                r#"{ task = "split" }, { task = "resize" }"#,
+                "workflows[0] (wc).steps[1].task: unknown task type `resize`: no [[processors]] entry handles it",
+            ),
+            (
+                r#"{ task = "count" }, { task = "sum", join = true }"#,
+                "workflows[0] (wc).steps[1].join: a join needs a fan_out step before it (with no join between)",
+            ),
+            (
+                r#"{ task = "split", fan_out = true }, { task = "sum", join = true }"#,
+                "workflows[0] (wc).steps[1].join: needs at least one step for the children between it and the fan_out at steps[0]",
+            ),
+            (
+                r#"{ task = "split", fan_out = true }, { task = "count" }"#,
+                "workflows[0] (wc).steps[0].fan_out: a fan_out must be followed by a join step",
+            ),
+            (
+                r#"{ task = "split", fan_out = true }, { task = "split", fan_out = true }, { task = "count" }, { task = "sum", join = true }"#,
+                "workflows[0] (wc).steps[1].fan_out: steps[0] fans out already and is not joined yet; nested fan-outs are not supported",
+            ),
+            (
+                r#"{ task = "split", fan_out = true, join = true }"#,
+                "workflows[0] (wc).steps[0]: cannot be both fan_out and join",
+            ),
+        ];
+        for (steps, expected) in cases {
+            let found = problems(workflow(steps));
+            assert_eq!(found, [expected], "steps = [{steps}]");
+        }
+        let twice = format!(
+            "{WORKFLOW_PROCESSOR}\n[[workflows]]\nname = \"a\"\nsteps = [{{ task = \"sum\" }}]\n[[workflows]]\nname = \"a\"\nsteps = [{{ task = \"sum\" }}]\n"
+        );
+        assert_eq!(
+            problems(load_toml(&twice)),
+            ["workflows[1].name: `a` is defined twice"]
+        );
     }
 
     #[test]

@@ -84,6 +84,42 @@ fn zero_max_in_flight_exits_2_naming_the_key() {
 }
 
 #[test]
+fn bad_workflow_definitions_exit_2_naming_the_workflow_and_step() {
+    let path = temp_config(
+        r#"
+[[processors]]
+name = "a"
+[processors.tasks.split]
+handler = "echo"
+[processors.tasks.count]
+handler = "echo"
+
+[[workflows]]
+name = "typo"
+steps = [{ task = "split" }, { task = "cuont" }]
+
+[[workflows]]
+name = "empty"
+steps = []
+
+[[workflows]]
+name = "lonely_join"
+steps = [{ task = "split" }, { task = "count", join = true }]
+"#,
+    );
+    let output = check(&path);
+    let _ = std::fs::remove_file(&path);
+    assert_eq!(output.status.code(), Some(2));
+    assert_eq!(
+        stderr(&output),
+        "configuration has 3 problems:\n  \
+         workflows[0] (typo).steps[1].task: unknown task type `cuont`: no [[processors]] entry handles it\n  \
+         workflows[1] (empty).steps: must list at least one step\n  \
+         workflows[2] (lonely_join).steps[1].join: a join needs a fan_out step before it (with no join between)\n"
+    );
+}
+
+#[test]
 fn environment_is_a_layer_of_config_check() {
     let output = Command::new(env!("CARGO_BIN_EXE_conveyor"))
         .args(["config", "check", "--config", EXAMPLE])
@@ -170,6 +206,15 @@ fn example_documents_every_key() {
         .into_iter()
         .collect(),
         ..ProcessorSettings::default()
+    });
+    full.workflows.push(conveyor::settings::WorkflowSettings {
+        name: "w".into(),
+        steps: vec![conveyor::settings::StepSettings {
+            task: "web".into(),
+            fan_out: false,
+            join: false,
+        }],
+        timeout_ms: 1,
     });
     full.fill_derived();
     let tree: toml::Value = toml::Value::try_from(&full).expect("settings serialize");
