@@ -389,6 +389,7 @@ fn start_processor(
         status: status.clone(),
         metrics: Arc::new(metrics),
         lag_interval_ms: 5_000,
+        workflows: Default::default(),
     };
     let stop = Arc::new(AtomicBool::new(false));
     let running = tokio::spawn(processor::run(spec, stop.clone()));

@@ -59,6 +59,7 @@ pub mod shutdown;
 pub mod telemetry;
 pub mod tools;
 pub mod worker;
+pub mod workflow;
 
 pub use codec::{Codec, DecodeError, TaskRequest, TaskResult, TaskStatus, WireFormat};
 pub use settings::Settings;

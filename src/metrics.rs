@@ -32,7 +32,8 @@ pub const HANDLER_DURATION: &str = "conveyor_handler_duration_seconds";
 /// `submitted_at` to the acknowledgement of its terminal result.
 pub const TASK_LATENCY: &str = "conveyor_task_latency_seconds";
 /// `conveyor_records_produced_total{processor,record}`: acknowledged
-/// outputs, `record` = `result`, `dead_letter` or `retry`.
+/// outputs, `record` = `result`, `dead_letter`, `retry` or `workflow` (a
+/// workflow's next request).
 pub const RECORDS_PRODUCED: &str = "conveyor_records_produced_total";
 /// `conveyor_produce_errors_total{processor}`: produce attempts that failed
 /// (each is tried again).

@@ -615,6 +615,13 @@ pub enum HandlerKind {
     Sha256,
     /// POSTs the task to `url`: handlers in any language.
     Http,
+    /// Splits `payload.text` into parts of `payload.lines` lines: a JSON
+    /// array, for a fan-out step.
+    SplitLines,
+    /// Counts the words of a JSON string payload.
+    WordCount,
+    /// Adds up a JSON array of numbers, for a join step.
+    Sum,
 }
 
 /// One problem found in the configuration: the key and what is wrong.

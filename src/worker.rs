@@ -45,6 +45,7 @@ pub fn processor_specs(settings: &Settings) -> Result<Vec<ProcessorSpec>, Worker
         WorkerError::Config("codec settings are incomplete (run `conveyor config check`)".into())
     })?;
     let worker = worker_id(&settings.kafka.client_id);
+    let workflows = Arc::new(crate::workflow::Workflows::from_settings(settings));
     let metrics = Arc::new(if settings.metrics.enabled {
         Metrics::new()
     } else {
@@ -65,6 +66,7 @@ pub fn processor_specs(settings: &Settings) -> Result<Vec<ProcessorSpec>, Worker
                 status: Default::default(),
                 metrics: metrics.clone(),
                 lag_interval_ms: settings.metrics.lag_interval_ms,
+                workflows: workflows.clone(),
             })
         })
         .collect()

@@ -117,7 +117,7 @@ impl Handler for Sha256 {
 
 /// Parses a JSON payload; a bad one is a permanent error that shows the
 /// expected shape.
-fn parse_json<T: serde::de::DeserializeOwned>(
+pub(super) fn parse_json<T: serde::de::DeserializeOwned>(
     payload: &[u8],
     handler: &str,
     example: &str,
@@ -129,7 +129,7 @@ fn parse_json<T: serde::de::DeserializeOwned>(
     })
 }
 
-fn json_output(value: &serde_json::Value) -> Output {
+pub(super) fn json_output(value: &serde_json::Value) -> Output {
     Output {
         bytes: value.to_string().into_bytes(),
         content_type: "application/json".into(),

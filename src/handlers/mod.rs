@@ -9,6 +9,7 @@
 
 mod builtin;
 mod http;
+mod text;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -113,6 +114,9 @@ impl Registry {
                 HandlerKind::Echo => Arc::new(Echo),
                 HandlerKind::Sleep => Arc::new(Sleep),
                 HandlerKind::Sha256 => Arc::new(Sha256),
+                HandlerKind::SplitLines => Arc::new(text::SplitLines),
+                HandlerKind::WordCount => Arc::new(text::WordCount),
+                HandlerKind::Sum => Arc::new(text::Sum),
                 HandlerKind::Http => {
                     let url = task.url.as_deref().ok_or_else(|| HandlerBuildError {
                         task_type: task_type.clone(),

@@ -61,6 +61,7 @@
 //! not stored. Shutdown does the same for every partition, then closes.
 
 pub mod headers;
+mod join;
 mod task;
 
 use std::collections::{HashMap, VecDeque};
@@ -84,11 +85,14 @@ use crate::kafka;
 use crate::metrics::Metrics;
 use crate::offsets::OffsetTracker;
 use crate::settings::{KafkaSettings, Ordering, ProcessorSettings};
+use crate::workflow::{Workflows, JOINS_SUFFIX};
 
 /// Longest the poll thread sleeps when nothing arrives: the main queue's
 /// callbacks (rebalances, statistics, commits) are served at least this
 /// often. Records and finished tasks wake it at once.
 const IDLE_POLL: Duration = Duration::from_millis(100);
+/// How often open joins are checked against their workflow's deadline.
+const JOIN_SWEEP: Duration = Duration::from_secs(1);
 
 /// Why a processor stopped other than by request.
 #[derive(Debug, thiserror::Error)]
@@ -165,6 +169,8 @@ pub struct ProcessorSpec {
     pub metrics: Arc<Metrics>,
     /// How often librdkafka reports statistics (consumer lag), in ms.
     pub lag_interval_ms: u64,
+    /// The workflow definitions, for the steps this processor runs.
+    pub workflows: Arc<Workflows>,
 }
 
 type TopicPartition = (Arc<str>, i32);
@@ -252,6 +258,8 @@ pub(crate) struct Shared {
     /// The poison-pill breaker, when on.
     breaker: Mutex<Option<Breaker>>,
     metrics: Arc<Metrics>,
+    workflows: Arc<Workflows>,
+    joins: join::Joins,
     /// The poll thread, woken when a partition queue receives records, or
     /// when a task finishes while `starved` is set.
     poll_thread: std::sync::OnceLock<std::thread::Thread>,
@@ -621,6 +629,7 @@ impl ConsumerContext for EngineContext {
                         .with_label_values(&[&shared.name, event])
                         .inc_by(partitions.len() as u64);
                 }
+                shared.joins.forget(&partitions);
                 let mut state = shared.lock();
                 for tp in &partitions {
                     if let Some(owned) = state.partitions.remove(tp) {
@@ -774,6 +783,8 @@ pub async fn run(spec: ProcessorSpec, stop: Arc<AtomicBool>) -> Result<(), Proce
             .unwrap_or_else(|| "conveyor.dlq".into()),
         breaker: Mutex::new(spec.settings.breaker_config().map(Breaker::new)),
         metrics: spec.metrics.clone(),
+        workflows: spec.workflows.clone(),
+        joins: join::Joins::new(spec.kafka.clone()),
         poll_thread: std::sync::OnceLock::new(),
         starved: AtomicBool::new(false),
     });
@@ -812,6 +823,18 @@ pub async fn run(spec: ProcessorSpec, stop: Arc<AtomicBool>) -> Result<(), Proce
     let mut needed = topics.clone();
     needed.push(shared.output_topic.clone());
     needed.push(shared.dead_letter_topic.clone());
+    // Workflow steps run here write the next steps' requests; a join read
+    // here keeps its state in <topic>.joins.
+    let types: std::collections::BTreeSet<&str> =
+        spec.settings.tasks.keys().map(String::as_str).collect();
+    needed.extend(spec.workflows.topics_after(&types));
+    let joins: Vec<String> = spec
+        .workflows
+        .join_topics()
+        .into_iter()
+        .filter(|t| spec.settings.input_topics.contains(t))
+        .collect();
+    needed.extend(joins.iter().map(|t| format!("{t}{JOINS_SUFFIX}")));
     let check = shared.producer.clone();
     let missing = tokio::task::spawn_blocking(move || missing_topics(&check, &needed))
         .await
@@ -828,7 +851,9 @@ pub async fn run(spec: ProcessorSpec, stop: Arc<AtomicBool>) -> Result<(), Proce
             processor: name.clone(),
             message: format!(
                 "these topics do not exist: {}; create them (retry topics are \
-                 <input><retry_topic_suffix>; set retry_topic_threshold_ms = 0 to do without)",
+                 <input><retry_topic_suffix>; set retry_topic_threshold_ms = 0 to do without; \
+                 a join's changelog is <its task topic>.joins, compacted, with as many \
+                 partitions as the task topic)",
                 missing.join(", ")
             ),
         });
@@ -842,6 +867,16 @@ pub async fn run(spec: ProcessorSpec, stop: Arc<AtomicBool>) -> Result<(), Proce
         })?;
     info!(processor = %name, group = %group, topics = ?topics, "processor started");
 
+    // Joins past their workflow's deadline fail even when no record comes.
+    let sweeper = (!joins.is_empty()).then(|| {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(JOIN_SWEEP).await;
+                join::sweep(&shared).await;
+            }
+        })
+    });
     let poll_shared = shared.clone();
     let outcome = tokio::task::spawn_blocking(move || poll_loop(&poll_shared, consumer, &stop))
         .await
@@ -849,6 +884,9 @@ pub async fn run(spec: ProcessorSpec, stop: Arc<AtomicBool>) -> Result<(), Proce
             processor: name.clone(),
             message: format!("the poll thread failed: {e}"),
         })?;
+    if let Some(sweeper) = sweeper {
+        sweeper.abort();
+    }
     // Every dispatched result was awaited by its task before its offset was
     // stored; flushing covers results of tasks cut off by the deadline.
     let producer = shared.producer.clone();
@@ -881,7 +919,7 @@ fn zero_series(m: &Metrics, name: &str, settings: &ProcessorSettings) {
     for event in ["assigned", "revoked", "lost"] {
         m.rebalance_events.with_label_values(&[name, event]);
     }
-    for record in ["result", "dead_letter", "retry"] {
+    for record in ["result", "dead_letter", "retry", "workflow"] {
         m.records_produced.with_label_values(&[name, record]);
     }
     for task_type in settings.tasks.keys() {

@@ -30,6 +30,7 @@ use crate::breaker::Verdict;
 use crate::codec::{now_millis, TaskError, TaskRequest, TaskResult, TaskStatus};
 use crate::handlers::{HandlerError, Output, TaskContext};
 use crate::retry::Decision;
+use crate::workflow::Next;
 
 /// Wait between attempts to produce a record the broker did not take.
 const PRODUCE_RETRY: Duration = Duration::from_millis(200);
@@ -118,7 +119,7 @@ async fn run_job(shared: &Shared, job: &Job) {
                 worker: shared.worker.clone(),
                 workflow: None,
             });
-            fail(shared, job, failure, result).await;
+            fail(shared, job, failure, result, None).await;
             let m = &shared.metrics;
             if m.enabled() {
                 let labels = [shared.name.as_str(), crate::metrics::UNKNOWN_TYPE];
@@ -133,6 +134,11 @@ async fn run_job(shared: &Shared, job: &Job) {
     let span = tracing::Span::current();
     span.record("task_id", tracing::field::display(request.id));
     span.record("task_type", request.task_type.as_str());
+    if shared.workflows.is_contribution(&request) {
+        // A child's output for a join: gathered, no handler runs.
+        super::join::contribute(shared, job, &request).await;
+        return;
+    }
     let type_label = shared.type_label(&request.task_type);
     let m = &shared.metrics;
     if m.enabled() {
@@ -155,7 +161,14 @@ async fn run_job(shared: &Shared, job: &Job) {
             End::Succeeded(result) => {
                 record_success(shared);
                 let value = encode_result(shared, &result);
-                deliver(shared, job, vec![(Target::Output(result.id), value, None)]).await;
+                let mut records = vec![(Target::Output(result.id), value, None)];
+                if request.workflow.is_some() {
+                    let next = shared
+                        .workflows
+                        .after_success(&request, &result, &shared.worker);
+                    records.extend(next.into_iter().map(|n| workflow_record(shared, n)));
+                }
+                deliver(shared, job, records).await;
                 if m.enabled() {
                     m.tasks_succeeded
                         .with_label_values(&[&shared.name, type_label])
@@ -187,7 +200,7 @@ async fn run_job(shared: &Shared, job: &Job) {
                 }
                 let result = failed_result(shared, &request, started_at, &failure);
                 let kind = failure.kind.clone();
-                fail(shared, job, failure, Some(result)).await;
+                fail(shared, job, failure, Some(result), Some(&request)).await;
                 if m.enabled() {
                     let labels = [shared.name.as_str(), type_label, kind.as_str()];
                     m.tasks_failed.with_label_values(&labels).inc();
@@ -219,6 +232,17 @@ async fn run_task(shared: &Shared, job: &Job, mut request: TaskRequest) -> End {
             first_failure_at: started_at,
         });
     };
+    if let Some(deadline) = request.deadline.filter(|d| started_at > *d) {
+        return End::Failed(Terminal {
+            kind: "deadline".into(),
+            message: format!(
+                "the task's deadline passed {} ms before it could start",
+                started_at - deadline
+            ),
+            attempts: request.attempt.saturating_sub(1),
+            first_failure_at: started_at,
+        });
+    }
     let policy = shared.settings.retry_policy(&request.task_type);
     let context = TaskContext {
         traceparent: job.headers.traceparent.clone(),
@@ -435,8 +459,15 @@ fn origin_headers(origin: &Origin) -> [(&'static str, Option<String>); 4] {
     ]
 }
 
-/// Dead-letters the record and produces the FAILED result, if any.
-async fn fail(shared: &Shared, job: &Job, failure: Terminal, result: Option<TaskResult>) {
+/// Dead-letters the record and produces the FAILED result, if any, and
+/// what the failure means for the workflow `request` is a step of.
+async fn fail(
+    shared: &Shared,
+    job: &Job,
+    failure: Terminal,
+    result: Option<TaskResult>,
+    request: Option<&TaskRequest>,
+) {
     let origin = origin(job);
     let dead_letter_headers = headers::build(
         [
@@ -461,6 +492,12 @@ async fn fail(shared: &Shared, job: &Job, failure: Terminal, result: Option<Task
         Some(dead_letter_headers),
     )];
     if let Some(result) = result {
+        if let (Some(request), Some(error)) = (request, &result.error) {
+            let next = shared
+                .workflows
+                .after_failure(request, error, &shared.worker);
+            records.extend(next.into_iter().map(|n| workflow_record(shared, n)));
+        }
         records.push((
             Target::Output(result.id),
             encode_result(shared, &result),
@@ -502,10 +539,41 @@ async fn park(
     .await;
 }
 
+/// A workflow's next record as something to deliver.
+fn workflow_record(shared: &Shared, next: Next) -> (Target, Vec<u8>, Option<OwnedHeaders>) {
+    match next {
+        Next::Request {
+            topic,
+            key,
+            request,
+        } => {
+            let mut value = Vec::new();
+            shared.codec.encode_request(&request, &mut value);
+            (Target::Keyed { topic, key }, value, None)
+        }
+        Next::Result(result) => (
+            Target::Output(result.id),
+            encode_result(shared, &result),
+            None,
+        ),
+    }
+}
+
 fn encode_result(shared: &Shared, result: &TaskResult) -> Vec<u8> {
     let mut value = Vec::new();
     shared.codec.encode_result(result, &mut value);
     value
+}
+
+/// One record to produce.
+pub(super) struct Outgoing<'a> {
+    pub(super) topic: &'a str,
+    /// A fixed partition, else the partitioner's choice by key.
+    pub(super) partition: Option<i32>,
+    pub(super) key: Option<&'a [u8]>,
+    /// `None`: a tombstone.
+    pub(super) value: Option<Vec<u8>>,
+    pub(super) headers: Option<OwnedHeaders>,
 }
 
 /// Where a record goes.
@@ -516,6 +584,8 @@ enum Target {
     DeadLetter,
     /// A named topic, with the original key.
     Topic(String),
+    /// A workflow's next request: a named topic and key.
+    Keyed { topic: String, key: Vec<u8> },
 }
 
 /// Produces `records` and returns once the broker acknowledged all of them.
@@ -535,6 +605,7 @@ async fn deliver(
                 ),
                 Target::DeadLetter => (&shared.dead_letter_topic, job.key.clone(), "dead_letter"),
                 Target::Topic(t) => (t, job.key.clone(), "retry"),
+                Target::Keyed { topic, key } => (topic, Some(key.clone()), "workflow"),
             };
             let record_headers = extra.or_else(|| {
                 job.headers
@@ -542,7 +613,17 @@ async fn deliver(
                     .clone()
                     .map(|t| headers::build([(headers::TRACEPARENT, Some(t))]))
             });
-            produce(shared, topic, key.as_deref(), value, record_headers).await;
+            produce(
+                shared,
+                Outgoing {
+                    topic,
+                    partition: None,
+                    key: key.as_deref(),
+                    value: Some(value),
+                    headers: record_headers,
+                },
+            )
+            .await;
             if shared.metrics.enabled() {
                 shared
                     .metrics
@@ -559,16 +640,23 @@ async fn deliver(
 /// safe, so a failing broker holds this lane (and, through the in-flight
 /// bounds, intake) until it recovers or the process stops. A result too
 /// large for the broker is replaced by a FAILED result saying so.
-async fn produce(
-    shared: &Shared,
-    topic: &str,
-    key: Option<&[u8]>,
-    mut value: Vec<u8>,
-    record_headers: Option<OwnedHeaders>,
-) {
+pub(super) async fn produce(shared: &Shared, outgoing: Outgoing<'_>) {
+    let Outgoing {
+        topic,
+        partition,
+        key,
+        mut value,
+        headers: record_headers,
+    } = outgoing;
     let mut blocked = false;
     loop {
-        let mut record = FutureRecord::<[u8], [u8]>::to(topic).payload(&value);
+        let mut record = FutureRecord::<[u8], [u8]>::to(topic);
+        if let Some(value) = &value {
+            record = record.payload(value);
+        }
+        if let Some(partition) = partition {
+            record = record.partition(partition);
+        }
         if let Some(key) = key {
             record = record.key(key);
         }
@@ -594,13 +682,15 @@ async fn produce(
             Err((e, _)) => e,
         };
         if is_too_large(&failure) {
-            if let Some(smaller) = without_output(shared, &value, &failure) {
+            if let Some((bytes, smaller)) = value
+                .as_ref()
+                .and_then(|v| Some((v.len(), without_output(shared, v, &failure)?)))
+            {
                 warn!(
                     topic,
-                    bytes = value.len(),
-                    "result too large for the broker; reporting a failure instead"
+                    bytes, "result too large for the broker; reporting a failure instead"
                 );
-                value = smaller;
+                value = Some(smaller);
                 continue;
             }
         }

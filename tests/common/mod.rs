@@ -425,24 +425,28 @@ impl TestKafka {
 pub struct InProcessWorker {
     stop: Arc<AtomicBool>,
     handle: tokio::task::JoinHandle<Result<(), WorkerError>>,
+    /// The first processor's figures.
     pub status: Arc<ProcessorStatus>,
+    /// Every processor's figures, in configuration order.
+    pub statuses: Vec<Arc<ProcessorStatus>>,
     pub metrics: Arc<conveyor::metrics::Metrics>,
 }
 
 impl InProcessWorker {
     /// Starts the processors of `settings` as worker `name`, with `registry`
-    /// instead of the configured handlers when given.
+    /// (for every processor) instead of the configured handlers when given.
     pub fn start(settings: &Settings, name: &str, registry: Option<Registry>) -> Self {
         let mut specs: Vec<ProcessorSpec> = worker::processor_specs(settings).expect("specs");
-        assert_eq!(specs.len(), 1, "one processor per test worker");
-        let status = Arc::new(ProcessorStatus::default());
+        let mut statuses = Vec::new();
         for spec in &mut specs {
             spec.worker = name.to_owned();
-            spec.status = status.clone();
+            spec.status = Arc::new(ProcessorStatus::default());
+            statuses.push(spec.status.clone());
             if let Some(r) = &registry {
                 spec.registry = r.clone();
             }
         }
+        let status = statuses[0].clone();
         let stop = Arc::new(AtomicBool::new(false));
         let metrics = specs[0].metrics.clone();
         let handle = tokio::spawn(worker::run(specs, stop.clone()));
@@ -450,6 +454,7 @@ impl InProcessWorker {
             stop,
             handle,
             status,
+            statuses,
             metrics,
         }
     }

@@ -1,0 +1,524 @@
+//! Workflows through real processors: a chain runs step by step to the
+//! run's result; a fan-out of 100 children is joined with every output in
+//! child order; a failing middle step fails the run and nothing after it
+//! runs; a join survives a rebalance and a member leaving (its state read
+//! back from the changelog) and completes once. Against the mock cluster
+//! and, when configured, the external broker.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{wait_until, InProcessWorker, Pipeline, TestKafka};
+use conveyor::codec::{Codec, TaskRequest, TaskResult, TaskStatus};
+use conveyor::handlers::{Handler, HandlerError, Output, Registry, TaskContext};
+use conveyor::settings::{HandlerKind, Ordering, Settings, StepSettings, WorkflowSettings};
+use conveyor::workflow::{step_id, Workflows, JOINS_SUFFIX};
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use rdkafka::message::Message;
+use uuid::Uuid;
+
+const LONG: Duration = Duration::from_secs(120);
+
+/// A handler from a function of the JSON payload.
+struct Json<F>(F);
+
+impl<F> Handler for Json<F>
+where
+    F: Fn(serde_json::Value) -> Result<serde_json::Value, HandlerError> + Send + Sync + 'static,
+{
+    fn handle<'a>(
+        &'a self,
+        task: &'a TaskRequest,
+        _context: &'a TaskContext,
+    ) -> BoxFuture<'a, Result<Output, HandlerError>> {
+        let outcome = serde_json::from_slice(&task.payload)
+            .map_err(|e| HandlerError::Permanent(format!("payload: {e}")))
+            .and_then(&self.0)
+            .map(|v| Output {
+                bytes: v.to_string().into_bytes(),
+                content_type: "application/json".into(),
+            });
+        async move {
+            // A little work per task, so runs take long enough to be
+            // interrupted.
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            outcome
+        }
+        .boxed()
+    }
+}
+
+fn number(v: &serde_json::Value) -> Result<i64, HandlerError> {
+    v.as_i64()
+        .ok_or_else(|| HandlerError::Permanent(format!("not an integer: {v}")))
+}
+
+/// `inc`: n → n + 1; `range`: n → [0, …, n-1]; `square`: n → n²;
+/// `sum`: [a, b, …] → a + b + …; `broken`: always fails for good.
+fn registry() -> Registry {
+    let mut r = Registry::new();
+    r.register("inc", Arc::new(Json(|v| Ok((number(&v)? + 1).into()))));
+    r.register(
+        "range",
+        Arc::new(Json(|v| Ok((0..number(&v)?).collect::<Vec<i64>>().into()))),
+    );
+    r.register(
+        "square",
+        Arc::new(Json(|v| {
+            let n = number(&v)?;
+            Ok((n * n).into())
+        })),
+    );
+    r.register(
+        "sum",
+        Arc::new(Json(|v: serde_json::Value| {
+            let items = v
+                .as_array()
+                .ok_or_else(|| HandlerError::Permanent("not an array".into()))?;
+            items
+                .iter()
+                .map(number)
+                .sum::<Result<i64, _>>()
+                .map(Into::into)
+        })),
+    );
+    r.register(
+        "broken",
+        Arc::new(Json(|_| {
+            Err::<serde_json::Value, _>(HandlerError::Permanent("step is broken".into()))
+        })),
+    );
+    r
+}
+
+fn step(task: &str) -> StepSettings {
+    StepSettings {
+        task: task.into(),
+        fan_out: false,
+        join: false,
+    }
+}
+
+/// Settings with one processor running every test task type on
+/// `pipeline`, and these workflows.
+fn settings(kafka: &TestKafka, pipeline: &Pipeline, workflows: Vec<WorkflowSettings>) -> Settings {
+    let types = ["inc", "range", "square", "sum", "broken"];
+    let tasks: Vec<(&str, HandlerKind)> = types.iter().map(|t| (*t, HandlerKind::Echo)).collect();
+    let mut settings = kafka.worker_settings(pipeline, Ordering::None, &tasks);
+    settings.workflows = workflows;
+    settings.validate().expect("workflow settings are valid");
+    settings
+}
+
+/// A test pipeline plus the join changelog of its input topic.
+async fn workflow_pipeline(kafka: &TestKafka, partitions: i32) -> Pipeline {
+    let pipeline = kafka.pipeline(partitions).await;
+    kafka
+        .create_named_topic(&format!("{}{JOINS_SUFFIX}", pipeline.input), partitions)
+        .await;
+    pipeline
+}
+
+/// Produces the first request of a run of `name` with `payload`; returns
+/// the run id.
+async fn start(kafka: &TestKafka, settings: &Settings, name: &str, payload: &str) -> Uuid {
+    let workflows = Workflows::from_settings(settings);
+    let (topic, request) = workflows
+        .start(
+            name,
+            payload.as_bytes().to_vec(),
+            "application/json".into(),
+            BTreeMap::new(),
+        )
+        .expect("workflow defined");
+    kafka
+        .produce_requests(&topic, std::slice::from_ref(&request))
+        .await;
+    request.workflow.expect("workflow ref").id
+}
+
+/// Every result on the output topic once the runs' results are there,
+/// grouped by task id.
+async fn results(
+    kafka: &TestKafka,
+    pipeline: &Pipeline,
+    runs: &[Uuid],
+) -> HashMap<Uuid, Vec<TaskResult>> {
+    kafka
+        .collect_results(&pipeline.output, &runs.iter().copied().collect(), LONG)
+        .await
+        .by_id
+}
+
+fn output(result: &TaskResult) -> serde_json::Value {
+    serde_json::from_slice(result.output.as_deref().unwrap_or_default()).expect("JSON output")
+}
+
+/// The requests written to the input topic, decoded.
+async fn requests_on(kafka: &TestKafka, topic: &str, at_least: usize) -> Vec<TaskRequest> {
+    let codec = Codec::default();
+    kafka
+        .read_records(topic, at_least, LONG)
+        .await
+        .iter()
+        .map(|m| {
+            codec
+                .decode_request(m.payload().unwrap_or_default())
+                .expect("request decodes")
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_three_step_chain_runs_to_completion_one_step_after_the_other() {
+    for kafka in TestKafka::all("a_three_step_chain_runs_to_completion_one_step_after_the_other") {
+        let pipeline = workflow_pipeline(&kafka, 2).await;
+        let chain = WorkflowSettings {
+            name: "chain".into(),
+            steps: vec![step("inc"), step("square"), step("inc")],
+            timeout_ms: 0,
+        };
+        let settings = settings(&kafka, &pipeline, vec![chain]);
+        let worker = InProcessWorker::start(&settings, "worker", Some(registry()));
+        let run = start(&kafka, &settings, "chain", "2").await;
+        let by_id = results(&kafka, &pipeline, &[run]).await;
+        worker.stop().await;
+
+        let result = &by_id[&run];
+        assert_eq!(result.len(), 1, "one result for the run");
+        assert_eq!(result[0].status, TaskStatus::Succeeded);
+        // (2 + 1)² + 1
+        assert_eq!(output(&result[0]), serde_json::json!(10));
+        assert_eq!(result[0].workflow.as_ref().map(|w| w.step), Some(3));
+        // Each step has its own result, with its own output.
+        for (index, expected) in [(0, 3), (1, 9), (2, 10)] {
+            let step = &by_id[&step_id(run, index, None)];
+            assert_eq!(step[0].status, TaskStatus::Succeeded, "step {index}");
+            assert_eq!(
+                output(&step[0]),
+                serde_json::json!(expected),
+                "step {index}"
+            );
+            assert_eq!(step[0].workflow.as_ref().unwrap().step, index);
+        }
+    }
+}
+
+fn word_count_like(timeout_ms: u64) -> WorkflowSettings {
+    WorkflowSettings {
+        name: "squares".into(),
+        steps: vec![
+            StepSettings {
+                fan_out: true,
+                ..step("range")
+            },
+            step("square"),
+            StepSettings {
+                join: true,
+                ..step("sum")
+            },
+        ],
+        timeout_ms,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fan_out_of_100_children_is_joined_with_every_output_in_child_order() {
+    for kafka in
+        TestKafka::all("a_fan_out_of_100_children_is_joined_with_every_output_in_child_order")
+    {
+        let pipeline = workflow_pipeline(&kafka, 4).await;
+        let settings = settings(&kafka, &pipeline, vec![word_count_like(0)]);
+        let worker = InProcessWorker::start(&settings, "worker", Some(registry()));
+        let run = start(&kafka, &settings, "squares", "100").await;
+        let by_id = results(&kafka, &pipeline, &[run]).await;
+        worker.stop().await;
+
+        let result = &by_id[&run];
+        assert_eq!(result.len(), 1, "one result for the run");
+        assert_eq!(
+            result[0].status,
+            TaskStatus::Succeeded,
+            "{:?}",
+            result[0].error
+        );
+        let expected: i64 = (0..100).map(|n| n * n).sum();
+        assert_eq!(output(&result[0]), serde_json::json!(expected));
+        for child in 0..100 {
+            let id = step_id(run, 1, Some(child));
+            assert_eq!(by_id[&id][0].status, TaskStatus::Succeeded, "child {child}");
+        }
+        // The join's request holds all 100 outputs, in child order.
+        let join_id = step_id(run, 2, None);
+        let written = requests_on(&kafka, &pipeline.input, 1).await;
+        let joins: Vec<&TaskRequest> = written.iter().filter(|r| r.id == join_id).collect();
+        assert_eq!(joins.len(), 1, "the join was asked for once");
+        let input: serde_json::Value = serde_json::from_slice(&joins[0].payload).unwrap();
+        let squares: Vec<i64> = (0..100).map(|n| n * n).collect();
+        assert_eq!(input, serde_json::json!(squares));
+        assert_eq!(by_id[&join_id].len(), 1, "the join ran once");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failing_middle_step_fails_the_run_and_later_steps_never_run() {
+    for kafka in TestKafka::all("a_failing_middle_step_fails_the_run_and_later_steps_never_run") {
+        let pipeline = workflow_pipeline(&kafka, 2).await;
+        let chain = WorkflowSettings {
+            name: "doomed".into(),
+            steps: vec![step("inc"), step("broken"), step("inc")],
+            timeout_ms: 0,
+        };
+        let settings = settings(&kafka, &pipeline, vec![chain]);
+        let worker = InProcessWorker::start(&settings, "worker", Some(registry()));
+        let run = start(&kafka, &settings, "doomed", "1").await;
+        let by_id = results(&kafka, &pipeline, &[run]).await;
+        // Whatever the worker was going to do is done once it drained.
+        worker.stop().await;
+
+        let result = &by_id[&run];
+        assert_eq!(result.len(), 1);
+        assert_eq!(result[0].status, TaskStatus::Failed);
+        let error = result[0].error.as_ref().expect("error");
+        assert_eq!(error.kind, "step_failed");
+        assert_eq!(
+            error.message,
+            "step 1 (`broken`) failed: permanent: step is broken"
+        );
+        assert_eq!(by_id[&step_id(run, 1, None)][0].status, TaskStatus::Failed);
+        let third = step_id(run, 2, None);
+        assert!(!by_id.contains_key(&third), "step 2 has a result");
+        let written = requests_on(&kafka, &pipeline.input, 2).await;
+        assert!(
+            written.iter().all(|r| r.id != third),
+            "step 2 was requested"
+        );
+        assert_eq!(written.len(), 2, "requests for steps 0 and 1 only");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failing_child_fails_the_run_and_its_join_never_runs() {
+    let kafka = TestKafka::mock();
+    let pipeline = workflow_pipeline(&kafka, 2).await;
+    let mut workflow = word_count_like(0);
+    workflow.steps[1] = step("broken");
+    let settings = settings(&kafka, &pipeline, vec![workflow]);
+    let worker = InProcessWorker::start(&settings, "worker", Some(registry()));
+    let run = start(&kafka, &settings, "squares", "5").await;
+    let by_id = results(&kafka, &pipeline, &[run]).await;
+    // Every child fails; each failure is told to the join, which closes.
+    let changelog = format!("{}{JOINS_SUFFIX}", pipeline.input);
+    let closed = kafka.read_records(&changelog, 1, LONG).await;
+    worker.stop().await;
+    assert_eq!(by_id[&run][0].status, TaskStatus::Failed);
+    assert!(
+        by_id[&run][0]
+            .error
+            .as_ref()
+            .unwrap()
+            .message
+            .starts_with("step 1 (`broken`), child "),
+        "{:?}",
+        by_id[&run][0].error
+    );
+    assert!(!by_id.contains_key(&step_id(run, 2, None)), "the join ran");
+    let done = format!("{run}/done");
+    assert!(
+        closed.iter().any(|m| m.key() == Some(done.as_bytes())),
+        "the join's state was closed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_join_that_outlives_the_workflow_timeout_fails_the_run() {
+    let kafka = TestKafka::mock();
+    let pipeline = workflow_pipeline(&kafka, 1).await;
+    let settings = settings(&kafka, &pipeline, vec![word_count_like(1_500)]);
+    let worker = InProcessWorker::start(&settings, "worker", Some(registry()));
+    // A run whose children never all report: contributions for 2 of 3
+    // children, written by hand as a crashed fan-out would leave them.
+    let workflows = Workflows::from_settings(&settings);
+    let (_, first) = workflows
+        .start(
+            "squares",
+            b"3".to_vec(),
+            "application/json".into(),
+            BTreeMap::new(),
+        )
+        .unwrap();
+    let run = first.workflow.as_ref().unwrap().id;
+    let done_child = |i: i32| {
+        let mut child = first.clone();
+        let w = child.workflow.as_mut().unwrap();
+        w.step = 1;
+        w.child_index = Some(i);
+        w.child_count = Some(3);
+        child.task_type = "square".into();
+        child.id = step_id(run, 1, Some(i));
+        child.payload = i.to_string().into_bytes();
+        child
+    };
+    let contributions: Vec<TaskRequest> = (0..2)
+        .map(|i| {
+            let child = done_child(i);
+            let result = TaskResult {
+                id: child.id,
+                task_type: child.task_type.clone(),
+                status: TaskStatus::Succeeded,
+                output: Some(child.payload.clone()),
+                content_type: "application/json".into(),
+                error: None,
+                attempts: 1,
+                started_at: 0,
+                finished_at: 0,
+                worker: "test".into(),
+                workflow: child.workflow.clone(),
+            };
+            match workflows.after_success(&child, &result, "test").remove(0) {
+                conveyor::workflow::Next::Request { request, .. } => request,
+                other => panic!("expected a contribution, got {other:?}"),
+            }
+        })
+        .collect();
+    kafka
+        .produce_requests(&pipeline.input, &contributions)
+        .await;
+    let by_id = results(&kafka, &pipeline, &[run]).await;
+    worker.stop().await;
+    let result = &by_id[&run][0];
+    assert_eq!(result.status, TaskStatus::Failed);
+    let error = result.error.as_ref().unwrap();
+    assert_eq!(error.kind, "timeout");
+    assert!(
+        error.message.contains("(2 of 3 finished)"),
+        "{}",
+        error.message
+    );
+}
+
+/// `square`, except that children in the second half of their fan-out wait
+/// until `open` is set.
+fn gated_registry(open: Arc<AtomicBool>) -> Registry {
+    struct Gated(Arc<AtomicBool>);
+    impl Handler for Gated {
+        fn handle<'a>(
+            &'a self,
+            task: &'a TaskRequest,
+            _context: &'a TaskContext,
+        ) -> BoxFuture<'a, Result<Output, HandlerError>> {
+            async move {
+                let w = task.workflow.as_ref();
+                let late = w
+                    .and_then(|w| w.child_index.zip(w.child_count))
+                    .is_some_and(|(i, n)| i >= n / 2);
+                while late && !self.0.load(AtomicOrdering::Relaxed) {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                let n: i64 = serde_json::from_slice(&task.payload)
+                    .map_err(|e| HandlerError::Permanent(e.to_string()))?;
+                Ok(Output {
+                    bytes: (n * n).to_string().into_bytes(),
+                    content_type: "application/json".into(),
+                })
+            }
+            .boxed()
+        }
+    }
+    let mut r = registry();
+    r.register("square", Arc::new(Gated(open)));
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn joins_survive_a_rebalance_and_a_member_leaving_and_complete_once() {
+    const RUNS: usize = 4;
+    const CHILDREN: i64 = 100;
+    for kafka in TestKafka::all("joins_survive_a_rebalance_and_a_member_leaving_and_complete_once")
+    {
+        // Children on one topic and processor, joins on another, so that the
+        // first member gathers (and commits) half of every join while the
+        // other half of the children cannot finish.
+        let pipeline = kafka.pipeline(4).await;
+        let joins_topic = kafka.create_topic("joins", 4).await;
+        let changelog = format!("{joins_topic}{JOINS_SUFFIX}");
+        kafka.create_named_topic(&changelog, 4).await;
+        let mut settings = kafka.worker_settings(
+            &pipeline,
+            Ordering::None,
+            &[("range", HandlerKind::Echo), ("square", HandlerKind::Echo)],
+        );
+        // Room for every waiting child: the partitions keep being read.
+        settings.processors[0].max_in_flight = 4_096;
+        settings.processors[0].max_in_flight_per_partition = 4_096;
+        let mut joiner = settings.processors[0].clone();
+        joiner.name = "joiner".into();
+        joiner.group_id = Some(format!("{}-joins", pipeline.group));
+        joiner.input_topics = vec![joins_topic.clone()];
+        joiner.retry_topic_threshold_ms = 0;
+        joiner.tasks = [(
+            "sum".to_owned(),
+            conveyor::settings::TaskSettings::new(HandlerKind::Echo),
+        )]
+        .into_iter()
+        .collect();
+        settings.processors.push(joiner);
+        settings.workflows = vec![word_count_like(0)];
+        settings.validate().expect("settings are valid");
+
+        let open = Arc::new(AtomicBool::new(false));
+        let a = InProcessWorker::start(&settings, "worker-a", Some(gated_registry(open.clone())));
+        let mut runs = Vec::new();
+        for _ in 0..RUNS {
+            runs.push(start(&kafka, &settings, "squares", &CHILDREN.to_string()).await);
+        }
+        let half = RUNS * CHILDREN as usize / 2;
+        wait_until(
+            "the first half of every join is in the changelog",
+            LONG,
+            || kafka.end_offsets(&changelog).values().sum::<i64>() as usize >= half,
+        )
+        .await;
+        // A second member arrives (some partitions move to it), then the
+        // first leaves: every join continues on the second member, from the
+        // state it reads back from the changelog.
+        let b = InProcessWorker::start(&settings, "worker-b", Some(gated_registry(open.clone())));
+        wait_until("the second member owns join partitions", LONG, || {
+            b.statuses[1].assigned_partitions() > 0
+        })
+        .await;
+        a.stop().await;
+        open.store(true, AtomicOrdering::Relaxed);
+        let by_id = results(&kafka, &pipeline, &runs).await;
+        b.stop().await;
+
+        let expected: i64 = (0..CHILDREN).map(|n| n * n).sum();
+        for run in &runs {
+            let result = &by_id[run];
+            assert_eq!(
+                result.len(),
+                1,
+                "{}: run {run} completed once",
+                kafka.describe()
+            );
+            assert_eq!(
+                result[0].status,
+                TaskStatus::Succeeded,
+                "{:?}",
+                result[0].error
+            );
+            assert_eq!(output(&result[0]), serde_json::json!(expected));
+            assert_eq!(
+                by_id[&step_id(*run, 2, None)].len(),
+                1,
+                "{}: the join of {run} ran once",
+                kafka.describe()
+            );
+        }
+    }
+}
