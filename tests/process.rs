@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::{ids, requests, wait_until, Pipeline, TestKafka};
 use conveyor::codec::{now_millis, TaskStatus};
-use conveyor::settings::{HandlerKind, Ordering, Settings};
+use conveyor::settings::{HandlerKind, Ordering, Settings, StepSettings, WorkflowSettings};
 
 const LONG: Duration = Duration::from_secs(180);
 
@@ -166,6 +166,156 @@ async fn sigkill_mid_run_loses_nothing_and_duplicates_stay_bounded() {
             duplicates <= bound,
             "{duplicates} duplicates exceed the bound {bound}"
         );
+        let _ = std::fs::remove_file(&config);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_fan_out_then_restart_completes_the_workflow_exactly_once() {
+    const CHILDREN: usize = 1_000;
+    for kafka in
+        TestKafka::all("sigkill_mid_fan_out_then_restart_completes_the_workflow_exactly_once")
+    {
+        // One partition, one lane: the children run one after the other, so
+        // the kill lands mid fan-out. The join has its own topic and
+        // processor, so it gathers (and commits) contributions meanwhile:
+        // after the restart, those are known only from its changelog.
+        let pipeline = kafka.pipeline(1).await;
+        let joins_topic = kafka.create_topic("joins", 2).await;
+        let changelog = format!("{joins_topic}{}", conveyor::workflow::JOINS_SUFFIX);
+        kafka.create_named_topic(&changelog, 2).await;
+        let mut settings = kafka.worker_settings(
+            &pipeline,
+            Ordering::Partition,
+            &[
+                ("split", HandlerKind::SplitLines),
+                ("count", HandlerKind::WordCount),
+            ],
+        );
+        let mut joiner = settings.processors[0].clone();
+        joiner.name = "joiner".into();
+        joiner.group_id = Some(format!("{}-joins", pipeline.group));
+        joiner.input_topics = vec![joins_topic.clone()];
+        joiner.retry_topic_threshold_ms = 0;
+        joiner.ordering = Ordering::None;
+        joiner.tasks = [(
+            "total".to_owned(),
+            conveyor::settings::TaskSettings::new(HandlerKind::Sum),
+        )]
+        .into_iter()
+        .collect();
+        settings.processors.push(joiner);
+        settings.workflows = vec![WorkflowSettings {
+            name: "wc".into(),
+            steps: vec![
+                StepSettings {
+                    task: "split".into(),
+                    fan_out: true,
+                    join: false,
+                },
+                StepSettings {
+                    task: "count".into(),
+                    fan_out: false,
+                    join: false,
+                },
+                StepSettings {
+                    task: "total".into(),
+                    fan_out: false,
+                    join: true,
+                },
+            ],
+            timeout_ms: 0,
+        }];
+        settings.validate().expect("valid settings");
+        let config = common::config_file(&settings);
+        // Line i has (i mod 5) + 1 words.
+        let lines: Vec<String> = (0..CHILDREN)
+            .map(|i| vec!["word"; i % 5 + 1].join(" "))
+            .collect();
+        let expected_words: usize = (0..CHILDREN).map(|i| i % 5 + 1).sum();
+        let payload = serde_json::json!({ "text": lines.join("\n") }).to_string();
+        let workflows = conveyor::workflow::Workflows::from_settings(&settings);
+        let (topic, first_request) = workflows
+            .start(
+                "wc",
+                payload.into_bytes(),
+                "application/json".into(),
+                Default::default(),
+            )
+            .expect("workflow defined");
+        let run = first_request.workflow.as_ref().expect("workflow ref").id;
+        kafka
+            .produce_requests(&topic, std::slice::from_ref(&first_request))
+            .await;
+
+        let mut first = Worker::start(&config);
+        wait_until("the first worker finished 300 children", LONG, || {
+            results_written(&kafka, &pipeline) >= 300
+        })
+        .await;
+        // Half a second more: the joiner commits what it gathered so far.
+        tokio::time::sleep(Duration::from_millis(
+            settings.processors[1].commit_interval_ms + 200,
+        ))
+        .await;
+        first.signal("KILL");
+        first.wait(Duration::from_secs(10));
+        let at_kill = results_written(&kafka, &pipeline);
+        let gathered: i64 = kafka.end_offsets(&changelog).values().sum();
+        assert!(gathered > 0, "nothing was gathered before the kill");
+        assert!(
+            at_kill < CHILDREN as i64,
+            "the fan-out ended before the kill ({at_kill} results); make it longer"
+        );
+
+        let mut second = Worker::start(&config);
+        let mut expected = std::collections::HashSet::new();
+        expected.insert(run);
+        let results = kafka
+            .collect_results(&pipeline.output, &expected, LONG)
+            .await;
+        second.signal("TERM");
+        assert!(
+            second.wait(Duration::from_secs(30)).success(),
+            "{}",
+            second.log_tail()
+        );
+
+        let describe = kafka.describe();
+        let outcome = &results.by_id[&run];
+        assert_eq!(outcome.len(), 1, "{describe}: one result for the workflow");
+        assert_eq!(
+            outcome[0].status,
+            TaskStatus::Succeeded,
+            "{:?}",
+            outcome[0].error
+        );
+        let total: serde_json::Value =
+            serde_json::from_slice(outcome[0].output.as_deref().unwrap_or_default()).unwrap();
+        assert_eq!(
+            total,
+            serde_json::json!(expected_words),
+            "{describe}: every child counted once"
+        );
+        let step_id = conveyor::workflow::step_id;
+        for child in 0..CHILDREN as i32 {
+            assert!(
+                results.by_id.contains_key(&step_id(run, 1, Some(child))),
+                "{describe}: child {child} has no result"
+            );
+        }
+        let join = step_id(run, 2, None);
+        assert_eq!(
+            results.by_id[&join].len(),
+            1,
+            "{describe}: the join ran once"
+        );
+        common::announce(&format!(
+            "SIGKILL mid fan-out on {describe}: killed after {at_kill} results and {gathered} changelog records; {} child results in all for {CHILDREN} children",
+            (0..CHILDREN as i32)
+                .map(|c| results.by_id[&step_id(run, 1, Some(c))].len())
+                .sum::<usize>()
+        ));
         let _ = std::fs::remove_file(&config);
     }
 }
