@@ -269,8 +269,10 @@ async fn sigkill_mid_fan_out_then_restart_completes_the_workflow_exactly_once() 
         );
 
         let mut second = Worker::start(&config);
-        let mut expected = std::collections::HashSet::new();
-        expected.insert(run);
+        // The join's result and the run's are written side by side.
+        let expected = [run, conveyor::workflow::step_id(run, 2, None)]
+            .into_iter()
+            .collect();
         let results = kafka
             .collect_results(&pipeline.output, &expected, LONG)
             .await;

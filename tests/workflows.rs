@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{wait_until, InProcessWorker, Pipeline, TestKafka};
+use common::{wait_until, InProcessWorker, Pipeline, TestGateway, TestKafka};
 use conveyor::codec::{Codec, TaskRequest, TaskResult, TaskStatus};
 use conveyor::handlers::{Handler, HandlerError, Output, Registry, TaskContext};
 use conveyor::settings::{HandlerKind, Ordering, Settings, StepSettings, WorkflowSettings};
@@ -186,7 +186,8 @@ async fn a_three_step_chain_runs_to_completion_one_step_after_the_other() {
         let settings = settings(&kafka, &pipeline, vec![chain]);
         let worker = InProcessWorker::start(&settings, "worker", Some(registry()));
         let run = start(&kafka, &settings, "chain", "2").await;
-        let by_id = results(&kafka, &pipeline, &[run]).await;
+        // The last step's result and the run's are written side by side.
+        let by_id = results(&kafka, &pipeline, &[run, step_id(run, 2, None)]).await;
         worker.stop().await;
 
         let result = &by_id[&run];
@@ -236,7 +237,7 @@ async fn a_fan_out_of_100_children_is_joined_with_every_output_in_child_order() 
         let settings = settings(&kafka, &pipeline, vec![word_count_like(0)]);
         let worker = InProcessWorker::start(&settings, "worker", Some(registry()));
         let run = start(&kafka, &settings, "squares", "100").await;
-        let by_id = results(&kafka, &pipeline, &[run]).await;
+        let by_id = results(&kafka, &pipeline, &[run, step_id(run, 2, None)]).await;
         worker.stop().await;
 
         let result = &by_id[&run];
@@ -277,7 +278,7 @@ async fn a_failing_middle_step_fails_the_run_and_later_steps_never_run() {
         let settings = settings(&kafka, &pipeline, vec![chain]);
         let worker = InProcessWorker::start(&settings, "worker", Some(registry()));
         let run = start(&kafka, &settings, "doomed", "1").await;
-        let by_id = results(&kafka, &pipeline, &[run]).await;
+        let by_id = results(&kafka, &pipeline, &[run, step_id(run, 1, None)]).await;
         // Whatever the worker was going to do is done once it drained.
         worker.stop().await;
 
@@ -494,7 +495,9 @@ async fn joins_survive_a_rebalance_and_a_member_leaving_and_complete_once() {
         .await;
         a.stop().await;
         open.store(true, AtomicOrdering::Relaxed);
-        let by_id = results(&kafka, &pipeline, &runs).await;
+        let mut expected = runs.clone();
+        expected.extend(runs.iter().map(|run| step_id(*run, 2, None)));
+        let by_id = results(&kafka, &pipeline, &expected).await;
         b.stop().await;
 
         let expected: i64 = (0..CHILDREN).map(|n| n * n).sum();
@@ -520,5 +523,115 @@ async fn joins_survive_a_rebalance_and_a_member_leaving_and_complete_once() {
                 kafka.describe()
             );
         }
+    }
+}
+
+/// Sends `request` and reads the answer: status and JSON body.
+async fn call(request: reqwest::RequestBuilder) -> (u16, serde_json::Value) {
+    let response = request.send().await.expect("the gateway answers");
+    let status = response.status().as_u16();
+    let bytes = response.bytes().await.expect("body");
+    (status, serde_json::from_slice(&bytes).expect("a JSON body"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_gateway_starts_runs_and_shows_their_status_step_by_step() {
+    for kafka in TestKafka::all("the_gateway_starts_runs_and_shows_their_status_step_by_step") {
+        let pipeline = workflow_pipeline(&kafka, 2).await;
+        let chain = WorkflowSettings {
+            name: "chain".into(),
+            steps: vec![step("inc"), step("square"), step("inc")],
+            timeout_ms: 0,
+        };
+        let settings = settings(&kafka, &pipeline, vec![chain, word_count_like(0)]);
+        let worker = InProcessWorker::start(&settings, "worker", Some(registry()));
+        let gateway = TestGateway::start(&settings, worker.metrics.clone()).await;
+        let http = reqwest::Client::new();
+        let post = |name: &str, body: serde_json::Value| {
+            call(
+                http.post(format!("{}/v1/workflows/{name}", gateway.base))
+                    .header("content-type", "application/json")
+                    .body(body.to_string()),
+            )
+        };
+        let get = |path: String| call(http.get(format!("{}{path}", gateway.base)));
+
+        let (code, started) = post(
+            "chain",
+            serde_json::json!({"payload": 2, "idempotency_key": "chain-1"}),
+        )
+        .await;
+        assert_eq!(code, 202, "{started}");
+        let run = started["id"].as_str().expect("run id").to_owned();
+        assert_eq!(started["workflow"], "chain");
+        assert_eq!(started["status"], "queued");
+        assert_eq!(started["status_url"], format!("/v1/workflows/{run}"));
+
+        let (code, status) = get(format!("/v1/workflows/{run}?wait=20s")).await;
+        assert_eq!(code, 200);
+        assert_eq!(status["status"], "succeeded", "{status:#}");
+        assert_eq!(status["result"], 10);
+        let steps = status["steps"].as_array().expect("steps");
+        assert_eq!(steps.len(), 3);
+        for (i, (task_type, output)) in [("inc", 3), ("square", 9), ("inc", 10)].iter().enumerate()
+        {
+            assert_eq!(steps[i]["index"], i);
+            assert_eq!(steps[i]["type"], *task_type);
+            assert_eq!(steps[i]["status"], "succeeded", "{status:#}");
+            assert_eq!(steps[i]["attempts"], 1);
+            assert_eq!(steps[i]["output"], *output);
+        }
+
+        // The same idempotency key answers the same run.
+        let (code, again) = post(
+            "chain",
+            serde_json::json!({"payload": 2, "idempotency_key": "chain-1"}),
+        )
+        .await;
+        assert_eq!(code, 202);
+        assert_eq!(again["id"].as_str(), Some(run.as_str()));
+        assert_eq!(again["idempotent_replay"], true);
+        assert_eq!(again["status"], "succeeded");
+
+        // A fan-out: children counted, outputs in child order.
+        let (_, fan) = post("squares", serde_json::json!({"payload": 5})).await;
+        let fan_id = fan["id"].as_str().expect("run id").to_owned();
+        let (_, status) = get(format!("/v1/workflows/{fan_id}?wait=20s")).await;
+        assert_eq!(status["status"], "succeeded", "{status:#}");
+        assert_eq!(status["result"], 30);
+        assert_eq!(
+            status["steps"][0]["output"],
+            serde_json::json!([0, 1, 2, 3, 4])
+        );
+        assert_eq!(
+            status["steps"][1]["children"],
+            serde_json::json!({"count": 5, "succeeded": 5, "failed": 0})
+        );
+        assert_eq!(
+            status["steps"][1]["outputs"],
+            serde_json::json!([0, 1, 4, 9, 16])
+        );
+        assert_eq!(status["steps"][2]["status"], "succeeded");
+        assert_eq!(status["steps"][2]["output"], 30);
+
+        // Refusals name the problem.
+        let (code, body) = post("nope", serde_json::json!({"payload": 1})).await;
+        assert_eq!(code, 404);
+        assert_eq!(body["error"]["code"], "unknown_workflow");
+        assert_eq!(
+            body["error"]["message"],
+            "no workflow `nope` is defined; this gateway knows: chain, squares"
+        );
+        let (code, body) = post("chain", serde_json::json!({"input": 1})).await;
+        assert_eq!(code, 422);
+        assert_eq!(body["error"]["field"], "input");
+        let (code, _) = get(format!("/v1/workflows/{}", Uuid::new_v4())).await;
+        assert_eq!(code, 404);
+        let (code, body) = get("/v1/workflows/chain".into()).await;
+        assert_eq!(code, 400);
+        assert_eq!(body["error"]["field"], "id");
+
+        gateway.stop().await;
+        worker.stop().await;
     }
 }

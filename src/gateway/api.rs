@@ -156,6 +156,62 @@ fn optional_string<'a>(
     }
 }
 
+/// The fields of a workflow start.
+const WORKFLOW_FIELDS: &[&str] = &["payload", "idempotency_key"];
+
+/// What `POST /v1/workflows/{name}` asks for: the first step's payload
+/// (JSON text) and an optional idempotency key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewRun {
+    /// The first step's payload as JSON text.
+    pub payload: Vec<u8>,
+    /// Idempotency key.
+    pub idempotency_key: Option<String>,
+}
+
+/// Checks the body of a workflow start.
+pub fn parse_run(value: &Value, max_payload_bytes: usize) -> Result<NewRun, ApiError> {
+    let map = object(value, "")?;
+    if let Some(unknown) = map.keys().find(|k| !WORKFLOW_FIELDS.contains(&k.as_str())) {
+        return Err(ApiError::field(
+            unknown.clone(),
+            format!(
+                "unknown field; a workflow start has {}",
+                WORKFLOW_FIELDS.join(", ")
+            ),
+        ));
+    }
+    let payload = match map.get("payload") {
+        None => {
+            return Err(ApiError::field(
+                "payload",
+                "required: the first step's input, any JSON value",
+            ))
+        }
+        Some(payload) => payload.to_string().into_bytes(),
+    };
+    if payload.len() > max_payload_bytes {
+        return Err(ApiError::field(
+            "payload",
+            format!(
+                "is {} bytes of JSON; at most {max_payload_bytes} are accepted (gateway.max_payload_bytes)",
+                payload.len()
+            ),
+        )
+        .with(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"));
+    }
+    let idempotency_key = optional_string(
+        map,
+        "idempotency_key",
+        "idempotency_key",
+        MAX_IDEMPOTENCY_KEY_BYTES,
+    )?;
+    Ok(NewRun {
+        payload,
+        idempotency_key: idempotency_key.map(str::to_owned),
+    })
+}
+
 /// Checks one task object; field paths start with `prefix` (`""` or
 /// `tasks[3].`).
 pub fn parse_task(
@@ -458,6 +514,33 @@ mod tests {
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         for bad in ["", "s", "1h", "-1s", "1.5s", "99999999999999999999s"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn workflow_starts_are_checked() {
+        let run = parse_run(
+            &json!({"payload": {"text": "a b"}, "idempotency_key": "k1"}),
+            100,
+        )
+        .unwrap();
+        assert_eq!(run.payload, br#"{"text":"a b"}"#);
+        assert_eq!(run.idempotency_key.as_deref(), Some("k1"));
+        let cases = [
+            (json!({}), "payload", 422),
+            (json!({"payload": 1, "key": "x"}), "key", 422),
+            (
+                json!({"payload": 1, "idempotency_key": 5}),
+                "idempotency_key",
+                422,
+            ),
+            (json!({"payload": "x".repeat(200)}), "payload", 413),
+            (json!([1]), "body", 422),
+        ];
+        for (body, field, status) in cases {
+            let e = parse_run(&body, 100).unwrap_err();
+            assert_eq!(e.field.as_deref(), Some(field), "{body}: {e:?}");
+            assert_eq!(e.status.as_u16(), status, "{body}: {e:?}");
         }
     }
 

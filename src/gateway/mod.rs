@@ -37,10 +37,11 @@ use rdkafka::types::RDKafkaErrorCode;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use crate::codec::{now_millis, Codec, TaskRequest};
+use crate::codec::{now_millis, Codec, TaskRequest, WorkflowRef};
 use crate::metrics::Metrics;
 use crate::processor::headers;
 use crate::settings::{GatewaySettings, Settings};
+use crate::workflow::Workflows;
 use api::{ApiError, NewTask, Rules};
 use view::{Limits, TaskView, View, IDEMPOTENCY_METADATA};
 
@@ -52,6 +53,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/tasks"),
     ("post", "/v1/tasks:batch"),
     ("get", "/v1/tasks/{id}"),
+    ("post", "/v1/workflows/{workflow}"),
+    ("get", "/v1/workflows/{workflow}"),
     ("get", "/healthz"),
     ("get", "/readyz"),
     ("get", "/metrics"),
@@ -83,6 +86,7 @@ pub enum GatewayError {
 struct Shared {
     settings: GatewaySettings,
     rules: Rules,
+    workflows: Workflows,
     codec: Codec,
     producer: FutureProducer,
     view: Mutex<View>,
@@ -165,6 +169,7 @@ pub async fn start(
             max_payload_bytes: g.max_payload_bytes,
             max_batch: g.max_batch,
         },
+        workflows: Workflows::from_settings(settings),
         codec,
         producer,
         view: Mutex::new(View::new(Limits {
@@ -270,6 +275,7 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/tasks", post(submit_one))
         .route("/v1/tasks:batch", post(submit_batch))
         .route("/v1/tasks/{id}", get(get_task))
+        .route("/v1/workflows/{workflow}", post(start_run).get(get_run))
         .route_layer(middleware::from_fn_with_state(shared.clone(), authenticate));
     let open = Router::new()
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
@@ -309,6 +315,11 @@ fn route_label(path: &str) -> &'static str {
     if let Some(id) = path.strip_prefix("/v1/tasks/") {
         if !id.is_empty() && !id.contains('/') {
             return "/v1/tasks/:id";
+        }
+    }
+    if let Some(workflow) = path.strip_prefix("/v1/workflows/") {
+        if !workflow.is_empty() && !workflow.contains('/') {
+            return "/v1/workflows/:workflow";
         }
     }
     ROUTES
@@ -469,7 +480,7 @@ async fn submit_one(
     let outcome = async {
         let value = json_body(&shared, body)?;
         let task = api::parse_task(&value, "", &shared.rules, now_millis())?;
-        let mut accepted = submit(&shared, vec![task], &traceparent).await?;
+        let mut accepted = submit(&shared, vec![Submission::task(task)], &traceparent).await?;
         accepted
             .pop()
             .ok_or_else(|| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "no task"))
@@ -498,7 +509,8 @@ async fn submit_batch(
                 }
             }
         }
-        Ok(json!({ "tasks": submit(&shared, tasks, &traceparent).await? }))
+        let submissions = tasks.into_iter().map(Submission::task).collect();
+        Ok(json!({ "tasks": submit(&shared, submissions, &traceparent).await? }))
     }
     .await;
     accepted_or_refused(outcome, &traceparent)
@@ -530,6 +542,10 @@ fn status_url(id: &Uuid) -> String {
     format!("/v1/tasks/{id}")
 }
 
+fn run_url(id: &Uuid) -> String {
+    format!("/v1/workflows/{id}")
+}
+
 /// Releases idempotency keys reserved by a submission however it ends
 /// (answered, failed, or its request dropped by the client or a timeout).
 struct Reservation<'a> {
@@ -546,11 +562,58 @@ impl Drop for Reservation<'_> {
     }
 }
 
+/// One request to produce: a task, or the first step of a workflow run.
+struct Submission {
+    topic: String,
+    request: TaskRequest,
+    idempotency_key: Option<String>,
+}
+
+impl Submission {
+    fn task(task: NewTask) -> Self {
+        let mut request = TaskRequest::new(&task.task_type, task.payload);
+        request.key = task.key;
+        request.deadline = task.deadline;
+        if let Some(key) = &task.idempotency_key {
+            request
+                .metadata
+                .insert(IDEMPOTENCY_METADATA.into(), key.clone());
+        }
+        Submission {
+            topic: task.topic,
+            request,
+            idempotency_key: task.idempotency_key,
+        }
+    }
+}
+
+/// The answer for a submitted (or replayed) task or workflow run.
+fn accepted(view: &View, id: Uuid, workflow: Option<&WorkflowRef>, replay: bool) -> Value {
+    let mut answer = match workflow {
+        Some(w) => json!({
+            "id": w.id, "workflow": w.name,
+            "status": run_status(&view.run(&w.id), w.id),
+            "status_url": run_url(&w.id),
+        }),
+        None => json!({
+            "id": id,
+            "status": view.get(&id).map_or("queued", |t| t.phase.name()),
+            "status_url": status_url(&id),
+        }),
+    };
+    if replay {
+        if let Some(map) = answer.as_object_mut() {
+            map.insert("idempotent_replay".into(), json!(true));
+        }
+    }
+    answer
+}
+
 /// Produces `tasks` (those whose idempotency key is not already taken) and
 /// answers once the broker acknowledged every one.
 async fn submit(
     shared: &Shared,
-    tasks: Vec<NewTask>,
+    tasks: Vec<Submission>,
     traceparent: &str,
 ) -> Result<Vec<Value>, ApiError> {
     let now = now_millis();
@@ -570,11 +633,8 @@ async fn submit(
                 continue;
             };
             if let Some(id) = view.idempotent(key, now) {
-                let status = view.get(&id).map_or("queued", |t| t.phase.name());
-                answers[i] = Some(json!({
-                    "id": id, "status": status, "status_url": status_url(&id),
-                    "idempotent_replay": true,
-                }));
+                let workflow = view.get(&id).and_then(|t| t.workflow.as_ref());
+                answers[i] = Some(accepted(&view, id, workflow, true));
             } else if !reserved.insert(key.clone()) {
                 return Err(ApiError::field(
                     field_of(tasks.len(), i, "idempotency_key"),
@@ -593,15 +653,8 @@ async fn submit(
         if answers[i].is_some() {
             continue;
         }
-        let mut request = TaskRequest::new(&task.task_type, task.payload.clone());
-        request.key = task.key.clone();
-        request.deadline = task.deadline;
-        if let Some(key) = &task.idempotency_key {
-            request
-                .metadata
-                .insert(IDEMPOTENCY_METADATA.into(), key.clone());
-        }
-        let mut value = Vec::with_capacity(task.payload.len() + 96);
+        let request = task.request.clone();
+        let mut value = Vec::with_capacity(request.payload.len() + 96);
         shared.codec.encode_request(&request, &mut value);
         let record_key = request
             .key
@@ -638,12 +691,15 @@ async fn submit(
                     .gateway_tasks_submitted
                     .with_label_values(&[request.task_type.as_str()])
                     .inc();
-                shared
-                    .view()
-                    .apply_request(&request, Some(traceparent.to_owned()), now_millis());
-                answers[i] = Some(json!({
-                    "id": request.id, "status": "queued", "status_url": status_url(&request.id),
-                }));
+                let mut view = shared.view();
+                view.apply_request(&request, Some(traceparent.to_owned()), now_millis());
+                answers[i] = Some(accepted(
+                    &view,
+                    request.id,
+                    request.workflow.as_ref(),
+                    false,
+                ));
+                drop(view);
                 acknowledged.push(request.id);
             }
             Ok(Err((e, _))) => {
@@ -692,6 +748,265 @@ fn unavailable(acknowledged: &[Uuid], message: String) -> ApiError {
     error
 }
 
+/// `POST /v1/workflows/{name}`: starts a run of the workflow `name`.
+async fn start_run(
+    State(shared): State<Arc<Shared>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let traceparent = traceparent_of(&headers);
+    let outcome = async {
+        if shared.workflows.get(&name).is_none() {
+            let known: Vec<&str> = shared
+                .workflows
+                .definitions()
+                .map(|w| w.name.as_str())
+                .collect();
+            return Err(ApiError::field(
+                "name",
+                format!(
+                    "no workflow `{name}` is defined; this gateway knows: {}",
+                    if known.is_empty() {
+                        "none (configure [[workflows]])".to_owned()
+                    } else {
+                        known.join(", ")
+                    }
+                ),
+            )
+            .with(StatusCode::NOT_FOUND, "unknown_workflow"));
+        }
+        let value = json_body(&shared, body)?;
+        let run = api::parse_run(&value, shared.settings.max_payload_bytes)?;
+        let mut metadata = BTreeMap::new();
+        if let Some(key) = &run.idempotency_key {
+            metadata.insert(IDEMPOTENCY_METADATA.to_owned(), key.clone());
+        }
+        let (topic, request) = shared
+            .workflows
+            .start(
+                &name,
+                run.payload,
+                crate::codec::DEFAULT_CONTENT_TYPE.into(),
+                metadata,
+            )
+            .map_err(|e| ApiError::new(StatusCode::NOT_FOUND, "unknown_workflow", e.to_string()))?;
+        let submission = Submission {
+            topic,
+            request,
+            idempotency_key: run.idempotency_key,
+        };
+        let mut accepted = submit(&shared, vec![submission], &traceparent).await?;
+        accepted
+            .pop()
+            .ok_or_else(|| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "no run"))
+    }
+    .await;
+    accepted_or_refused(outcome, &traceparent)
+}
+
+/// `GET /v1/workflows/{id}`: a run's status, step by step, optionally
+/// waiting (`?wait=`) until it is over.
+async fn get_run(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<String>,
+    Query(params): Query<BTreeMap<String, String>>,
+) -> Response {
+    let outcome = async {
+        let run = Uuid::parse_str(&id).map_err(|e| {
+            ApiError::field(
+                "id",
+                format!("`{id}` is not a workflow run id (a UUID): {e}"),
+            )
+            .with(StatusCode::BAD_REQUEST, "invalid_id")
+        })?;
+        let deadline = tokio::time::Instant::now() + wait_of(&shared, &params)?;
+        loop {
+            let notify;
+            let mut woken;
+            {
+                let mut view = shared.view();
+                let tasks: Vec<TaskView> = view.run(&run).into_iter().cloned().collect();
+                if tasks.is_empty() {
+                    return Err(ApiError::new(
+                        StatusCode::NOT_FOUND,
+                        "unknown_workflow_run",
+                        format!(
+                            "no workflow run {run} is known here: never started, or older than \
+                             the status view keeps (gateway.view_max_age_ms, view_max_tasks)"
+                        ),
+                    ));
+                }
+                let over = tasks.iter().any(|t| t.id == run);
+                if over
+                    || tokio::time::Instant::now() >= deadline
+                    || shared.stopping.load(Ordering::Relaxed)
+                {
+                    return Ok(render_run(&shared.workflows, run, &tasks));
+                }
+                // The run's own result has the run's id.
+                notify = view.waiter(run);
+                woken = Box::pin(notify.notified());
+                woken.as_mut().enable();
+            }
+            let _ = tokio::time::timeout_at(deadline, woken).await;
+            drop(notify);
+            shared.view().release_waiter(&run);
+        }
+    }
+    .await;
+    match outcome {
+        Ok(value) => Json(value).into_response(),
+        Err(error) => error.into_response(),
+    }
+}
+
+/// `succeeded` or `failed` once the run's own result is known, `running`
+/// once any of its steps finished, else `queued`.
+fn run_status(tasks: &[&TaskView], run: Uuid) -> &'static str {
+    if let Some(result) = tasks.iter().find(|t| t.id == run) {
+        return result.phase.name();
+    }
+    if tasks.iter().any(|t| t.phase.is_terminal()) {
+        "running"
+    } else {
+        "queued"
+    }
+}
+
+/// A run as the API shows it: overall status, then each step's status,
+/// attempts and outputs so far (a fan-out's children counted, their
+/// outputs in child order), and the final output or error.
+fn render_run(workflows: &Workflows, run: Uuid, tasks: &[TaskView]) -> Value {
+    let refs: Vec<&TaskView> = tasks.iter().collect();
+    let name = tasks
+        .iter()
+        .find_map(|t| t.workflow.as_ref().map(|w| w.name.clone()))
+        .unwrap_or_default();
+    let definition = workflows.get(&name);
+    let mut value = json!({
+        "id": run,
+        "workflow": name,
+        "status": run_status(&refs, run),
+    });
+    let Some(map) = value.as_object_mut() else {
+        return value;
+    };
+    if let Some(result) = tasks.iter().find(|t| t.id == run) {
+        map.insert("finished_at".into(), json!(result.finished_at));
+        if let Some(output) = &result.output {
+            let content_type = result
+                .content_type
+                .as_deref()
+                .unwrap_or(crate::codec::DEFAULT_CONTENT_TYPE);
+            crate::tools::embed_bytes(map, "result", output, content_type);
+        }
+        if let Some(error) = &result.error {
+            map.insert(
+                "error".into(),
+                json!({"kind": error.kind, "message": error.message}),
+            );
+        }
+    }
+    let steps: Vec<Value> = definition
+        .map(|d| {
+            d.steps
+                .iter()
+                .enumerate()
+                .map(|(index, step)| {
+                    let index = i32::try_from(index).unwrap_or(i32::MAX);
+                    let at_step: Vec<&TaskView> = tasks
+                        .iter()
+                        .filter(|t| t.id != run)
+                        .filter(|t| t.workflow.as_ref().is_some_and(|w| w.step == index))
+                        // A join's contributions are the children's, not the join's.
+                        .filter(|t| {
+                            !(step.join
+                                && t.workflow.as_ref().is_some_and(|w| w.child_index.is_some()))
+                        })
+                        .collect();
+                    render_step(index, &step.task, &at_step)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    map.insert("steps".into(), json!(steps));
+    value
+}
+
+fn render_step(index: i32, task_type: &str, tasks: &[&TaskView]) -> Value {
+    let mut step = json!({"index": index, "type": task_type});
+    let Some(map) = step.as_object_mut() else {
+        return step;
+    };
+    let count = tasks
+        .iter()
+        .find_map(|t| t.workflow.as_ref().and_then(|w| w.child_count));
+    match (count, tasks) {
+        (None, []) => {
+            map.insert("status".into(), json!("pending"));
+        }
+        (None, [task, ..]) => {
+            map.insert("status".into(), json!(task.phase.name()));
+            map.insert("task_id".into(), json!(task.id));
+            map.insert("attempts".into(), json!(task.attempts));
+            if let Some(output) = &task.output {
+                let content_type = task
+                    .content_type
+                    .as_deref()
+                    .unwrap_or(crate::codec::DEFAULT_CONTENT_TYPE);
+                crate::tools::embed_bytes(map, "output", output, content_type);
+            }
+            if let Some(error) = &task.error {
+                map.insert(
+                    "error".into(),
+                    json!({"kind": error.kind, "message": error.message}),
+                );
+            }
+        }
+        (Some(count), _) => {
+            let count = usize::try_from(count).unwrap_or(0);
+            let mut outputs = vec![Value::Null; count];
+            let (mut succeeded, mut failed, mut attempts) = (0usize, 0usize, 0i64);
+            for task in tasks {
+                let child = task
+                    .workflow
+                    .as_ref()
+                    .and_then(|w| w.child_index)
+                    .and_then(|c| usize::try_from(c).ok());
+                attempts += i64::from(task.attempts.unwrap_or(0));
+                match task.phase {
+                    view::Phase::Succeeded => {
+                        succeeded += 1;
+                        if let (Some(slot), Some(output)) =
+                            (child.and_then(|c| outputs.get_mut(c)), &task.output)
+                        {
+                            *slot = crate::workflow::output_as_json(output);
+                        }
+                    }
+                    view::Phase::Failed => failed += 1,
+                    view::Phase::Queued => {}
+                }
+            }
+            let status = if failed > 0 {
+                "failed"
+            } else if succeeded >= count {
+                "succeeded"
+            } else {
+                "running"
+            };
+            map.insert("status".into(), json!(status));
+            map.insert("attempts".into(), json!(attempts));
+            map.insert(
+                "children".into(),
+                json!({"count": count, "succeeded": succeeded, "failed": failed}),
+            );
+            map.insert("outputs".into(), json!(outputs));
+        }
+    }
+    step
+}
+
 async fn get_task(
     State(shared): State<Arc<Shared>>,
     Path(id): Path<String>,
@@ -703,6 +1018,26 @@ async fn get_task(
     }
 }
 
+/// The `wait` query parameter (the only one the status routes take),
+/// capped at `gateway.max_wait_ms`; zero when absent.
+fn wait_of(shared: &Shared, params: &BTreeMap<String, String>) -> Result<Duration, ApiError> {
+    if let Some(unknown) = params.keys().find(|k| k.as_str() != "wait") {
+        return Err(ApiError::field(
+            unknown.clone(),
+            "unknown query parameter; this route takes `wait`",
+        )
+        .with(StatusCode::BAD_REQUEST, "invalid_parameter"));
+    }
+    Ok(match params.get("wait") {
+        None => Duration::ZERO,
+        Some(text) => api::parse_duration(text)
+            .map_err(|why| {
+                ApiError::field("wait", why).with(StatusCode::BAD_REQUEST, "invalid_parameter")
+            })?
+            .min(Duration::from_millis(shared.settings.max_wait_ms)),
+    })
+}
+
 async fn lookup(
     shared: &Shared,
     id: &str,
@@ -712,22 +1047,7 @@ async fn lookup(
         ApiError::field("id", format!("`{id}` is not a task id (a UUID): {e}"))
             .with(StatusCode::BAD_REQUEST, "invalid_id")
     })?;
-    if let Some(unknown) = params.keys().find(|k| k.as_str() != "wait") {
-        return Err(ApiError::field(
-            unknown.clone(),
-            "unknown query parameter; this route takes `wait`",
-        )
-        .with(StatusCode::BAD_REQUEST, "invalid_parameter"));
-    }
-    let wait = match params.get("wait") {
-        None => Duration::ZERO,
-        Some(text) => api::parse_duration(text)
-            .map_err(|why| {
-                ApiError::field("wait", why).with(StatusCode::BAD_REQUEST, "invalid_parameter")
-            })?
-            .min(Duration::from_millis(shared.settings.max_wait_ms)),
-    };
-    let deadline = tokio::time::Instant::now() + wait;
+    let deadline = tokio::time::Instant::now() + wait_of(shared, params)?;
     loop {
         let notify;
         let mut woken;
@@ -803,6 +1123,8 @@ mod tests {
         assert_eq!(route_label("/v1/tasks/abc"), "/v1/tasks/:id");
         assert_eq!(route_label("/v1/tasks/"), "unmatched");
         assert_eq!(route_label("/v1/tasks/a/b"), "unmatched");
+        assert_eq!(route_label("/v1/workflows/wc"), "/v1/workflows/:workflow");
+        assert_eq!(route_label("/v1/workflows/"), "unmatched");
         assert_eq!(route_label("/metrics"), "/metrics");
         assert_eq!(route_label("/anything"), "unmatched");
     }

@@ -8,13 +8,13 @@
 //! from the record's own time) and by the bytes of outputs and errors held
 //! (`view_max_bytes`). A task forgotten by the view answers 404.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use tokio::sync::Notify;
 use uuid::Uuid;
 
-use crate::codec::{TaskError, TaskRequest, TaskResult, TaskStatus};
+use crate::codec::{TaskError, TaskRequest, TaskResult, TaskStatus, WorkflowRef};
 
 /// Metadata key under which the gateway records a task's idempotency key,
 /// so every replica can learn it from the task topics.
@@ -70,6 +70,9 @@ pub struct TaskView {
     pub error: Option<TaskError>,
     /// The trace context it was submitted with.
     pub traceparent: Option<String>,
+    /// Where it stands in a workflow run, if it is a step of one (a run's
+    /// own result has the run id and `step` = the number of steps).
+    pub workflow: Option<WorkflowRef>,
 }
 
 impl TaskView {
@@ -114,6 +117,8 @@ pub struct View {
     /// Oldest first: (time, key).
     idempotency_order: VecDeque<(i64, String)>,
     waiters: HashMap<Uuid, Arc<Notify>>,
+    /// Workflow runs: run id → the ids of its tasks the view holds.
+    runs: HashMap<Uuid, HashSet<Uuid>>,
 }
 
 impl View {
@@ -128,7 +133,19 @@ impl View {
             idempotency: HashMap::new(),
             idempotency_order: VecDeque::new(),
             waiters: HashMap::new(),
+            runs: HashMap::new(),
         }
+    }
+
+    /// Every task of workflow run `run` the view holds (its own result
+    /// included), in no particular order.
+    pub fn run(&self, run: &Uuid) -> Vec<&TaskView> {
+        self.runs
+            .get(run)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.tasks.get(id).map(|slot| &slot.task))
+            .collect()
     }
 
     /// The task, if the view knows it.
@@ -205,6 +222,7 @@ impl View {
             content_type: None,
             error: None,
             traceparent,
+            workflow: request.workflow.clone(),
         };
         self.insert(task, request.submitted_at, now);
     }
@@ -224,6 +242,7 @@ impl View {
             }
             Some(slot) => {
                 self.bytes = self.bytes.saturating_sub(slot.task.bytes());
+                self.unlink(&slot.task);
                 (slot.task.submitted_at, slot.task.traceparent)
             }
             None => (None, None),
@@ -240,6 +259,7 @@ impl View {
             content_type: Some(result.content_type),
             error: result.error,
             traceparent,
+            workflow: result.workflow,
         };
         self.insert(task, finished_at, now);
         if let Some(waiting) = self.waiters.remove(&id) {
@@ -281,8 +301,24 @@ impl View {
         self.next_seq += 1;
         self.bytes += task.bytes();
         self.order.push_back((seq, at, task.id));
+        if let Some(w) = &task.workflow {
+            self.runs.entry(w.id).or_default().insert(task.id);
+        }
         self.tasks.insert(task.id, Slot { task, seq });
         self.evict(now);
+    }
+
+    /// Removes `task` from its run's index.
+    fn unlink(&mut self, task: &TaskView) {
+        let Some(w) = &task.workflow else {
+            return;
+        };
+        if let Some(ids) = self.runs.get_mut(&w.id) {
+            ids.remove(&task.id);
+            if ids.is_empty() {
+                self.runs.remove(&w.id);
+            }
+        }
     }
 
     /// Forgets the oldest tasks and idempotency keys beyond the bounds.
@@ -300,6 +336,7 @@ impl View {
             if live {
                 if let Some(slot) = self.tasks.remove(&id) {
                     self.bytes = self.bytes.saturating_sub(slot.task.bytes());
+                    self.unlink(&slot.task);
                 }
             }
         }
