@@ -9,7 +9,9 @@
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
 
-use crate::settings::{HandlerKind, ProcessorSettings, Settings, TaskSettings};
+use crate::settings::{
+    HandlerKind, ProcessorSettings, Settings, StepSettings, TaskSettings, WorkflowSettings,
+};
 
 /// Partitions of every topic the dev cluster creates.
 pub const DEV_PARTITIONS: i32 = 4;
@@ -48,7 +50,8 @@ impl DevCluster {
     }
 
     /// Creates every topic `settings` names: the processors' inputs and
-    /// outputs, the results and dead-letter topics. Returns them, sorted.
+    /// outputs, the results and dead-letter topics, the joins' changelogs.
+    /// Returns them, sorted.
     pub fn create_topics_for(&self, settings: &Settings) -> Result<Vec<String>, DevError> {
         let mut topics = vec![
             settings.topics.results.clone(),
@@ -62,6 +65,12 @@ impl DevCluster {
             topics.extend(p.output_topic.iter().cloned());
             topics.extend(p.dead_letter_topic.iter().cloned());
         }
+        let joins = crate::workflow::Workflows::from_settings(settings).join_topics();
+        topics.extend(
+            joins
+                .iter()
+                .map(|t| format!("{t}{}", crate::workflow::JOINS_SUFFIX)),
+        );
         topics.sort();
         topics.dedup();
         for topic in &topics {
@@ -71,8 +80,14 @@ impl DevCluster {
     }
 }
 
+/// The demo workflow of `conveyor dev`: count the words of a text, its
+/// lines counted in parallel.
+pub const DEV_WORKFLOW: &str = "wordcount";
+
 /// The configuration `conveyor dev` runs: one processor with the built-in
-/// handlers, against the embedded cluster at `bootstrap`.
+/// handlers and the demo workflow ([`DEV_WORKFLOW`]: `split_lines` fans a
+/// text out into lines, `word_count` counts each, `sum` joins the counts),
+/// against the embedded cluster at `bootstrap`.
 pub fn dev_settings(bootstrap: &str) -> Settings {
     let mut settings = Settings::default();
     settings.kafka.brokers = bootstrap.to_owned();
@@ -86,10 +101,27 @@ pub fn dev_settings(bootstrap: &str) -> Settings {
             ("echo".to_owned(), task(HandlerKind::Echo)),
             ("sleep".to_owned(), task(HandlerKind::Sleep)),
             ("sha256".to_owned(), task(HandlerKind::Sha256)),
+            ("split_lines".to_owned(), task(HandlerKind::SplitLines)),
+            ("word_count".to_owned(), task(HandlerKind::WordCount)),
+            ("sum".to_owned(), task(HandlerKind::Sum)),
         ]
         .into_iter()
         .collect(),
         ..ProcessorSettings::default()
+    });
+    let step = |task: &str, fan_out: bool, join: bool| StepSettings {
+        task: task.into(),
+        fan_out,
+        join,
+    };
+    settings.workflows.push(WorkflowSettings {
+        name: DEV_WORKFLOW.into(),
+        steps: vec![
+            step("split_lines", true, false),
+            step("word_count", false, false),
+            step("sum", false, true),
+        ],
+        timeout_ms: 60_000,
     });
     settings.fill_derived();
     settings

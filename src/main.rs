@@ -88,6 +88,9 @@ enum Command {
     Submit(SubmitArgs),
     /// Print task results as JSON lines (from the start of the results topic).
     Results(ResultsArgs),
+    /// Start workflow runs.
+    #[command(subcommand)]
+    Workflow(WorkflowCommand),
     /// Inspect and replay dead letters.
     #[command(subcommand)]
     Dlq(DlqCommand),
@@ -118,6 +121,29 @@ struct SubmitArgs {
     /// Brokers (host:port,…); overrides kafka.brokers.
     #[arg(long)]
     brokers: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum WorkflowCommand {
+    /// Start a run of a workflow of the configuration ([[workflows]]) and
+    /// print its run id; with --wait, wait for the run's result and print
+    /// it as a JSON line (exit 1 if the run failed).
+    ///
+    /// The first step's request is produced with acks=all; the workers do
+    /// the rest. Look a run up with GET /v1/workflows/<id> on the gateway.
+    Start {
+        /// The workflow's name.
+        name: String,
+        /// The first step's payload, as JSON.
+        #[arg(long, default_value = "{}", value_name = "JSON")]
+        payload: String,
+        /// Wait up to this many seconds for the run's result.
+        #[arg(long, value_name = "SECONDS")]
+        wait: Option<u64>,
+        /// Brokers (host:port,…); overrides kafka.brokers.
+        #[arg(long)]
+        brokers: Option<String>,
+    },
 }
 
 #[derive(Args)]
@@ -215,6 +241,13 @@ fn main() -> ExitCode {
             let brokers = args.brokers.clone();
             with_settings(cli.config.as_deref(), cli.log_format, brokers, |s| {
                 run_submit(s, args)
+            })
+        }
+        Command::Workflow(command) => {
+            let WorkflowCommand::Start { brokers, .. } = &command;
+            let brokers = brokers.clone();
+            with_settings(cli.config.as_deref(), cli.log_format, brokers, |s| {
+                run_workflow(s, command)
             })
         }
         Command::Dlq(command) => {
@@ -393,6 +426,27 @@ async fn run_submit(settings: Settings, args: SubmitArgs) -> Result<(), CommandE
     };
     for id in tools::submit(&settings, &submission).await? {
         println!("{id}");
+    }
+    Ok(())
+}
+
+async fn run_workflow(settings: Settings, command: WorkflowCommand) -> Result<(), CommandError> {
+    let WorkflowCommand::Start {
+        name,
+        payload,
+        wait,
+        brokers: _,
+    } = command;
+    let (run, results) = tools::start_workflow(&settings, &name, &payload).await?;
+    println!("{run}");
+    let Some(seconds) = wait else {
+        return Ok(());
+    };
+    let result =
+        tools::wait_for_result_on(&settings, &results, run, Duration::from_secs(seconds)).await?;
+    println!("{}", tools::result_json(&result));
+    if result.status == TaskStatus::Failed {
+        return Err(CommandError::Failed(format!("workflow run {run} failed")));
     }
     Ok(())
 }
@@ -621,11 +675,36 @@ async fn dev_main(user_settings: Option<Settings>) -> anyhow::Result<()> {
          -d '{{\"type\": \"sleep\", \"payload\": {{\"ms\": 500}}}}' | sed 's/.*\"id\":\"\\([^\"]*\\)\".*/\\1/')"
     );
     println!("    curl -s \"{api}/v1/tasks/$id?wait=10s\"");
+    if settings
+        .workflows
+        .iter()
+        .any(|w| w.name == dev::DEV_WORKFLOW)
+    {
+        println!(
+            "  a workflow: split a text into lines, count each line's words in parallel, add them up:"
+        );
+        println!(
+            "    run=$(curl -s -X POST {api}/v1/workflows/{} -H 'content-type: application/json' \
+             -d '{{\"payload\": {{\"text\": \"one two\\nthree four five\\nsix\"}}}}' | sed 's/.*\"id\":\"\\([^\"]*\\)\".*/\\1/')",
+            dev::DEV_WORKFLOW
+        );
+        println!("    curl -s \"{api}/v1/workflows/$run?wait=10s\"");
+    }
     println!("  or with the command line:");
     println!(
         "    {exe} submit --brokers {bootstrap} --type sleep --payload '{{\"ms\": 500}}' --count 3"
     );
     println!("    {exe} results --brokers {bootstrap} --follow");
+    if settings
+        .workflows
+        .iter()
+        .any(|w| w.name == dev::DEV_WORKFLOW)
+    {
+        println!(
+            "    {exe} workflow start {} --brokers {bootstrap} --payload '{{\"text\": \"a b\\nc\"}}' --wait 10",
+            dev::DEV_WORKFLOW
+        );
+    }
     println!("  Ctrl-C stops the gateway, the worker (draining in-flight tasks) and the cluster.");
     let served = gateway.finished().await;
     running.await??;

@@ -118,6 +118,62 @@ pub async fn submit(settings: &Settings, submission: &Submission) -> Result<Vec<
     Ok(ids)
 }
 
+/// Starts a run of workflow `name` with `payload` (JSON text): produces
+/// its first step's request with `acks=all`; returns the run id and the
+/// topic its result will be written to.
+pub async fn start_workflow(
+    settings: &Settings,
+    name: &str,
+    payload: &str,
+) -> Result<(Uuid, String), ToolError> {
+    if let Err(e) = serde_json::from_str::<serde_json::Value>(payload) {
+        return Err(ToolError::Input(format!(
+            "--payload is not valid JSON: {e}"
+        )));
+    }
+    let workflows = crate::workflow::Workflows::from_settings(settings);
+    let Some(definition) = workflows.get(name) else {
+        let known: Vec<&str> = workflows.definitions().map(|w| w.name.as_str()).collect();
+        return Err(ToolError::Input(format!(
+            "no workflow `{name}` in the configuration; defined: {}",
+            if known.is_empty() {
+                "none (add [[workflows]])".to_owned()
+            } else {
+                known.join(", ")
+            }
+        )));
+    };
+    // The run's result is written by the processor of its last step.
+    let last = definition.steps.last().map(|s| s.task.as_str());
+    let results = settings
+        .processors
+        .iter()
+        .find(|p| last.is_some_and(|t| p.tasks.contains_key(t)))
+        .and_then(|p| p.output_topic.clone())
+        .unwrap_or_else(|| settings.topics.results.clone());
+    let (topic, request) = workflows
+        .start(
+            name,
+            payload.as_bytes().to_vec(),
+            crate::codec::DEFAULT_CONTENT_TYPE.into(),
+            Default::default(),
+        )
+        .map_err(|e| ToolError::Input(e.to_string()))?;
+    let codec = codec_of(settings)?;
+    let mut value = Vec::new();
+    codec.encode_request(&request, &mut value);
+    let producer: FutureProducer = kafka::producer_config(&settings.kafka)
+        .create()
+        .map_err(kafka_error("creating the producer"))?;
+    let key = request.id.to_string();
+    let delivery = producer
+        .send_result(FutureRecord::to(&topic).key(&key).payload(&value))
+        .map_err(|(e, _)| kafka_error(format!("producing to {topic}"))(e))?;
+    acknowledged(delivery, &topic).await?;
+    let run = request.workflow.map_or(request.id, |w| w.id);
+    Ok((run, results))
+}
+
 async fn acknowledged(
     delivery: rdkafka::producer::DeliveryFuture,
     topic: &str,
@@ -342,7 +398,17 @@ pub async fn wait_for_result(
     id: Uuid,
     timeout: Duration,
 ) -> Result<TaskResult, ToolError> {
-    let topic = settings.topics.results.clone();
+    wait_for_result_on(settings, &settings.topics.results, id, timeout).await
+}
+
+/// Follows `topic` until the result of task (or workflow run) `id` arrives.
+pub async fn wait_for_result_on(
+    settings: &Settings,
+    topic: &str,
+    id: Uuid,
+    timeout: Duration,
+) -> Result<TaskResult, ToolError> {
+    let topic = topic.to_owned();
     let codec = codec_of(settings)?;
     let consumer = reader(settings, &topic)?;
     let deadline = tokio::time::Instant::now() + timeout;

@@ -294,23 +294,44 @@ fn dev_runs_a_task_through_the_worker_and_stops_on_sigint() {
     assert!(text.contains("conveyor.tasks.echo"), "{text}");
 
     // The printed curl commands work as printed: submit over HTTP, then a
-    // GET with wait answers the result.
-    let script: Vec<&str> = lines
-        .iter()
-        .map(|l| l.trim_start())
-        .filter(|l| l.starts_with("id=$(curl") || l.starts_with("curl -s \""))
-        .collect();
-    assert_eq!(script.len(), 2, "two curl lines printed: {text}");
+    // GET with wait answers the result; the same for the demo workflow.
+    let script = |route: &str| -> String {
+        let found: Vec<&str> = lines
+            .iter()
+            .map(|l| l.trim_start())
+            .filter(|l| {
+                l.starts_with("id=$(curl")
+                    || l.starts_with("run=$(curl")
+                    || l.starts_with("curl -s \"")
+            })
+            .filter(|l| l.contains(route))
+            .collect();
+        assert_eq!(found.len(), 2, "two curl lines printed for {route}: {text}");
+        found.join("\n")
+    };
+    let (tasks, workflows) = (script("/v1/tasks"), script("/v1/workflows"));
     if Command::new("curl").arg("--version").output().is_ok() {
-        let output = Command::new("sh")
-            .args(["-c", &script.join("\n")])
-            .output()
-            .expect("run sh");
-        let answer = String::from_utf8_lossy(&output.stdout);
-        let task: serde_json::Value = serde_json::from_str(&answer)
-            .unwrap_or_else(|e| panic!("the GET printed no JSON ({e}): {answer}"));
-        assert_eq!(task["status"], "succeeded", "{answer}");
+        let run = |script: &str| -> serde_json::Value {
+            let output = Command::new("sh")
+                .args(["-c", script])
+                .output()
+                .expect("run sh");
+            let answer = String::from_utf8_lossy(&output.stdout).into_owned();
+            serde_json::from_str(&answer)
+                .unwrap_or_else(|e| panic!("the GET printed no JSON ({e}): {answer}"))
+        };
+        let task = run(&tasks);
+        assert_eq!(task["status"], "succeeded", "{task}");
         assert_eq!(task["result"], serde_json::json!({"slept_ms": 500}));
+        let workflow = run(&workflows);
+        assert_eq!(workflow["status"], "succeeded", "{workflow}");
+        assert_eq!(workflow["workflow"], "wordcount");
+        // "one two", "three four five", "six"
+        assert_eq!(workflow["result"], 6, "{workflow}");
+        assert_eq!(
+            workflow["steps"][1]["outputs"],
+            serde_json::json!([2, 3, 1])
+        );
     } else {
         eprintln!("conveyor-test: curl is not installed; the printed curl commands were not run");
     }

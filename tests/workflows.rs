@@ -635,3 +635,68 @@ async fn the_gateway_starts_runs_and_shows_their_status_step_by_step() {
         worker.stop().await;
     }
 }
+
+/// Runs `conveyor <args>` to its end: exit code, standard output, error.
+async fn conveyor(args: Vec<String>) -> (Option<i32>, String, String) {
+    tokio::task::spawn_blocking(move || {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_conveyor"))
+            .args(&args)
+            .env_remove("CONVEYOR_CONFIG")
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("run conveyor");
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    })
+    .await
+    .expect("command thread")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_command_line_starts_a_run_and_waits_for_its_result() {
+    // The command produces and reads like any client: the mock cluster
+    // suffices.
+    let kafka = TestKafka::mock();
+    let pipeline = workflow_pipeline(&kafka, 2).await;
+    let chain = WorkflowSettings {
+        name: "chain".into(),
+        steps: vec![step("inc"), step("square"), step("inc")],
+        timeout_ms: 0,
+    };
+    let settings = settings(&kafka, &pipeline, vec![chain]);
+    let config = common::config_file(&settings);
+    let config_arg = config.to_string_lossy().into_owned();
+    let worker = InProcessWorker::start(&settings, "worker", Some(registry()));
+    let args = |extra: &[&str]| -> Vec<String> {
+        ["--config", config_arg.as_str(), "workflow", "start"]
+            .iter()
+            .chain(extra)
+            .map(|s| (*s).to_owned())
+            .collect()
+    };
+
+    let (code, stdout, stderr) = conveyor(args(&["chain", "--payload", "4", "--wait", "60"])).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let mut lines = stdout.lines();
+    let run = Uuid::parse_str(lines.next().unwrap_or_default()).expect("the run id first");
+    let result: serde_json::Value =
+        serde_json::from_str(lines.next().unwrap_or_default()).expect("the result as JSON");
+    assert_eq!(result["id"], run.to_string());
+    assert_eq!(result["status"], "SUCCEEDED");
+    assert_eq!(result["output"], 26, "(4 + 1)² + 1");
+
+    let (code, _, stderr) = conveyor(args(&["nope"])).await;
+    assert_eq!(code, Some(2));
+    assert!(
+        stderr.contains("no workflow `nope` in the configuration; defined: chain"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = conveyor(args(&["chain", "--payload", "{"])).await;
+    assert_eq!(code, Some(2));
+    assert!(stderr.contains("--payload is not valid JSON"), "{stderr}");
+    worker.stop().await;
+    let _ = std::fs::remove_file(&config);
+}
