@@ -15,22 +15,28 @@
 //! - [`offsets`]: [`offsets::OffsetTracker`], the contiguous-prefix rule that
 //!   decides which offset may be committed. Pure.
 //! - [`processor`]: the engine. One consumer-group member: dispatch into
-//!   ordering lanes, in-flight bounds by pause/resume, results produced and
-//!   acknowledged before offsets are stored, drain and commit on revoke and
-//!   shutdown.
+//!   ordering lanes, in-flight bounds (a partition at its bound is not
+//!   read), results produced and acknowledged before offsets are stored,
+//!   drain and commit on revoke and shutdown; workflow steps and joins.
 //! - [`retry`]: backoff and the in-place / retry-topic / give-up decision.
 //!   Pure.
 //! - [`breaker`]: the poison-pill breaker's sliding window. Pure.
 //! - [`handlers`]: the [`handlers::Handler`] trait, the registry and the
-//!   built-ins (`echo`, `sleep`, `sha256`, `http`).
+//!   built-ins (`echo`, `sleep`, `sha256`, `http`, and `split_lines`,
+//!   `word_count`, `sum` for trying workflows).
 //! - [`dlq`]: reading, filtering and replaying dead letters.
 //! - [`worker`]: every configured processor side by side.
+//! - [`workflow`]: workflow definitions and what a finished step asks for
+//!   next (next step, fan-out children, join contributions, the run's
+//!   result); the join state's changelog records. Pure; the processor side
+//!   of joins is `processor::join`.
 //! - [`gateway`]: the HTTP API (axum): submit tasks, status and results
 //!   from a view it materialises from the results and task topics.
 //! - [`metrics`]: the Prometheus registry, metric names, `/metrics`.
 //! - [`kafka`]: librdkafka client configuration shared by every client.
 //! - [`tools`]: `conveyor submit` and `conveyor results`.
-//! - [`telemetry`]: the `tracing` subscriber (text or JSON).
+//! - [`telemetry`]: the `tracing` subscriber (text or JSON) and the optional
+//!   OTLP span exporter.
 //! - [`dev`]: the embedded Kafka-protocol cluster behind `conveyor dev`.
 //! - [`shutdown`]: signals that ask for an orderly stop.
 //!
@@ -40,8 +46,8 @@
 //!
 //! The contracts, configuration, logging, the processor engine with its
 //! built-in handlers, failure handling (retries, retry topics, dead letters,
-//! the breaker), Prometheus metrics, the HTTP gateway and the embedded dev
-//! cluster are here. Workflows are planned work.
+//! the breaker), Prometheus metrics, the HTTP gateway, workflows (chains,
+//! fan-out and join) and the embedded dev cluster are here.
 
 pub mod breaker;
 pub mod codec;
