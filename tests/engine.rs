@@ -266,9 +266,9 @@ async fn a_member_joining_and_leaving_mid_run_loses_nothing() {
 
 /// The same under the eager protocol, where a revoke and the following
 /// assign can be served within one poll and librdkafka re-forwards the
-/// partitions' queues: nothing may be lost or left unread. (Duplicates are
-/// not bounded as tightly there: some brokers refuse the revoke-time commit
-/// during an eager rebalance.)
+/// partitions' queues: nothing may be lost or left unread. (The duplicate
+/// bound is checked only when every drain-time commit was accepted: the
+/// mock cluster refuses the revoke-time commit during an eager rebalance.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_member_joining_and_leaving_under_the_eager_protocol_loses_nothing() {
     join_and_leave(
@@ -311,6 +311,7 @@ async fn join_and_leave(test: &str, strategy: Option<&str>) {
         .await;
         let done_before_b_leaves = a.status.finished() + b.status.finished();
         wait_until("worker b did some work", LONG, || b.status.finished() >= 50).await;
+        let (b_metrics, b_status) = (b.metrics.clone(), b.status.clone());
         b.stop().await;
         assert!(
             done_before_b_leaves < TASKS,
@@ -319,6 +320,15 @@ async fn join_and_leave(test: &str, strategy: Option<&str>) {
         let results = kafka
             .collect_results(&pipeline.output, &ids(&sent), LONG)
             .await;
+        // Drain-time commits the broker refused, and assignments lost (a
+        // session that expired, e.g. on a starved machine).
+        let lost = |m: &conveyor::metrics::Metrics| {
+            m.rebalance_events
+                .with_label_values(&["test", "lost"])
+                .get()
+        };
+        let lost = lost(&a.metrics) + lost(&b_metrics);
+        let refused = a.status.drain_commit_failures() + b_status.drain_commit_failures();
         a.stop().await;
 
         assert_eq!(
@@ -329,12 +339,14 @@ async fn join_and_leave(test: &str, strategy: Option<&str>) {
         );
         let duplicates = results.duplicates();
         common::announce(&format!(
-            "rebalance on {}: {duplicates} duplicate results of {TASKS}",
+            "rebalance on {}: {duplicates} duplicate results of {TASKS} ({refused} drain commits refused, {lost} assignments lost)",
             kafka.describe()
         ));
         // Two rebalances, each drained and committed: at most one in-flight
-        // window each, even if a drain deadline were missed.
-        if strategy.is_none() {
+        // window each, even if a drain deadline were missed. A refused
+        // drain commit (some brokers refuse them mid-rebalance) or a lost
+        // assignment voids the premise: then only "nothing lost" holds.
+        if refused == 0 && lost == 0 {
             assert!(
                 duplicates <= 2 * max_in_flight,
                 "{duplicates} duplicates exceed two in-flight windows ({max_in_flight} each)"

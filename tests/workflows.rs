@@ -555,6 +555,25 @@ async fn the_gateway_starts_runs_and_shows_their_status_step_by_step() {
             )
         };
         let get = |path: String| call(http.get(format!("{}{path}", gateway.base)));
+        // The run's result and its last step's are written side by side, to
+        // different partitions: the view can show the run over a moment
+        // before its last step. Ask until both are there.
+        let finished = |run: String| {
+            let get = &get;
+            async move {
+                let deadline = tokio::time::Instant::now() + LONG;
+                loop {
+                    let (code, status) = get(format!("/v1/workflows/{run}?wait=20s")).await;
+                    let last = status["steps"].as_array().and_then(|s| s.last()).cloned();
+                    let settled =
+                        last.is_some_and(|l| l["status"] != "queued" && l["status"] != "pending");
+                    if settled || tokio::time::Instant::now() >= deadline {
+                        return (code, status);
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        };
 
         let (code, started) = post(
             "chain",
@@ -567,7 +586,7 @@ async fn the_gateway_starts_runs_and_shows_their_status_step_by_step() {
         assert_eq!(started["status"], "queued");
         assert_eq!(started["status_url"], format!("/v1/workflows/{run}"));
 
-        let (code, status) = get(format!("/v1/workflows/{run}?wait=20s")).await;
+        let (code, status) = finished(run.clone()).await;
         assert_eq!(code, 200);
         assert_eq!(status["status"], "succeeded", "{status:#}");
         assert_eq!(status["result"], 10);
@@ -593,10 +612,19 @@ async fn the_gateway_starts_runs_and_shows_their_status_step_by_step() {
         assert_eq!(again["idempotent_replay"], true);
         assert_eq!(again["status"], "succeeded");
 
-        // A fan-out: children counted, outputs in child order.
-        let (_, fan) = post("squares", serde_json::json!({"payload": 5})).await;
+        // A fan-out: children counted, outputs in child order; the trace
+        // context the gateway answered with reaches the run's result,
+        // through the children and the join.
+        let traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let (_, fan) = call(
+            http.post(format!("{}/v1/workflows/squares", gateway.base))
+                .header("content-type", "application/json")
+                .header("traceparent", traceparent)
+                .body(serde_json::json!({"payload": 5}).to_string()),
+        )
+        .await;
         let fan_id = fan["id"].as_str().expect("run id").to_owned();
-        let (_, status) = get(format!("/v1/workflows/{fan_id}?wait=20s")).await;
+        let (_, status) = finished(fan_id.clone()).await;
         assert_eq!(status["status"], "succeeded", "{status:#}");
         assert_eq!(status["result"], 30);
         assert_eq!(
@@ -613,6 +641,16 @@ async fn the_gateway_starts_runs_and_shows_their_status_step_by_step() {
         );
         assert_eq!(status["steps"][2]["status"], "succeeded");
         assert_eq!(status["steps"][2]["output"], 30);
+        let records = kafka.read_records(&pipeline.output, 1, LONG).await;
+        let run_records: Vec<_> = records
+            .iter()
+            .filter(|m| m.key() == Some(fan_id.as_bytes()))
+            .collect();
+        assert_eq!(run_records.len(), 1, "one result record for the run");
+        assert_eq!(
+            common::header(run_records[0], "traceparent").as_deref(),
+            Some(traceparent)
+        );
 
         // Refusals name the problem.
         let (code, body) = post("nope", serde_json::json!({"payload": 1})).await;

@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use tracing::{debug, info, warn};
@@ -180,13 +181,24 @@ pub(super) async fn contribute(shared: &Shared, job: &Job, request: &TaskRequest
     };
     if let Some(open) = ready {
         if part.claim(w.id) {
-            complete(shared, &part, &changelog, job.partition, w, open).await;
+            let traceparent = job.headers.traceparent.clone();
+            complete(
+                shared,
+                &part,
+                &changelog,
+                job.partition,
+                w,
+                open,
+                traceparent,
+            )
+            .await;
             part.release(w.id);
         }
     }
 }
 
-/// Produces the join's request from `open`'s outputs, then closes it.
+/// Produces the join's request from `open`'s outputs (with the trace
+/// context of the contribution that completed it), then closes it.
 async fn complete(
     shared: &Shared,
     part: &JoinPartition,
@@ -194,6 +206,7 @@ async fn complete(
     partition: i32,
     w: &WorkflowRef,
     open: OpenJoin,
+    traceparent: Option<String>,
 ) {
     let outputs: Vec<serde_json::Value> = (0..open.count)
         .map(|i| open.outputs.get(&i).cloned().unwrap_or_default())
@@ -221,7 +234,8 @@ async fn complete(
                     partition: None,
                     key: Some(key.as_bytes()),
                     value: Some(value),
-                    headers: None,
+                    headers: traceparent
+                        .map(|t| super::headers::build([(super::headers::TRACEPARENT, Some(t))])),
                 },
             )
             .await;
@@ -406,6 +420,9 @@ fn read_changelog(
 ) -> Result<Vec<Record>, String> {
     let consumer: BaseConsumer = kafka::consumer_config(kafka, "conveyor-join-restore", 10_000)
         .set("enable.auto.commit", "false")
+        // The end is where the partition ends, not offset high - 1: in a
+        // compacted topic that record may have been cleaned away.
+        .set("enable.partition.eof", "true")
         .create()
         .map_err(|e| format!("consumer: {e}"))?;
     let (low, high) = consumer
@@ -438,6 +455,7 @@ fn read_changelog(
                     return Ok(records);
                 }
             }
+            Some(Err(KafkaError::PartitionEOF(_))) => return Ok(records),
             Some(Err(e)) => return Err(format!("{topic}/{partition}: {e}")),
             None => {}
         }

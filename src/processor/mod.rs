@@ -126,6 +126,7 @@ pub struct ProcessorStatus {
     in_flight: AtomicUsize,
     finished: AtomicUsize,
     breaker_open: AtomicBool,
+    drain_commit_failures: AtomicUsize,
 }
 
 impl ProcessorStatus {
@@ -147,6 +148,13 @@ impl ProcessorStatus {
     /// Whether the poison-pill breaker is open.
     pub fn breaker_open(&self) -> bool {
         self.breaker_open.load(AtomicOrdering::Relaxed)
+    }
+
+    /// Synchronous commits after a drain (on revoke or stop) that the
+    /// broker refused: each means the partitions' next owner redoes the
+    /// work since the last successful commit.
+    pub fn drain_commit_failures(&self) -> usize {
+        self.drain_commit_failures.load(AtomicOrdering::Relaxed)
     }
 }
 
@@ -549,6 +557,9 @@ impl Shared {
         drop(state);
         let _ = self.apply(consumer, &mut Vec::new());
         if let Err(e) = self.commit_now(consumer) {
+            self.status
+                .drain_commit_failures
+                .fetch_add(1, AtomicOrdering::Relaxed);
             warn!(processor = %self.name, why, error = %e, "synchronous commit failed");
         }
     }
@@ -1145,6 +1156,10 @@ fn poll_loop(
             )
         );
         if !retriable || Instant::now() >= deadline {
+            shared
+                .status
+                .drain_commit_failures
+                .fetch_add(1, AtomicOrdering::Relaxed);
             warn!(processor = %shared.name, error = %e, "final commit failed; a restart will redo the work since the last commit");
             break;
         }
