@@ -14,7 +14,8 @@
 //! ```
 //!
 //! offers each rate open-loop (on schedule, whether results keep up or not)
-//! and prints p50/p99/p99.9 of submitted → result received by a consumer.
+//! to the raw loop, then to conveyor's processor, and prints p50/p99/p99.9
+//! of submitted → result received by a consumer, for each.
 //! Scaling mode
 //!
 //! ```sh
@@ -240,6 +241,8 @@ struct RawContext {
     input: String,
     delivered: AtomicU64,
     first: OnceLock<Instant>,
+    /// Set once the consumer owns partitions.
+    ready: Arc<AtomicBool>,
 }
 
 impl ClientContext for RawContext {}
@@ -272,12 +275,24 @@ impl ProducerContext for RawContext {
 }
 
 fn baseline(kafka: &KafkaSettings, input: &str, output: &str, n: usize) -> Run {
+    baseline_until_ready(kafka, input, output, n, Arc::default())
+}
+
+/// The baseline loop; sets `ready` once its consumer owns partitions.
+fn baseline_until_ready(
+    kafka: &KafkaSettings,
+    input: &str,
+    output: &str,
+    n: usize,
+    ready: Arc<AtomicBool>,
+) -> Run {
     let context = Arc::new(RawContext {
         trackers: Mutex::new(HashMap::new()),
         consumer: OnceLock::new(),
         input: input.to_owned(),
         delivered: AtomicU64::new(0),
         first: OnceLock::new(),
+        ready,
     });
     let producer: ThreadedProducer<ArcContext> = kafka::producer_config(kafka)
         .create_with_context(ArcContext(context.clone()))
@@ -294,7 +309,13 @@ fn baseline(kafka: &KafkaSettings, input: &str, output: &str, n: usize) -> Run {
     consumer.subscribe(&[input]).expect("subscribe");
     let cpu = cpu_seconds();
     while context.delivered.load(AtomicOrdering::Relaxed) < n as u64 {
-        let Some(message) = consumer.poll(Duration::from_millis(100)) else {
+        let polled = consumer.poll(Duration::from_millis(100));
+        if !context.ready.load(AtomicOrdering::Relaxed)
+            && consumer.assignment().is_ok_and(|a| a.count() > 0)
+        {
+            context.ready.store(true, AtomicOrdering::Relaxed);
+        }
+        let Some(message) = polled else {
             continue;
         };
         let message = message.expect("consume");
@@ -430,14 +451,23 @@ fn micros_now() -> u64 {
 /// Latency mode: offers `rate` tasks per second for `seconds` (open loop:
 /// sends on schedule whether or not results keep up), each carrying its
 /// send time in microseconds as the payload; the `echo` processor returns
-/// it as the output, and a result consumer takes the difference on
-/// arrival. Prints p50/p99/p99.9 of submitted → result received.
-async fn latency_run(broker: &Broker, kafka: &KafkaSettings, rate: u64, seconds: u64) {
+/// it as the output (or, with `raw`, the baseline loop copies the request
+/// to the output topic), and a consumer takes the difference on arrival.
+/// Prints p50/p99/p99.9 of submitted → result received.
+async fn latency_run(broker: &Broker, kafka: &KafkaSettings, rate: u64, seconds: u64, raw: bool) {
     let input = broker.topic("bench-lat-in", 8).await;
     let output = broker.topic("bench-lat-out", 8).await;
     let dlq = broker.topic("bench-lat-dlq", 1).await;
-    let (stop, running, status) = start_processor(kafka, &input, &output, &dlq, Metrics::new());
     let total = (rate * seconds) as usize;
+    let ready = Arc::new(AtomicBool::new(false));
+    let pipe = if raw {
+        let (k, i, o, r) = (kafka.clone(), input.clone(), output.clone(), ready.clone());
+        let raw = tokio::task::spawn_blocking(move || baseline_until_ready(&k, &i, &o, total, r));
+        Pipe::Raw(raw)
+    } else {
+        let (stop, running, status) = start_processor(kafka, &input, &output, &dlq, Metrics::new());
+        Pipe::Conveyor(stop, running, status)
+    };
 
     // The result consumer, from the start of the output topic.
     let reader_kafka = kafka.clone();
@@ -462,15 +492,17 @@ async fn latency_run(broker: &Broker, kafka: &KafkaSettings, rate: u64, seconds:
         while latencies.len() < total && Instant::now() < deadline {
             if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
                 let arrived = micros_now();
-                let sent = codec
-                    .decode_result(m.payload().unwrap_or_default())
-                    .ok()
-                    .and_then(|r| r.output)
-                    .and_then(|o| {
-                        std::str::from_utf8(&o)
-                            .ok()
-                            .and_then(|t| t.parse::<u64>().ok())
-                    });
+                let bytes = m.payload().unwrap_or_default();
+                let echoed = if raw {
+                    codec.decode_request(bytes).ok().map(|r| r.payload)
+                } else {
+                    codec.decode_result(bytes).ok().and_then(|r| r.output)
+                };
+                let sent = echoed.and_then(|o| {
+                    std::str::from_utf8(&o)
+                        .ok()
+                        .and_then(|t| t.parse::<u64>().ok())
+                });
                 if let Some(sent) = sent {
                     latencies.push(arrived.saturating_sub(sent));
                 }
@@ -478,8 +510,11 @@ async fn latency_run(broker: &Broker, kafka: &KafkaSettings, rate: u64, seconds:
         }
         latencies
     });
-    // Let the processor and the reader join their groups first.
-    while status.assigned_partitions() == 0 {
+    // Let the pipe and the reader join their groups first.
+    while !match &pipe {
+        Pipe::Raw(_) => ready.load(AtomicOrdering::Relaxed),
+        Pipe::Conveyor(_, _, status) => status.assigned_partitions() > 0,
+    } {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -516,21 +551,41 @@ async fn latency_run(broker: &Broker, kafka: &KafkaSettings, rate: u64, seconds:
     }
     let offered = sent as f64 / started.elapsed().as_secs_f64();
     let mut latencies = reader.await.expect("reader");
-    stop.store(true, AtomicOrdering::Relaxed);
-    running.await.expect("processor task").expect("processor");
+    match pipe {
+        Pipe::Raw(raw) => {
+            raw.await.expect("baseline loop");
+        }
+        Pipe::Conveyor(stop, running, _) => {
+            stop.store(true, AtomicOrdering::Relaxed);
+            running.await.expect("processor task").expect("processor");
+        }
+    }
     latencies.sort_unstable();
     let q = |p: f64| {
         let at = ((latencies.len().max(1) - 1) as f64 * p).round() as usize;
         latencies.get(at).copied().unwrap_or(0) as f64 / 1000.0
     };
+    let what = if raw { "raw pipe" } else { "conveyor" };
     println!(
-        "latency at {rate:>6}/s (offered {offered:>8.0}/s): p50 {:>7.2} ms  p99 {:>7.2} ms  p99.9 {:>7.2} ms  max {:>7.2} ms  ({} of {total} results)",
+        "{what:>8} latency at {rate:>6}/s (offered {offered:>8.0}/s): p50 {:>7.2} ms  p99 {:>7.2} ms  p99.9 {:>7.2} ms  max {:>7.2} ms  ({} of {total} results)",
         q(0.5),
         q(0.99),
         q(0.999),
         q(1.0),
         latencies.len()
     );
+}
+
+/// What carries tasks to results in a latency run.
+enum Pipe {
+    /// The baseline loop, on a blocking thread.
+    Raw(tokio::task::JoinHandle<Run>),
+    /// conveyor's processor: its stop flag, task and status.
+    Conveyor(
+        Arc<AtomicBool>,
+        tokio::task::JoinHandle<Result<(), processor::ProcessorError>>,
+        Arc<ProcessorStatus>,
+    ),
 }
 
 /// Scaling mode: `workers` real `conveyor worker` processes in one group
@@ -670,7 +725,8 @@ fn main() {
                 o.linger.map_or("librdkafka default (5)".to_owned(), |l| l.to_string())
             );
             for &rate in &o.latency {
-                latency_run(&broker, &kafka, rate, o.seconds).await;
+                latency_run(&broker, &kafka, rate, o.seconds, true).await;
+                latency_run(&broker, &kafka, rate, o.seconds, false).await;
             }
             return;
         }
