@@ -218,10 +218,9 @@ impl Workflows {
         if step >= last {
             return vec![Next::Result(run_result(
                 w,
-                definition,
+                definition.steps.len(),
                 TaskStatus::Succeeded,
-                Some(output),
-                content_type,
+                Some((output, content_type)),
                 None,
                 worker,
             ))];
@@ -261,22 +260,33 @@ impl Workflows {
                         "step {} (`{}`) fans out, but its output is not a JSON array",
                         w.step, this.task
                     );
-                    return vec![Next::Result(run_result(
+                    let error = TaskError {
+                        kind: "fan_out".into(),
+                        message,
+                    };
+                    return vec![Next::Result(failed_run(
                         w,
-                        definition,
-                        TaskStatus::Failed,
-                        None,
-                        String::new(),
-                        Some(TaskError {
-                            kind: "fan_out".into(),
-                            message,
-                        }),
+                        definition.steps.len(),
+                        error,
                         worker,
                     ))];
                 }
             };
             let Ok(count) = i32::try_from(elements.len()) else {
-                return vec![self.too_many_children(w, definition, worker)];
+                let error = TaskError {
+                    kind: "fan_out".into(),
+                    message: format!(
+                        "step {} fans out into more than {} children",
+                        w.step,
+                        i32::MAX
+                    ),
+                };
+                return vec![Next::Result(failed_run(
+                    w,
+                    definition.steps.len(),
+                    error,
+                    worker,
+                ))];
             };
             if count == 0 {
                 // Nothing to wait for: straight to the join, with no outputs.
@@ -345,13 +355,10 @@ impl Workflows {
                 error.message
             ),
         };
-        let mut next = vec![Next::Result(run_result(
+        let mut next = vec![Next::Result(failed_run(
             w,
-            definition,
-            TaskStatus::Failed,
-            None,
-            String::new(),
-            Some(step_error.clone()),
+            definition.steps.len(),
+            step_error.clone(),
             worker,
         ))];
         // A child: tell the join, so its state is dropped now.
@@ -446,18 +453,8 @@ impl Workflows {
                 w.child_count.unwrap_or_default()
             ),
         };
-        match self.get(&w.name) {
-            Some(d) => run_result(
-                w,
-                d,
-                TaskStatus::Failed,
-                None,
-                String::new(),
-                Some(error),
-                worker,
-            ),
-            None => failed_run(w, 0, error, worker),
-        }
+        let steps = self.get(&w.name).map_or(0, |d| d.steps.len());
+        failed_run(w, steps, error, worker)
     }
 
     fn skip_to_join(
@@ -513,26 +510,6 @@ impl Workflows {
             worker,
         ))
     }
-
-    fn too_many_children(&self, w: &WorkflowRef, d: &WorkflowSettings, worker: &str) -> Next {
-        let error = TaskError {
-            kind: "fan_out".into(),
-            message: format!(
-                "step {} fans out into more than {} children",
-                w.step,
-                i32::MAX
-            ),
-        };
-        Next::Result(run_result(
-            w,
-            d,
-            TaskStatus::Failed,
-            None,
-            String::new(),
-            Some(error),
-            worker,
-        ))
-    }
 }
 
 fn step_at(definition: &WorkflowSettings, step: i32) -> Option<&crate::settings::StepSettings> {
@@ -551,18 +528,21 @@ fn carried(metadata: &BTreeMap<String, String>) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// The result of run `w` itself: task id = run id, `step` = the number of
-/// steps.
+/// The result of run `w` itself: task id = run id, `step` = `steps`, the
+/// number of steps of its definition (0 when the definition is unknown).
 fn run_result(
     w: &WorkflowRef,
-    definition: &WorkflowSettings,
+    steps: usize,
     status: TaskStatus,
-    output: Option<Vec<u8>>,
-    content_type: String,
+    output: Option<(Vec<u8>, String)>,
     error: Option<TaskError>,
     worker: &str,
 ) -> TaskResult {
     let now = now_millis();
+    let (output, content_type) = match output {
+        Some((bytes, content_type)) => (Some(bytes), content_type),
+        None => (None, String::new()),
+    };
     TaskResult {
         id: w.id,
         task_type: w.name.clone(),
@@ -577,34 +557,16 @@ fn run_result(
         workflow: Some(WorkflowRef {
             id: w.id,
             name: w.name.clone(),
-            step: i32::try_from(definition.steps.len()).unwrap_or(i32::MAX),
+            step: i32::try_from(steps).unwrap_or(i32::MAX),
             child_index: None,
             child_count: None,
         }),
     }
 }
 
-fn failed_run(w: &WorkflowRef, steps: i32, error: TaskError, worker: &str) -> TaskResult {
-    let now = now_millis();
-    TaskResult {
-        id: w.id,
-        task_type: w.name.clone(),
-        status: TaskStatus::Failed,
-        output: None,
-        content_type: String::new(),
-        error: Some(error),
-        attempts: 1,
-        started_at: now,
-        finished_at: now,
-        worker: worker.to_owned(),
-        workflow: Some(WorkflowRef {
-            id: w.id,
-            name: w.name.clone(),
-            step: steps,
-            child_index: None,
-            child_count: None,
-        }),
-    }
+/// The FAILED result of run `w`.
+fn failed_run(w: &WorkflowRef, steps: usize, error: TaskError, worker: &str) -> TaskResult {
+    run_result(w, steps, TaskStatus::Failed, None, Some(error), worker)
 }
 
 /// `output` as a JSON value for a join's input: itself if it is JSON, else
@@ -792,6 +754,19 @@ mod tests {
         }
     }
 
+    /// The first request of a new run of `wc`.
+    fn start_wc(w: &Workflows) -> TaskRequest {
+        let (_, first) = w
+            .start(
+                "wc",
+                b"x".to_vec(),
+                DEFAULT_CONTENT_TYPE.into(),
+                BTreeMap::new(),
+            )
+            .unwrap();
+        first
+    }
+
     fn succeeded(request: &TaskRequest, output: &str) -> TaskResult {
         TaskResult {
             id: request.id,
@@ -880,14 +855,7 @@ mod tests {
     #[test]
     fn a_fan_out_makes_children_that_contribute_to_the_join() {
         let w = workflows();
-        let (_, first) = w
-            .start(
-                "wc",
-                b"x".to_vec(),
-                DEFAULT_CONTENT_TYPE.into(),
-                BTreeMap::new(),
-            )
-            .unwrap();
+        let first = start_wc(&w);
         let run = first.workflow.clone().unwrap().id;
         assert!(first.deadline.is_some(), "timeout_ms gives a deadline");
         let children =
@@ -928,14 +896,7 @@ mod tests {
     #[test]
     fn a_fan_out_of_no_elements_goes_straight_to_the_join() {
         let w = workflows();
-        let (_, first) = w
-            .start(
-                "wc",
-                b"x".to_vec(),
-                DEFAULT_CONTENT_TYPE.into(),
-                BTreeMap::new(),
-            )
-            .unwrap();
+        let first = start_wc(&w);
         let next = requests(w.after_success(&first, &succeeded(&first, "[]"), "w"));
         assert_eq!(next.len(), 1);
         assert_eq!(next[0].2.task_type, "sum");
@@ -946,14 +907,7 @@ mod tests {
     #[test]
     fn a_fan_out_output_that_is_not_an_array_fails_the_run() {
         let w = workflows();
-        let (_, first) = w
-            .start(
-                "wc",
-                b"x".to_vec(),
-                DEFAULT_CONTENT_TYPE.into(),
-                BTreeMap::new(),
-            )
-            .unwrap();
+        let first = start_wc(&w);
         match w
             .after_success(&first, &succeeded(&first, r#"{"a":1}"#), "w")
             .as_slice()
@@ -973,14 +927,7 @@ mod tests {
     #[test]
     fn a_failed_child_fails_the_run_and_tells_the_join() {
         let w = workflows();
-        let (_, first) = w
-            .start(
-                "wc",
-                b"x".to_vec(),
-                DEFAULT_CONTENT_TYPE.into(),
-                BTreeMap::new(),
-            )
-            .unwrap();
+        let first = start_wc(&w);
         let children = requests(w.after_success(&first, &succeeded(&first, "[1,2]"), "w"));
         let error = TaskError {
             kind: "permanent".into(),

@@ -178,11 +178,7 @@ async fn requests_on(kafka: &TestKafka, topic: &str, at_least: usize) -> Vec<Tas
 async fn a_three_step_chain_runs_to_completion_one_step_after_the_other() {
     for kafka in TestKafka::all("a_three_step_chain_runs_to_completion_one_step_after_the_other") {
         let pipeline = workflow_pipeline(&kafka, 2).await;
-        let chain = WorkflowSettings {
-            name: "chain".into(),
-            steps: vec![step("inc"), step("square"), step("inc")],
-            timeout_ms: 0,
-        };
+        let chain = chain("chain", ["inc", "square", "inc"]);
         let settings = settings(&kafka, &pipeline, vec![chain]);
         let worker = InProcessWorker::start(&settings, "worker", Some(registry()));
         let run = start(&kafka, &settings, "chain", "2").await;
@@ -207,6 +203,15 @@ async fn a_three_step_chain_runs_to_completion_one_step_after_the_other() {
             );
             assert_eq!(step[0].workflow.as_ref().unwrap().step, index);
         }
+    }
+}
+
+/// A workflow `name` of three plain steps.
+fn chain(name: &str, steps: [&str; 3]) -> WorkflowSettings {
+    WorkflowSettings {
+        name: name.into(),
+        steps: steps.iter().map(|t| step(t)).collect(),
+        timeout_ms: 0,
     }
 }
 
@@ -270,11 +275,7 @@ async fn a_fan_out_of_100_children_is_joined_with_every_output_in_child_order() 
 async fn a_failing_middle_step_fails_the_run_and_later_steps_never_run() {
     for kafka in TestKafka::all("a_failing_middle_step_fails_the_run_and_later_steps_never_run") {
         let pipeline = workflow_pipeline(&kafka, 2).await;
-        let chain = WorkflowSettings {
-            name: "doomed".into(),
-            steps: vec![step("inc"), step("broken"), step("inc")],
-            timeout_ms: 0,
-        };
+        let chain = chain("doomed", ["inc", "broken", "inc"]);
         let settings = settings(&kafka, &pipeline, vec![chain]);
         let worker = InProcessWorker::start(&settings, "worker", Some(registry()));
         let run = start(&kafka, &settings, "doomed", "1").await;
@@ -538,11 +539,7 @@ async fn call(request: reqwest::RequestBuilder) -> (u16, serde_json::Value) {
 async fn the_gateway_starts_runs_and_shows_their_status_step_by_step() {
     for kafka in TestKafka::all("the_gateway_starts_runs_and_shows_their_status_step_by_step") {
         let pipeline = workflow_pipeline(&kafka, 2).await;
-        let chain = WorkflowSettings {
-            name: "chain".into(),
-            steps: vec![step("inc"), step("square"), step("inc")],
-            timeout_ms: 0,
-        };
+        let chain = chain("chain", ["inc", "square", "inc"]);
         let settings = settings(&kafka, &pipeline, vec![chain, word_count_like(0)]);
         let worker = InProcessWorker::start(&settings, "worker", Some(registry()));
         let gateway = TestGateway::start(&settings, worker.metrics.clone()).await;
@@ -699,11 +696,7 @@ async fn the_command_line_starts_a_run_and_waits_for_its_result() {
     // suffices.
     let kafka = TestKafka::mock();
     let pipeline = workflow_pipeline(&kafka, 2).await;
-    let chain = WorkflowSettings {
-        name: "chain".into(),
-        steps: vec![step("inc"), step("square"), step("inc")],
-        timeout_ms: 0,
-    };
+    let chain = chain("chain", ["inc", "square", "inc"]);
     let settings = settings(&kafka, &pipeline, vec![chain]);
     let config = common::config_file(&settings);
     let config_arg = config.to_string_lossy().into_owned();

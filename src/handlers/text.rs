@@ -30,13 +30,20 @@ fn one() -> usize {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SplitLines;
 
+/// Runs `f`, which computes the output right away, as a handler's future.
+fn at_once<'a>(
+    f: impl FnOnce() -> Result<serde_json::Value, HandlerError>,
+) -> BoxFuture<'a, Result<Output, HandlerError>> {
+    std::future::ready(f().map(|v| super::builtin::json_output(&v))).boxed()
+}
+
 impl Handler for SplitLines {
     fn handle<'a>(
         &'a self,
         task: &'a TaskRequest,
         _context: &'a TaskContext,
     ) -> BoxFuture<'a, Result<Output, HandlerError>> {
-        let outcome = (|| {
+        at_once(|| {
             let payload: SplitPayload = super::builtin::parse_json(
                 &task.payload,
                 "split_lines",
@@ -53,9 +60,8 @@ impl Handler for SplitLines {
                 .chunks(payload.lines)
                 .map(|chunk| chunk.join("\n"))
                 .collect();
-            Ok(super::builtin::json_output(&serde_json::json!(parts)))
-        })();
-        std::future::ready(outcome).boxed()
+            Ok(serde_json::json!(parts))
+        })
     }
 }
 
@@ -70,7 +76,7 @@ impl Handler for WordCount {
         task: &'a TaskRequest,
         _context: &'a TaskContext,
     ) -> BoxFuture<'a, Result<Output, HandlerError>> {
-        let outcome = (|| {
+        at_once(|| {
             let value: serde_json::Value = super::builtin::parse_json(
                 &task.payload,
                 "word_count",
@@ -93,9 +99,8 @@ impl Handler for WordCount {
                 }
             };
             let words = text.split_whitespace().count();
-            Ok(super::builtin::json_output(&serde_json::json!(words)))
-        })();
-        std::future::ready(outcome).boxed()
+            Ok(serde_json::json!(words))
+        })
     }
 }
 
@@ -110,7 +115,7 @@ impl Handler for Sum {
         task: &'a TaskRequest,
         _context: &'a TaskContext,
     ) -> BoxFuture<'a, Result<Output, HandlerError>> {
-        let outcome = (|| {
+        at_once(|| {
             let values: Vec<serde_json::Value> =
                 super::builtin::parse_json(&task.payload, "sum", "[1, 2, 3.5]")?;
             let mut integer: Option<i64> = Some(0);
@@ -128,9 +133,8 @@ impl Handler for Sum {
                 Some(i) => serde_json::json!(i),
                 None => serde_json::json!(float),
             };
-            Ok(super::builtin::json_output(&sum))
-        })();
-        std::future::ready(outcome).boxed()
+            Ok(sum)
+        })
     }
 }
 
