@@ -1,9 +1,13 @@
 //! Workflows through real processors: a chain runs step by step to the
 //! run's result; a fan-out of 100 children is joined with every output in
 //! child order; a failing middle step fails the run and nothing after it
-//! runs; a join survives a rebalance and a member leaving (its state read
-//! back from the changelog) and completes once. Against the mock cluster
-//! and, when configured, the external broker.
+//! runs; a flaky step is retried (in place, then through the retry topic)
+//! and the run goes on; a failing child or a timeout fails the run; a join
+//! survives a rebalance and a member leaving (its state read back from the
+//! changelog) and completes once; the gateway and the command line start
+//! runs and show them. Against the mock cluster and, when configured, the
+//! external broker (the failing-child, timeout and command-line tests on the
+//! mock cluster only: they do not depend on the broker).
 
 mod common;
 
@@ -107,7 +111,7 @@ fn step(task: &str) -> StepSettings {
 /// Settings with one processor running every test task type on
 /// `pipeline`, and these workflows.
 fn settings(kafka: &TestKafka, pipeline: &Pipeline, workflows: Vec<WorkflowSettings>) -> Settings {
-    let types = ["inc", "range", "square", "sum", "broken"];
+    let types = ["inc", "range", "square", "sum", "broken", "flaky"];
     let tasks: Vec<(&str, HandlerKind)> = types.iter().map(|t| (*t, HandlerKind::Echo)).collect();
     let mut settings = kafka.worker_settings(pipeline, Ordering::None, &tasks);
     settings.workflows = workflows;
@@ -301,6 +305,75 @@ async fn a_failing_middle_step_fails_the_run_and_later_steps_never_run() {
             "step 2 was requested"
         );
         assert_eq!(written.len(), 2, "requests for steps 0 and 1 only");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn steps_are_retried_by_the_failure_rules_in_place_and_through_the_retry_topic() {
+    for kafka in TestKafka::all(
+        "steps_are_retried_by_the_failure_rules_in_place_and_through_the_retry_topic",
+    ) {
+        let pipeline = workflow_pipeline(&kafka, 2).await;
+        let mut settings = settings(
+            &kafka,
+            &pipeline,
+            vec![chain("flaky", ["inc", "flaky", "inc"])],
+        );
+        let p = &mut settings.processors[0];
+        // The first retry waits 80 ms (in place), the second 160 ms (over
+        // the threshold: parked in the retry topic).
+        p.initial_backoff_ms = 80;
+        p.max_backoff_ms = 400;
+        p.backoff_jitter = 0.0;
+        p.retry_topic_threshold_ms = 100;
+        p.max_attempts = 5;
+        settings.validate().expect("valid settings");
+        let mut registry = registry();
+        // n → n + 100, failing (retryably) on the first two attempts.
+        registry.register("flaky", Arc::new(Flaky));
+        let worker = InProcessWorker::start(&settings, "worker", Some(registry));
+        let run = start(&kafka, &settings, "flaky", "1").await;
+        let by_id = results(&kafka, &pipeline, &[run, step_id(run, 2, None)]).await;
+        worker.stop().await;
+        let result = &by_id[&run][0];
+        assert_eq!(result.status, TaskStatus::Succeeded, "{:?}", result.error);
+        assert_eq!(output(result), serde_json::json!(103));
+        let flaky = &by_id[&step_id(run, 1, None)][0];
+        assert_eq!(flaky.attempts, 3, "two retries, then success");
+        let parked = kafka
+            .read_records(&format!("{}.retry", pipeline.input), 1, LONG)
+            .await;
+        assert_eq!(
+            parked.len(),
+            1,
+            "the second retry went through the retry topic"
+        );
+    }
+}
+
+/// Fails retryably on attempts 1 and 2; then n → n + 100.
+struct Flaky;
+
+impl Handler for Flaky {
+    fn handle<'a>(
+        &'a self,
+        task: &'a TaskRequest,
+        _context: &'a TaskContext,
+    ) -> BoxFuture<'a, Result<Output, HandlerError>> {
+        let outcome = if task.attempt < 3 {
+            Err(HandlerError::Retryable(format!(
+                "attempt {} fails",
+                task.attempt
+            )))
+        } else {
+            serde_json::from_slice::<i64>(&task.payload)
+                .map_err(|e| HandlerError::Permanent(e.to_string()))
+                .map(|n| Output {
+                    bytes: (n + 100).to_string().into_bytes(),
+                    content_type: "application/json".into(),
+                })
+        };
+        std::future::ready(outcome).boxed()
     }
 }
 
