@@ -351,6 +351,55 @@ async fn steps_are_retried_by_the_failure_rules_in_place_and_through_the_retry_t
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_step_of_a_workflow_the_worker_does_not_define_is_dead_lettered_unrun() {
+    let kafka = TestKafka::mock();
+    let pipeline = workflow_pipeline(&kafka, 1).await;
+    let settings = settings(&kafka, &pipeline, vec![]);
+    let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut registry = registry();
+    let counted = runs.clone();
+    registry.register(
+        "inc",
+        Arc::new(Json(move |v| {
+            counted.fetch_add(1, AtomicOrdering::Relaxed);
+            Ok((number(&v)? + 1).into())
+        })),
+    );
+    let worker = InProcessWorker::start(&settings, "worker", Some(registry));
+    // What another worker's configuration would start.
+    let elsewhere = Workflows::from_settings(&Settings {
+        workflows: vec![chain("ghost", ["inc", "inc", "inc"])],
+        ..settings.clone()
+    });
+    let (_, first) = elsewhere
+        .start(
+            "ghost",
+            b"1".to_vec(),
+            "application/json".into(),
+            BTreeMap::new(),
+        )
+        .unwrap();
+    let run = first.workflow.as_ref().unwrap().id;
+    kafka
+        .produce_requests(&pipeline.input, std::slice::from_ref(&first))
+        .await;
+    let by_id = results(&kafka, &pipeline, &[run, first.id]).await;
+    let dead = kafka.read_records(&pipeline.dead_letter, 1, LONG).await;
+    worker.stop().await;
+    assert_eq!(runs.load(AtomicOrdering::Relaxed), 0, "the handler ran");
+    let step = &by_id[&first.id][0];
+    assert_eq!(step.status, TaskStatus::Failed);
+    let error = step.error.as_ref().unwrap();
+    assert_eq!(error.kind, "unknown_workflow");
+    assert_eq!(
+        error.message,
+        "workflow `ghost` is not defined in the configuration of processor `test`"
+    );
+    assert_eq!(by_id[&run][0].status, TaskStatus::Failed);
+    assert_eq!(dead.len(), 1, "dead-lettered, to replay once defined");
+}
+
 /// Fails retryably on attempts 1 and 2; then n → n + 100.
 struct Flaky;
 

@@ -232,6 +232,24 @@ async fn run_task(shared: &Shared, job: &Job, mut request: TaskRequest) -> End {
             first_failure_at: started_at,
         });
     };
+    if let Some(w) = request
+        .workflow
+        .as_ref()
+        .filter(|w| shared.workflows.get(&w.name).is_none())
+    {
+        // Not run: a step of a workflow this worker does not know (a
+        // configuration that differs between workers) is dead-lettered,
+        // to be replayed once the definition is deployed.
+        return End::Failed(Terminal {
+            kind: "unknown_workflow".into(),
+            message: format!(
+                "workflow `{}` is not defined in the configuration of processor `{}`",
+                w.name, shared.name
+            ),
+            attempts: 0,
+            first_failure_at: started_at,
+        });
+    }
     if let Some(deadline) = request.deadline.filter(|d| started_at > *d) {
         return End::Failed(Terminal {
             kind: "deadline".into(),
