@@ -205,7 +205,8 @@ struct DlqArgs {
     /// Only tasks of this type.
     #[arg(long = "type", value_name = "TYPE")]
     task_type: Option<String>,
-    /// Only this error kind (permanent, timeout, retryable, panic, decode, unknown_type…).
+    /// Only this error kind (permanent, timeout, retryable, panic, decode, unknown_type,
+    /// deadline, unknown_workflow…).
     #[arg(long)]
     kind: Option<String>,
 }
