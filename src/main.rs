@@ -696,20 +696,33 @@ async fn dev_main(user_settings: Option<Settings>) -> anyhow::Result<()> {
         "    {exe} submit --brokers {bootstrap} --type sleep --payload '{{\"ms\": 500}}' --count 3"
     );
     println!("    {exe} results --brokers {bootstrap} --follow");
-    if settings
+    // The command line knows workflows from a configuration file: write
+    // this one's where the commands can read it.
+    let dev_config = std::env::temp_dir().join(format!("conveyor-dev-{}.toml", std::process::id()));
+    let has_workflow = settings
         .workflows
         .iter()
-        .any(|w| w.name == dev::DEV_WORKFLOW)
-    {
-        println!(
-            "    {exe} workflow start {} --brokers {bootstrap} --payload '{{\"text\": \"a b\\nc\"}}' --wait 10",
-            dev::DEV_WORKFLOW
-        );
+        .any(|w| w.name == dev::DEV_WORKFLOW);
+    if has_workflow {
+        let written = settings
+            .to_toml()
+            .map_err(|e| anyhow::anyhow!("{e}"))
+            .and_then(|text| std::fs::write(&dev_config, text).map_err(Into::into));
+        if written.is_ok() {
+            println!(
+                "    {exe} --config {} workflow start {} --payload '{{\"text\": \"a b\\nc\"}}' --wait 10",
+                dev_config.display(),
+                dev::DEV_WORKFLOW
+            );
+        }
     }
     println!("  Ctrl-C stops the gateway, the worker (draining in-flight tasks) and the cluster.");
     let served = gateway.finished().await;
     running.await??;
     served?;
+    if has_workflow {
+        let _ = std::fs::remove_file(&dev_config);
+    }
     drop(cluster);
     Ok(())
 }

@@ -336,6 +336,34 @@ fn dev_runs_a_task_through_the_worker_and_stops_on_sigint() {
         eprintln!("conveyor-test: curl is not installed; the printed curl commands were not run");
     }
 
+    // So does the printed `workflow start` line (with this build's binary).
+    let start = lines
+        .iter()
+        .find_map(|l| {
+            l.trim_start()
+                .strip_prefix("cargo run --release -- ")
+                .filter(|rest| rest.contains("workflow start"))
+        })
+        .unwrap_or_else(|| panic!("a workflow start line printed: {text}"));
+    let output = Command::new("sh")
+        .args(["-c", &format!("{} {start}", env!("CARGO_BIN_EXE_conveyor"))])
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run sh");
+    let printed = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{printed}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let result: serde_json::Value = printed
+        .lines()
+        .nth(1)
+        .and_then(|l| serde_json::from_str(l).ok())
+        .unwrap_or_else(|| panic!("the run's result as the second line: {printed}"));
+    assert_eq!(result["status"], "SUCCEEDED", "{printed}");
+    assert_eq!(result["output"], 3, "\"a b\" and \"c\": {printed}");
+
     let status = Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status()
