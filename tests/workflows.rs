@@ -510,6 +510,14 @@ async fn a_join_that_outlives_the_workflow_timeout_fails_the_run() {
             }
         })
         .collect();
+    // And one no fan-out makes (child 7 of 3), which must not count.
+    let mut bogus = contributions[0].clone();
+    if let Some(w) = bogus.workflow.as_mut() {
+        w.child_index = Some(7);
+        bogus.id = step_id(run, w.step, Some(7));
+    }
+    let mut contributions = contributions;
+    contributions.push(bogus);
     kafka
         .produce_requests(&pipeline.input, &contributions)
         .await;

@@ -130,6 +130,12 @@ pub(super) async fn contribute(shared: &Shared, job: &Job, request: &TaskRequest
     let (Some(child), Some(count)) = (w.child_index, w.child_count) else {
         return;
     };
+    if !(0..count).contains(&child) {
+        // Not something a fan-out makes: counting it could complete the
+        // join with a child missing.
+        warn!(run = %w.id, child, count, "contribution with a child index outside 0..count; dropped");
+        return;
+    }
     let tp: TopicPartition = (job.topic.clone(), job.partition);
     let changelog = format!("{}{JOINS_SUFFIX}", job.topic);
     let part = shared.joins.partition(&tp);
