@@ -206,7 +206,7 @@ struct DlqArgs {
     #[arg(long = "type", value_name = "TYPE")]
     task_type: Option<String>,
     /// Only this error kind (permanent, timeout, retryable, panic, decode, unknown_type,
-    /// deadline, unknown_workflow…).
+    /// deadline, unknown_workflow, invalid_workflow_step…).
     #[arg(long)]
     kind: Option<String>,
 }

@@ -179,6 +179,44 @@ impl Workflows {
         Ok((topic.to_owned(), request))
     }
 
+    /// Whether `request`, a step of a workflow, fits its definition: the
+    /// definition exists, the step is one of its steps and runs this task
+    /// type, and a child index lies within its count. The error says what
+    /// does not fit, with the kind to report it under.
+    pub fn check(&self, request: &TaskRequest) -> Result<(), (&'static str, String)> {
+        let Some(w) = &request.workflow else {
+            return Ok(());
+        };
+        let Some(definition) = self.get(&w.name) else {
+            return Err((
+                "unknown_workflow",
+                format!("workflow `{}` is not defined in this configuration", w.name),
+            ));
+        };
+        let bad = |why: String| Err(("invalid_workflow_step", why));
+        let Some(step) = step_at(definition, w.step) else {
+            return bad(format!(
+                "workflow `{}` has {} steps; this request is for step {}",
+                w.name,
+                definition.steps.len(),
+                w.step
+            ));
+        };
+        if step.task != request.task_type {
+            return bad(format!(
+                "step {} of workflow `{}` runs `{}`, not `{}`",
+                w.step, w.name, step.task, request.task_type
+            ));
+        }
+        match (w.child_index, w.child_count) {
+            (None, None) => Ok(()),
+            (Some(i), Some(n)) if (0..n).contains(&i) => Ok(()),
+            (i, n) => bad(format!(
+                "child index {i:?} and count {n:?} do not fit together"
+            )),
+        }
+    }
+
     /// Whether `request` is a child's contribution to a join (which the
     /// processor gathers instead of running a handler).
     pub fn is_contribution(&self, request: &TaskRequest) -> bool {
@@ -953,6 +991,53 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn requests_that_do_not_fit_their_definition_are_named() {
+        let w = workflows();
+        let first = start_wc(&w);
+        assert_eq!(w.check(&first), Ok(()));
+        let mut wrong_type = first.clone();
+        wrong_type.task_type = "count".into();
+        let mut past_the_end = first.clone();
+        if let Some(r) = past_the_end.workflow.as_mut() {
+            r.step = 9;
+        }
+        let mut bad_child = first.clone();
+        if let Some(r) = bad_child.workflow.as_mut() {
+            r.child_index = Some(3);
+            r.child_count = Some(3);
+        }
+        let mut unknown = first.clone();
+        if let Some(r) = unknown.workflow.as_mut() {
+            r.name = "nope".into();
+        }
+        let problems: Vec<_> = [wrong_type, past_the_end, bad_child, unknown]
+            .iter()
+            .map(|r| w.check(r).unwrap_err())
+            .collect();
+        assert_eq!(
+            problems,
+            [
+                (
+                    "invalid_workflow_step",
+                    "step 0 of workflow `wc` runs `split`, not `count`".to_owned()
+                ),
+                (
+                    "invalid_workflow_step",
+                    "workflow `wc` has 4 steps; this request is for step 9".to_owned()
+                ),
+                (
+                    "invalid_workflow_step",
+                    "child index Some(3) and count Some(3) do not fit together".to_owned()
+                ),
+                (
+                    "unknown_workflow",
+                    "workflow `nope` is not defined in this configuration".to_owned()
+                ),
+            ]
+        );
     }
 
     #[test]

@@ -394,7 +394,7 @@ async fn a_step_of_a_workflow_the_worker_does_not_define_is_dead_lettered_unrun(
     assert_eq!(error.kind, "unknown_workflow");
     assert_eq!(
         error.message,
-        "workflow `ghost` is not defined in the configuration of processor `test`"
+        "processor `test`: workflow `ghost` is not defined in this configuration"
     );
     assert_eq!(by_id[&run][0].status, TaskStatus::Failed);
     assert_eq!(dead.len(), 1, "dead-lettered, to replay once defined");

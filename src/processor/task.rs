@@ -232,20 +232,13 @@ async fn run_task(shared: &Shared, job: &Job, mut request: TaskRequest) -> End {
             first_failure_at: started_at,
         });
     };
-    if let Some(w) = request
-        .workflow
-        .as_ref()
-        .filter(|w| shared.workflows.get(&w.name).is_none())
-    {
-        // Not run: a step of a workflow this worker does not know (a
-        // configuration that differs between workers) is dead-lettered,
-        // to be replayed once the definition is deployed.
+    if let Err((kind, why)) = shared.workflows.check(&request) {
+        // Not run: a step that does not fit this worker's definition (a
+        // configuration that differs between workers, or a request made
+        // by hand) is dead-lettered, to be replayed once it fits.
         return End::Failed(Terminal {
-            kind: "unknown_workflow".into(),
-            message: format!(
-                "workflow `{}` is not defined in the configuration of processor `{}`",
-                w.name, shared.name
-            ),
+            kind: kind.into(),
+            message: format!("processor `{}`: {why}", shared.name),
             attempts: 0,
             first_failure_at: started_at,
         });
