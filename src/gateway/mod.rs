@@ -934,6 +934,10 @@ fn render_run(workflows: &Workflows, run: Uuid, tasks: &[TaskView]) -> Value {
     value
 }
 
+/// Most children's outputs one step of a run lists (as many as the
+/// status view holds tasks by default).
+const MAX_LISTED_OUTPUTS: usize = 100_000;
+
 fn render_step(index: i32, task_type: &str, tasks: &[&TaskView]) -> Value {
     let mut step = json!({"index": index, "type": task_type});
     let Some(map) = step.as_object_mut() else {
@@ -966,7 +970,10 @@ fn render_step(index: i32, task_type: &str, tasks: &[&TaskView]) -> Value {
         }
         (Some(count), _) => {
             let count = usize::try_from(count).unwrap_or(0);
-            let mut outputs = vec![Value::Null; count];
+            // The count comes from the records, which anyone can write:
+            // never allocate by it beyond a fixed limit.
+            let listed = count.min(MAX_LISTED_OUTPUTS);
+            let mut outputs = vec![Value::Null; listed];
             let (mut succeeded, mut failed, mut attempts) = (0usize, 0usize, 0i64);
             for task in tasks {
                 let child = task
