@@ -1137,6 +1137,36 @@ mod tests {
     }
 
     #[test]
+    fn a_step_lists_a_bounded_number_of_outputs_whatever_the_claimed_count() {
+        let run = Uuid::new_v4();
+        let child = TaskView {
+            id: Uuid::new_v4(),
+            task_type: "t".into(),
+            phase: view::Phase::Succeeded,
+            submitted_at: None,
+            finished_at: None,
+            attempts: Some(1),
+            output: Some(b"7".to_vec()),
+            content_type: None,
+            error: None,
+            traceparent: None,
+            workflow: Some(WorkflowRef {
+                id: run,
+                name: "w".into(),
+                step: 1,
+                child_index: Some(2),
+                child_count: Some(i32::MAX),
+            }),
+        };
+        let step = render_step(1, "t", &[&child]);
+        let outputs = step["outputs"].as_array().expect("outputs");
+        assert_eq!(outputs.len(), MAX_LISTED_OUTPUTS);
+        assert_eq!(outputs[2], 7);
+        assert_eq!(step["children"]["count"], i32::MAX);
+        assert_eq!(step["status"], "running");
+    }
+
+    #[test]
     fn constant_time_eq_is_equality() {
         assert!(constant_time_eq(b"abc", b"abc"));
         assert!(!constant_time_eq(b"abc", b"abd"));
