@@ -158,24 +158,14 @@ impl Workflows {
         let now = now_millis();
         let deadline = (definition.timeout_ms > 0)
             .then(|| now.saturating_add(i64::try_from(definition.timeout_ms).unwrap_or(i64::MAX)));
-        let request = TaskRequest {
-            id: step_id(id, 0, None),
-            task_type: first.task.clone(),
-            key: None,
-            payload,
-            content_type,
-            attempt: 1,
-            submitted_at: now,
-            deadline,
-            workflow: Some(WorkflowRef {
-                id,
-                name: name.to_owned(),
-                step: 0,
-                child_index: None,
-                child_count: None,
-            }),
-            metadata,
+        let at = WorkflowRef {
+            id,
+            name: name.to_owned(),
+            step: 0,
+            child_index: None,
+            child_count: None,
         };
+        let request = step_request(at, &first.task, payload, content_type, deadline, metadata);
         Ok((topic.to_owned(), request))
     }
 
@@ -269,27 +259,16 @@ impl Workflows {
         let Some(topic) = self.topic(&next.task) else {
             return vec![self.unknown_definition(w, worker)];
         };
-        let follow =
-            |id: Uuid, payload: Vec<u8>, content_type: String, child: Option<(i32, i32)>| {
-                TaskRequest {
-                    id,
-                    task_type: next.task.clone(),
-                    key: None,
-                    payload,
-                    content_type,
-                    attempt: 1,
-                    submitted_at: now_millis(),
-                    deadline: request.deadline,
-                    workflow: Some(WorkflowRef {
-                        id: w.id,
-                        name: w.name.clone(),
-                        step: next_step,
-                        child_index: child.map(|c| c.0),
-                        child_count: child.map(|c| c.1),
-                    }),
-                    metadata: carried(&request.metadata),
-                }
-            };
+        let follow = |payload: Vec<u8>, content_type: String, child: Option<(i32, i32)>| {
+            step_request(
+                at_step(w, next_step, child),
+                &next.task,
+                payload,
+                content_type,
+                request.deadline,
+                carried(&request.metadata),
+            )
+        };
         if this.fan_out {
             let elements = match serde_json::from_slice::<serde_json::Value>(&output) {
                 Ok(serde_json::Value::Array(elements)) => elements,
@@ -328,40 +307,36 @@ impl Workflows {
             };
             if count == 0 {
                 // Nothing to wait for: straight to the join, with no outputs.
-                return self.skip_to_join(w, definition, step, request, worker);
+                return self.skip_to_join(w, definition, request, worker);
             }
             return elements
                 .iter()
                 .zip(0..)
                 .map(|(element, index)| {
-                    let id = step_id(w.id, next_step, Some(index));
                     let payload = serde_json::to_vec(element).unwrap_or_default();
+                    let request =
+                        follow(payload, DEFAULT_CONTENT_TYPE.into(), Some((index, count)));
                     Next::Request {
                         topic: topic.to_owned(),
-                        key: id.to_string().into_bytes(),
-                        request: follow(
-                            id,
-                            payload,
-                            DEFAULT_CONTENT_TYPE.into(),
-                            Some((index, count)),
-                        ),
+                        key: request.id.to_string().into_bytes(),
+                        request,
                     }
                 })
                 .collect();
         }
         let child = w.child_index.zip(w.child_count);
-        let id = step_id(w.id, next_step, w.child_index);
+        let request = follow(output, content_type, child);
         // A contribution is keyed by the run, so every child of one join
         // lands on the same partition (and the same join state).
         let key = if next.join && child.is_some() {
             w.id.to_string().into_bytes()
         } else {
-            id.to_string().into_bytes()
+            request.id.to_string().into_bytes()
         };
         vec![Next::Request {
             topic: topic.to_owned(),
             key,
-            request: follow(id, output, content_type, child),
+            request,
         }]
     }
 
@@ -400,44 +375,24 @@ impl Workflows {
             worker,
         ))];
         // A child: tell the join, so its state is dropped now.
-        if let (Some(index), Some(count)) = (w.child_index, w.child_count) {
-            let join = usize::try_from(w.step).ok().and_then(|s| {
-                definition
-                    .steps
-                    .iter()
-                    .enumerate()
-                    .skip(s + 1)
-                    .find(|(_, st)| st.join)
-            });
-            if let Some((join_step, join)) = join {
-                if let (Some(topic), Ok(join_step)) =
-                    (self.topic(&join.task), i32::try_from(join_step))
-                {
-                    let mut metadata = carried(&request.metadata);
-                    metadata.insert(CHILD_FAILED.into(), step_error.message);
-                    next.push(Next::Request {
-                        topic: topic.to_owned(),
-                        key: w.id.to_string().into_bytes(),
-                        request: TaskRequest {
-                            id: step_id(w.id, join_step, Some(index)),
-                            task_type: join.task.clone(),
-                            key: None,
-                            payload: Vec::new(),
-                            content_type: DEFAULT_CONTENT_TYPE.into(),
-                            attempt: 1,
-                            submitted_at: now_millis(),
-                            deadline: request.deadline,
-                            workflow: Some(WorkflowRef {
-                                id: w.id,
-                                name: w.name.clone(),
-                                step: join_step,
-                                child_index: Some(index),
-                                child_count: Some(count),
-                            }),
-                            metadata,
-                        },
-                    });
-                }
+        let child = w.child_index.zip(w.child_count);
+        let join = join_after(definition, w.step);
+        if let (Some(child), Some((join_step, join))) = (child, join) {
+            if let Some(topic) = self.topic(&join.task) {
+                let mut metadata = carried(&request.metadata);
+                metadata.insert(CHILD_FAILED.into(), step_error.message);
+                next.push(Next::Request {
+                    topic: topic.to_owned(),
+                    key: w.id.to_string().into_bytes(),
+                    request: step_request(
+                        at_step(w, join_step, Some(child)),
+                        &join.task,
+                        Vec::new(),
+                        DEFAULT_CONTENT_TYPE.into(),
+                        request.deadline,
+                        metadata,
+                    ),
+                });
             }
         }
         next
@@ -456,28 +411,17 @@ impl Workflows {
         let definition = self.get(&w.name)?;
         let join = step_at(definition, w.step)?;
         let topic = self.topic(&join.task)?;
-        let id = step_id(w.id, w.step, None);
         let payload = serde_json::to_vec(&serde_json::Value::Array(outputs)).unwrap_or_default();
         Some((
             topic.to_owned(),
-            TaskRequest {
-                id,
-                task_type: join.task.clone(),
-                key: None,
+            step_request(
+                at_step(w, w.step, None),
+                &join.task,
                 payload,
-                content_type: DEFAULT_CONTENT_TYPE.into(),
-                attempt: 1,
-                submitted_at: now_millis(),
+                DEFAULT_CONTENT_TYPE.into(),
                 deadline,
-                workflow: Some(WorkflowRef {
-                    id: w.id,
-                    name: w.name.clone(),
-                    step: w.step,
-                    child_index: None,
-                    child_count: None,
-                }),
-                metadata: carried(&metadata),
-            },
+                carried(&metadata),
+            ),
         ))
     }
 
@@ -499,28 +443,14 @@ impl Workflows {
         &self,
         w: &WorkflowRef,
         definition: &WorkflowSettings,
-        fan_out_step: usize,
         request: &TaskRequest,
         worker: &str,
     ) -> Vec<Next> {
-        let join = definition
-            .steps
-            .iter()
-            .enumerate()
-            .skip(fan_out_step + 1)
-            .find(|(_, s)| s.join)
-            .and_then(|(i, _)| i32::try_from(i).ok());
-        let Some(join_step) = join else {
+        let Some((join_step, _)) = join_after(definition, w.step) else {
             return vec![self.unknown_definition(w, worker)];
         };
-        let at_join = WorkflowRef {
-            step: join_step,
-            child_index: None,
-            child_count: None,
-            ..w.clone()
-        };
         match self.join_request(
-            &at_join,
+            &at_step(w, join_step, None),
             Vec::new(),
             request.deadline,
             request.metadata.clone(),
@@ -548,6 +478,56 @@ impl Workflows {
             worker,
         ))
     }
+}
+
+/// Where run `w` stands at `step` (and `child`: index and count).
+fn at_step(w: &WorkflowRef, step: i32, child: Option<(i32, i32)>) -> WorkflowRef {
+    WorkflowRef {
+        id: w.id,
+        name: w.name.clone(),
+        step,
+        child_index: child.map(|c| c.0),
+        child_count: child.map(|c| c.1),
+    }
+}
+
+/// A first attempt at the step `at` names, its id derived from run, step
+/// and child ([`step_id`]), so that asking again asks for the same task.
+fn step_request(
+    at: WorkflowRef,
+    task_type: &str,
+    payload: Vec<u8>,
+    content_type: String,
+    deadline: Option<i64>,
+    metadata: BTreeMap<String, String>,
+) -> TaskRequest {
+    TaskRequest {
+        id: step_id(at.id, at.step, at.child_index),
+        task_type: task_type.to_owned(),
+        key: None,
+        payload,
+        content_type,
+        attempt: 1,
+        submitted_at: now_millis(),
+        deadline,
+        workflow: Some(at),
+        metadata,
+    }
+}
+
+/// The first join step after `step`, with its index.
+fn join_after(
+    definition: &WorkflowSettings,
+    step: i32,
+) -> Option<(i32, &crate::settings::StepSettings)> {
+    let after = usize::try_from(step).ok()?.checked_add(1)?;
+    definition
+        .steps
+        .iter()
+        .enumerate()
+        .skip(after)
+        .find(|(_, s)| s.join)
+        .and_then(|(i, s)| Some((i32::try_from(i).ok()?, s)))
 }
 
 fn step_at(definition: &WorkflowSettings, step: i32) -> Option<&crate::settings::StepSettings> {

@@ -894,19 +894,7 @@ fn render_run(workflows: &Workflows, run: Uuid, tasks: &[TaskView]) -> Value {
     };
     if let Some(result) = tasks.iter().find(|t| t.id == run) {
         map.insert("finished_at".into(), json!(result.finished_at));
-        if let Some(output) = &result.output {
-            let content_type = result
-                .content_type
-                .as_deref()
-                .unwrap_or(crate::codec::DEFAULT_CONTENT_TYPE);
-            crate::tools::embed_bytes(map, "result", output, content_type);
-        }
-        if let Some(error) = &result.error {
-            map.insert(
-                "error".into(),
-                json!({"kind": error.kind, "message": error.message}),
-            );
-        }
+        insert_outcome(map, result, "result");
     }
     let steps: Vec<Value> = definition
         .map(|d| {
@@ -954,19 +942,7 @@ fn render_step(index: i32, task_type: &str, tasks: &[&TaskView]) -> Value {
             map.insert("status".into(), json!(task.phase.name()));
             map.insert("task_id".into(), json!(task.id));
             map.insert("attempts".into(), json!(task.attempts));
-            if let Some(output) = &task.output {
-                let content_type = task
-                    .content_type
-                    .as_deref()
-                    .unwrap_or(crate::codec::DEFAULT_CONTENT_TYPE);
-                crate::tools::embed_bytes(map, "output", output, content_type);
-            }
-            if let Some(error) = &task.error {
-                map.insert(
-                    "error".into(),
-                    json!({"kind": error.kind, "message": error.message}),
-                );
-            }
+            insert_outcome(map, task, "output");
         }
         (Some(count), _) => {
             let count = usize::try_from(count).unwrap_or(0);
@@ -1088,6 +1064,27 @@ async fn lookup(
     }
 }
 
+/// The media type of `task`'s output.
+fn content_type_of(task: &TaskView) -> &str {
+    task.content_type
+        .as_deref()
+        .unwrap_or(crate::codec::DEFAULT_CONTENT_TYPE)
+}
+
+/// Adds `task`'s output (under `name`, embedded as its content type
+/// allows) and its error, when it has them.
+fn insert_outcome(map: &mut serde_json::Map<String, Value>, task: &TaskView, name: &str) {
+    if let Some(output) = &task.output {
+        crate::tools::embed_bytes(map, name, output, content_type_of(task));
+    }
+    if let Some(error) = &task.error {
+        map.insert(
+            "error".into(),
+            json!({"kind": error.kind, "message": error.message}),
+        );
+    }
+}
+
 fn render(task: &TaskView) -> Value {
     let mut value = json!({
         "id": task.id,
@@ -1098,20 +1095,10 @@ fn render(task: &TaskView) -> Value {
         "finished_at": task.finished_at,
     });
     if let Some(map) = value.as_object_mut() {
-        if let Some(output) = &task.output {
-            let content_type = task
-                .content_type
-                .as_deref()
-                .unwrap_or(crate::codec::DEFAULT_CONTENT_TYPE);
-            map.insert("content_type".into(), json!(content_type));
-            crate::tools::embed_bytes(map, "result", output, content_type);
+        if task.output.is_some() {
+            map.insert("content_type".into(), json!(content_type_of(task)));
         }
-        if let Some(error) = &task.error {
-            map.insert(
-                "error".into(),
-                json!({"kind": error.kind, "message": error.message}),
-            );
-        }
+        insert_outcome(map, task, "result");
         if let Some(traceparent) = &task.traceparent {
             map.insert("traceparent".into(), json!(traceparent));
         }
