@@ -480,10 +480,7 @@ async fn submit_one(
     let outcome = async {
         let value = json_body(&shared, body)?;
         let task = api::parse_task(&value, "", &shared.rules, now_millis())?;
-        let mut accepted = submit(&shared, vec![Submission::task(task)], &traceparent).await?;
-        accepted
-            .pop()
-            .ok_or_else(|| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "no task"))
+        submit_one_of(&shared, Submission::task(task), &traceparent).await
     }
     .await;
     accepted_or_refused(outcome, &traceparent)
@@ -607,6 +604,22 @@ fn accepted(view: &View, id: Uuid, workflow: Option<&WorkflowRef>, replay: bool)
         }
     }
     answer
+}
+
+/// [`submit`] for one submission: its answer.
+async fn submit_one_of(
+    shared: &Shared,
+    submission: Submission,
+    traceparent: &str,
+) -> Result<Value, ApiError> {
+    let mut accepted = submit(shared, vec![submission], traceparent).await?;
+    accepted.pop().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "the submission got no answer",
+        )
+    })
 }
 
 /// Produces `tasks` (those whose idempotency key is not already taken) and
@@ -796,10 +809,7 @@ async fn start_run(
             request,
             idempotency_key: run.idempotency_key,
         };
-        let mut accepted = submit(&shared, vec![submission], &traceparent).await?;
-        accepted
-            .pop()
-            .ok_or_else(|| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "no run"))
+        submit_one_of(&shared, submission, &traceparent).await
     }
     .await;
     accepted_or_refused(outcome, &traceparent)
