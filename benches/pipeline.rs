@@ -34,7 +34,7 @@
 //! (3), `--payload BYTES` (200), `--linger MS` (every producer's
 //! `linger.ms`; librdkafka's default is 5). For profiling, the environment variables
 //! `BENCH_MAX` and `BENCH_PP` set the processor's `max_in_flight` and
-//! `max_in_flight_per_partition` (default 1024 and 256), and `BENCH_OPTS`
+//! `max_in_flight_per_partition` (default: conveyor's defaults), and `BENCH_OPTS`
 //! adds librdkafka properties (`key=value,key=value`).
 //!
 //! Each round preloads nothing new: the input topic is filled once, and
@@ -388,16 +388,17 @@ fn start_processor(
     tokio::task::JoinHandle<Result<(), processor::ProcessorError>>,
     Arc<ProcessorStatus>,
 ) {
+    let defaults = echo_processor("bench-conveyor", input, output, dlq);
     let settings = ProcessorSettings {
         max_in_flight: std::env::var("BENCH_MAX")
             .ok()
             .and_then(|v| v.parse().ok())
-            .unwrap_or(1024),
+            .unwrap_or(defaults.max_in_flight),
         max_in_flight_per_partition: std::env::var("BENCH_PP")
             .ok()
             .and_then(|v| v.parse().ok())
-            .unwrap_or(256),
-        ..echo_processor("bench-conveyor", input, output, dlq)
+            .unwrap_or(defaults.max_in_flight_per_partition),
+        ..defaults
     };
     let registry = Registry::from_settings(&settings).expect("registry");
     let status = Arc::new(ProcessorStatus::default());

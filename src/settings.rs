@@ -415,6 +415,10 @@ pub struct ProcessorSettings {
     pub max_in_flight: usize,
     /// Most such tasks from any one partition.
     pub max_in_flight_per_partition: usize,
+    /// Most bytes of request records held by such tasks; its partitions are
+    /// not read while it is reached. A record larger than this still runs,
+    /// alone.
+    pub max_in_flight_bytes: usize,
     /// How often stored offsets are committed, in milliseconds.
     pub commit_interval_ms: u64,
     /// Consumer-group session timeout, in milliseconds.
@@ -531,8 +535,9 @@ impl Default for ProcessorSettings {
             output_topic: None,
             tasks: BTreeMap::new(),
             ordering: Ordering::Partition,
-            max_in_flight: 1024,
-            max_in_flight_per_partition: 256,
+            max_in_flight: 10_000,
+            max_in_flight_per_partition: 2_500,
+            max_in_flight_bytes: 64 * 1024 * 1024,
             commit_interval_ms: 1000,
             session_timeout_ms: 10_000,
             drain_timeout_ms: 5_000,
@@ -931,6 +936,9 @@ impl Settings {
             }
             if p.max_in_flight == 0 {
                 bad(at("max_in_flight"), "must be > 0");
+            }
+            if p.max_in_flight_bytes == 0 {
+                bad(at("max_in_flight_bytes"), "must be > 0");
             }
             if p.max_in_flight_per_partition == 0 {
                 bad(at("max_in_flight_per_partition"), "must be > 0");

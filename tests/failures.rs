@@ -474,6 +474,114 @@ async fn injected_broker_faults_lose_nothing() {
     ));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn results_whose_delivery_fails_are_produced_again_and_nothing_is_lost() {
+    const TASKS: usize = 2_000;
+    // Needs the broker taken down: a mock-cluster feature.
+    let kafka = TestKafka::mock();
+    common::announce(&format!(
+        "results_whose_delivery_fails…: runs against {}",
+        kafka.describe()
+    ));
+    let cluster = kafka.mock_cluster().expect("mock cluster");
+    let pipeline = kafka.pipeline(4).await;
+    let mut settings =
+        kafka.worker_settings(&pipeline, Ordering::None, &[("sleep", HandlerKind::Sleep)]);
+    // Outputs not acknowledged within a second fail their delivery: with
+    // the broker down for three, the engine itself must produce them again.
+    settings
+        .kafka
+        .options
+        .insert("message.timeout.ms".into(), "1000".into());
+    let sent = requests("sleep", r#"{"ms":1}"#, TASKS);
+    kafka.produce_requests(&pipeline.input, &sent).await;
+    let worker = InProcessWorker::start(&settings, "worker", None);
+    wait_until("work started", LONG, || worker.status.finished() >= 100).await;
+    cluster.broker_down(1).expect("broker down");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    cluster.broker_up(1).expect("broker up");
+    let finished_then = worker.status.finished();
+    assert!(finished_then < TASKS, "the outage hit mid-run");
+
+    let results = kafka
+        .collect_results(&pipeline.output, &ids(&sent), LONG)
+        .await;
+    wait_until("every offset committed", LONG, || {
+        worker_finished_offsets(&kafka, &pipeline) == TASKS as i64
+    })
+    .await;
+    let failed_deliveries = worker
+        .metrics
+        .produce_errors
+        .with_label_values(&["test"])
+        .get();
+    worker.stop().await;
+    assert!(
+        failed_deliveries > 0,
+        "some deliveries failed and were produced again (else this test tests nothing)"
+    );
+    assert_eq!(results.by_id.len(), TASKS, "every task has a result");
+    assert!(
+        results.all().all(|r| r.status == TaskStatus::Succeeded),
+        "every result is the task's own"
+    );
+    common::announce(&format!(
+        "{failed_deliveries} failed deliveries produced again; {} duplicate results of {TASKS}",
+        results.duplicates()
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_result_too_large_for_the_producer_becomes_a_failed_result_saying_so() {
+    for kafka in
+        TestKafka::all("a_result_too_large_for_the_producer_becomes_a_failed_result_saying_so")
+    {
+        let pipeline = kafka.pipeline(2).await;
+        let mut settings =
+            kafka.worker_settings(&pipeline, Ordering::None, &[("echo", HandlerKind::Echo)]);
+        settings
+            .kafka
+            .options
+            .insert("message.max.bytes".into(), "2000".into());
+        let big = "x".repeat(3_000);
+        let oversized = requests("echo", &big, 3);
+        let fine = requests("echo", "{}", 5);
+        kafka.produce_requests(&pipeline.input, &oversized).await;
+        kafka.produce_requests(&pipeline.input, &fine).await;
+        let worker = InProcessWorker::start(&settings, "worker", None);
+        let mut expected = ids(&oversized);
+        expected.extend(ids(&fine));
+        let results = kafka
+            .collect_results(&pipeline.output, &expected, LONG)
+            .await;
+        wait_until("every offset committed", LONG, || {
+            worker_finished_offsets(&kafka, &pipeline) == 8
+        })
+        .await;
+        worker.stop().await;
+        for task in &oversized {
+            let r = &results.by_id[&task.id][0];
+            assert_eq!(r.status, TaskStatus::Failed);
+            assert_eq!(r.output, None);
+            let error = r.error.as_ref().expect("an error");
+            assert_eq!(error.kind, "output_too_large");
+            assert!(
+                error.message.starts_with("the result (")
+                    && error
+                        .message
+                        .contains("bytes) is larger than the broker accepts"),
+                "{}",
+                error.message
+            );
+        }
+        for task in &fine {
+            let r = &results.by_id[&task.id][0];
+            assert_eq!(r.status, TaskStatus::Succeeded);
+            assert_eq!(r.output.as_deref(), Some(&b"{}"[..]));
+        }
+    }
+}
+
 /// Fails every task permanently until fixed.
 struct Switch {
     fixed: std::sync::atomic::AtomicBool,

@@ -30,7 +30,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 
-use super::task::{produce, Outgoing};
+use super::delivery::{produce, Outgoing};
 use super::{Job, Shared, TopicPartition};
 use crate::codec::{now_millis, TaskRequest, WorkflowRef};
 use crate::kafka;
@@ -236,9 +236,9 @@ async fn complete(
             produce(
                 shared,
                 Outgoing {
-                    topic: &topic,
+                    topic: Arc::from(topic),
                     partition: None,
-                    key: Some(key.as_bytes()),
+                    key: Some(key.into_bytes()),
                     value: Some(value),
                     headers: traceparent
                         .map(|t| super::headers::build([(super::headers::TRACEPARENT, Some(t))])),
@@ -327,9 +327,9 @@ pub(super) async fn sweep(shared: &Shared) {
             produce(
                 shared,
                 Outgoing {
-                    topic: &shared.output_topic,
+                    topic: shared.output_topic.clone(),
                     partition: None,
-                    key: Some(key.as_bytes()),
+                    key: Some(key.into_bytes()),
                     value: Some(value),
                     headers: None,
                 },
@@ -358,9 +358,9 @@ async fn write(
     produce(
         shared,
         Outgoing {
-            topic: changelog,
+            topic: Arc::from(changelog),
             partition: Some(partition),
-            key: Some(key.as_bytes()),
+            key: Some(key.as_bytes().to_vec()),
             value,
             headers: None,
         },

@@ -25,8 +25,8 @@
 //! Records are put in *lanes*: one per partition (`ordering = "partition"`),
 //! one per record key (`"key"`; records without a key get a lane each), or
 //! none (`"none"`). A lane runs its records one at a time in offset order.
-//! Records dispatched but not finished count against `max_in_flight` and
-//! `max_in_flight_per_partition`.
+//! Records dispatched but not finished count against `max_in_flight`,
+//! `max_in_flight_per_partition` and (by their size) `max_in_flight_bytes`.
 //!
 //! Each owned partition's records arrive on a queue of its own
 //! (librdkafka's partition queues), and the poll thread takes from a
@@ -60,6 +60,7 @@
 //! after its partition went still produces its result, but its offset is
 //! not stored. Shutdown does the same for every partition, then closes.
 
+mod delivery;
 pub mod headers;
 mod join;
 mod task;
@@ -73,7 +74,7 @@ use rdkafka::consumer::base_consumer::PartitionQueue;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
-use rdkafka::producer::{FutureProducer, Producer};
+use rdkafka::producer::Producer as _;
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tracing::{debug, error, info, warn};
@@ -243,18 +244,80 @@ struct State {
     partitions: HashMap<TopicPartition, Owned>,
     /// Dispatched and not finished, across partitions.
     in_flight: usize,
+    /// Their records' bytes.
+    in_flight_bytes: usize,
     stopping: bool,
+    /// A drain waits for tasks to finish: finishing ones signal it.
+    draining: bool,
+}
+
+/// Metric handles looked up once, for what the engine records per record
+/// (a `with_label_values` lookup hashes every label each time). `None`
+/// and empty with metrics off.
+#[derive(Default)]
+struct Hot {
+    in_flight: Option<prometheus::IntGauge>,
+    paused: Option<prometheus::IntGauge>,
+    breaker_open: Option<prometheus::IntGauge>,
+    /// By [`delivery::Record`].
+    produced: Option<[prometheus::IntCounter; 4]>,
+    produce_errors: Option<prometheus::IntCounter>,
+    /// Per configured task type.
+    types: HashMap<String, TypeMetrics>,
+}
+
+/// One task type's per-task series.
+struct TypeMetrics {
+    consumed: prometheus::IntCounter,
+    succeeded: prometheus::IntCounter,
+    latency: prometheus::Histogram,
+    /// Handler duration of successful attempts.
+    handled: prometheus::Histogram,
+}
+
+impl Hot {
+    fn new(m: &Metrics, name: &str, settings: &ProcessorSettings) -> Hot {
+        if !m.enabled() {
+            return Hot::default();
+        }
+        let types = settings
+            .tasks
+            .keys()
+            .map(|t| {
+                let labels = [name, t.as_str()];
+                let metrics = TypeMetrics {
+                    consumed: m.tasks_consumed.with_label_values(&labels),
+                    succeeded: m.tasks_succeeded.with_label_values(&labels),
+                    latency: m.task_latency.with_label_values(&labels),
+                    handled: m
+                        .handler_duration
+                        .with_label_values(&[name, t.as_str(), "success"]),
+                };
+                (t.clone(), metrics)
+            })
+            .collect();
+        Hot {
+            in_flight: Some(m.tasks_in_flight.with_label_values(&[name])),
+            paused: Some(m.partitions_paused.with_label_values(&[name])),
+            breaker_open: Some(m.breaker_open.with_label_values(&[name])),
+            produced: Some(
+                delivery::RECORD_LABELS.map(|r| m.records_produced.with_label_values(&[name, r])),
+            ),
+            produce_errors: Some(m.produce_errors.with_label_values(&[name])),
+            types,
+        }
+    }
 }
 
 /// State shared by the poll thread, the rebalance callbacks and the tasks.
 pub(crate) struct Shared {
     name: String,
     settings: ProcessorSettings,
-    output_topic: String,
+    output_topic: Arc<str>,
     codec: Codec,
     registry: Registry,
     worker: String,
-    producer: FutureProducer,
+    producer: delivery::Producer,
     runtime: tokio::runtime::Handle,
     state: Mutex<State>,
     /// Signalled whenever a task finishes, for drains.
@@ -262,10 +325,11 @@ pub(crate) struct Shared {
     /// Tasks waiting for room in the producer queue: intake stops meanwhile.
     producer_blocked: AtomicUsize,
     status: Arc<ProcessorStatus>,
-    dead_letter_topic: String,
+    dead_letter_topic: Arc<str>,
     /// The poison-pill breaker, when on.
     breaker: Mutex<Option<Breaker>>,
     metrics: Arc<Metrics>,
+    hot: Hot,
     workflows: Arc<Workflows>,
     joins: join::Joins,
     /// The poll thread, woken when a partition queue receives records, or
@@ -275,6 +339,9 @@ pub(crate) struct Shared {
     /// task then wakes it (waking it on every finished task cost a syscall
     /// per task).
     starved: AtomicBool,
+    /// Whether the records in flight reach `max_in_flight_bytes`: the poll
+    /// thread stops taking records at once.
+    bytes_full: AtomicBool,
 }
 
 impl Shared {
@@ -285,11 +352,8 @@ impl Shared {
         self.status
             .breaker_open
             .store(open, AtomicOrdering::Relaxed);
-        if self.metrics.enabled() {
-            self.metrics
-                .breaker_open
-                .with_label_values(&[&self.name])
-                .set(i64::from(open));
+        if let Some(gauge) = &self.hot.breaker_open {
+            gauge.set(i64::from(open));
         }
         open
     }
@@ -303,16 +367,23 @@ impl Shared {
         }
     }
 
-    fn publish_in_flight(&self, in_flight: usize) {
+    /// Publishes the in-flight figures after a change.
+    fn publish_in_flight(&self, state: &State) {
+        let in_flight = state.in_flight;
         self.status
             .in_flight
             .store(in_flight, AtomicOrdering::Relaxed);
-        if self.metrics.enabled() {
-            self.metrics
-                .tasks_in_flight
-                .with_label_values(&[&self.name])
-                .set(i64::try_from(in_flight).unwrap_or(i64::MAX));
+        self.bytes_full
+            .store(self.over_bytes(state), AtomicOrdering::Relaxed);
+        if let Some(gauge) = &self.hot.in_flight {
+            gauge.set(i64::try_from(in_flight).unwrap_or(i64::MAX));
         }
+    }
+
+    /// Whether the records in flight reach `max_in_flight_bytes` (never
+    /// with nothing in flight, so that a larger record still runs).
+    fn over_bytes(&self, state: &State) -> bool {
+        state.in_flight > 0 && state.in_flight_bytes >= self.settings.max_in_flight_bytes
     }
 
     fn publish_assigned(&self, assigned: usize) {
@@ -336,15 +407,23 @@ impl Shared {
     }
 
     /// Takes one record into a lane; returns a job to start now, if any.
-    fn dispatch(&self, message: &BorrowedMessage<'_>) -> Option<Job> {
+    /// `from`: the partition it was read from, when known.
+    fn dispatch(
+        &self,
+        message: &BorrowedMessage<'_>,
+        from: Option<&TopicPartition>,
+    ) -> Option<Job> {
         let topic = message.topic();
         let partition = message.partition();
         let offset = message.offset();
+        let key: TopicPartition = match from {
+            Some(tp) if tp.1 == partition && *tp.0 == *topic => tp.clone(),
+            _ => (Arc::from(topic), partition),
+        };
         let mut state = self.lock();
         if state.stopping {
             return None;
         }
-        let key: TopicPartition = (Arc::from(topic), partition);
         let Some(owned) = state.partitions.get_mut(&key) else {
             debug!(
                 topic,
@@ -385,6 +464,7 @@ impl Shared {
             ..job
         };
         let parked = job.parked;
+        let bytes = job.payload.len();
         let start = match lane {
             None => Some(job),
             Some(lane) => match owned.lanes.get_mut(&lane) {
@@ -400,8 +480,9 @@ impl Shared {
         };
         if !parked {
             state.in_flight += 1;
+            state.in_flight_bytes += bytes;
         }
-        self.publish_in_flight(state.in_flight);
+        self.publish_in_flight(&state);
         start
     }
 
@@ -411,6 +492,7 @@ impl Shared {
         let mut state = self.lock();
         if !job.parked {
             state.in_flight = state.in_flight.saturating_sub(1);
+            state.in_flight_bytes = state.in_flight_bytes.saturating_sub(job.payload.len());
         }
         let mut next = None;
         if let Some(owned) = state
@@ -429,14 +511,25 @@ impl Shared {
                 }
             }
         }
-        self.publish_in_flight(state.in_flight);
+        self.publish_in_flight(&state);
+        let draining = state.draining;
         drop(state);
         self.status.finished.fetch_add(1, AtomicOrdering::Relaxed);
-        self.finished.notify_all();
+        if draining {
+            self.finished.notify_all();
+        }
         if self.starved.swap(false, AtomicOrdering::AcqRel) {
             self.wake();
         }
         next
+    }
+
+    /// `job` is over (its outputs acknowledged): counts it finished and
+    /// starts the next record of its lane.
+    pub(crate) fn finish(self: &Arc<Self>, job: Job) {
+        if let Some(next) = self.complete(&job) {
+            task::start(self, vec![next]);
+        }
     }
 
     /// Wakes the poll thread: there is room for more records, or an offset
@@ -464,7 +557,7 @@ impl Shared {
         {
             let mut state = self.lock();
             let blocked = self.producer_blocked.load(AtomicOrdering::Relaxed) > 0 || breaker_open;
-            room = if blocked || state.stopping {
+            room = if blocked || state.stopping || self.over_bytes(&state) {
                 0
             } else {
                 self.settings.max_in_flight.saturating_sub(state.in_flight)
@@ -486,11 +579,8 @@ impl Shared {
                 }
                 owned.push(((topic.clone(), *partition), own_room, o.generation));
             }
-            if self.metrics.enabled() {
-                self.metrics
-                    .partitions_paused
-                    .with_label_values(&[&self.name])
-                    .set(closed);
+            if let Some(gauge) = &self.hot.paused {
+                gauge.set(closed);
             }
         }
         if store.count() > 0 {
@@ -516,17 +606,23 @@ impl Shared {
         let deadline = Instant::now() + Duration::from_millis(self.settings.drain_timeout_ms);
         let chosen = |tp: &TopicPartition| partitions.is_none_or(|list| list.contains(tp));
         let mut state = self.lock();
-        let mut dropped = 0;
+        state.draining = true;
+        let (mut dropped, mut dropped_bytes) = (0, 0);
         for (tp, owned) in state.partitions.iter_mut().filter(|(tp, _)| chosen(tp)) {
             owned.revoking = true;
             for waiting in owned.lanes.values_mut() {
-                dropped += waiting.iter().filter(|j| !j.parked).count();
+                for job in waiting.iter().filter(|j| !j.parked) {
+                    dropped += 1;
+                    dropped_bytes += job.payload.len();
+                }
                 owned.in_flight = owned.in_flight.saturating_sub(waiting.len());
                 waiting.clear();
             }
             debug!(topic = %tp.0, partition = tp.1, in_flight = owned.in_flight, "draining");
         }
         state.in_flight = state.in_flight.saturating_sub(dropped);
+        state.in_flight_bytes = state.in_flight_bytes.saturating_sub(dropped_bytes);
+        self.publish_in_flight(&state);
         loop {
             let running: usize = state
                 .partitions
@@ -554,6 +650,7 @@ impl Shared {
                 Err(poisoned) => poisoned.into_inner().0,
             };
         }
+        state.draining = false;
         drop(state);
         let _ = self.apply(consumer, &mut Vec::new());
         if let Err(e) = self.commit_now(consumer) {
@@ -644,8 +741,11 @@ impl ConsumerContext for EngineContext {
                 let mut state = shared.lock();
                 for tp in &partitions {
                     if let Some(owned) = state.partitions.remove(tp) {
-                        let queued = owned.lanes.values().flatten().filter(|j| !j.parked).count();
-                        state.in_flight = state.in_flight.saturating_sub(queued);
+                        for job in owned.lanes.values().flatten().filter(|j| !j.parked) {
+                            state.in_flight = state.in_flight.saturating_sub(1);
+                            state.in_flight_bytes =
+                                state.in_flight_bytes.saturating_sub(job.payload.len());
+                        }
                     }
                     // No stale lag series for partitions this member let go.
                     let labels = [shared.name.as_str(), tp.0.as_ref(), &tp.1.to_string()];
@@ -653,7 +753,7 @@ impl ConsumerContext for EngineContext {
                     let _ = shared.metrics.processing_lag.remove_label_values(&labels);
                 }
                 shared.publish_assigned(state.partitions.len());
-                shared.publish_in_flight(state.in_flight);
+                shared.publish_in_flight(&state);
             }
             Rebalance::Assign(_) => {}
             Rebalance::Error(e) => {
@@ -760,20 +860,21 @@ pub async fn run(spec: ProcessorSpec, stop: Arc<AtomicBool>) -> Result<(), Proce
     };
     // The idempotent producer needs a moment before it can send: create it
     // before joining the group so a restart resumes quickly.
-    let producer: FutureProducer = kafka::producer_config(&spec.kafka)
+    let producer: delivery::Producer = kafka::producer_config(&spec.kafka)
         .set("client.id", format!("{}-{}", spec.worker, name))
-        .create()
+        .create_with_context(delivery::Deliveries::default())
         .map_err(|e| client_error("producer", e))?;
     let group = spec
         .settings
         .group_id
         .clone()
         .unwrap_or_else(|| format!("conveyor.{name}"));
-    let output_topic = spec
+    let output_topic: Arc<str> = spec
         .settings
         .output_topic
-        .clone()
-        .unwrap_or_else(|| "conveyor.results".into());
+        .as_deref()
+        .unwrap_or("conveyor.results")
+        .into();
     let shared = Arc::new(Shared {
         name: name.clone(),
         settings: spec.settings.clone(),
@@ -790,15 +891,19 @@ pub async fn run(spec: ProcessorSpec, stop: Arc<AtomicBool>) -> Result<(), Proce
         dead_letter_topic: spec
             .settings
             .dead_letter_topic
-            .clone()
-            .unwrap_or_else(|| "conveyor.dlq".into()),
+            .as_deref()
+            .unwrap_or("conveyor.dlq")
+            .into(),
         breaker: Mutex::new(spec.settings.breaker_config().map(Breaker::new)),
         metrics: spec.metrics.clone(),
+        hot: Hot::new(&spec.metrics, &name, &spec.settings),
         workflows: spec.workflows.clone(),
         joins: join::Joins::new(spec.kafka.clone()),
         poll_thread: std::sync::OnceLock::new(),
         starved: AtomicBool::new(false),
+        bytes_full: AtomicBool::new(false),
     });
+    shared.producer.context().connect(&shared);
     zero_series(&spec.metrics, &name, &spec.settings);
     let consumer: BaseConsumer<EngineContext> =
         kafka::consumer_config(&spec.kafka, &group, spec.settings.session_timeout_ms)
@@ -832,8 +937,8 @@ pub async fn run(spec: ProcessorSpec, stop: Arc<AtomicBool>) -> Result<(), Proce
     // output topic would otherwise hold every task (its offset is stored
     // only once the output is acknowledged) with nothing but warnings.
     let mut needed = topics.clone();
-    needed.push(shared.output_topic.clone());
-    needed.push(shared.dead_letter_topic.clone());
+    needed.push(shared.output_topic.to_string());
+    needed.push(shared.dead_letter_topic.to_string());
     // Workflow steps run here write the next steps' requests; a join read
     // here keeps its state in <topic>.joins.
     let types: std::collections::BTreeSet<&str> =
@@ -846,8 +951,8 @@ pub async fn run(spec: ProcessorSpec, stop: Arc<AtomicBool>) -> Result<(), Proce
         .filter(|t| spec.settings.input_topics.contains(t))
         .collect();
     needed.extend(joins.iter().map(|t| format!("{t}{JOINS_SUFFIX}")));
-    let check = shared.producer.clone();
-    let missing = tokio::task::spawn_blocking(move || missing_topics(&check, &needed))
+    let check = shared.clone();
+    let missing = tokio::task::spawn_blocking(move || missing_topics(&check.producer, &needed))
         .await
         .map_err(|e| ProcessorError::Fatal {
             processor: name.clone(),
@@ -898,10 +1003,11 @@ pub async fn run(spec: ProcessorSpec, stop: Arc<AtomicBool>) -> Result<(), Proce
     if let Some(sweeper) = sweeper {
         sweeper.abort();
     }
-    // Every dispatched result was awaited by its task before its offset was
-    // stored; flushing covers results of tasks cut off by the deadline.
-    let producer = shared.producer.clone();
-    let flushed = tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(5))).await;
+    // Every offset stored was a task's whose outputs were acknowledged;
+    // flushing covers outputs of tasks cut off by the drain deadline.
+    let flushing = shared.clone();
+    let flushed =
+        tokio::task::spawn_blocking(move || flushing.producer.flush(Duration::from_secs(5))).await;
     if let Ok(Err(e)) = flushed {
         warn!(processor = %name, error = %e, "producer flush incomplete");
     }
@@ -943,7 +1049,7 @@ fn zero_series(m: &Metrics, name: &str, settings: &ProcessorSettings) {
 }
 
 /// The topics of `wanted` the cluster does not have.
-fn missing_topics(producer: &FutureProducer, wanted: &[String]) -> Result<Vec<String>, String> {
+fn missing_topics(producer: &delivery::Producer, wanted: &[String]) -> Result<Vec<String>, String> {
     let metadata = producer
         .client()
         .fetch_metadata(None, Duration::from_secs(30))
@@ -983,17 +1089,18 @@ enum Polled {
     Fatal(ProcessorError),
 }
 
-/// Dispatches what `polled` holds.
+/// Dispatches what `polled` holds (read from `from`, when known); a job
+/// to start now goes to `starts`.
 fn take(
     shared: &Arc<Shared>,
     polled: Option<rdkafka::error::KafkaResult<BorrowedMessage<'_>>>,
+    from: Option<&TopicPartition>,
+    starts: &mut Vec<Job>,
 ) -> Polled {
     match polled {
         None => Polled::Empty,
         Some(Ok(message)) => {
-            if let Some(job) = shared.dispatch(&message) {
-                task::spawn(shared.clone(), job);
-            }
+            starts.extend(shared.dispatch(&message, from));
             Polled::Record
         }
         Some(Err(e)) => match fatal_message(&e) {
@@ -1017,14 +1124,20 @@ fn take(
 /// it is empty. Returns whether it held anything.
 fn serve_main(shared: &Arc<Shared>, consumer: &Engine) -> Result<bool, ProcessorError> {
     let mut any = false;
+    let mut starts = Vec::new();
+    let mut outcome = Ok(());
     for _ in 0..MAIN_BATCH {
-        match take(shared, consumer.poll(Duration::ZERO)) {
+        match take(shared, consumer.poll(Duration::ZERO), None, &mut starts) {
             Polled::Empty => break,
             Polled::Record => any = true,
-            Polled::Fatal(e) => return Err(e),
+            Polled::Fatal(e) => {
+                outcome = Err(e);
+                break;
+            }
         }
     }
-    Ok(any)
+    task::start(shared, starts);
+    outcome.map(|()| any)
 }
 
 fn poll_loop(
@@ -1112,19 +1225,26 @@ fn poll_loop(
                     continue;
                 };
                 let limit = (*own_room).min(room).min(PARTITION_BATCH);
+                let mut starts = Vec::with_capacity(limit);
                 for _ in 0..limit {
-                    match take(shared, queue.poll(Duration::ZERO)) {
+                    match take(shared, queue.poll(Duration::ZERO), Some(tp), &mut starts) {
                         Polled::Empty => break,
                         Polled::Record => {
                             any = true;
                             room -= 1;
+                            if shared.bytes_full.load(AtomicOrdering::Relaxed) {
+                                room = 0;
+                                break;
+                            }
                         }
                         Polled::Fatal(e) => {
+                            task::start(shared, starts);
                             result = Err(e);
                             break 'outer;
                         }
                     }
                 }
+                task::start(shared, starts);
             }
         }
         if !any {

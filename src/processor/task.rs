@@ -15,15 +15,14 @@
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering as AtomicOrdering;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use futures::FutureExt;
-use rdkafka::error::KafkaError;
 use rdkafka::message::OwnedHeaders;
-use rdkafka::producer::FutureRecord;
-use rdkafka::types::RDKafkaErrorCode;
 use tracing::{debug, error, info_span, warn, Instrument};
 
+use super::delivery::{deliver, Outgoing, Record};
 use super::headers::{self, Origin};
 use super::{Job, Shared};
 use crate::breaker::Verdict;
@@ -32,36 +31,42 @@ use crate::handlers::{HandlerError, Output, TaskContext};
 use crate::retry::Decision;
 use crate::workflow::Next;
 
-/// Wait between attempts to produce a record the broker did not take.
-const PRODUCE_RETRY: Duration = Duration::from_millis(200);
-/// Wait while the producer queue is full.
-const QUEUE_FULL_WAIT: Duration = Duration::from_millis(5);
-
-/// Starts the lane that `job` opens.
-pub(super) fn spawn(shared: Arc<Shared>, job: Job) {
+/// Starts `jobs` (records that each open their lane) on the runtime, in
+/// one tokio task: each job runs until it first waits, and only a job that
+/// waits (an asynchronous handler, a retry's backoff, a full producer
+/// queue) becomes a task of its own. A task per record, and the wake-up
+/// that starts it, cost more than a short handler does.
+pub(super) fn start(shared: &Arc<Shared>, jobs: Vec<Job>) {
+    if jobs.is_empty() {
+        return;
+    }
+    let shared = shared.clone();
     let runtime = shared.runtime.clone();
-    runtime.spawn(run_lane(shared, job));
+    runtime.spawn(async move {
+        for job in jobs {
+            let mut task = Box::pin(run(shared.clone(), job));
+            if futures::poll!(task.as_mut()).is_pending() {
+                tokio::spawn(task);
+            }
+        }
+    });
 }
 
-async fn run_lane(shared: Arc<Shared>, mut job: Job) {
-    loop {
-        let span = info_span!(
-            "task",
-            processor = %shared.name,
-            topic = %job.topic,
-            partition = job.partition,
-            offset = job.offset,
-            task_id = tracing::field::Empty,
-            task_type = tracing::field::Empty,
-            attempt = tracing::field::Empty,
-        );
-        crate::telemetry::link_to_traceparent(&span, job.headers.traceparent.as_deref());
-        run_job(&shared, &job).instrument(span).await;
-        match shared.complete(&job) {
-            Some(next) => job = next,
-            None => return,
-        }
-    }
+/// Runs one record's task, in its span, until its outputs are handed to
+/// the producer; the job finishes when they are acknowledged.
+async fn run(shared: Arc<Shared>, job: Job) {
+    let span = info_span!(
+        "task",
+        processor = %shared.name,
+        topic = %job.topic,
+        partition = job.partition,
+        offset = job.offset,
+        task_id = tracing::field::Empty,
+        task_type = tracing::field::Empty,
+        attempt = tracing::field::Empty,
+    );
+    crate::telemetry::link_to_traceparent(&span, job.headers.traceparent.as_deref());
+    run_job(&shared, job).instrument(span).await;
 }
 
 /// A failure that ends the task.
@@ -83,7 +88,7 @@ enum End {
     },
 }
 
-async fn run_job(shared: &Shared, job: &Job) {
+async fn run_job(shared: &Arc<Shared>, job: Job) {
     // A record from the retry topic waits until it is due. Its lane (and,
     // through the in-flight bound, its partition) waits with it; fresh
     // tasks in the input topics do not.
@@ -91,7 +96,7 @@ async fn run_job(shared: &Shared, job: &Job) {
         let wait = due - now_millis();
         if let Ok(wait) = u64::try_from(wait) {
             debug!(wait_ms = wait, "retry not due yet");
-            tokio::time::sleep(Duration::from_millis(wait)).await;
+            Box::pin(tokio::time::sleep(Duration::from_millis(wait))).await;
         }
     }
     let request = match shared.codec.decode_request(&job.payload) {
@@ -119,7 +124,6 @@ async fn run_job(shared: &Shared, job: &Job) {
                 worker: shared.worker.clone(),
                 workflow: None,
             });
-            fail(shared, job, failure, result, None).await;
             let m = &shared.metrics;
             if m.enabled() {
                 let labels = [shared.name.as_str(), crate::metrics::UNKNOWN_TYPE];
@@ -128,6 +132,7 @@ async fn run_job(shared: &Shared, job: &Job) {
                 m.tasks_failed.with_label_values(&labels).inc();
                 m.tasks_dead_lettered.with_label_values(&labels).inc();
             }
+            Box::pin(fail(shared, job, failure, result, None, None)).await;
             return;
         }
     };
@@ -136,45 +141,51 @@ async fn run_job(shared: &Shared, job: &Job) {
     span.record("task_type", request.task_type.as_str());
     if shared.workflows.is_contribution(&request) {
         // A child's output for a join: gathered, no handler runs.
-        super::join::contribute(shared, job, &request).await;
+        Box::pin(super::join::contribute(shared, &job, &request)).await;
+        shared.finish(job);
         return;
     }
     let type_label = shared.type_label(&request.task_type);
     let m = &shared.metrics;
-    if m.enabled() {
+    let hot = shared.hot.types.get(type_label);
+    if let Some(hot) = hot {
+        hot.consumed.inc();
+    } else if m.enabled() {
         m.tasks_consumed
             .with_label_values(&[&shared.name, type_label])
             .inc();
     }
-    let observe_latency = || {
-        if !m.enabled() {
-            return;
+    let latency = || {
+        if let Some(hot) = hot {
+            Some((hot.latency.clone(), request.submitted_at))
+        } else if m.enabled() {
+            let histogram = m
+                .task_latency
+                .with_label_values(&[&shared.name, type_label]);
+            Some((histogram, request.submitted_at))
+        } else {
+            None
         }
-        let seconds = (now_millis() - request.submitted_at).max(0) as f64 / 1000.0;
-        m.task_latency
-            .with_label_values(&[&shared.name, type_label])
-            .observe(seconds);
     };
     loop {
         let started_at = now_millis();
-        match run_task(shared, job, request.clone()).await {
+        match run_task(shared, &job, request.clone()).await {
             End::Succeeded(result) => {
-                record_success(shared);
-                let value = encode_result(shared, &result);
-                let mut records = vec![(Target::Output(result.id), value, None)];
+                let mut records = vec![result_record(shared, &job, &result)];
                 if request.workflow.is_some() {
                     let next = shared
                         .workflows
                         .after_success(&request, &result, &shared.worker);
-                    records.extend(next.into_iter().map(|n| workflow_record(shared, n)));
+                    records.extend(next.into_iter().map(|n| workflow_record(shared, &job, n)));
                 }
-                deliver(shared, job, records).await;
-                if m.enabled() {
+                if let Some(hot) = hot {
+                    hot.succeeded.inc();
+                } else if m.enabled() {
                     m.tasks_succeeded
                         .with_label_values(&[&shared.name, type_label])
                         .inc();
                 }
-                observe_latency();
+                deliver(shared, job, records, latency()).await;
                 return;
             }
             End::Parked {
@@ -182,7 +193,7 @@ async fn run_job(shared: &Shared, job: &Job) {
                 due_at,
                 first_failure_at,
             } => {
-                park(shared, job, &request, due_at, first_failure_at).await;
+                Box::pin(park(shared, job, &request, due_at, first_failure_at)).await;
                 return;
             }
             End::Failed(failure) => {
@@ -195,18 +206,25 @@ async fn run_job(shared: &Shared, job: &Job) {
                         "poison-pill breaker open: most recent tasks failed for good; \
                          pausing intake and not dead-lettering instead of draining the topic"
                     );
-                    tokio::time::sleep_until(until.into()).await;
+                    Box::pin(tokio::time::sleep_until(until.into())).await;
                     continue;
                 }
                 let result = failed_result(shared, &request, started_at, &failure);
-                let kind = failure.kind.clone();
-                fail(shared, job, failure, Some(result), Some(&request)).await;
                 if m.enabled() {
-                    let labels = [shared.name.as_str(), type_label, kind.as_str()];
+                    let labels = [shared.name.as_str(), type_label, failure.kind.as_str()];
                     m.tasks_failed.with_label_values(&labels).inc();
                     m.tasks_dead_lettered.with_label_values(&labels).inc();
                 }
-                observe_latency();
+                let latency = latency();
+                Box::pin(fail(
+                    shared,
+                    job,
+                    failure,
+                    Some(result),
+                    Some(&request),
+                    latency,
+                ))
+                .await;
                 return;
             }
         }
@@ -261,15 +279,15 @@ async fn run_task(shared: &Shared, job: &Job, mut request: TaskRequest) -> End {
     let timeout = Duration::from_millis(task.timeout_ms);
     let mut first_failure_at = job.headers.first_failure_at;
     let type_label = shared.type_label(&request.task_type);
-    let duration = |outcome: &str, since: Instant| {
-        if !shared.metrics.enabled() {
-            return;
-        }
-        shared
+    let hot = shared.hot.types.get(type_label);
+    let duration = |outcome: &str, took: Duration| match hot {
+        Some(hot) if outcome == "success" => hot.handled.observe(took.as_secs_f64()),
+        _ if shared.metrics.enabled() => shared
             .metrics
             .handler_duration
             .with_label_values(&[&shared.name, type_label, outcome])
-            .observe(since.elapsed().as_secs_f64());
+            .observe(took.as_secs_f64()),
+        _ => {}
     };
     let retried = |via: &str| {
         if !shared.metrics.enabled() {
@@ -285,18 +303,28 @@ async fn run_task(shared: &Shared, job: &Job, mut request: TaskRequest) -> End {
         request.attempt = request.attempt.max(1);
         tracing::Span::current().record("attempt", request.attempt);
         let began = Instant::now();
-        let attempt = AssertUnwindSafe(handler.handle(&request, &context)).catch_unwind();
-        let outcome = tokio::time::timeout(timeout, attempt).await;
+        let outcome = {
+            let mut attempt =
+                std::pin::pin!(AssertUnwindSafe(handler.handle(&request, &context)).catch_unwind());
+            // A handler that answers on its first poll needs no timer: the
+            // timeout could not have interrupted it anyway.
+            match futures::poll!(attempt.as_mut()) {
+                Poll::Ready(answer) => Ok(answer),
+                Poll::Pending => Box::pin(tokio::time::timeout(timeout, attempt)).await,
+            }
+        };
+        let ended = Instant::now();
         let outcome_label = match &outcome {
             Ok(Ok(Ok(_))) => "success",
             Ok(Ok(Err(e))) => e.kind(),
             Ok(Err(_)) => "panic",
             Err(_) => "timeout",
         };
-        duration(outcome_label, began);
+        duration(outcome_label, ended.saturating_duration_since(began));
         let error = match outcome {
             Ok(Ok(Ok(output))) => {
                 debug!(task_id = %request.id, attempt = request.attempt, "task succeeded");
+                record_success(shared, ended);
                 return End::Succeeded(succeeded(shared, &request, started_at, output));
             }
             Ok(Ok(Err(e))) => (
@@ -342,7 +370,7 @@ async fn run_task(shared: &Shared, job: &Job, mut request: TaskRequest) -> End {
             Decision::InPlace(delay) => {
                 warn!(task_id = %request.id, attempt = request.attempt, kind, error = %message, delay_ms = delay.as_millis() as u64, "task failed; retrying in place");
                 retried("in_place");
-                tokio::time::sleep(delay).await;
+                Box::pin(tokio::time::sleep(delay)).await;
                 request.attempt += 1;
             }
             Decision::RetryTopic(delay) => {
@@ -420,10 +448,10 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
-fn record_success(shared: &Shared) {
+fn record_success(shared: &Shared, now: Instant) {
     let mut breaker = shared.breaker.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(b) = breaker.as_mut() {
-        b.success(Instant::now());
+        b.success(now);
     }
 }
 
@@ -473,13 +501,14 @@ fn origin_headers(origin: &Origin) -> [(&'static str, Option<String>); 4] {
 /// Dead-letters the record and produces the FAILED result, if any, and
 /// what the failure means for the workflow `request` is a step of.
 async fn fail(
-    shared: &Shared,
-    job: &Job,
+    shared: &Arc<Shared>,
+    job: Job,
     failure: Terminal,
     result: Option<TaskResult>,
     request: Option<&TaskRequest>,
+    latency: Option<(prometheus::Histogram, i64)>,
 ) {
-    let origin = origin(job);
+    let origin = origin(&job);
     let dead_letter_headers = headers::build(
         [
             (headers::ERROR_KIND, Some(failure.kind.clone())),
@@ -497,8 +526,11 @@ async fn fail(
         .into_iter()
         .chain(origin_headers(&origin)),
     );
-    let mut records = vec![(
-        Target::DeadLetter,
+    let mut records = vec![output(
+        &job,
+        Record::DeadLetter,
+        shared.dead_letter_topic.clone(),
+        job.key.clone(),
         job.payload.clone(),
         Some(dead_letter_headers),
     )];
@@ -507,27 +539,22 @@ async fn fail(
             let next = shared
                 .workflows
                 .after_failure(request, error, &shared.worker);
-            records.extend(next.into_iter().map(|n| workflow_record(shared, n)));
+            records.extend(next.into_iter().map(|n| workflow_record(shared, &job, n)));
         }
-        records.push((
-            Target::Output(result.id),
-            encode_result(shared, &result),
-            None,
-        ));
+        records.push(result_record(shared, &job, &result));
     }
-    deliver(shared, job, records).await;
+    deliver(shared, job, records, latency).await;
 }
 
 /// Hands the next attempt to the retry topic, due at `due_at`.
 async fn park(
-    shared: &Shared,
-    job: &Job,
+    shared: &Arc<Shared>,
+    job: Job,
     request: &TaskRequest,
     due_at: i64,
     first_failure_at: i64,
 ) {
-    let origin = origin(job);
-    let topic = shared.settings.retry_topic(&origin.topic);
+    let origin = origin(&job);
     let park_headers = headers::build(
         [
             (headers::NOT_BEFORE, Some(due_at.to_string())),
@@ -542,16 +569,19 @@ async fn park(
     );
     let mut value = Vec::new();
     shared.codec.encode_request(request, &mut value);
-    deliver(
-        shared,
-        job,
-        vec![(Target::Topic(topic), value, Some(park_headers))],
-    )
-    .await;
+    let parked = output(
+        &job,
+        Record::Retry,
+        Arc::from(shared.settings.retry_topic(&origin.topic)),
+        job.key.clone(),
+        value,
+        Some(park_headers),
+    );
+    deliver(shared, job, vec![parked], None).await;
 }
 
 /// A workflow's next record as something to deliver.
-fn workflow_record(shared: &Shared, next: Next) -> (Target, Vec<u8>, Option<OwnedHeaders>) {
+fn workflow_record(shared: &Shared, job: &Job, next: Next) -> (Record, Outgoing) {
     match next {
         Next::Request {
             topic,
@@ -560,13 +590,10 @@ fn workflow_record(shared: &Shared, next: Next) -> (Target, Vec<u8>, Option<Owne
         } => {
             let mut value = Vec::new();
             shared.codec.encode_request(&request, &mut value);
-            (Target::Keyed { topic, key }, value, None)
+            let topic = Arc::from(topic);
+            output(job, Record::Workflow, topic, Some(key), value, None)
         }
-        Next::Result(result) => (
-            Target::Output(result.id),
-            encode_result(shared, &result),
-            None,
-        ),
+        Next::Result(result) => result_record(shared, job, &result),
     }
 }
 
@@ -576,172 +603,40 @@ fn encode_result(shared: &Shared, result: &TaskResult) -> Vec<u8> {
     value
 }
 
-/// One record to produce.
-pub(super) struct Outgoing<'a> {
-    pub(super) topic: &'a str,
-    /// A fixed partition, else the partitioner's choice by key.
-    pub(super) partition: Option<i32>,
-    pub(super) key: Option<&'a [u8]>,
-    /// `None`: a tombstone.
-    pub(super) value: Option<Vec<u8>>,
-    pub(super) headers: Option<OwnedHeaders>,
-}
-
-/// Where a record goes.
-enum Target {
-    /// The processor's output topic, keyed by this task id.
-    Output(uuid::Uuid),
-    /// The dead-letter topic, with the original key.
-    DeadLetter,
-    /// A named topic, with the original key.
-    Topic(String),
-    /// A workflow's next request: a named topic and key.
-    Keyed { topic: String, key: Vec<u8> },
-}
-
-/// Produces `records` and returns once the broker acknowledged all of them.
-async fn deliver(
-    shared: &Shared,
-    job: &Job,
-    records: Vec<(Target, Vec<u8>, Option<OwnedHeaders>)>,
-) {
-    let sends = records
-        .into_iter()
-        .map(|(target, value, extra)| async move {
-            let (topic, key, record): (&str, Option<Vec<u8>>, &str) = match &target {
-                Target::Output(id) => (
-                    &shared.output_topic,
-                    Some(id.to_string().into_bytes()),
-                    "result",
-                ),
-                Target::DeadLetter => (&shared.dead_letter_topic, job.key.clone(), "dead_letter"),
-                Target::Topic(t) => (t, job.key.clone(), "retry"),
-                Target::Keyed { topic, key } => (topic, Some(key.clone()), "workflow"),
-            };
-            let record_headers = extra.or_else(|| {
-                job.headers
-                    .traceparent
-                    .clone()
-                    .map(|t| headers::build([(headers::TRACEPARENT, Some(t))]))
-            });
-            produce(
-                shared,
-                Outgoing {
-                    topic,
-                    partition: None,
-                    key: key.as_deref(),
-                    value: Some(value),
-                    headers: record_headers,
-                },
-            )
-            .await;
-            if shared.metrics.enabled() {
-                shared
-                    .metrics
-                    .records_produced
-                    .with_label_values(&[&shared.name, record])
-                    .inc();
-            }
-        });
-    futures::future::join_all(sends).await;
-}
-
-/// Produces one record and returns once the broker acknowledged it. Never
-/// gives up: the input offset must not be stored before its outputs are
-/// safe, so a failing broker holds this lane (and, through the in-flight
-/// bounds, intake) until it recovers or the process stops. A result too
-/// large for the broker is replaced by a FAILED result saying so.
-pub(super) async fn produce(shared: &Shared, outgoing: Outgoing<'_>) {
-    let Outgoing {
-        topic,
-        partition,
-        key,
-        mut value,
-        headers: record_headers,
-    } = outgoing;
-    let mut blocked = false;
-    loop {
-        let mut record = FutureRecord::<[u8], [u8]>::to(topic);
-        if let Some(value) = &value {
-            record = record.payload(value);
-        }
-        if let Some(partition) = partition {
-            record = record.partition(partition);
-        }
-        if let Some(key) = key {
-            record = record.key(key);
-        }
-        if let Some(h) = &record_headers {
-            record = record.headers(h.clone());
-        }
-        let failure = match shared.producer.send_result(record) {
-            Ok(delivery) => match delivery.await {
-                Ok(Ok(_)) => break,
-                Ok(Err((e, _))) => e,
-                Err(_) => KafkaError::Canceled,
-            },
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                if !blocked {
-                    blocked = true;
-                    shared
-                        .producer_blocked
-                        .fetch_add(1, AtomicOrdering::Relaxed);
-                }
-                tokio::time::sleep(QUEUE_FULL_WAIT).await;
-                continue;
-            }
-            Err((e, _)) => e,
-        };
-        if is_too_large(&failure) {
-            if let Some((bytes, smaller)) = value
-                .as_ref()
-                .and_then(|v| Some((v.len(), without_output(shared, v, &failure)?)))
-            {
-                warn!(
-                    topic,
-                    bytes, "result too large for the broker; reporting a failure instead"
-                );
-                value = Some(smaller);
-                continue;
-            }
-        }
-        if shared.metrics.enabled() {
-            shared
-                .metrics
-                .produce_errors
-                .with_label_values(&[&shared.name])
-                .inc();
-        }
-        warn!(topic, error = %failure, "record not acknowledged; producing it again");
-        tokio::time::sleep(PRODUCE_RETRY).await;
-    }
-    if blocked {
-        shared
-            .producer_blocked
-            .fetch_sub(1, AtomicOrdering::Relaxed);
-    }
-}
-
-/// For an encoded result with an output, the same result FAILED with kind
-/// `output_too_large` and no output.
-fn without_output(shared: &Shared, value: &[u8], failure: &KafkaError) -> Option<Vec<u8>> {
-    let mut result = shared.codec.decode_result(value).ok()?;
-    result.output.as_ref()?;
-    result.output = None;
-    result.status = TaskStatus::Failed;
-    result.error = Some(TaskError {
-        kind: "output_too_large".into(),
-        message: format!(
-            "the result ({} bytes) is larger than the broker accepts ({failure})",
-            value.len()
-        ),
-    });
-    Some(encode_result(shared, &result))
-}
-
-fn is_too_large(error: &KafkaError) -> bool {
-    matches!(
-        error.rdkafka_error_code(),
-        Some(RDKafkaErrorCode::MessageSizeTooLarge)
+/// `result`, encoded for the output topic and keyed by its task id.
+fn result_record(shared: &Shared, job: &Job, result: &TaskResult) -> (Record, Outgoing) {
+    output(
+        job,
+        Record::Result,
+        shared.output_topic.clone(),
+        Some(result.id.to_string().into_bytes()),
+        encode_result(shared, result),
+        None,
     )
+}
+
+/// One of `job`'s outputs; without `headers` of its own it carries the
+/// request's trace context.
+fn output(
+    job: &Job,
+    kind: Record,
+    topic: Arc<str>,
+    key: Option<Vec<u8>>,
+    value: Vec<u8>,
+    headers: Option<OwnedHeaders>,
+) -> (Record, Outgoing) {
+    let headers = headers.or_else(|| {
+        job.headers
+            .traceparent
+            .clone()
+            .map(|t| headers::build([(headers::TRACEPARENT, Some(t))]))
+    });
+    let record = Outgoing {
+        topic,
+        partition: None,
+        key,
+        value: Some(value),
+        headers,
+    };
+    (kind, record)
 }
