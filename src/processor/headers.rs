@@ -76,6 +76,9 @@ fn number<T: std::str::FromStr>(message: &BorrowedMessage<'_>, name: &str) -> Op
 
 /// Reads conveyor's headers; malformed ones are ignored, never an error.
 pub fn read(message: &BorrowedMessage<'_>) -> Incoming {
+    if message.headers().is_none() {
+        return Incoming::default();
+    }
     let origin = match (
         text(message, ORIGINAL_TOPIC),
         number(message, ORIGINAL_PARTITION),

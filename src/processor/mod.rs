@@ -359,12 +359,11 @@ impl Shared {
     }
 
     /// `task_type` as a metric label: configured types only.
-    pub(crate) fn type_label<'a>(&self, task_type: &'a str) -> &'a str {
-        if self.settings.tasks.contains_key(task_type) {
-            task_type
-        } else {
-            crate::metrics::UNKNOWN_TYPE
-        }
+    pub(crate) fn type_label(&self, task_type: &str) -> &str {
+        self.settings
+            .tasks
+            .get_key_value(task_type)
+            .map_or(crate::metrics::UNKNOWN_TYPE, |(known, _)| known.as_str())
     }
 
     /// Publishes the in-flight figures after a change.

@@ -99,7 +99,7 @@ async fn run_job(shared: &Arc<Shared>, job: Job) {
             Box::pin(tokio::time::sleep(Duration::from_millis(wait))).await;
         }
     }
-    let request = match shared.codec.decode_request(&job.payload) {
+    let mut request = match shared.codec.decode_request(&job.payload) {
         Ok(request) => request,
         Err(e) => {
             let head = shared.codec.peek_request(&job.payload);
@@ -155,21 +155,25 @@ async fn run_job(shared: &Arc<Shared>, job: Job) {
             .with_label_values(&[&shared.name, type_label])
             .inc();
     }
+    let submitted_at = request.submitted_at;
     let latency = || {
         if let Some(hot) = hot {
-            Some((hot.latency.clone(), request.submitted_at))
+            Some((hot.latency.clone(), submitted_at))
         } else if m.enabled() {
             let histogram = m
                 .task_latency
                 .with_label_values(&[&shared.name, type_label]);
-            Some((histogram, request.submitted_at))
+            Some((histogram, submitted_at))
         } else {
             None
         }
     };
+    let first_attempt = request.attempt;
     loop {
         let started_at = now_millis();
-        match run_task(shared, &job, request.clone()).await {
+        let end = run_task(shared, &job, &mut request).await;
+        request.attempt = first_attempt;
+        match end {
             End::Succeeded(result) => {
                 let mut records = vec![result_record(shared, &job, &result)];
                 if request.workflow.is_some() {
@@ -233,7 +237,8 @@ async fn run_job(shared: &Arc<Shared>, job: Job) {
 
 /// Runs attempts of `request` until it succeeds, fails for good, or is
 /// parked in the retry topic.
-async fn run_task(shared: &Shared, job: &Job, mut request: TaskRequest) -> End {
+/// `request.attempt` advances with each attempt; the caller puts it back.
+async fn run_task(shared: &Shared, job: &Job, request: &mut TaskRequest) -> End {
     let started_at = now_millis();
     let (Some(handler), Some(task)) = (
         shared.registry.get(&request.task_type),
@@ -250,7 +255,7 @@ async fn run_task(shared: &Shared, job: &Job, mut request: TaskRequest) -> End {
             first_failure_at: started_at,
         });
     };
-    if let Err((kind, why)) = shared.workflows.check(&request) {
+    if let Err((kind, why)) = shared.workflows.check(request) {
         // Not run: a step that does not fit this worker's definition (a
         // configuration that differs between workers, or a request made
         // by hand) is dead-lettered, to be replayed once it fits.
@@ -305,7 +310,7 @@ async fn run_task(shared: &Shared, job: &Job, mut request: TaskRequest) -> End {
         let began = Instant::now();
         let outcome = {
             let mut attempt =
-                std::pin::pin!(AssertUnwindSafe(handler.handle(&request, &context)).catch_unwind());
+                std::pin::pin!(AssertUnwindSafe(handler.handle(request, &context)).catch_unwind());
             // A handler that answers on its first poll needs no timer: the
             // timeout could not have interrupted it anyway.
             match futures::poll!(attempt.as_mut()) {
@@ -325,7 +330,7 @@ async fn run_task(shared: &Shared, job: &Job, mut request: TaskRequest) -> End {
             Ok(Ok(Ok(output))) => {
                 debug!(task_id = %request.id, attempt = request.attempt, "task succeeded");
                 record_success(shared, ended);
-                return End::Succeeded(succeeded(shared, &request, started_at, output));
+                return End::Succeeded(succeeded(shared, request, started_at, output));
             }
             Ok(Ok(Err(e))) => (
                 e.kind(),
@@ -380,7 +385,7 @@ async fn run_task(shared: &Shared, job: &Job, mut request: TaskRequest) -> End {
                 let due_at =
                     now.saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX));
                 return End::Parked {
-                    request,
+                    request: request.clone(),
                     due_at,
                     first_failure_at: first,
                 };
