@@ -191,10 +191,14 @@ impl Outgoing {
 /// are none. `latency`: the task latency to observe then.
 pub(super) async fn deliver(
     shared: &Arc<Shared>,
-    job: Job,
+    mut job: Job,
     records: Vec<(Record, Outgoing)>,
     latency: Option<(prometheus::Histogram, i64)>,
 ) {
+    // Not needed any more: freed here rather than on the producer's thread,
+    // which finishes every task.
+    job.payload = Vec::new();
+    job.key = None;
     if records.is_empty() {
         shared.finish(job);
         return;
@@ -211,7 +215,33 @@ pub(super) async fn deliver(
         kinds,
         latency,
     }));
-    for (_, record) in records {
+    let mut records = records.into_iter().map(|(_, record)| record);
+    // The producer takes records at once unless its queue is full: the
+    // waiting and retrying is boxed, so that it does not weigh on every
+    // task's future.
+    while let Some(record) = records.next() {
+        if let Err(refused) = offer(shared, &record, delivery.clone()) {
+            Box::pin(send_after(shared, refused, record, records, delivery)).await;
+            return;
+        }
+    }
+}
+
+/// Sends `record`, which the producer refused with `refused`, then `rest`.
+async fn send_after(
+    shared: &Shared,
+    refused: KafkaError,
+    record: Outgoing,
+    rest: impl Iterator<Item = Outgoing>,
+    delivery: Arc<Delivery>,
+) {
+    let record = if is_queue_full(&refused) {
+        record
+    } else {
+        recover(shared, &refused, record).await
+    };
+    send(shared, record, delivery.clone()).await;
+    for record in rest {
         send(shared, record, delivery.clone()).await;
     }
 }
@@ -251,25 +281,9 @@ async fn hand_over(
 ) -> Result<(), KafkaError> {
     let mut blocked = false;
     let result = loop {
-        let mut base = BaseRecord::<[u8], [u8], Arc<Delivery>>::with_opaque_to(
-            &record.topic,
-            delivery.clone(),
-        );
-        if let Some(value) = &record.value {
-            base = base.payload(value);
-        }
-        if let Some(partition) = record.partition {
-            base = base.partition(partition);
-        }
-        if let Some(key) = &record.key {
-            base = base.key(key);
-        }
-        if let Some(h) = &record.headers {
-            base = base.headers(h.clone());
-        }
-        match shared.producer.send(base) {
+        match offer(shared, record, delivery.clone()) {
             Ok(()) => break Ok(()),
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+            Err(e) if is_queue_full(&e) => {
                 if !blocked {
                     blocked = true;
                     shared
@@ -278,7 +292,7 @@ async fn hand_over(
                 }
                 Box::pin(tokio::time::sleep(QUEUE_FULL_WAIT)).await;
             }
-            Err((e, _)) => break Err(e),
+            Err(e) => break Err(e),
         }
     };
     if blocked {
@@ -287,6 +301,31 @@ async fn hand_over(
             .fetch_sub(1, AtomicOrdering::Relaxed);
     }
     result
+}
+
+/// Hands `record` to the producer once.
+fn offer(shared: &Shared, record: &Outgoing, delivery: Arc<Delivery>) -> Result<(), KafkaError> {
+    let mut base = BaseRecord::<[u8], [u8], Arc<Delivery>>::with_opaque_to(&record.topic, delivery);
+    if let Some(value) = &record.value {
+        base = base.payload(value);
+    }
+    if let Some(partition) = record.partition {
+        base = base.partition(partition);
+    }
+    if let Some(key) = &record.key {
+        base = base.key(key);
+    }
+    if let Some(h) = &record.headers {
+        base = base.headers(h.clone());
+    }
+    shared.producer.send(base).map_err(|(e, _)| e)
+}
+
+fn is_queue_full(error: &KafkaError) -> bool {
+    matches!(
+        error,
+        KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)
+    )
 }
 
 /// What to produce after `failure`: a result too large for the broker

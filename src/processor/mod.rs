@@ -203,6 +203,9 @@ pub(crate) struct Job {
     key: Option<Vec<u8>>,
     timestamp: Option<i64>,
     payload: Vec<u8>,
+    /// The record's size, as counted against `max_in_flight_bytes` (the
+    /// payload is let go before the outputs are acknowledged).
+    bytes: usize,
     headers: headers::Incoming,
     /// From a retry topic, waiting until due: counts against its partition's
     /// bound only, so parked retries cannot use up the processor's bound and
@@ -455,6 +458,7 @@ impl Shared {
             key: message.key().map(<[u8]>::to_vec),
             timestamp: message.timestamp().to_millis(),
             payload: message.payload().unwrap_or_default().to_vec(),
+            bytes: message.payload_len(),
             headers: headers::read(message),
             parked: false,
         };
@@ -463,7 +467,7 @@ impl Shared {
             ..job
         };
         let parked = job.parked;
-        let bytes = job.payload.len();
+        let bytes = job.bytes;
         let start = match lane {
             None => Some(job),
             Some(lane) => match owned.lanes.get_mut(&lane) {
@@ -491,7 +495,7 @@ impl Shared {
         let mut state = self.lock();
         if !job.parked {
             state.in_flight = state.in_flight.saturating_sub(1);
-            state.in_flight_bytes = state.in_flight_bytes.saturating_sub(job.payload.len());
+            state.in_flight_bytes = state.in_flight_bytes.saturating_sub(job.bytes);
         }
         let mut next = None;
         if let Some(owned) = state
@@ -612,7 +616,7 @@ impl Shared {
             for waiting in owned.lanes.values_mut() {
                 for job in waiting.iter().filter(|j| !j.parked) {
                     dropped += 1;
-                    dropped_bytes += job.payload.len();
+                    dropped_bytes += job.bytes;
                 }
                 owned.in_flight = owned.in_flight.saturating_sub(waiting.len());
                 waiting.clear();
@@ -742,8 +746,7 @@ impl ConsumerContext for EngineContext {
                     if let Some(owned) = state.partitions.remove(tp) {
                         for job in owned.lanes.values().flatten().filter(|j| !j.parked) {
                             state.in_flight = state.in_flight.saturating_sub(1);
-                            state.in_flight_bytes =
-                                state.in_flight_bytes.saturating_sub(job.payload.len());
+                            state.in_flight_bytes = state.in_flight_bytes.saturating_sub(job.bytes);
                         }
                     }
                     // No stale lag series for partitions this member let go.
@@ -1224,7 +1227,7 @@ fn poll_loop(
                     continue;
                 };
                 let limit = (*own_room).min(room).min(PARTITION_BATCH);
-                let mut starts = Vec::with_capacity(limit);
+                let mut starts = Vec::new();
                 for _ in 0..limit {
                     match take(shared, queue.poll(Duration::ZERO), Some(tp), &mut starts) {
                         Polled::Empty => break,

@@ -507,7 +507,7 @@ fn origin_headers(origin: &Origin) -> [(&'static str, Option<String>); 4] {
 /// what the failure means for the workflow `request` is a step of.
 async fn fail(
     shared: &Arc<Shared>,
-    job: Job,
+    mut job: Job,
     failure: Terminal,
     result: Option<TaskResult>,
     request: Option<&TaskRequest>,
@@ -531,12 +531,13 @@ async fn fail(
         .into_iter()
         .chain(origin_headers(&origin)),
     );
+    let original = std::mem::take(&mut job.payload);
     let mut records = vec![output(
         &job,
         Record::DeadLetter,
         shared.dead_letter_topic.clone(),
         job.key.clone(),
-        job.payload.clone(),
+        original,
         Some(dead_letter_headers),
     )];
     if let Some(result) = result {
