@@ -420,24 +420,41 @@ fn worker_finished_offsets(kafka: &TestKafka, pipeline: &Pipeline) -> i64 {
         .sum()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn injected_broker_faults_lose_nothing() {
-    const TASKS: usize = 2_000;
-    // Fault injection is a mock-cluster feature: this test has nothing to
-    // run against an external broker.
+/// Tasks of the fault tests.
+const FAULT_TASKS: usize = 2_000;
+
+/// For tests that inject faults (a mock-cluster feature: they have nothing
+/// to run against an external broker): `FAULT_TASKS` 1 ms `sleep` tasks
+/// over 4 partitions, and a worker (with these librdkafka `options`) that
+/// has finished 100 of them.
+async fn sleep_tasks_under_way(
+    test: &str,
+    options: &[(&str, &str)],
+) -> (TestKafka, Pipeline, Vec<TaskRequest>, InProcessWorker) {
     let kafka = TestKafka::mock();
-    common::announce(&format!(
-        "injected_broker_faults_lose_nothing: runs against {}",
-        kafka.describe()
-    ));
-    let cluster = kafka.mock_cluster().expect("mock cluster");
+    common::announce(&format!("{test}: runs against {}", kafka.describe()));
     let pipeline = kafka.pipeline(4).await;
-    let settings =
+    let mut settings =
         kafka.worker_settings(&pipeline, Ordering::None, &[("sleep", HandlerKind::Sleep)]);
-    let sent = requests("sleep", r#"{"ms":1}"#, TASKS);
+    for (key, value) in options {
+        settings
+            .kafka
+            .options
+            .insert((*key).to_owned(), (*value).to_owned());
+    }
+    let sent = requests("sleep", r#"{"ms":1}"#, FAULT_TASKS);
     kafka.produce_requests(&pipeline.input, &sent).await;
     let worker = InProcessWorker::start(&settings, "worker", None);
     wait_until("work started", LONG, || worker.status.finished() >= 100).await;
+    (kafka, pipeline, sent, worker)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn injected_broker_faults_lose_nothing() {
+    const TASKS: usize = FAULT_TASKS;
+    let (kafka, pipeline, sent, worker) =
+        sleep_tasks_under_way("injected_broker_faults_lose_nothing", &[]).await;
+    let cluster = kafka.mock_cluster().expect("mock cluster");
 
     // Produce requests fail with retriable errors for a while, then the
     // only broker goes down for two seconds.
@@ -476,27 +493,15 @@ async fn injected_broker_faults_lose_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn results_whose_delivery_fails_are_produced_again_and_nothing_is_lost() {
-    const TASKS: usize = 2_000;
-    // Needs the broker taken down: a mock-cluster feature.
-    let kafka = TestKafka::mock();
-    common::announce(&format!(
-        "results_whose_delivery_fails…: runs against {}",
-        kafka.describe()
-    ));
-    let cluster = kafka.mock_cluster().expect("mock cluster");
-    let pipeline = kafka.pipeline(4).await;
-    let mut settings =
-        kafka.worker_settings(&pipeline, Ordering::None, &[("sleep", HandlerKind::Sleep)]);
+    const TASKS: usize = FAULT_TASKS;
     // Outputs not acknowledged within a second fail their delivery: with
     // the broker down for three, the engine itself must produce them again.
-    settings
-        .kafka
-        .options
-        .insert("message.timeout.ms".into(), "1000".into());
-    let sent = requests("sleep", r#"{"ms":1}"#, TASKS);
-    kafka.produce_requests(&pipeline.input, &sent).await;
-    let worker = InProcessWorker::start(&settings, "worker", None);
-    wait_until("work started", LONG, || worker.status.finished() >= 100).await;
+    let (kafka, pipeline, sent, worker) = sleep_tasks_under_way(
+        "results_whose_delivery_fails_are_produced_again_and_nothing_is_lost",
+        &[("message.timeout.ms", "1000")],
+    )
+    .await;
+    let cluster = kafka.mock_cluster().expect("mock cluster");
     cluster.broker_down(1).expect("broker down");
     tokio::time::sleep(Duration::from_secs(3)).await;
     cluster.broker_up(1).expect("broker up");
