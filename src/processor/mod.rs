@@ -17,8 +17,11 @@
 //! records and stores offsets; no other thread calls it. librdkafka runs
 //! the rebalance callbacks on that thread too, inside `poll`, which lets a
 //! revoke *block* there until the revoked partitions' tasks have drained.
-//! Handlers run as tokio tasks; they report back through the shared state
-//! only, and wake the poll thread when they finish.
+//! Handlers run on tokio (records dispatched together start in one task;
+//! only those that wait get a task of their own). The producer's own thread
+//! receives the acknowledgements and finishes each task there
+//! (`delivery.rs`); both report through the shared state only, and wake
+//! the poll thread when it waits for room.
 //!
 //! # Ordering and bounds
 //!

@@ -1,5 +1,6 @@
-//! One lane's tokio task: run each record's task to its end, produce what
-//! it causes, wait for every acknowledgement, report the record finished.
+//! Running one record's task to its end and handing what it causes to the
+//! producer; `delivery.rs` finishes the record once all of it is
+//! acknowledged, and starts the next record of its lane.
 //!
 //! A task ends in one of three ways:
 //! - **success**: a SUCCEEDED result;
