@@ -448,47 +448,12 @@ async fn a_panic_or_a_timeout_fails_the_task_not_the_worker() {
     }
 }
 
-/// Counts the handlers running at once (each takes 20 ms) and echoes.
-#[derive(Default)]
-struct Overlap {
-    running: Mutex<(usize, usize)>,
-}
-
-impl Overlap {
-    fn most(&self) -> usize {
-        self.running.lock().unwrap().1
-    }
-}
-
-impl Handler for Overlap {
-    fn handle<'a>(
-        &'a self,
-        task: &'a TaskRequest,
-        _context: &'a TaskContext,
-    ) -> BoxFuture<'a, Result<Output, HandlerError>> {
-        async move {
-            {
-                let mut r = self.running.lock().unwrap();
-                r.0 += 1;
-                r.1 = r.1.max(r.0);
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            self.running.lock().unwrap().0 -= 1;
-            Ok(Output {
-                bytes: task.payload.clone(),
-                content_type: "text/plain".into(),
-            })
-        }
-        .boxed()
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_in_flight_bounds_by_count_and_by_bytes_hold() {
     for kafka in TestKafka::all("the_in_flight_bounds_by_count_and_by_bytes_hold") {
         let record_bytes = {
             let mut bytes = Vec::new();
-            Codec::default().encode_request(&requests("overlap", "{}", 1)[0], &mut bytes);
+            Codec::default().encode_request(&requests("overlap", "0", 1)[0], &mut bytes);
             bytes.len()
         };
         // (max_in_flight, max_in_flight_bytes, the most that may run at once)
@@ -504,9 +469,9 @@ async fn the_in_flight_bounds_by_count_and_by_bytes_hold() {
             let p = &mut settings.processors[0];
             (p.max_in_flight, p.max_in_flight_per_partition) = (count, count);
             p.max_in_flight_bytes = bytes;
-            let overlap = Arc::new(Overlap::default());
+            let recorder = Arc::new(Recorder::default());
             let mut registry = Registry::new();
-            registry.register("overlap", overlap.clone());
+            registry.register("overlap", recorder.clone());
             let worker = InProcessWorker::start(&settings, "worker", Some(registry));
             // Records produced once the partitions are owned all come
             // through the partitions' own queues, which the bounds govern.
@@ -516,10 +481,11 @@ async fn the_in_flight_bounds_by_count_and_by_bytes_hold() {
             })
             .await;
             tokio::time::sleep(Duration::from_millis(500)).await;
-            let sent = requests("overlap", "{}", 60);
+            // The recorder's tasks are numbers.
+            let sent = requests("overlap", "0", 60);
             // A record larger than the byte bound (when that is small) still
             // runs, alone.
-            let big = requests("overlap", &"x".repeat(bytes.min(100_000)), 1);
+            let big = requests("overlap", &"0".repeat(bytes.min(100_000)), 1);
             kafka.produce_requests(&pipeline.input, &sent).await;
             kafka.produce_requests(&pipeline.input, &big).await;
             let mut expected = ids(&sent);
@@ -529,8 +495,12 @@ async fn the_in_flight_bounds_by_count_and_by_bytes_hold() {
                 .await;
             worker.stop().await;
             assert_eq!(results.by_id.len(), 61, "every task ran");
+            assert!(
+                results.all().all(|r| r.status == TaskStatus::Succeeded),
+                "every task succeeded"
+            );
             assert_eq!(
-                overlap.most(),
+                recorder.state.lock().unwrap().most_running,
                 most,
                 "max_in_flight {count}, max_in_flight_bytes {bytes} ({record_bytes}-byte records): \
                  most tasks running at once"
