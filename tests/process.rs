@@ -73,6 +73,18 @@ impl Worker {
         }
     }
 
+    /// Sends SIGTERM and asserts the worker exits 0 within 30 s (it drains
+    /// and commits first).
+    fn stop_cleanly(&mut self) {
+        self.signal("TERM");
+        let status = self.wait(Duration::from_secs(30));
+        assert!(
+            status.success(),
+            "exit after SIGTERM: {status}; log:\n{}",
+            self.log_tail()
+        );
+    }
+
     fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
@@ -138,12 +150,7 @@ async fn sigkill_mid_run_loses_nothing_and_duplicates_stay_bounded() {
         let results = kafka
             .collect_results(&pipeline.output, &ids(&sent), LONG)
             .await;
-        second.signal("TERM");
-        assert!(
-            second.wait(Duration::from_secs(30)).success(),
-            "{}",
-            second.log_tail()
-        );
+        second.stop_cleanly();
 
         assert_eq!(results.by_id.len(), TASKS, "every task has a result");
         assert!(results.all().all(|r| r.status == TaskStatus::Succeeded));
@@ -276,12 +283,7 @@ async fn sigkill_mid_fan_out_then_restart_completes_the_workflow_exactly_once() 
         let results = kafka
             .collect_results(&pipeline.output, &expected, LONG)
             .await;
-        second.signal("TERM");
-        assert!(
-            second.wait(Duration::from_secs(30)).success(),
-            "{}",
-            second.log_tail()
-        );
+        second.stop_cleanly();
 
         let describe = kafka.describe();
         let outcome = &results.by_id[&run];
@@ -337,13 +339,7 @@ async fn sigterm_mid_run_then_restart_gives_no_duplicates() {
             results_written(&kafka, &pipeline) >= 1_000
         })
         .await;
-        first.signal("TERM");
-        let status = first.wait(Duration::from_secs(30));
-        assert!(
-            status.success(),
-            "exit after SIGTERM: {status}; log:\n{}",
-            first.log_tail()
-        );
+        first.stop_cleanly();
         let written = results_written(&kafka, &pipeline);
         assert!(
             written < TASKS as i64,
@@ -354,12 +350,7 @@ async fn sigterm_mid_run_then_restart_gives_no_duplicates() {
         let results = kafka
             .collect_results(&pipeline.output, &ids(&sent), LONG)
             .await;
-        second.signal("TERM");
-        assert!(
-            second.wait(Duration::from_secs(30)).success(),
-            "{}",
-            second.log_tail()
-        );
+        second.stop_cleanly();
 
         assert_eq!(results.by_id.len(), TASKS, "every task has a result");
         assert_eq!(
@@ -395,12 +386,7 @@ async fn memory_stays_bounded_under_a_large_backlog() {
             peak = peak.max(worker.rss_bytes());
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
-        worker.signal("TERM");
-        assert!(
-            worker.wait(Duration::from_secs(30)).success(),
-            "{}",
-            worker.log_tail()
-        );
+        worker.stop_cleanly();
         common::announce(&format!(
             "memory on {}: peak RSS {:.1} MiB with a backlog of {BACKLOG} (ceiling {} MiB)",
             kafka.describe(),
@@ -501,12 +487,7 @@ async fn task_spans_are_exported_over_otlp_as_children_of_the_request_traceparen
         .await;
     assert_eq!(results.by_id.len(), 1);
     // A clean stop sends the spans still buffered.
-    worker.signal("TERM");
-    assert!(
-        worker.wait(Duration::from_secs(30)).success(),
-        "{}",
-        worker.log_tail()
-    );
+    worker.stop_cleanly();
 
     let bodies = bodies.lock().unwrap().clone();
     let hex = |s: &str| -> Vec<u8> {
