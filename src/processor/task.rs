@@ -183,12 +183,10 @@ async fn run_job(shared: &Arc<Shared>, job: Job) {
                         .after_success(&request, &result, &shared.worker);
                     records.extend(next.into_iter().map(|n| workflow_record(shared, &job, n)));
                 }
+                // Only a configured type runs, and each has its handles
+                // whenever metrics are on.
                 if let Some(hot) = hot {
                     hot.succeeded.inc();
-                } else if m.enabled() {
-                    m.tasks_succeeded
-                        .with_label_values(&[&shared.name, type_label])
-                        .inc();
                 }
                 deliver(shared, job, records, latency()).await;
                 return;
