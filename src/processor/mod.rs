@@ -257,6 +257,41 @@ struct State {
     draining: bool,
 }
 
+/// What a job counts for against the processor's bounds: a parked retry
+/// counts only against its partition's.
+#[derive(Debug, Clone, Copy)]
+struct Weight {
+    counts: bool,
+    bytes: usize,
+}
+
+impl Job {
+    fn weight(&self) -> Weight {
+        Weight {
+            counts: !self.parked,
+            bytes: self.bytes,
+        }
+    }
+}
+
+impl State {
+    /// A job dispatched: it counts against the processor's bounds.
+    fn admit(&mut self, w: Weight) {
+        if w.counts {
+            self.in_flight += 1;
+            self.in_flight_bytes += w.bytes;
+        }
+    }
+
+    /// A job finished or dropped: it no longer counts.
+    fn release(&mut self, w: Weight) {
+        if w.counts {
+            self.in_flight = self.in_flight.saturating_sub(1);
+            self.in_flight_bytes = self.in_flight_bytes.saturating_sub(w.bytes);
+        }
+    }
+}
+
 /// Metric handles looked up once, for what the engine records per record
 /// (a `with_label_values` lookup hashes every label each time). `None`
 /// and empty with metrics off.
@@ -469,8 +504,7 @@ impl Shared {
             parked: job.headers.not_before.is_some(),
             ..job
         };
-        let parked = job.parked;
-        let bytes = job.bytes;
+        let weight = job.weight();
         let start = match lane {
             None => Some(job),
             Some(lane) => match owned.lanes.get_mut(&lane) {
@@ -484,10 +518,7 @@ impl Shared {
                 }
             },
         };
-        if !parked {
-            state.in_flight += 1;
-            state.in_flight_bytes += bytes;
-        }
+        state.admit(weight);
         self.publish_in_flight(&state);
         start
     }
@@ -496,10 +527,7 @@ impl Shared {
     /// the next job of its lane, if one waits.
     fn complete(&self, job: &Job) -> Option<Job> {
         let mut state = self.lock();
-        if !job.parked {
-            state.in_flight = state.in_flight.saturating_sub(1);
-            state.in_flight_bytes = state.in_flight_bytes.saturating_sub(job.bytes);
-        }
+        state.release(job.weight());
         let mut next = None;
         if let Some(owned) = state
             .partitions
@@ -613,21 +641,20 @@ impl Shared {
         let chosen = |tp: &TopicPartition| partitions.is_none_or(|list| list.contains(tp));
         let mut state = self.lock();
         state.draining = true;
-        let (mut dropped, mut dropped_bytes) = (0, 0);
+        let mut not_started = Vec::new();
         for (tp, owned) in state.partitions.iter_mut().filter(|(tp, _)| chosen(tp)) {
             owned.revoking = true;
             for waiting in owned.lanes.values_mut() {
-                for job in waiting.iter().filter(|j| !j.parked) {
-                    dropped += 1;
-                    dropped_bytes += job.bytes;
-                }
                 owned.in_flight = owned.in_flight.saturating_sub(waiting.len());
-                waiting.clear();
+                not_started.extend(waiting.drain(..));
             }
             debug!(topic = %tp.0, partition = tp.1, in_flight = owned.in_flight, "draining");
         }
-        state.in_flight = state.in_flight.saturating_sub(dropped);
-        state.in_flight_bytes = state.in_flight_bytes.saturating_sub(dropped_bytes);
+        for job in &not_started {
+            state.release(job.weight());
+        }
+        let dropped = not_started.iter().filter(|j| !j.parked).count();
+        drop(not_started);
         self.publish_in_flight(&state);
         loop {
             let running: usize = state
@@ -747,9 +774,8 @@ impl ConsumerContext for EngineContext {
                 let mut state = shared.lock();
                 for tp in &partitions {
                     if let Some(owned) = state.partitions.remove(tp) {
-                        for job in owned.lanes.values().flatten().filter(|j| !j.parked) {
-                            state.in_flight = state.in_flight.saturating_sub(1);
-                            state.in_flight_bytes = state.in_flight_bytes.saturating_sub(job.bytes);
+                        for job in owned.lanes.values().flatten() {
+                            state.release(job.weight());
                         }
                     }
                     // No stale lag series for partitions this member let go.
