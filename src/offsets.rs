@@ -16,15 +16,23 @@ use std::collections::VecDeque;
 /// Tracks dispatched and finished offsets of one partition.
 #[derive(Debug, Default, Clone)]
 pub struct OffsetTracker {
-    /// Dispatched offsets not yet below the watermark, increasing, with
-    /// whether each has finished.
-    pending: VecDeque<(i64, bool)>,
+    /// Dispatched offsets not yet below the watermark, increasing.
+    pending: VecDeque<Entry>,
     /// The offset after the highest dispatched one.
     next: Option<i64>,
     /// The last watermark reported by [`OffsetTracker::finished`].
     reported: Option<i64>,
     /// Dispatched offsets not finished.
     unfinished: usize,
+}
+
+/// One dispatched offset: 16 bytes.
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    offset: i64,
+    /// When it was dispatched, in the caller's ticks.
+    tick: u32,
+    done: bool,
 }
 
 /// An offset that cannot be dispatched.
@@ -47,6 +55,13 @@ impl OffsetTracker {
     /// record delivered again (after a seek) is refused, since its first copy
     /// is still tracked.
     pub fn dispatched(&mut self, offset: i64) -> Result<(), NotIncreasing> {
+        self.dispatched_at(offset, 0)
+    }
+
+    /// [`OffsetTracker::dispatched`], remembering `tick` (any clock the
+    /// caller keeps, e.g. seconds since it started) for
+    /// [`OffsetTracker::oldest_unfinished_tick`].
+    pub fn dispatched_at(&mut self, offset: i64, tick: u32) -> Result<(), NotIncreasing> {
         if let Some(next) = self.next {
             if offset < next {
                 return Err(NotIncreasing {
@@ -58,7 +73,11 @@ impl OffsetTracker {
         // Until something finishes, the committable offset is the first one
         // dispatched: nothing to report yet.
         self.reported.get_or_insert(offset);
-        self.pending.push_back((offset, false));
+        self.pending.push_back(Entry {
+            offset,
+            tick,
+            done: false,
+        });
         self.next = Some(offset + 1);
         self.unfinished += 1;
         Ok(())
@@ -71,15 +90,15 @@ impl OffsetTracker {
     pub fn finished(&mut self, offset: i64) -> Option<i64> {
         let index = self
             .pending
-            .binary_search_by_key(&offset, |&(o, _)| o)
+            .binary_search_by_key(&offset, |e| e.offset)
             .ok()?;
         let entry = self.pending.get_mut(index)?;
-        if entry.1 {
+        if entry.done {
             return None;
         }
-        entry.1 = true;
+        entry.done = true;
         self.unfinished -= 1;
-        while self.pending.front().is_some_and(|&(_, done)| done) {
+        while self.pending.front().is_some_and(|e| e.done) {
             self.pending.pop_front();
         }
         let watermark = self.watermark()?;
@@ -95,7 +114,7 @@ impl OffsetTracker {
     /// `None` before anything was dispatched.
     pub fn watermark(&self) -> Option<i64> {
         match self.pending.front() {
-            Some(&(offset, _)) => Some(offset),
+            Some(e) => Some(e.offset),
             None => self.next,
         }
     }
@@ -103,6 +122,37 @@ impl OffsetTracker {
     /// Dispatched offsets that have not finished.
     pub fn unfinished(&self) -> usize {
         self.unfinished
+    }
+
+    /// Dispatched offsets at or above the watermark, finished or not: what
+    /// a crash now could make the partition's next owner see again.
+    pub fn uncommitted(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// The offset after the highest dispatched one.
+    pub fn next(&self) -> Option<i64> {
+        self.next
+    }
+
+    /// The tick the first unfinished offset was dispatched at.
+    pub fn oldest_unfinished_tick(&self) -> Option<u32> {
+        self.pending.front().map(|e| e.tick)
+    }
+
+    /// The finished offsets above the watermark, as increasing half-open
+    /// ranges. Offsets never dispatched between two finished ones (gaps
+    /// in the log) fall inside a range: no record is there.
+    pub fn finished_ranges(&self) -> impl Iterator<Item = (i64, i64)> + '_ {
+        let mut entries = self.pending.iter().peekable();
+        std::iter::from_fn(move || {
+            let first = entries.find(|e| e.done)?;
+            let mut last = first.offset;
+            while let Some(e) = entries.next_if(|e| e.done) {
+                last = e.offset;
+            }
+            Some((first.offset, last + 1))
+        })
     }
 }
 
@@ -152,6 +202,38 @@ mod tests {
     }
 
     #[test]
+    fn finished_ranges_above_the_watermark_bridge_gaps_only() {
+        let mut t = OffsetTracker::new();
+        for (o, tick) in [
+            (10, 1),
+            (11, 2),
+            (12, 3),
+            (14, 4),
+            (15, 5),
+            (16, 6),
+            (20, 7),
+        ] {
+            t.dispatched_at(o, tick).unwrap();
+        }
+        for o in [11, 12, 14, 16, 20] {
+            t.finished(o);
+        }
+        assert_eq!(t.watermark(), Some(10));
+        assert_eq!(t.oldest_unfinished_tick(), Some(1));
+        assert_eq!(
+            t.finished_ranges().collect::<Vec<_>>(),
+            vec![(11, 15), (16, 21)],
+            "13 was never dispatched; 15 is unfinished"
+        );
+        assert_eq!(t.uncommitted(), 7);
+        t.finished(10);
+        assert_eq!(t.watermark(), Some(15));
+        assert_eq!(t.oldest_unfinished_tick(), Some(5));
+        assert_eq!(t.finished_ranges().collect::<Vec<_>>(), vec![(16, 21)]);
+        assert_eq!(t.uncommitted(), 3);
+    }
+
+    #[test]
     fn nothing_dispatched_means_nothing_to_commit() {
         let mut t = OffsetTracker::new();
         assert_eq!(t.watermark(), None);
@@ -188,6 +270,13 @@ mod tests {
                 let reported = t.finished(o);
                 let watermark = t.watermark().unwrap();
                 let first_unfinished = offsets.iter().find(|x| !done.contains(x)).copied();
+                // The ranges a commit records hold every finished offset
+                // above the watermark and no unfinished one.
+                let ranges: Vec<(i64, i64)> = t.finished_ranges().collect();
+                for &x in &offsets {
+                    let inside = ranges.iter().any(|&(s, e)| (s..e).contains(&x));
+                    prop_assert_eq!(inside, x > watermark && done.contains(&x));
+                }
                 match first_unfinished {
                     Some(u) => prop_assert_eq!(watermark, u),
                     None => prop_assert_eq!(watermark, offsets.last().unwrap() + 1),
