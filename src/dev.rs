@@ -122,6 +122,7 @@ pub fn dev_settings(bootstrap: &str) -> Settings {
             step("sum", false, true),
         ],
         timeout_ms: 60_000,
+        max_fan_out: crate::settings::DEFAULT_MAX_FAN_OUT,
     });
     settings.fill_derived();
     settings

@@ -10,15 +10,18 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use rdkafka::message::{Headers, Message, OwnedMessage};
+use rdkafka::consumer::Consumer;
+use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
 use serde_json::json;
 
 use crate::codec::{Codec, DecodeError, TaskRequest};
 use crate::kafka;
 use crate::processor::headers as h;
 use crate::settings::Settings;
-use crate::tools::{codec_of, embed_bytes, kafka_error, read_topic, ToolError};
+use crate::tools::{codec_of, embed_bytes, kafka_error, open_reader, Reader, ToolError};
 
 /// One dead letter as read back.
 #[derive(Debug, Clone)]
@@ -38,7 +41,7 @@ pub struct DeadLetter {
 }
 
 impl DeadLetter {
-    fn from_record(record: &OwnedMessage, codec: &Codec) -> DeadLetter {
+    fn from_message(record: &BorrowedMessage<'_>, codec: &Codec) -> DeadLetter {
         let value = record.payload().unwrap_or_default().to_vec();
         let headers = record
             .headers()
@@ -159,40 +162,140 @@ impl Filter {
     }
 }
 
-/// The dead letters of `topic` that `filter` selects.
-pub fn read(
-    settings: &Settings,
-    topic: &str,
-    filter: &Filter,
-) -> Result<Vec<DeadLetter>, ToolError> {
-    let codec = codec_of(settings)?;
-    let mut letters: Vec<DeadLetter> = read_topic(settings, topic)?
-        .iter()
-        .map(|r| DeadLetter::from_record(r, &codec))
-        .filter(|l| filter.matches(l))
-        .collect();
-    letters.sort_by_key(|l| (l.partition, l.offset));
-    Ok(letters)
+/// The dead letters of a topic that a [`Filter`] selects, read one
+/// partition after the other in offset order, one record at a time: memory
+/// stays flat however many there are. A partition filter reads only that
+/// partition, and `from_offset` seeks to it.
+pub struct Letters {
+    consumer: Reader,
+    topic: String,
+    filter: Filter,
+    codec: Codec,
+    /// Partitions still to read, in order.
+    partitions: std::collections::VecDeque<i32>,
+    /// The partition being read.
+    current: Option<i32>,
 }
 
-/// Replays `letters` to their original topics with the attempt reset to 1
-/// (only reports what it would do with `dry_run`). Returns one line per
-/// letter saying what happened to it.
-pub async fn replay(
-    settings: &Settings,
+impl Letters {
+    /// Opens `topic` for reading with `filter`.
+    pub fn open(settings: &Settings, topic: &str, filter: &Filter) -> Result<Letters, ToolError> {
+        let codec = codec_of(settings)?;
+        let (consumer, partitions) = open_reader(settings, topic)?;
+        let partitions = partitions
+            .into_iter()
+            .filter(|p| filter.partition.is_none_or(|only| only == *p))
+            .collect();
+        Ok(Letters {
+            consumer,
+            topic: topic.to_owned(),
+            filter: filter.clone(),
+            codec,
+            partitions,
+            current: None,
+        })
+    }
+
+    /// The next selected dead letter, or `None` after the last.
+    pub fn next_letter(&mut self) -> Result<Option<DeadLetter>, ToolError> {
+        loop {
+            let partition = match self.current {
+                Some(p) => p,
+                None => match self.partitions.pop_front() {
+                    None => return Ok(None),
+                    Some(p) => {
+                        self.assign(p)?;
+                        p
+                    }
+                },
+            };
+            match self.consumer.poll(Duration::from_millis(200)) {
+                None => {}
+                Some(Err(KafkaError::PartitionEOF(p))) if p == partition => self.current = None,
+                Some(Err(KafkaError::PartitionEOF(_))) => {}
+                Some(Err(e)) => return Err(kafka_error(format!("reading {}", self.topic))(e)),
+                Some(Ok(message)) if message.partition() == partition => {
+                    if self
+                        .filter
+                        .to_offset
+                        .is_some_and(|to| message.offset() >= to)
+                    {
+                        // Nothing past `to_offset` is wanted here.
+                        self.current = None;
+                    }
+                    if self
+                        .filter
+                        .to_offset
+                        .is_some_and(|to| message.offset() > to)
+                    {
+                        continue;
+                    }
+                    let letter = DeadLetter::from_message(&message, &self.codec);
+                    if self.filter.matches(&letter) {
+                        return Ok(Some(letter));
+                    }
+                }
+                Some(Ok(_)) => {}
+            }
+        }
+    }
+
+    fn assign(&mut self, partition: i32) -> Result<(), ToolError> {
+        let start = self
+            .filter
+            .from_offset
+            .map_or(Offset::Beginning, |o| Offset::Offset(o.max(0)));
+        let mut list = TopicPartitionList::new();
+        list.add_partition_offset(&self.topic, partition, start)
+            .map_err(kafka_error("building the assignment"))?;
+        self.consumer
+            .assign(&list)
+            .map_err(kafka_error(format!("assigning {}", self.topic)))?;
+        self.current = Some(partition);
+        Ok(())
+    }
+}
+
+/// Replays dead letters to their original topics with the attempt reset
+/// to 1, or (dry run) only says what it would do.
+pub struct Replayer {
+    codec: Codec,
+    /// `None`: a dry run.
+    producer: Option<FutureProducer>,
+}
+
+impl Replayer {
+    /// A replayer for `settings`' cluster; a dry run produces nothing.
+    pub fn new(settings: &Settings, dry_run: bool) -> Result<Replayer, ToolError> {
+        let producer = if dry_run {
+            None
+        } else {
+            Some(
+                kafka::producer_config(&settings.kafka)
+                    .create()
+                    .map_err(kafka_error("creating the producer"))?,
+            )
+        };
+        Ok(Replayer {
+            codec: codec_of(settings)?,
+            producer,
+        })
+    }
+
+    /// Replays `letters`; one line per letter saying what happened to it.
+    pub async fn replay(
+        &self,
+        letters: &[DeadLetter],
+    ) -> Result<Vec<serde_json::Value>, ToolError> {
+        replay(&self.codec, self.producer.as_ref(), letters).await
+    }
+}
+
+async fn replay(
+    codec: &Codec,
+    producer: Option<&FutureProducer>,
     letters: &[DeadLetter],
-    dry_run: bool,
 ) -> Result<Vec<serde_json::Value>, ToolError> {
-    let codec = codec_of(settings)?;
-    let producer: Option<FutureProducer> = if dry_run {
-        None
-    } else {
-        Some(
-            kafka::producer_config(&settings.kafka)
-                .create()
-                .map_err(kafka_error("creating the producer"))?,
-        )
-    };
     let mut report = Vec::new();
     for letter in letters {
         let mut line = json!({ "partition": letter.partition, "offset": letter.offset });
@@ -214,7 +317,7 @@ pub async fn replay(
                 fresh.attempt = 1;
                 let mut value = Vec::new();
                 codec.encode_request(&fresh, &mut value);
-                match &producer {
+                match producer {
                     None => line["status"] = json!("would replay"),
                     Some(producer) => {
                         let mut record = FutureRecord::<[u8], [u8]>::to(topic).payload(&value);

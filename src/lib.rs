@@ -14,6 +14,9 @@
 //!   `CONVEYOR__…` environment) and its validation, which names every bad key.
 //! - [`offsets`]: [`offsets::OffsetTracker`], the contiguous-prefix rule that
 //!   decides which offset may be committed. Pure.
+//! - [`progress`]: the finished offsets above the committed one, written
+//!   into each commit's metadata so that a restart skips them. Pure.
+//! - [`health`]: a worker's `/healthz` and `/readyz`.
 //! - [`processor`]: the engine. One consumer-group member: dispatch into
 //!   ordering lanes, in-flight bounds (a partition at its bound is not
 //!   read), results produced and acknowledged before offsets are stored,
@@ -55,10 +58,12 @@ pub mod dev;
 pub mod dlq;
 pub mod gateway;
 pub mod handlers;
+pub mod health;
 pub mod kafka;
 pub mod metrics;
 pub mod offsets;
 pub mod processor;
+pub mod progress;
 pub mod retry;
 pub mod settings;
 pub mod shutdown;

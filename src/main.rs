@@ -372,21 +372,31 @@ fn stop_on_signals(stop: Arc<AtomicBool>) {
     });
 }
 
-/// Starts the metrics listener unless `metrics.listen` is empty or
-/// metrics are off.
+/// Starts the metrics and health listener unless `metrics.listen` is
+/// empty (with metrics off it still serves the probes; `/metrics` is then
+/// all zeros).
 async fn serve_metrics(
     settings: &Settings,
     specs: &[conveyor::processor::ProcessorSpec],
 ) -> Result<Option<std::net::SocketAddr>, CommandError> {
-    let off = settings.metrics.listen.is_empty() || !settings.metrics.enabled;
-    let (Some(spec), false) = (specs.first(), off) else {
+    let Some(spec) = specs.first() else {
         return Ok(None);
     };
+    if settings.metrics.listen.is_empty() {
+        return Ok(None);
+    }
+    let health = conveyor::health::WorkerHealth {
+        processors: specs
+            .iter()
+            .map(|s| (s.settings.name.clone(), s.status.clone()))
+            .collect(),
+        stall: Duration::from_millis(settings.metrics.poll_stall_ms),
+    };
     let (address, _server) =
-        conveyor::metrics::serve(&settings.metrics.listen, spec.metrics.clone())
+        conveyor::metrics::serve(&settings.metrics.listen, spec.metrics.clone(), Some(health))
             .await
             .map_err(|e| CommandError::Usage(e.to_string()))?;
-    tracing::info!(%address, "serving metrics at /metrics");
+    tracing::info!(%address, "serving /metrics, /healthz and /readyz");
     Ok(Some(address))
 }
 
@@ -466,42 +476,73 @@ async fn run_dlq(settings: Settings, command: DlqCommand) -> Result<(), CommandE
         .topic
         .clone()
         .unwrap_or_else(|| settings.topics.dead_letter.clone());
-    let filter = common.filter();
-    let reader_settings = settings.clone();
-    let read_topic = topic.clone();
-    let letters = tokio::task::spawn_blocking(move || {
-        conveyor::dlq::read(&reader_settings, &read_topic, &filter)
+    let mut filter = common.filter();
+    if let Some((partition, offset)) = show_at {
+        // Seek straight to it.
+        filter.partition = Some(partition);
+        filter.from_offset = Some(offset);
+        filter.to_offset = Some(offset);
+    }
+    let open_settings = settings.clone();
+    let open_topic = topic.clone();
+    let replayer = match replay {
+        Some(dry_run) => Some(conveyor::dlq::Replayer::new(&settings, dry_run)?),
+        None => None,
+    };
+    let mut letters = tokio::task::spawn_blocking(move || {
+        conveyor::dlq::Letters::open(&open_settings, &open_topic, &filter)
     })
     .await
     .map_err(|e| CommandError::Failed(e.to_string()))??;
-    if let Some((partition, offset)) = show_at {
-        let letter = letters
-            .iter()
-            .find(|l| l.partition == partition && l.offset == offset)
-            .ok_or_else(|| {
+    // Read in batches off the runtime's threads (the reader blocks), so
+    // that memory stays flat however long the topic is.
+    loop {
+        let (back, batch) = tokio::task::spawn_blocking(move || {
+            let mut batch = Vec::new();
+            while batch.len() < DLQ_BATCH {
+                match letters.next_letter() {
+                    Ok(Some(letter)) => batch.push(letter),
+                    Ok(None) => break,
+                    Err(e) => return (letters, Err(e)),
+                }
+            }
+            (letters, Ok(batch))
+        })
+        .await
+        .map_err(|e| CommandError::Failed(e.to_string()))?;
+        letters = back;
+        let batch = batch?;
+        if let Some((partition, offset)) = show_at {
+            let letter = batch.first().ok_or_else(|| {
                 CommandError::Usage(format!(
                     "no dead letter at partition {partition}, offset {offset} of {topic}"
                 ))
             })?;
-        let text = serde_json::to_string_pretty(&letter.detail())
-            .map_err(|e| CommandError::Failed(e.to_string()))?;
-        println!("{text}");
-        return Ok(());
-    }
-    match replay {
-        None => {
-            for letter in &letters {
-                println!("{}", letter.summary());
+            let text = serde_json::to_string_pretty(&letter.detail())
+                .map_err(|e| CommandError::Failed(e.to_string()))?;
+            println!("{text}");
+            return Ok(());
+        }
+        match &replayer {
+            None => {
+                for letter in &batch {
+                    println!("{}", letter.summary());
+                }
+            }
+            Some(replayer) => {
+                for line in replayer.replay(&batch).await? {
+                    println!("{line}");
+                }
             }
         }
-        Some(dry_run) => {
-            for line in conveyor::dlq::replay(&settings, &letters, dry_run).await? {
-                println!("{line}");
-            }
+        if batch.len() < DLQ_BATCH {
+            return Ok(());
         }
     }
-    Ok(())
 }
+
+/// Dead letters held at once by `conveyor dlq`.
+const DLQ_BATCH: usize = 500;
 
 async fn run_results(settings: Settings, follow: bool) -> Result<(), CommandError> {
     let stop = Arc::new(AtomicBool::new(false));

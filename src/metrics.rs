@@ -35,9 +35,28 @@ pub const TASK_LATENCY: &str = "conveyor_task_latency_seconds";
 /// outputs, `record` = `result`, `dead_letter`, `retry` or `workflow` (a
 /// workflow's next request).
 pub const RECORDS_PRODUCED: &str = "conveyor_records_produced_total";
-/// `conveyor_produce_errors_total{processor}`: produce attempts that failed
-/// (each is tried again).
-pub const PRODUCE_ERRORS: &str = "conveyor_produce_errors_total";
+/// `conveyor_produce_retries_total{processor}`: records the broker did not
+/// take for a passing reason (each is produced again after a capped,
+/// jittered backoff).
+pub const PRODUCE_RETRIES: &str = "conveyor_produce_retries_total";
+/// `conveyor_records_skipped_total{processor}`: records not run because
+/// the committed offset's metadata says they finished before (a crash or a
+/// rebalance while an older task was still running).
+pub const RECORDS_SKIPPED: &str = "conveyor_records_skipped_total";
+/// `conveyor_progress_restored_total{processor,outcome}`: partitions
+/// assigned with a committed offset, by what its metadata gave: `used`,
+/// `missing` (none: the broker may drop commit metadata; finished work
+/// above the committed offset runs again) or `invalid` (not conveyor's,
+/// or not for that offset: ignored).
+pub const PROGRESS_RESTORED: &str = "conveyor_progress_restored_total";
+/// `conveyor_progress_overflow_total{processor}`: commits whose finished
+/// offsets above the watermark did not all fit in the commit's metadata
+/// (those left out run again after a crash).
+pub const PROGRESS_OVERFLOW: &str = "conveyor_progress_overflow_total";
+/// `conveyor_oldest_unfinished_task_age_seconds{processor,topic,partition}`:
+/// how long the oldest unfinished record of an owned partition has been
+/// dispatched. While it runs nothing above it is committed.
+pub const OLDEST_UNFINISHED: &str = "conveyor_oldest_unfinished_task_age_seconds";
 /// `conveyor_offset_commits_total{processor}`: successful commits.
 pub const OFFSET_COMMITS: &str = "conveyor_offset_commits_total";
 /// `conveyor_offset_commit_failures_total{processor}`.
@@ -99,8 +118,16 @@ pub struct Metrics {
     pub task_latency: HistogramVec,
     /// See [`RECORDS_PRODUCED`].
     pub records_produced: IntCounterVec,
-    /// See [`PRODUCE_ERRORS`].
-    pub produce_errors: IntCounterVec,
+    /// See [`PRODUCE_RETRIES`].
+    pub produce_retries: IntCounterVec,
+    /// See [`RECORDS_SKIPPED`].
+    pub records_skipped: IntCounterVec,
+    /// See [`PROGRESS_RESTORED`].
+    pub progress_restored: IntCounterVec,
+    /// See [`PROGRESS_OVERFLOW`].
+    pub progress_overflow: IntCounterVec,
+    /// See [`OLDEST_UNFINISHED`].
+    pub oldest_unfinished: IntGaugeVec,
     /// See [`OFFSET_COMMITS`].
     pub offset_commits: IntCounterVec,
     /// See [`OFFSET_COMMIT_FAILURES`].
@@ -229,11 +256,35 @@ impl Metrics {
                 "Records the broker acknowledged, by kind.",
                 &["processor", "record"],
             ),
-            produce_errors: counter(
+            produce_retries: counter(
                 &r,
-                PRODUCE_ERRORS,
-                "Produce attempts that failed and were tried again.",
+                PRODUCE_RETRIES,
+                "Records the broker did not take for a passing reason, produced again after a backoff.",
                 p,
+            ),
+            records_skipped: counter(
+                &r,
+                RECORDS_SKIPPED,
+                "Records not run because the committed offset's metadata says they finished before.",
+                p,
+            ),
+            progress_restored: counter(
+                &r,
+                PROGRESS_RESTORED,
+                "Partitions assigned with a committed offset, by what its progress metadata gave (used, missing, invalid).",
+                &["processor", "outcome"],
+            ),
+            progress_overflow: counter(
+                &r,
+                PROGRESS_OVERFLOW,
+                "Commits whose finished offsets above the watermark did not all fit in the metadata.",
+                p,
+            ),
+            oldest_unfinished: gauge(
+                &r,
+                OLDEST_UNFINISHED,
+                "Seconds since the oldest unfinished record of an owned partition was dispatched.",
+                lag,
             ),
             offset_commits: counter(&r, OFFSET_COMMITS, "Successful offset commits.", p),
             offset_commit_failures: counter(
@@ -341,11 +392,13 @@ pub struct ServeError {
     reason: String,
 }
 
-/// Binds `listen` and serves `GET /metrics` until the returned handle is
-/// aborted; returns the bound address (useful with port 0).
+/// Binds `listen` and serves `GET /metrics` (and, for a worker, the
+/// `/healthz` and `/readyz` probes of `health`) until the returned handle
+/// is aborted; returns the bound address (useful with port 0).
 pub async fn serve(
     listen: &str,
     metrics: Arc<Metrics>,
+    health: Option<crate::health::WorkerHealth>,
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), ServeError> {
     let error = |reason: String| ServeError {
         listen: listen.to_owned(),
@@ -357,7 +410,7 @@ pub async fn serve(
         ))
     })?;
     let address = listener.local_addr().map_err(|e| error(e.to_string()))?;
-    let app = axum::Router::new().route(
+    let mut app = axum::Router::new().route(
         "/metrics",
         axum::routing::get(move || {
             let metrics = metrics.clone();
@@ -369,6 +422,9 @@ pub async fn serve(
             }
         }),
     );
+    if let Some(health) = health {
+        app = app.merge(health.routes());
+    }
     let handle = tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "metrics listener stopped");

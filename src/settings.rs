@@ -89,6 +89,19 @@ pub struct WorkflowSettings {
     /// start, or it fails; 0: no limit.
     #[serde(default)]
     pub timeout_ms: u64,
+    /// Most children one fan-out may make: a step whose output is a longer
+    /// array fails the run, naming the size and this cap (a handler's
+    /// output is outside input; one array must not turn into a flood of
+    /// records). At most 2147483647.
+    #[serde(default = "default_max_fan_out")]
+    pub max_fan_out: usize,
+}
+
+/// The default [`WorkflowSettings::max_fan_out`].
+pub const DEFAULT_MAX_FAN_OUT: usize = 10_000;
+
+fn default_max_fan_out() -> usize {
+    DEFAULT_MAX_FAN_OUT
 }
 
 /// One step of a workflow.
@@ -224,6 +237,11 @@ pub struct MetricsSettings {
     /// How often consumer lag is refreshed from librdkafka's statistics, in
     /// milliseconds.
     pub lag_interval_ms: u64,
+    /// A worker's `/healthz` fails when a processor's poll loop has not gone
+    /// round for this long, in milliseconds (a consumer that is alive but
+    /// has silently stopped consuming). Must exceed every processor's
+    /// `drain_timeout_ms`: a revoke blocks the poll loop while it drains.
+    pub poll_stall_ms: u64,
 }
 
 impl Default for MetricsSettings {
@@ -232,6 +250,7 @@ impl Default for MetricsSettings {
             enabled: true,
             listen: "127.0.0.1:9464".into(),
             lag_interval_ms: 5_000,
+            poll_stall_ms: 60_000,
         }
     }
 }
@@ -419,7 +438,16 @@ pub struct ProcessorSettings {
     /// not read while it is reached. A record larger than this still runs,
     /// alone.
     pub max_in_flight_bytes: usize,
-    /// How often stored offsets are committed, in milliseconds.
+    /// Most records of one partition dispatched at or above its oldest
+    /// unfinished record, finished or not. Kafka commits a watermark: while
+    /// one slow task sits at a partition's head, the tasks behind it finish
+    /// but stay uncommitted. At this bound the partition is not read
+    /// further until the head finishes, which bounds the memory they hold
+    /// and what runs again after a crash on a broker that drops commit
+    /// metadata. At least `max_in_flight_per_partition`.
+    pub max_uncommitted_per_partition: usize,
+    /// How often finished offsets are committed (with the finished offsets
+    /// above the watermark in the commit's metadata), in milliseconds.
     pub commit_interval_ms: u64,
     /// Consumer-group session timeout, in milliseconds.
     pub session_timeout_ms: u64,
@@ -538,6 +566,7 @@ impl Default for ProcessorSettings {
             max_in_flight: 10_000,
             max_in_flight_per_partition: 2_500,
             max_in_flight_bytes: 64 * 1024 * 1024,
+            max_uncommitted_per_partition: 10_000,
             commit_interval_ms: 1000,
             session_timeout_ms: 10_000,
             drain_timeout_ms: 5_000,
@@ -578,6 +607,12 @@ pub struct TaskSettings {
     /// Longest one attempt may run, in milliseconds.
     #[serde(default = "default_task_timeout_ms")]
     pub timeout_ms: u64,
+    /// `http` only: the largest response body taken, in bytes (read in
+    /// chunks, never held past this). A larger answer fails the task for
+    /// good, naming its size: it could not be a result anyway (brokers
+    /// take ~1 MB per record by default).
+    #[serde(default = "default_max_response_bytes")]
+    pub max_response_bytes: u64,
     /// Overrides the processor's `max_attempts` for this type.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_attempts: Option<u32>,
@@ -597,6 +632,7 @@ impl TaskSettings {
             handler,
             url: None,
             timeout_ms: default_task_timeout_ms(),
+            max_response_bytes: default_max_response_bytes(),
             max_attempts: None,
             initial_backoff_ms: None,
             max_backoff_ms: None,
@@ -606,6 +642,10 @@ impl TaskSettings {
 
 fn default_task_timeout_ms() -> u64 {
     30_000
+}
+
+fn default_max_response_bytes() -> u64 {
+    1024 * 1024
 }
 
 /// The built-in handlers.
@@ -948,6 +988,24 @@ impl Settings {
                     &format!("must not exceed max_in_flight ({})", p.max_in_flight),
                 );
             }
+            if p.max_uncommitted_per_partition < p.max_in_flight_per_partition {
+                bad(
+                    at("max_uncommitted_per_partition"),
+                    &format!(
+                        "must be at least max_in_flight_per_partition ({})",
+                        p.max_in_flight_per_partition
+                    ),
+                );
+            }
+            if p.drain_timeout_ms >= self.metrics.poll_stall_ms {
+                bad(
+                    at("drain_timeout_ms"),
+                    &format!(
+                        "must be below metrics.poll_stall_ms ({}): a drain blocks the poll loop, and /healthz would fail meanwhile",
+                        self.metrics.poll_stall_ms
+                    ),
+                );
+            }
             if p.commit_interval_ms == 0 {
                 bad(at("commit_interval_ms"), "must be > 0");
             }
@@ -1028,6 +1086,9 @@ impl Settings {
             }
             if w.steps.is_empty() {
                 bad(at("steps"), "must list at least one step");
+            }
+            if w.max_fan_out == 0 || i32::try_from(w.max_fan_out).is_err() {
+                bad(at("max_fan_out"), "must be between 1 and 2147483647");
             }
             // Whether the steps so far are inside a fan-out not yet joined.
             let mut fanned_at: Option<usize> = None;

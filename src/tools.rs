@@ -319,29 +319,12 @@ impl ClientContext for ReaderContext {
 
 impl ConsumerContext for ReaderContext {}
 
-type Reader = BaseConsumer<ReaderContext>;
+pub(crate) type Reader = BaseConsumer<ReaderContext>;
 
 /// A consumer reading every partition of `topic` from the beginning,
 /// outside any consumer group's commits.
 fn reader(settings: &Settings, topic: &str) -> Result<Reader, ToolError> {
-    let group = format!("conveyor-reader-{}", Uuid::new_v4());
-    let consumer: Reader = kafka::consumer_config(&settings.kafka, &group, 10_000)
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
-        .create_with_context(ReaderContext)
-        .map_err(kafka_error("creating the consumer"))?;
-    let metadata = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .map_err(kafka_error(format!("reading the metadata of {topic}")))?;
-    let partitions: Vec<i32> = metadata
-        .topics()
-        .iter()
-        .filter(|t| t.name() == topic && t.error().is_none())
-        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-        .collect();
-    if partitions.is_empty() {
-        return Err(ToolError::Input(format!("topic {topic} does not exist")));
-    }
+    let (consumer, partitions) = open_reader(settings, topic)?;
     let mut list = TopicPartitionList::new();
     for p in &partitions {
         list.add_partition_offset(topic, *p, Offset::Beginning)
@@ -351,6 +334,34 @@ fn reader(settings: &Settings, topic: &str) -> Result<Reader, ToolError> {
         .assign(&list)
         .map_err(kafka_error(format!("assigning {topic}")))?;
     Ok(consumer)
+}
+
+/// A consumer outside any group (nothing committed, end-of-partition
+/// events on) and the partitions of `topic`, none assigned yet.
+pub(crate) fn open_reader(
+    settings: &Settings,
+    topic: &str,
+) -> Result<(Reader, Vec<i32>), ToolError> {
+    let group = format!("conveyor-reader-{}", Uuid::new_v4());
+    let consumer: Reader = kafka::consumer_config(&settings.kafka, &group, 10_000)
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .create_with_context(ReaderContext)
+        .map_err(kafka_error("creating the consumer"))?;
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .map_err(kafka_error(format!("reading the metadata of {topic}")))?;
+    let mut partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic && t.error().is_none())
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    if partitions.is_empty() {
+        return Err(ToolError::Input(format!("topic {topic} does not exist")));
+    }
+    partitions.sort_unstable();
+    Ok((consumer, partitions))
 }
 
 /// Prints the results topic's records as JSON lines through `print`, until

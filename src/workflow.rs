@@ -289,21 +289,26 @@ impl Workflows {
                     ))];
                 }
             };
-            let Ok(count) = i32::try_from(elements.len()) else {
-                let error = TaskError {
-                    kind: "fan_out".into(),
-                    message: format!(
-                        "step {} fans out into more than {} children",
-                        w.step,
-                        i32::MAX
-                    ),
-                };
-                return vec![Next::Result(failed_run(
-                    w,
-                    definition.steps.len(),
-                    error,
-                    worker,
-                ))];
+            let count = match i32::try_from(elements.len()) {
+                Ok(count) if elements.len() <= definition.max_fan_out => count,
+                _ => {
+                    let error = TaskError {
+                        kind: "fan_out".into(),
+                        message: format!(
+                            "step {} (`{}`) fans out into {} children; the workflow's max_fan_out is {}",
+                            w.step,
+                            this.task,
+                            elements.len(),
+                            definition.max_fan_out
+                        ),
+                    };
+                    return vec![Next::Result(failed_run(
+                        w,
+                        definition.steps.len(),
+                        error,
+                        worker,
+                    ))];
+                }
             };
             if count == 0 {
                 // Nothing to wait for: straight to the join, with no outputs.
@@ -747,6 +752,7 @@ mod tests {
                     step("c", false, false),
                 ],
                 timeout_ms: 0,
+                max_fan_out: crate::settings::DEFAULT_MAX_FAN_OUT,
             },
         );
         definitions.insert(
@@ -760,6 +766,7 @@ mod tests {
                     step("c", false, false),
                 ],
                 timeout_ms: 60_000,
+                max_fan_out: crate::settings::DEFAULT_MAX_FAN_OUT,
             },
         );
         let topics = ["a", "b", "c", "split", "count", "sum"]
@@ -920,6 +927,32 @@ mod tests {
         assert_eq!(next[0].2.task_type, "sum");
         assert_eq!(next[0].2.payload, b"[]");
         assert!(!w.is_contribution(&next[0].2));
+    }
+
+    #[test]
+    fn a_fan_out_over_its_cap_fails_the_run_naming_size_and_cap() {
+        let mut w = workflows();
+        if let Some(wc) = w.definitions.get_mut("wc") {
+            wc.max_fan_out = 3;
+        }
+        let first = start_wc(&w);
+        let within = w.after_success(&first, &succeeded(&first, "[1,2,3]"), "w");
+        assert_eq!(requests(within).len(), 3, "at the cap: three children");
+        match w
+            .after_success(&first, &succeeded(&first, "[1,2,3,4]"), "w")
+            .as_slice()
+        {
+            [Next::Result(r)] => {
+                assert_eq!(r.status, TaskStatus::Failed);
+                let e = r.error.as_ref().unwrap();
+                assert_eq!(e.kind, "fan_out");
+                assert_eq!(
+                    e.message,
+                    "step 0 (`split`) fans out into 4 children; the workflow's max_fan_out is 3"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

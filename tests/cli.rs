@@ -215,6 +215,7 @@ fn example_documents_every_key() {
             join: false,
         }],
         timeout_ms: 1,
+        max_fan_out: conveyor::settings::DEFAULT_MAX_FAN_OUT,
     });
     full.fill_derived();
     let tree: toml::Value = toml::Value::try_from(&full).expect("settings serialize");

@@ -517,7 +517,7 @@ async fn results_whose_delivery_fails_are_produced_again_and_nothing_is_lost() {
     .await;
     let failed_deliveries = worker
         .metrics
-        .produce_errors
+        .produce_retries
         .with_label_values(&["test"])
         .get();
     worker.stop().await;

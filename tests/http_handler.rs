@@ -54,6 +54,23 @@ async fn serve() -> (SocketAddr, Arc<Mutex<Seen>>) {
             post(|| async { (StatusCode::MOVED_PERMANENTLY, [("location", "/ok")]) }),
         )
         .route(
+            "/huge-streamed",
+            post(|| async {
+                // 256 MiB in 64 KiB chunks, made as they are sent, with no
+                // Content-Length: only reading in chunks can refuse it
+                // without holding it.
+                let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+                let chunks = futures::stream::iter(
+                    (0..4096).map(move |_| Ok::<_, std::io::Error>(chunk.clone())),
+                );
+                axum::body::Body::from_stream(chunks)
+            }),
+        )
+        .route(
+            "/huge-declared",
+            post(|| async { vec![b'y'; 2 * 1024 * 1024] }),
+        )
+        .route(
             "/slow",
             post(|| async {
                 tokio::time::sleep(Duration::from_secs(5)).await;
@@ -77,7 +94,7 @@ fn task() -> TaskRequest {
 #[tokio::test]
 async fn success_sends_the_task_and_returns_the_body() {
     let (addr, seen) = serve().await;
-    let handler = Http::new(&format!("http://{addr}/ok"), 2_000).unwrap();
+    let handler = Http::new(&format!("http://{addr}/ok"), 2_000, 1 << 20).unwrap();
     let t = task();
     let context = TaskContext {
         traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
@@ -109,7 +126,7 @@ async fn success_sends_the_task_and_returns_the_body() {
 async fn answers_are_classified_retryable_or_permanent() {
     let (addr, _) = serve().await;
     let call = |path: &str, timeout_ms| {
-        let handler = Http::new(&format!("http://{addr}{path}"), timeout_ms).unwrap();
+        let handler = Http::new(&format!("http://{addr}{path}"), timeout_ms, 1 << 20).unwrap();
         async move { handler.handle(&task(), &TaskContext::default()).await }
     };
     let busy = call("/busy", 2_000).await.unwrap_err();
@@ -146,7 +163,7 @@ async fn connection_refused_is_retryable() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap()
     };
-    let handler = Http::new(&format!("http://{addr}/x"), 1_000).unwrap();
+    let handler = Http::new(&format!("http://{addr}/x"), 1_000, 1 << 20).unwrap();
     let err = handler
         .handle(&task(), &TaskContext::default())
         .await
@@ -154,5 +171,56 @@ async fn connection_refused_is_retryable() {
     assert!(
         matches!(&err, HandlerError::Retryable(m) if m.contains("cannot connect")),
         "{err:?}"
+    );
+}
+
+/// Peak resident memory of this process so far, in KiB.
+fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_body_over_the_cap_fails_for_good_naming_its_size_and_is_never_held() {
+    let (addr, _) = serve().await;
+    let cap = 1 << 20;
+    let before = peak_rss_kib();
+    let streamed = Http::new(&format!("http://{addr}/huge-streamed"), 30_000, cap)
+        .unwrap()
+        .handle(&task(), &TaskContext::default())
+        .await
+        .unwrap_err();
+    let after = peak_rss_kib();
+    assert!(
+        matches!(&streamed, HandlerError::Permanent(m)
+            if m.contains("answered 200 OK with a body of more than")
+                && m.contains("over max_response_bytes (1048576)")),
+        "{streamed:?}"
+    );
+    let declared = Http::new(&format!("http://{addr}/huge-declared"), 30_000, cap)
+        .unwrap()
+        .handle(&task(), &TaskContext::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&declared, HandlerError::Permanent(m)
+            if m.contains("with a body of 2097152 bytes, over max_response_bytes (1048576)")),
+        "{declared:?}"
+    );
+    // The endpoint offered 256 MiB; the handler read at most the cap and
+    // one chunk of it.
+    let grown_mib = after.saturating_sub(before) / 1024;
+    eprintln!(
+        "http handler: peak RSS grew by {grown_mib} MiB while refusing a 256 MiB body (cap 1 MiB)"
+    );
+    assert!(
+        grown_mib < 64,
+        "peak RSS grew by {grown_mib} MiB: the body was buffered"
     );
 }

@@ -48,7 +48,7 @@ impl Handler for Mix {
 
 /// Scrapes `/metrics` served for `metrics` over real HTTP, and parses it.
 async fn scrape(metrics: &Arc<Metrics>) -> Scrape {
-    let (address, server) = metrics::serve("127.0.0.1:0", metrics.clone())
+    let (address, server) = metrics::serve("127.0.0.1:0", metrics.clone(), None)
         .await
         .expect("serve");
     let text = reqwest::get(format!("http://{address}/metrics"))

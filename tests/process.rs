@@ -232,6 +232,7 @@ async fn sigkill_mid_fan_out_then_restart_completes_the_workflow_exactly_once() 
                 },
             ],
             timeout_ms: 0,
+            max_fan_out: conveyor::settings::DEFAULT_MAX_FAN_OUT,
         }];
         settings.validate().expect("valid settings");
         let config = common::config_file(&settings);
@@ -515,4 +516,306 @@ async fn task_spans_are_exported_over_otlp_as_children_of_the_request_traceparen
     );
     assert!(contains(body, b"task"), "span name missing");
     let _ = std::fs::remove_file(&config);
+}
+
+/// The committed offset and its metadata for partition 0 of `topic`.
+fn committed_with_metadata(kafka: &TestKafka, group: &str, topic: &str) -> Option<(i64, String)> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer =
+        conveyor::kafka::consumer_config(&kafka.settings().kafka, group, 6_000)
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("consumer");
+    let mut list = rdkafka::TopicPartitionList::new();
+    list.add_partition(topic, 0);
+    let committed = consumer
+        .committed_offsets(list, common::SETUP_TIMEOUT)
+        .expect("committed offsets");
+    let element = committed.elements().into_iter().next()?;
+    match element.offset() {
+        rdkafka::Offset::Offset(o) => Some((o, element.metadata().to_owned())),
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_behind_a_stuck_head_reruns_only_unfinished_work_where_the_broker_keeps_metadata() {
+    const BEHIND: usize = 2_000;
+    const HEAD_MS: u64 = 15_000;
+    for kafka in TestKafka::all(
+        "sigkill_behind_a_stuck_head_reruns_only_unfinished_work_where_the_broker_keeps_metadata",
+    ) {
+        // One partition: a slow task at its head, fast ones behind it.
+        let pipeline = kafka.pipeline(1).await;
+        let settings = sleep_settings(&kafka, &pipeline);
+        let window = settings.processors[0].max_in_flight;
+        let config = common::config_file(&settings);
+        let head = requests("sleep", &format!(r#"{{"ms":{HEAD_MS}}}"#), 1);
+        let behind = requests("sleep", r#"{"ms":1}"#, BEHIND);
+        kafka.produce_requests(&pipeline.input, &head).await;
+        kafka.produce_requests(&pipeline.input, &behind).await;
+
+        let mut first = Worker::start(&config);
+        wait_until("every fast task behind the head has a result", LONG, || {
+            results_written(&kafka, &pipeline) >= BEHIND as i64
+        })
+        .await;
+        // Then a commit at the head's offset: on a broker that keeps it,
+        // with every finished offset in its metadata.
+        // (conveyor always writes metadata: an empty one was dropped.)
+        wait_until(
+            "a commit at the head since the fast tasks finished",
+            LONG,
+            || match committed_with_metadata(&kafka, &pipeline.group, &pipeline.input) {
+                Some((0, metadata)) if metadata.is_empty() => true,
+                Some((0, metadata)) => conveyor::progress::decode(0, &metadata)
+                    .is_ok_and(|r| r.iter().map(|(s, e)| e - s).sum::<i64>() == BEHIND as i64),
+                _ => false,
+            },
+        )
+        .await;
+        let (_, metadata) =
+            committed_with_metadata(&kafka, &pipeline.group, &pipeline.input).unwrap_or_default();
+        first.signal("KILL");
+        first.wait(Duration::from_secs(10));
+        assert_eq!(
+            results_written(&kafka, &pipeline),
+            BEHIND as i64,
+            "the head had not finished at the kill"
+        );
+
+        let mut second = Worker::start(&config);
+        let mut all = ids(&head);
+        all.extend(ids(&behind));
+        let results = kafka.collect_results(&pipeline.output, &all, LONG).await;
+        wait_until("everything committed", LONG, || {
+            kafka.committed(&pipeline.group, &pipeline.input).get(&0) == Some(&(BEHIND as i64 + 1))
+        })
+        .await;
+        second.stop_cleanly();
+        let log = std::fs::read_to_string(&second.log).unwrap_or_default();
+        let rerun = behind
+            .iter()
+            .filter(|r| results.by_id.get(&r.id).map_or(0, Vec::len) > 1)
+            .count();
+        assert_eq!(results.by_id.len(), BEHIND + 1, "nothing lost");
+        common::announce(&format!(
+            "stuck head + SIGKILL on {}: {rerun} of {BEHIND} finished tasks behind the head ran again \
+             (commit metadata {} bytes read back: {})",
+            kafka.describe(),
+            metadata.len(),
+            if metadata.is_empty() { "dropped by the broker, fallback to the watermark" } else { "kept" }
+        ));
+        if metadata.is_empty() {
+            // The broker dropped the metadata: the watermark alone holds,
+            // every finished task above it runs again, and the worker says so.
+            assert_eq!(
+                rerun, BEHIND,
+                "the fallback re-runs them, never skips wrongly"
+            );
+            assert!(
+                log.contains("carries no progress metadata"),
+                "the fallback is reported; log:\n{}",
+                second.log_tail()
+            );
+        } else {
+            assert!(
+                rerun <= window,
+                "{rerun} re-runs exceed the in-flight window {window}"
+            );
+            assert!(
+                log.contains("skipping records above the committed offset that finished before"),
+                "log:\n{}",
+                second.log_tail()
+            );
+        }
+        let _ = std::fs::remove_file(&config);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_output_topic_refusing_authorization_stops_the_worker_with_exit_1_and_no_unsafe_commit()
+{
+    // Fault injection is a mock-cluster feature.
+    let kafka = TestKafka::mock();
+    common::announce(&format!(
+        "an_output_topic_refusing_authorization_stops_the_worker_with_exit_1_and_no_unsafe_commit: runs against {}",
+        kafka.describe()
+    ));
+    let pipeline = kafka.pipeline(2).await;
+    let settings = sleep_settings(&kafka, &pipeline);
+    let config = common::config_file(&settings);
+    let sent = requests("sleep", r#"{"ms":5}"#, 4_000);
+    kafka.produce_requests(&pipeline.input, &sent).await;
+    let mut worker = Worker::start(&config);
+    wait_until("the worker wrote 200 results", LONG, || {
+        results_written(&kafka, &pipeline) >= 200
+    })
+    .await;
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let cluster = kafka.mock_cluster().expect("mock cluster");
+    cluster.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED; 500],
+    );
+    let refused_at = Instant::now();
+    let status = worker.wait(Duration::from_secs(60));
+    let took = refused_at.elapsed();
+    cluster.clear_request_errors(RDKafkaApiKey::Produce);
+    let log = std::fs::read_to_string(&worker.log).unwrap_or_default();
+    common::announce(&format!(
+        "authorization refused: worker exited {status} {:.1} s after the fault",
+        took.as_secs_f64()
+    ));
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "exit status; log:\n{}",
+        worker.log_tail()
+    );
+    assert!(
+        log.contains("cannot produce to topic `")
+            && log.contains("grant WRITE on the topic to this principal"),
+        "the log names the topic and the fix:\n{}",
+        worker.log_tail()
+    );
+    // No offset is committed past a task whose result is not written: every
+    // request below each committed offset has its result.
+    let committed = kafka.committed(&pipeline.group, &pipeline.input);
+    let records = kafka.read_records(&pipeline.input, sent.len(), LONG).await;
+    let codec = conveyor::codec::Codec::default();
+    let written = results_written(&kafka, &pipeline) as usize;
+    let results = kafka.read_records(&pipeline.output, written, LONG).await;
+    let with_result: std::collections::HashSet<uuid::Uuid> = results
+        .iter()
+        .filter_map(|r| {
+            use rdkafka::message::Message;
+            codec.decode_result(r.payload()?).ok().map(|r| r.id)
+        })
+        .collect();
+    let mut checked = 0;
+    for record in &records {
+        use rdkafka::message::Message;
+        let below = committed
+            .get(&record.partition())
+            .is_some_and(|&c| record.offset() < c);
+        if below {
+            let request = codec
+                .decode_request(record.payload().unwrap_or_default())
+                .expect("request");
+            assert!(
+                with_result.contains(&request.id),
+                "offset {} of partition {} is committed without its result",
+                record.offset(),
+                record.partition()
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked > 0, "something was committed before the fault");
+    let _ = std::fs::remove_file(&config);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_list_over_200_000_dead_letters_runs_in_bounded_memory() {
+    const LETTERS: usize = 200_000;
+    const CEILING_MIB: u64 = 128;
+    // Reading does not depend on the broker's behaviour: the mock cluster.
+    let kafka = TestKafka::mock();
+    common::announce(&format!(
+        "dlq_list_over_200_000_dead_letters_runs_in_bounded_memory: runs against {}",
+        kafka.describe()
+    ));
+    // The mock cluster keeps at most 5 MiB per partition: spread them.
+    let topic = kafka.create_topic("dlq", 32).await;
+    let codec = conveyor::codec::Codec::default();
+    let producer = kafka.producer();
+    let mut pending = Vec::new();
+    for (i, request) in requests("echo", &"p".repeat(200), LETTERS)
+        .iter()
+        .enumerate()
+    {
+        let mut value = Vec::new();
+        codec.encode_request(request, &mut value);
+        let key = request.id.to_string();
+        let headers = rdkafka::message::OwnedHeaders::new()
+            .insert(rdkafka::message::Header {
+                key: "conveyor.error.kind",
+                value: Some("permanent"),
+            })
+            .insert(rdkafka::message::Header {
+                key: "conveyor.error.message",
+                value: Some("this task can never work"),
+            });
+        loop {
+            let record = rdkafka::producer::FutureRecord::to(&topic)
+                .key(&key)
+                .payload(&value)
+                .headers(headers.clone());
+            match producer.send_result(record) {
+                Ok(delivery) => {
+                    pending.push(delivery);
+                    break;
+                }
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(
+                        rdkafka::types::RDKafkaErrorCode::QueueFull,
+                    ),
+                    _,
+                )) => tokio::time::sleep(Duration::from_millis(5)).await,
+                Err((e, _)) => panic!("producing dead letters: {e}"),
+            }
+        }
+        if i % 10_000 == 9_999 {
+            for delivery in pending.drain(..) {
+                delivery.await.expect("delivered").expect("acknowledged");
+            }
+        }
+    }
+    for delivery in pending.drain(..) {
+        delivery.await.expect("delivered").expect("acknowledged");
+    }
+    let settings = kafka.settings();
+    let config = common::config_file(&settings);
+    let out = std::env::temp_dir().join(format!("{}.jsonl", common::unique("dlq-list")));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_conveyor"))
+        .args(["dlq", "list", "--topic", &topic, "--config"])
+        .arg(&config)
+        .env_remove("CONVEYOR_CONFIG")
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out).expect("output file"))
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start conveyor dlq list");
+    // VmHWM is the peak so far; the last reading before exit is the peak.
+    let mut peak_kib = 0u64;
+    let status = loop {
+        if let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", child.id())) {
+            if let Some(kib) = status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            {
+                peak_kib = peak_kib.max(kib);
+            }
+        }
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let listed = std::fs::read_to_string(&out).expect("output");
+    let lines = listed.lines().count();
+    common::announce(&format!(
+        "dlq list: {lines} dead letters listed, peak RSS {:.1} MiB (ceiling {CEILING_MIB} MiB)",
+        peak_kib as f64 / 1024.0
+    ));
+    assert!(status.success(), "dlq list exited {status}");
+    assert_eq!(lines, LETTERS, "one line per dead letter");
+    assert!(
+        peak_kib / 1024 < CEILING_MIB,
+        "peak RSS {peak_kib} KiB over the ceiling"
+    );
+    let _ = std::fs::remove_file(&config);
+    let _ = std::fs::remove_file(&out);
 }

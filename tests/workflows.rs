@@ -216,6 +216,7 @@ fn chain(name: &str, steps: [&str; 3]) -> WorkflowSettings {
         name: name.into(),
         steps: steps.iter().map(|t| step(t)).collect(),
         timeout_ms: 0,
+        max_fan_out: conveyor::settings::DEFAULT_MAX_FAN_OUT,
     }
 }
 
@@ -234,6 +235,7 @@ fn word_count_like(timeout_ms: u64) -> WorkflowSettings {
             },
         ],
         timeout_ms,
+        max_fan_out: conveyor::settings::DEFAULT_MAX_FAN_OUT,
     }
 }
 

@@ -97,7 +97,14 @@ struct Shared {
     /// Set when the gateway stops: long polls answer at once.
     stopping: AtomicBool,
     metrics: Arc<Metrics>,
+    /// The last broker check of `/readyz` and when it ran: however often
+    /// the probe is asked (it needs no token), the broker is asked at most
+    /// once per [`READY_CHECK_EVERY`].
+    broker_check: tokio::sync::Mutex<Option<(Instant, Result<(), String>)>>,
 }
+
+/// How long `/readyz` reuses its broker check.
+const READY_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 impl Shared {
     fn view(&self) -> MutexGuard<'_, View> {
@@ -172,6 +179,7 @@ pub async fn start(
         workflows: Workflows::from_settings(settings),
         codec,
         producer,
+        broker_check: tokio::sync::Mutex::new(None),
         view: Mutex::new(View::new(Limits {
             max_tasks: g.view_max_tasks,
             max_age_ms: i64::try_from(g.view_max_age_ms).unwrap_or(i64::MAX),
@@ -421,18 +429,35 @@ async fn ready(State(shared): State<Arc<Shared>>) -> Response {
     if !shared.caught_up.load(Ordering::Relaxed) {
         problems.push("the status view is still catching up with the results topic".to_owned());
     }
-    let producer = shared.producer.clone();
-    let reachable = tokio::task::spawn_blocking(move || {
-        producer
-            .client()
-            .fetch_metadata(None, Duration::from_secs(2))
-            .map(|_| ())
-    })
-    .await;
-    match reachable {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => problems.push(format!("the broker does not answer: {e}")),
-        Err(e) => problems.push(format!("the broker check failed: {e}")),
+    // Concurrent probes wait for one check instead of each making one.
+    let mut check = shared.broker_check.lock().await;
+    let fresh = check
+        .as_ref()
+        .filter(|(at, _)| at.elapsed() < READY_CHECK_EVERY)
+        .map(|(_, outcome)| outcome.clone());
+    let outcome = match fresh {
+        Some(outcome) => outcome,
+        None => {
+            let producer = shared.producer.clone();
+            let reachable = tokio::task::spawn_blocking(move || {
+                producer
+                    .client()
+                    .fetch_metadata(None, Duration::from_secs(2))
+                    .map(|_| ())
+            })
+            .await;
+            let outcome = match reachable {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(format!("the broker does not answer: {e}")),
+                Err(e) => Err(format!("the broker check failed: {e}")),
+            };
+            *check = Some((Instant::now(), outcome.clone()));
+            outcome
+        }
+    };
+    drop(check);
+    if let Err(problem) = outcome {
+        problems.push(problem);
     }
     if problems.is_empty() {
         Json(json!({"status": "ready"})).into_response()

@@ -12,6 +12,9 @@
 //! | 408, 429, 5xx, timeout, connection failure | retryable error |
 //! | any other status (4xx, and 3xx: redirects are not followed) | permanent error |
 //!
+//! A 2xx body larger than `max_response_bytes` is a permanent error naming
+//! its size; the body is read in chunks and never held past the limit.
+//!
 //! One connection pool per handler is reused across tasks.
 
 use std::time::Duration;
@@ -31,11 +34,13 @@ const MAX_QUOTED_BODY: usize = 512;
 pub struct Http {
     client: reqwest::Client,
     url: reqwest::Url,
+    max_body: u64,
 }
 
 impl Http {
-    /// A handler for `url`, each request bounded by `timeout_ms`.
-    pub fn new(url: &str, timeout_ms: u64) -> Result<Http, String> {
+    /// A handler for `url`, each request bounded by `timeout_ms`, each
+    /// response body by `max_body` bytes.
+    pub fn new(url: &str, timeout_ms: u64, max_body: u64) -> Result<Http, String> {
         let url = reqwest::Url::parse(url).map_err(|e| format!("url `{url}`: {e}"))?;
         if !matches!(url.scheme(), "http" | "https") {
             return Err(format!("url `{url}`: scheme must be http or https"));
@@ -47,7 +52,11 @@ impl Http {
             .user_agent(concat!("conveyor/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
-        Ok(Http { client, url })
+        Ok(Http {
+            client,
+            url,
+            max_body,
+        })
     }
 }
 
@@ -79,16 +88,10 @@ impl Handler for Http {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("application/octet-stream")
                 .to_owned();
-            let body = response.bytes().await.map_err(|e| {
-                HandlerError::Retryable(format!(
-                    "POST {}: reading the response body: {}",
-                    self.url,
-                    describe(&e)
-                ))
-            })?;
+            let body = self.read_body(response, status).await?;
             if status.is_success() {
                 return Ok(Output {
-                    bytes: body.to_vec(),
+                    bytes: body,
                     content_type,
                 });
             }
@@ -100,6 +103,61 @@ impl Handler for Http {
             })
         }
         .boxed()
+    }
+}
+
+impl Http {
+    /// The response's body, read chunk by chunk: past `max_body` bytes the
+    /// task fails for good (an error answer's body is only quoted, so just
+    /// its start is kept).
+    async fn read_body(
+        &self,
+        mut response: reqwest::Response,
+        status: StatusCode,
+    ) -> Result<Vec<u8>, HandlerError> {
+        let limit = if status.is_success() {
+            self.max_body
+        } else {
+            MAX_QUOTED_BODY as u64 + 4
+        };
+        let too_large = |size: u64, known: bool| {
+            HandlerError::Permanent(format!(
+                "POST {} answered {status} with a body of {}{size} bytes, over max_response_bytes ({})",
+                self.url,
+                if known { "" } else { "more than " },
+                self.max_body
+            ))
+        };
+        if let Some(length) = response.content_length().filter(|&l| l > limit) {
+            if status.is_success() {
+                return Err(too_large(length, true));
+            }
+        }
+        let mut body = Vec::new();
+        loop {
+            let chunk = response.chunk().await.map_err(|e| {
+                HandlerError::Retryable(format!(
+                    "POST {}: reading the response body: {}",
+                    self.url,
+                    describe(&e)
+                ))
+            })?;
+            let Some(chunk) = chunk else {
+                return Ok(body);
+            };
+            let room = usize::try_from(limit)
+                .unwrap_or(usize::MAX)
+                .saturating_sub(body.len());
+            if chunk.len() > room {
+                if !status.is_success() {
+                    // Enough to quote.
+                    body.extend_from_slice(chunk.get(..room).unwrap_or_default());
+                    return Ok(body);
+                }
+                return Err(too_large((body.len() + chunk.len()) as u64, false));
+            }
+            body.extend_from_slice(&chunk);
+        }
     }
 }
 
@@ -165,7 +223,9 @@ mod tests {
 
     #[test]
     fn bad_urls_are_refused() {
-        assert!(Http::new("ftp://x/y", 1000).unwrap_err().contains("scheme"));
-        assert!(Http::new("not a url", 1000).is_err());
+        assert!(Http::new("ftp://x/y", 1000, 1)
+            .unwrap_err()
+            .contains("scheme"));
+        assert!(Http::new("not a url", 1000, 1).is_err());
     }
 }

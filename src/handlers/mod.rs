@@ -122,12 +122,14 @@ impl Registry {
                         task_type: task_type.clone(),
                         message: "the http handler needs a url".into(),
                     })?;
-                    Arc::new(Http::new(url, task.timeout_ms).map_err(|message| {
-                        HandlerBuildError {
-                            task_type: task_type.clone(),
-                            message,
-                        }
-                    })?)
+                    Arc::new(
+                        Http::new(url, task.timeout_ms, task.max_response_bytes).map_err(
+                            |message| HandlerBuildError {
+                                task_type: task_type.clone(),
+                                message,
+                            },
+                        )?,
+                    )
                 }
             };
             registry.register(task_type.clone(), handler);

@@ -13,10 +13,20 @@
 //! - a record someone awaits (a join's changelog, its request)
 //!   has a [`Delivery::Awaited`] with a channel to the awaiting task.
 //!
-//! A record the broker did not take is produced again (after
-//! [`PRODUCE_RETRY`]) until it is: the input offset must not be stored
-//! before its outputs are safe. A result too large for the broker is
-//! replaced by a FAILED result saying so.
+//! A record the broker did not take is classified ([`recover`]):
+//! - **passing** (a broker down, a leader moving, a timeout): produced
+//!   again after a capped, jittered backoff, counted in
+//!   `conveyor_produce_retries_total`; the input offset must not be stored
+//!   before its outputs are safe.
+//! - **never taken** (too large for its topic): a result loses its output
+//!   and becomes a FAILED `output_too_large` result; a dead letter is cut
+//!   to fit (header `conveyor.original.size`); any other record (a retry,
+//!   a workflow's next request) becomes a dead letter saying so, with a
+//!   FAILED result for its task. The task then finishes as usual.
+//! - **fatal** (not authorized, the topic does not exist, the idempotent
+//!   producer failed for good): the processor stops with the error, exit
+//!   status 1. The task's offset is never stored: its outputs were not all
+//!   acknowledged.
 //!
 //! The callback reaches the processor's shared state through a `Weak`: the
 //! state owns the producer, so the polling thread must never hold the last
@@ -38,8 +48,11 @@ use tracing::warn;
 use super::{Job, Shared};
 use crate::codec::{now_millis, TaskError, TaskStatus};
 
-/// Wait between attempts to produce a record the broker did not take.
+/// First wait before producing again a record the broker did not take; it
+/// doubles with each failure in a row, up to [`PRODUCE_RETRY_MAX`].
 const PRODUCE_RETRY: Duration = Duration::from_millis(200);
+/// Longest wait between produce attempts.
+const PRODUCE_RETRY_MAX: Duration = Duration::from_secs(10);
 /// Wait while the producer queue is full.
 const QUEUE_FULL_WAIT: Duration = Duration::from_millis(5);
 
@@ -59,7 +72,24 @@ impl Deliveries {
     }
 }
 
-impl ClientContext for Deliveries {}
+impl ClientContext for Deliveries {
+    fn error(&self, error: KafkaError, reason: &str) {
+        // The idempotent producer failed for good (e.g. sequence numbers
+        // out of step): nothing it holds will be delivered.
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal) {
+            if let Some(shared) = self.shared.get().and_then(Weak::upgrade) {
+                shared.fail(format!(
+                    "the producer failed for good: {reason} ({error}); restart the worker"
+                ));
+                if let Some(last) = Arc::into_inner(shared) {
+                    std::thread::spawn(move || drop(last));
+                }
+            }
+            return;
+        }
+        tracing::error!(%error, reason, "librdkafka producer error");
+    }
+}
 
 impl ProducerContext for Deliveries {
     type DeliveryOpaque = Arc<Delivery>;
@@ -83,6 +113,9 @@ impl ProducerContext for Deliveries {
         };
         match outcome {
             Ok(()) => {
+                if shared.failures_in_a_row.load(AtomicOrdering::Relaxed) > 0 {
+                    shared.failures_in_a_row.store(0, AtomicOrdering::Relaxed);
+                }
                 if let Delivery::Task(task) = &*delivery {
                     task.acknowledged(&shared);
                 }
@@ -91,8 +124,9 @@ impl ProducerContext for Deliveries {
                 let runtime = shared.runtime.clone();
                 let again = shared.clone();
                 runtime.spawn(async move {
-                    let record = recover(&again, &error, record).await;
-                    send(&again, record, delivery).await;
+                    if let Some(records) = recover(&again, &error, record).await {
+                        send_all(&again, records, delivery).await;
+                    }
                 });
             }
         }
@@ -137,6 +171,16 @@ pub(crate) struct TaskOutputs {
     /// The task's latency histogram and the request's `submitted_at`,
     /// observed at the last acknowledgement.
     latency: Option<(prometheus::Histogram, i64)>,
+}
+
+impl Delivery {
+    /// `more` records are now part of this delivery (replacing one that
+    /// was not acknowledged, which still counts).
+    fn expect(&self, more: usize) {
+        if let Delivery::Task(task) = self {
+            task.remaining.fetch_add(more, AtomicOrdering::AcqRel);
+        }
+    }
 }
 
 impl TaskOutputs {
@@ -235,40 +279,67 @@ async fn send_after(
     rest: impl Iterator<Item = Outgoing>,
     delivery: Arc<Delivery>,
 ) {
-    let record = if is_queue_full(&refused) {
-        record
+    let records = if is_queue_full(&refused) {
+        vec![record]
     } else {
-        recover(shared, &refused, record).await
+        match recover(shared, &refused, record).await {
+            Some(records) => records,
+            None => return,
+        }
     };
-    send(shared, record, delivery.clone()).await;
+    send_all(shared, records, delivery.clone()).await;
     for record in rest {
         send(shared, record, delivery.clone()).await;
     }
 }
 
-/// Produces one record and returns once the broker acknowledged it,
-/// producing it again for as long as it takes.
-pub(crate) async fn produce(shared: &Shared, mut record: Outgoing) {
-    loop {
+/// Produces one record and returns once the broker acknowledged it (or
+/// what replaced it, see [`recover`]), producing it again for as long as
+/// a passing failure lasts. After a fatal one it never returns: the
+/// processor is stopping, and the caller must not go on as if the record
+/// were written.
+pub(crate) async fn produce(shared: &Shared, record: Outgoing) {
+    let mut queue = vec![record];
+    while let Some(record) = queue.pop() {
         let (sender, receiver) = oneshot::channel();
         let delivery = Arc::new(Delivery::Awaited(Mutex::new(Some(sender))));
         let failure = match hand_over(shared, &record, delivery).await {
             Ok(()) => match receiver.await {
-                Ok(Ok(())) => return,
+                Ok(Ok(())) => continue,
                 Ok(Err(e)) => e,
                 Err(_) => KafkaError::Canceled,
             },
             Err(e) => e,
         };
-        record = recover(shared, &failure, record).await;
+        match Box::pin(recover(shared, &failure, record)).await {
+            Some(records) => queue.extend(records),
+            None => std::future::pending::<()>().await,
+        }
     }
 }
 
 /// Hands `record` to the producer until it takes it; its acknowledgement
 /// goes to `delivery`.
-async fn send(shared: &Shared, mut record: Outgoing, delivery: Arc<Delivery>) {
-    while let Err(failure) = hand_over(shared, &record, delivery.clone()).await {
-        record = Box::pin(recover(shared, &failure, record)).await;
+async fn send(shared: &Shared, record: Outgoing, delivery: Arc<Delivery>) {
+    send_all(shared, vec![record], delivery).await;
+}
+
+/// Hands `records`, which together take the place of one record of
+/// `delivery`, to the producer until it takes each (or what replaces it).
+/// Returns early after a fatal failure, leaving the delivery unfinished.
+async fn send_all(shared: &Shared, records: Vec<Outgoing>, delivery: Arc<Delivery>) {
+    delivery.expect(records.len().saturating_sub(1));
+    let mut queue = records;
+    while let Some(record) = queue.pop() {
+        if let Err(failure) = hand_over(shared, &record, delivery.clone()).await {
+            match Box::pin(recover(shared, &failure, record)).await {
+                Some(records) => {
+                    delivery.expect(records.len().saturating_sub(1));
+                    queue.extend(records);
+                }
+                None => return,
+            }
+        }
     }
 }
 
@@ -328,28 +399,196 @@ fn is_queue_full(error: &KafkaError) -> bool {
     )
 }
 
-/// What to produce after `failure`: a result too large for the broker
-/// becomes a FAILED result without its output, at once; anything else is
-/// counted and produced again after [`PRODUCE_RETRY`].
-async fn recover(shared: &Shared, failure: &KafkaError, mut record: Outgoing) -> Outgoing {
-    if is_too_large(failure) {
-        if let Some((bytes, smaller)) = record
-            .value
-            .as_ref()
-            .and_then(|v| Some((v.len(), without_output(shared, v, failure)?)))
-        {
-            warn!(topic = %record.topic, bytes, "result too large for the broker; reporting a failure instead");
-            record.value = Some(smaller);
-            return record;
+/// What to produce instead of `record`, which the broker did not take
+/// with `failure` (see the module's documentation); `None` after a fatal
+/// failure, once the processor has been told to stop.
+async fn recover(shared: &Shared, failure: &KafkaError, record: Outgoing) -> Option<Vec<Outgoing>> {
+    match classify(failure) {
+        Class::Fatal(advice) => {
+            shared.fail(format!(
+                "cannot produce to topic `{}`: {failure}; {advice}",
+                record.topic
+            ));
+            None
+        }
+        Class::TooLarge => match replace_too_large(shared, failure, record) {
+            Ok(records) => Some(records),
+            Err(message) => {
+                shared.fail(message);
+                None
+            }
+        },
+        Class::Passing => {
+            if let Some(retries) = &shared.hot.produce_retries {
+                retries.inc();
+            }
+            let failures = shared
+                .failures_in_a_row
+                .fetch_add(1, AtomicOrdering::Relaxed);
+            let wait = backoff(failures, fastrand::f64());
+            warn!(topic = %record.topic, error = %failure, wait_ms = wait.as_millis() as u64,
+                  "record not acknowledged; producing it again");
+            tokio::time::sleep(wait).await;
+            Some(vec![record])
         }
     }
-    if let Some(errors) = &shared.hot.produce_errors {
-        errors.inc();
-    }
-    warn!(topic = %record.topic, error = %failure, "record not acknowledged; producing it again");
-    tokio::time::sleep(PRODUCE_RETRY).await;
-    record
 }
+
+/// The wait before the next produce attempt after `failures` failures in
+/// a row (0 for the first), with `jitter` from 0 to 1 spreading it ±20%.
+fn backoff(failures: u32, jitter: f64) -> Duration {
+    let base = PRODUCE_RETRY
+        .saturating_mul(1 << failures.min(16))
+        .min(PRODUCE_RETRY_MAX);
+    base.mul_f64(0.8 + 0.4 * jitter.clamp(0.0, 1.0))
+}
+
+/// How a failure to produce is handled.
+#[derive(Debug, PartialEq, Eq)]
+enum Class {
+    /// Retrying cannot fix it: stop, saying what to do.
+    Fatal(&'static str),
+    /// The broker will never take the record as it is.
+    TooLarge,
+    /// Produce it again after a backoff.
+    Passing,
+}
+
+fn classify(error: &KafkaError) -> Class {
+    use RDKafkaErrorCode as E;
+    match error.rdkafka_error_code() {
+        Some(E::TopicAuthorizationFailed | E::ClusterAuthorizationFailed) => {
+            Class::Fatal("grant WRITE on the topic to this principal")
+        }
+        Some(E::UnknownTopicOrPartition | E::UnknownTopic | E::InvalidTopic) => {
+            Class::Fatal("the topic does not exist (was it deleted?): create it")
+        }
+        Some(E::SaslAuthenticationFailed | E::Authentication) => {
+            Class::Fatal("authentication failed: check the security settings in [kafka.options]")
+        }
+        Some(E::Fatal | E::InvalidProducerEpoch | E::ProducerFenced) => {
+            Class::Fatal("the idempotent producer cannot go on: restart the worker")
+        }
+        Some(E::MessageSizeTooLarge) => Class::TooLarge,
+        _ => Class::Passing,
+    }
+}
+
+/// What replaces a record too large for the broker: a result without
+/// its output, a dead letter cut in half, or (any other record) a dead
+/// letter saying so and, when it is a task request, a FAILED result for
+/// that task. An error when nothing smaller can be made.
+fn replace_too_large(
+    shared: &Shared,
+    failure: &KafkaError,
+    mut record: Outgoing,
+) -> Result<Vec<Outgoing>, String> {
+    let size = record.value.as_ref().map_or(0, Vec::len);
+    let topic = record.topic.clone();
+    if topic == shared.output_topic {
+        let smaller = record
+            .value
+            .as_ref()
+            .and_then(|v| without_output(shared, v, failure))
+            .ok_or_else(|| {
+                format!(
+                    "a result of {size} bytes without an output is larger than topic `{topic}` accepts ({failure}); \
+                     raise its max.message.bytes"
+                )
+            })?;
+        warn!(topic = %topic, bytes = size, "result too large for the broker; reporting a failure instead");
+        record.value = Some(smaller);
+        return Ok(vec![record]);
+    }
+    if topic == shared.dead_letter_topic {
+        if size == 0 {
+            return Err(format!(
+                "a dead letter with no payload is larger than topic `{topic}` accepts ({failure}); \
+                 raise its max.message.bytes"
+            ));
+        }
+        // Halving until it fits: at most ~log2(size) attempts.
+        let original = record
+            .headers
+            .as_ref()
+            .and_then(|h| super::headers::value(h, super::headers::ORIGINAL_SIZE))
+            .unwrap_or_else(|| size.to_string());
+        if let Some(value) = &mut record.value {
+            value.truncate(size / 2);
+        }
+        let headers = record.headers.take().unwrap_or_default();
+        record.headers = Some(super::headers::replace(
+            headers,
+            super::headers::ORIGINAL_SIZE,
+            &original,
+        ));
+        warn!(topic = %topic, bytes = size, original_bytes = %original,
+              "dead letter too large for its topic; cutting its payload in half");
+        return Ok(vec![record]);
+    }
+    let message = format!(
+        "a record of {size} bytes for topic `{topic}` is larger than the broker accepts ({failure})"
+    );
+    warn!(topic = %topic, bytes = size, "record too large for its topic; dead-lettering it");
+    let mut records = Vec::with_capacity(2);
+    let request = record
+        .value
+        .as_ref()
+        .and_then(|v| shared.codec.decode_request(v).ok());
+    if let Some(request) = request {
+        let now = now_millis();
+        let result = crate::codec::TaskResult {
+            id: request.id,
+            task_type: request.task_type.clone(),
+            status: TaskStatus::Failed,
+            output: None,
+            content_type: String::new(),
+            error: Some(TaskError {
+                kind: OUTPUT_TOO_LARGE.into(),
+                message: message.clone(),
+            }),
+            attempts: request.attempt.saturating_sub(1),
+            started_at: now,
+            finished_at: now,
+            worker: shared.worker.clone(),
+            workflow: request.workflow.clone(),
+        };
+        let mut value = Vec::new();
+        shared.codec.encode_result(&result, &mut value);
+        records.push(Outgoing {
+            topic: shared.output_topic.clone(),
+            partition: None,
+            key: Some(request.id.to_string().into_bytes()),
+            value: Some(value),
+            headers: None,
+        });
+    }
+    let headers = super::headers::build([
+        (
+            super::headers::ERROR_KIND,
+            Some(OUTPUT_TOO_LARGE.to_owned()),
+        ),
+        (super::headers::ERROR_MESSAGE, Some(message)),
+        (super::headers::ORIGINAL_TOPIC, Some(topic.to_string())),
+        (super::headers::PROCESSOR, Some(shared.name.clone())),
+        (super::headers::WORKER, Some(shared.worker.clone())),
+        (
+            super::headers::LAST_FAILURE_AT,
+            Some(now_millis().to_string()),
+        ),
+    ]);
+    records.push(Outgoing {
+        topic: shared.dead_letter_topic.clone(),
+        partition: None,
+        key: record.key,
+        value: record.value,
+        headers: Some(headers),
+    });
+    Ok(records)
+}
+
+/// The error kind of a record the broker will never take.
+const OUTPUT_TOO_LARGE: &str = "output_too_large";
 
 /// For an encoded result with an output, the same result FAILED with kind
 /// `output_too_large` and no output.
@@ -359,7 +598,7 @@ fn without_output(shared: &Shared, value: &[u8], failure: &KafkaError) -> Option
     result.output = None;
     result.status = TaskStatus::Failed;
     result.error = Some(TaskError {
-        kind: "output_too_large".into(),
+        kind: OUTPUT_TOO_LARGE.into(),
         message: format!(
             "the result ({} bytes) is larger than the broker accepts ({failure})",
             value.len()
@@ -370,9 +609,45 @@ fn without_output(shared: &Shared, value: &[u8], failure: &KafkaError) -> Option
     Some(encoded)
 }
 
-fn is_too_large(error: &KafkaError) -> bool {
-    matches!(
-        error.rdkafka_error_code(),
-        Some(RDKafkaErrorCode::MessageSizeTooLarge)
-    )
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failures_are_classified_by_what_fixes_them() {
+        let produce = |code| KafkaError::MessageProduction(code);
+        assert!(matches!(
+            classify(&produce(RDKafkaErrorCode::TopicAuthorizationFailed)),
+            Class::Fatal(advice) if advice.contains("grant WRITE")
+        ));
+        assert!(matches!(
+            classify(&produce(RDKafkaErrorCode::UnknownTopic)),
+            Class::Fatal(advice) if advice.contains("does not exist")
+        ));
+        assert!(matches!(
+            classify(&produce(RDKafkaErrorCode::Fatal)),
+            Class::Fatal(_)
+        ));
+        assert_eq!(
+            classify(&produce(RDKafkaErrorCode::MessageSizeTooLarge)),
+            Class::TooLarge
+        );
+        for passing in [
+            RDKafkaErrorCode::MessageTimedOut,
+            RDKafkaErrorCode::BrokerTransportFailure,
+            RDKafkaErrorCode::NotLeaderForPartition,
+        ] {
+            assert_eq!(classify(&produce(passing)), Class::Passing);
+        }
+    }
+
+    #[test]
+    fn the_produce_backoff_doubles_up_to_its_cap_with_jitter() {
+        assert_eq!(backoff(0, 0.5), PRODUCE_RETRY);
+        assert_eq!(backoff(1, 0.5), PRODUCE_RETRY * 2);
+        assert_eq!(backoff(30, 0.5), PRODUCE_RETRY_MAX);
+        assert_eq!(backoff(u32::MAX, 0.5), PRODUCE_RETRY_MAX);
+        assert!(backoff(0, 0.0) < backoff(0, 1.0));
+        assert!(backoff(40, 1.0) <= PRODUCE_RETRY_MAX.mul_f64(1.2));
+    }
 }

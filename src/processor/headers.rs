@@ -32,6 +32,9 @@ pub const WORKER: &str = "conveyor.worker";
 pub const FIRST_FAILURE_AT: &str = "conveyor.failure.first_at";
 /// Dead letters: when the task failed for the last time (ms).
 pub const LAST_FAILURE_AT: &str = "conveyor.failure.last_at";
+/// Dead letters whose payload was cut to fit the dead-letter topic: the
+/// payload's size in bytes before it was cut. Absent when it is whole.
+pub const ORIGINAL_SIZE: &str = "conveyor.original.size";
 /// Retry-topic records: not to run before this time (ms since the epoch).
 pub const NOT_BEFORE: &str = "conveyor.retry.not_before";
 
@@ -98,6 +101,30 @@ pub fn read(message: &BorrowedMessage<'_>) -> Incoming {
         origin,
         first_failure_at: number(message, FIRST_FAILURE_AT),
     }
+}
+
+/// The value of header `key` in `headers`, as text.
+pub fn value(headers: &OwnedHeaders, key: &str) -> Option<String> {
+    headers
+        .iter()
+        .find(|h| h.key == key)
+        .and_then(|h| h.value)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
+/// `headers` with header `key` set to `value` (replacing it if present).
+pub fn replace(headers: OwnedHeaders, key: &str, value: &str) -> OwnedHeaders {
+    let mut out = OwnedHeaders::new_with_capacity(headers.count() + 1);
+    for h in headers.iter().filter(|h| h.key != key) {
+        out = out.insert(Header {
+            key: h.key,
+            value: h.value,
+        });
+    }
+    out.insert(Header {
+        key,
+        value: Some(value.as_bytes()),
+    })
 }
 
 /// Builds a header list from name/value pairs, skipping absent values.

@@ -370,7 +370,9 @@ async fn write(
 
 /// Reads `partition` of `changelog` back into `part`, once; tries again
 /// until it succeeds (the contribution waiting on it keeps its offset
-/// unstored meanwhile).
+/// unstored meanwhile). Records are applied as they are read, into a fresh
+/// state that replaces `part`'s only once the whole partition was read:
+/// memory holds the joins, not the changelog.
 async fn restore(shared: &Shared, part: &JoinPartition, changelog: &str, partition: i32) {
     part.restored
         .get_or_init(|| async {
@@ -378,28 +380,30 @@ async fn restore(shared: &Shared, part: &JoinPartition, changelog: &str, partiti
                 let kafka = shared.joins.kafka.clone();
                 let topic = changelog.to_owned();
                 let read = tokio::task::spawn_blocking(move || {
-                    read_changelog(&kafka, &topic, partition)
+                    let mut state = PartitionJoins::default();
+                    let mut unreadable = 0usize;
+                    let records = read_changelog(&kafka, &topic, partition, |key, value| {
+                        if let Err(e) = state.apply(key, value) {
+                            unreadable += 1;
+                            debug!(error = %e, "changelog record skipped");
+                        }
+                    })?;
+                    Ok::<_, String>((state, records, unreadable))
                 })
                 .await
                 .map_err(|e| e.to_string())
                 .and_then(|r| r);
                 match read {
-                    Ok(records) => {
-                        let mut state = part.state();
-                        let mut unreadable = 0usize;
-                        for (key, value) in &records {
-                            if let Err(e) = state.apply(key, value.as_deref()) {
-                                unreadable += 1;
-                                debug!(error = %e, "changelog record skipped");
-                            }
-                        }
+                    Ok((restored, records, unreadable)) => {
                         if unreadable > 0 {
                             warn!(changelog, partition, unreadable, "changelog records that are not join state were skipped");
                         }
+                        let mut state = part.state();
+                        *state = restored;
                         info!(
                             changelog,
                             partition,
-                            records = records.len(),
+                            records,
                             open = state.open.len(),
                             "join state restored"
                         );
@@ -415,15 +419,14 @@ async fn restore(shared: &Shared, part: &JoinPartition, changelog: &str, partiti
         .await;
 }
 
-type Record = (Vec<u8>, Option<Vec<u8>>);
-
-/// Every record of `partition` of `topic` from its start to its current
-/// end, in order.
+/// Calls `apply` with every record (key, value) of `partition` of `topic`
+/// from its start to its current end, in order; returns how many.
 fn read_changelog(
     kafka: &KafkaSettings,
     topic: &str,
     partition: i32,
-) -> Result<Vec<Record>, String> {
+    mut apply: impl FnMut(&[u8], Option<&[u8]>),
+) -> Result<usize, String> {
     let consumer: BaseConsumer = kafka::consumer_config(kafka, "conveyor-join-restore", 10_000)
         .set("enable.auto.commit", "false")
         // The end is where the partition ends, not offset high - 1: in a
@@ -434,7 +437,7 @@ fn read_changelog(
     let (low, high) = consumer
         .fetch_watermarks(topic, partition, Duration::from_secs(10))
         .map_err(|e| format!("watermarks of {topic}/{partition}: {e}"))?;
-    let mut records = Vec::new();
+    let mut records = 0;
     if high <= low {
         return Ok(records);
     }
@@ -452,12 +455,9 @@ fn read_changelog(
         }
         match consumer.poll(Duration::from_millis(100)) {
             Some(Ok(m)) => {
-                let offset = m.offset();
-                records.push((
-                    m.key().unwrap_or_default().to_vec(),
-                    m.payload().map(<[u8]>::to_vec),
-                ));
-                if offset + 1 >= high {
+                records += 1;
+                apply(m.key().unwrap_or_default(), m.payload());
+                if m.offset() + 1 >= high {
                     return Ok(records);
                 }
             }

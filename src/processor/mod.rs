@@ -3,13 +3,32 @@
 //!
 //! # The at-least-once rule
 //!
-//! An input offset is *stored* (handed to librdkafka's auto-commit) only
-//! when its task finished **and** the result record was acknowledged by the
-//! broker (`acks=all`, idempotent producer), and only over the contiguous
-//! prefix of finished offsets of its partition ([`OffsetTracker`]). A crash
-//! at any instant therefore loses nothing: whatever was not stored is read
-//! again by the next owner of the partition. It redoes at most the tasks in
-//! flight plus those finished since the last commit (`commit_interval_ms`).
+//! An input offset counts as finished only when its task finished **and**
+//! every record it caused was acknowledged by the broker (`acks=all`,
+//! idempotent producer), and the committed offset advances only over the
+//! contiguous prefix of finished offsets of its partition
+//! ([`OffsetTracker`]). A crash at any instant therefore loses nothing:
+//! whatever was not committed is read again by the next owner of the
+//! partition. It redoes at most the tasks in flight plus those finished
+//! since the last commit (`commit_interval_ms`).
+//!
+//! # Progress beyond the watermark
+//!
+//! Each commit (sent by the poll thread every `commit_interval_ms`, see
+//! `Shared::commit`) also carries, in its metadata, the finished offsets
+//! above the committed one ([`progress`]). A member assigned the partition
+//! reads them back and skips those records, so a slow head does not make
+//! the work finished behind it run again after a crash. Metadata that is
+//! missing (a broker that drops it) or not conveyor's for that offset is
+//! ignored. `max_uncommitted_per_partition` bounds how far past its oldest
+//! unfinished record a partition is read.
+//!
+//! # Failures that stop the processor
+//!
+//! An error retrying cannot fix (see `delivery.rs`: not authorized to
+//! write, a deleted topic, a fatal idempotent-producer error) is recorded
+//! with `Shared::fail`; the poll thread then stops at once, commits what
+//! finished (nothing past the failed task) and returns the error.
 //!
 //! # Threads
 //!
@@ -57,11 +76,11 @@
 //! # Rebalance and shutdown
 //!
 //! On revoke: records of the revoked partitions that have not started are
-//! dropped (they were not stored, so the next owner reads them), running
-//! ones are awaited until `drain_timeout_ms`, finished offsets are stored and
-//! committed synchronously, then the partitions go. A task that finishes
-//! after its partition went still produces its result, but its offset is
-//! not stored. Shutdown does the same for every partition, then closes.
+//! dropped (they were not committed, so the next owner reads them), running
+//! ones are awaited until `drain_timeout_ms`, the progress is committed
+//! synchronously, then the partitions go. A task that finishes after its
+//! partition went still produces its result, but its offset is not
+//! committed. Shutdown does the same for every partition, then closes.
 
 mod delivery;
 pub mod headers;
@@ -69,7 +88,9 @@ mod join;
 mod task;
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering as AtomicOrdering};
+use std::sync::atomic::{
+    AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering as AtomicOrdering,
+};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -88,6 +109,7 @@ use crate::handlers::Registry;
 use crate::kafka;
 use crate::metrics::Metrics;
 use crate::offsets::OffsetTracker;
+use crate::progress;
 use crate::settings::{KafkaSettings, Ordering, ProcessorSettings};
 use crate::workflow::{Workflows, JOINS_SUFFIX};
 
@@ -95,6 +117,11 @@ use crate::workflow::{Workflows, JOINS_SUFFIX};
 /// callbacks (rebalances, statistics, commits) are served at least this
 /// often. Records and finished tasks wake it at once.
 const IDLE_POLL: Duration = Duration::from_millis(100);
+/// Every this many commit intervals, every owned partition's progress is
+/// committed, changed or not.
+const FULL_COMMIT_EVERY: u32 = 5;
+/// Longest wait for the committed offsets of newly assigned partitions.
+const PROGRESS_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often open joins are checked against their workflow's deadline.
 const JOIN_SWEEP: Duration = Duration::from_secs(1);
 
@@ -131,9 +158,46 @@ pub struct ProcessorStatus {
     finished: AtomicUsize,
     breaker_open: AtomicBool,
     drain_commit_failures: AtomicUsize,
+    /// When the poll loop last went round, in ms since the Unix epoch (0:
+    /// not started).
+    last_poll_ms: AtomicU64,
+    /// The processor stopped on an error that retrying cannot fix.
+    failed: AtomicBool,
+    /// Test hook: the poll loop waits while this is set.
+    held: AtomicBool,
 }
 
 impl ProcessorStatus {
+    /// Milliseconds since the poll loop last went round; `None` before it
+    /// started. A poll loop that does not go round (a callback blocked in
+    /// librdkafka, a lock never released) is the consumer that is alive
+    /// but has silently stopped consuming.
+    pub fn since_last_poll(&self) -> Option<Duration> {
+        let last = self.last_poll_ms.load(AtomicOrdering::Relaxed);
+        let now = u64::try_from(crate::codec::now_millis()).unwrap_or(0);
+        (last > 0).then(|| Duration::from_millis(now.saturating_sub(last)))
+    }
+
+    /// Whether the processor stopped on an error that retrying cannot fix.
+    pub fn failed(&self) -> bool {
+        self.failed.load(AtomicOrdering::Relaxed)
+    }
+
+    /// Test hook: while `held`, the poll loop waits without going round,
+    /// as a blocked one would. Not for production use.
+    #[doc(hidden)]
+    pub fn hold_poll_loop(&self, held: bool) {
+        self.held.store(held, AtomicOrdering::Relaxed);
+    }
+
+    fn poll_loop_alive(&self) {
+        while self.held.load(AtomicOrdering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let now = u64::try_from(crate::codec::now_millis()).unwrap_or(0);
+        self.last_poll_ms.store(now, AtomicOrdering::Relaxed);
+    }
+
     /// Partitions this member owns now.
     pub fn assigned_partitions(&self) -> usize {
         self.assigned.load(AtomicOrdering::Relaxed)
@@ -225,8 +289,11 @@ struct Owned {
     in_flight: usize,
     /// Lanes with a running task, and the records waiting behind it.
     lanes: HashMap<Lane, VecDeque<Job>>,
-    /// A watermark to store at the next chance.
-    store: Option<i64>,
+    /// Finished offsets changed since the last commit was sent.
+    dirty: bool,
+    /// Offsets that finished before this assignment (from the committed
+    /// offset's metadata): skipped as they arrive.
+    skip: progress::Finished,
     /// Being revoked: take nothing more from it.
     revoking: bool,
 }
@@ -238,7 +305,8 @@ impl Owned {
             tracker: OffsetTracker::new(),
             in_flight: 0,
             lanes: HashMap::new(),
-            store: None,
+            dirty: false,
+            skip: progress::Finished::default(),
             revoking: false,
         }
     }
@@ -302,7 +370,11 @@ struct Hot {
     breaker_open: Option<prometheus::IntGauge>,
     /// By [`delivery::Record`].
     produced: Option<[prometheus::IntCounter; 4]>,
-    produce_errors: Option<prometheus::IntCounter>,
+    produce_retries: Option<prometheus::IntCounter>,
+    /// Records skipped because they finished before this assignment.
+    skipped: Option<prometheus::IntCounter>,
+    /// Commits whose finished offsets did not all fit in the metadata.
+    progress_overflow: Option<prometheus::IntCounter>,
     /// Per configured task type.
     types: HashMap<String, TypeMetrics>,
 }
@@ -344,7 +416,9 @@ impl Hot {
             produced: Some(
                 delivery::RECORD_LABELS.map(|r| m.records_produced.with_label_values(&[name, r])),
             ),
-            produce_errors: Some(m.produce_errors.with_label_values(&[name])),
+            produce_retries: Some(m.produce_retries.with_label_values(&[name])),
+            skipped: Some(m.records_skipped.with_label_values(&[name])),
+            progress_overflow: Some(m.progress_overflow.with_label_values(&[name])),
             types,
         }
     }
@@ -383,9 +457,35 @@ pub(crate) struct Shared {
     /// Whether the records in flight reach `max_in_flight_bytes`: the poll
     /// thread stops taking records at once.
     bytes_full: AtomicBool,
+    /// Produce failures in a row (reset by any acknowledgement): the
+    /// backoff before producing again grows with it.
+    failures_in_a_row: AtomicU32,
+    /// When the processor started: dispatch ticks count from here.
+    started: Instant,
+    /// An error retrying cannot fix, met off the poll thread (producing):
+    /// the poll thread stops the processor with it.
+    fatal: Mutex<Option<String>>,
 }
 
 impl Shared {
+    /// Stops the processor: `message` says what retrying cannot fix. No
+    /// offset is stored past the task that met it (its outputs were not
+    /// acknowledged), and the drain does not wait for the others.
+    pub(crate) fn fail(&self, message: String) {
+        let mut fatal = self.fatal.lock().unwrap_or_else(|p| p.into_inner());
+        if fatal.is_none() {
+            error!(processor = %self.name, %message, "stopping");
+            *fatal = Some(message);
+        }
+        drop(fatal);
+        self.wake();
+    }
+
+    /// The error the processor must stop with, if one was met.
+    fn fatal_error(&self) -> Option<String> {
+        self.fatal.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     /// Whether the breaker is open now.
     fn breaker_open(&self) -> bool {
         let mut breaker = self.breaker.lock().unwrap_or_else(|p| p.into_inner());
@@ -424,6 +524,80 @@ impl Shared {
     /// with nothing in flight, so that a larger record still runs).
     fn over_bytes(&self, state: &State) -> bool {
         state.in_flight > 0 && state.in_flight_bytes >= self.settings.max_in_flight_bytes
+    }
+
+    /// Reads the committed offsets of newly assigned `partitions` with
+    /// their metadata, and marks the offsets it records as finished for
+    /// skipping (see [`progress`]). Metadata that is missing or not usable
+    /// is said once per partition and counted; the partition is then read
+    /// from the committed offset as usual. Poll thread only.
+    fn restore_progress<C: ConsumerContext>(
+        &self,
+        consumer: &BaseConsumer<C>,
+        partitions: &[TopicPartition],
+    ) {
+        if partitions.is_empty() {
+            return;
+        }
+        let mut list = TopicPartitionList::new();
+        for (topic, partition) in partitions {
+            list.add_partition(topic, *partition);
+        }
+        let committed = match consumer.committed_offsets(list, PROGRESS_READ_TIMEOUT) {
+            Ok(committed) => committed,
+            Err(e) => {
+                warn!(processor = %self.name, error = %e,
+                      "cannot read the committed offsets' metadata; work finished above them runs again");
+                return;
+            }
+        };
+        let mut restored = Vec::new();
+        for element in committed.elements() {
+            let Offset::Offset(offset) = element.offset() else {
+                continue; // nothing committed yet
+            };
+            let (topic, partition) = (element.topic(), element.partition());
+            // rdkafka panics on metadata that is not UTF-8, which another
+            // client could have written.
+            let metadata = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                element.metadata().to_owned()
+            }))
+            .map_err(|_| progress::Unusable::Invalid("not UTF-8"));
+            let outcome = match metadata.and_then(|m| progress::decode(offset, &m)) {
+                Ok(ranges) => {
+                    let records: i64 = ranges.iter().map(|(s, e)| e - s).sum();
+                    if records > 0 {
+                        info!(processor = %self.name, topic, partition, committed = offset,
+                              ranges = ranges.len(), offsets = records,
+                              "skipping records above the committed offset that finished before");
+                    }
+                    restored.push(((Arc::from(topic), partition), ranges));
+                    "used"
+                }
+                Err(progress::Unusable::Missing) => {
+                    warn!(processor = %self.name, topic, partition, committed = offset,
+                          "the committed offset carries no progress metadata (the broker may drop commit metadata):                            records above it that had finished run again");
+                    "missing"
+                }
+                Err(e) => {
+                    warn!(processor = %self.name, topic, partition, committed = offset, error = %e,
+                          "progress metadata not used: records above the committed offset that had finished run again");
+                    "invalid"
+                }
+            };
+            if self.metrics.enabled() {
+                self.metrics
+                    .progress_restored
+                    .with_label_values(&[&self.name, outcome])
+                    .inc();
+            }
+        }
+        let mut state = self.lock();
+        for (tp, ranges) in restored {
+            if let Some(owned) = state.partitions.get_mut(&tp) {
+                owned.skip = progress::Finished::new(ranges);
+            }
+        }
     }
 
     fn publish_assigned(&self, assigned: usize) {
@@ -474,8 +648,19 @@ impl Shared {
         if owned.revoking {
             return None;
         }
-        if let Err(e) = owned.tracker.dispatched(offset) {
+        let tick = self.tick();
+        if let Err(e) = owned.tracker.dispatched_at(offset, tick) {
             debug!(topic, partition, %e, "record delivered again; the first copy is in flight");
+            return None;
+        }
+        if owned.skip.take(offset) {
+            // Finished before a crash or rebalance, as the last commit's
+            // metadata records: not run again, not produced again.
+            owned.tracker.finished(offset);
+            owned.dirty = true;
+            if let Some(skipped) = &self.hot.skipped {
+                skipped.inc();
+            }
             return None;
         }
         owned.in_flight += 1;
@@ -535,9 +720,8 @@ impl Shared {
             .filter(|o| o.generation == job.generation)
         {
             owned.in_flight = owned.in_flight.saturating_sub(1);
-            if let Some(watermark) = owned.tracker.finished(job.offset) {
-                owned.store = Some(watermark);
-            }
+            owned.tracker.finished(job.offset);
+            owned.dirty = true;
             if let Some(lane) = &job.lane {
                 next = owned.lanes.get_mut(lane).and_then(VecDeque::pop_front);
                 if next.is_none() {
@@ -574,57 +758,131 @@ impl Shared {
         }
     }
 
-    /// Stores pending watermarks and works out how many records each
-    /// owned partition may take now: `owned` is refilled with every owned
-    /// partition, its room (0 when it must not be read) and the generation
-    /// of its assignment. Returns the room left processor-wide. Poll thread
-    /// only.
-    fn apply<C: ConsumerContext>(
-        &self,
-        consumer: &BaseConsumer<C>,
-        owned: &mut Vec<(TopicPartition, usize, u64)>,
-    ) -> usize {
+    /// Works out how many records each owned partition may take now:
+    /// `owned` is refilled with every owned partition, its room (0 when it
+    /// must not be read) and the generation of its assignment. Returns the
+    /// room left processor-wide. Poll thread only.
+    fn apply(&self, owned: &mut Vec<(TopicPartition, usize, u64)>) -> usize {
         owned.clear();
-        let mut store = TopicPartitionList::new();
         let breaker_open = self.breaker_open();
-        let room;
-        {
-            let mut state = self.lock();
-            let blocked = self.producer_blocked.load(AtomicOrdering::Relaxed) > 0 || breaker_open;
-            room = if blocked || state.stopping || self.over_bytes(&state) {
+        let state = self.lock();
+        let blocked = self.producer_blocked.load(AtomicOrdering::Relaxed) > 0 || breaker_open;
+        let room = if blocked || state.stopping || self.over_bytes(&state) {
+            0
+        } else {
+            self.settings.max_in_flight.saturating_sub(state.in_flight)
+        };
+        let per_partition = self.settings.max_in_flight_per_partition;
+        let uncommitted = self.settings.max_uncommitted_per_partition;
+        let mut closed: i64 = 0;
+        for (tp, o) in &state.partitions {
+            let own_room = if o.revoking || room == 0 {
                 0
             } else {
-                self.settings.max_in_flight.saturating_sub(state.in_flight)
+                // Unfinished records, and everything dispatched above the
+                // oldest unfinished one: behind a stuck head, finished
+                // records pile up uncommitted (and would run again after a
+                // crash on a broker that drops commit metadata).
+                per_partition
+                    .saturating_sub(o.in_flight)
+                    .min(uncommitted.saturating_sub(o.tracker.uncommitted()))
             };
-            let per_partition = self.settings.max_in_flight_per_partition;
-            let mut closed: i64 = 0;
-            for ((topic, partition), o) in &mut state.partitions {
-                if let Some(watermark) = o.store.take() {
-                    let _ =
-                        store.add_partition_offset(topic, *partition, Offset::Offset(watermark));
-                }
-                let own_room = if o.revoking || room == 0 {
-                    0
-                } else {
-                    per_partition.saturating_sub(o.in_flight)
-                };
-                if own_room == 0 {
-                    closed += 1;
-                }
-                owned.push(((topic.clone(), *partition), own_room, o.generation));
+            if own_room == 0 {
+                closed += 1;
             }
-            if let Some(gauge) = &self.hot.paused {
-                gauge.set(closed);
-            }
+            owned.push((tp.clone(), own_room, o.generation));
         }
-        if store.count() > 0 {
-            if let Err(e) = consumer.store_offsets(&store) {
-                // Only for partitions no longer assigned: their new owner
-                // reads those records again, which at-least-once allows.
-                debug!(processor = %self.name, error = %e, "storing offsets failed");
-            }
+        if let Some(gauge) = &self.hot.paused {
+            gauge.set(closed);
         }
         room
+    }
+
+    /// The watermark of `o` with the finished offsets above it, as a
+    /// commit's metadata (see [`progress`]). `None` before anything was
+    /// dispatched.
+    fn progress_of(&self, o: &Owned) -> Option<(i64, progress::Encoded)> {
+        let watermark = o.tracker.watermark()?;
+        // Skipped offsets not read yet still count as finished.
+        let unread = o.skip.from(o.tracker.next().unwrap_or(watermark));
+        let encoded = progress::encode(
+            watermark,
+            o.tracker.finished_ranges().chain(unread),
+            progress::MAX_METADATA,
+        );
+        Some((watermark, encoded))
+    }
+
+    /// Commits the progress (watermark, and the finished offsets above it
+    /// in the metadata) of each chosen partition (all when `None`): those
+    /// whose finished offsets changed since, or, with `all`, every one.
+    /// Poll thread only.
+    ///
+    /// conveyor commits by itself instead of librdkafka's auto-commit,
+    /// which sends nothing while the watermark stands still (a head that
+    /// does not finish) although the metadata changes, and whose timer
+    /// can send an older stored offset after a newer explicit commit.
+    /// Asynchronous commits are sent in order from this thread; one that
+    /// fails unseen is healed by the next full commit (every
+    /// [`FULL_COMMIT_EVERY`] intervals) and by the synchronous commit of
+    /// every drain, whose outcome is known.
+    fn commit<C: ConsumerContext>(
+        &self,
+        consumer: &BaseConsumer<C>,
+        partitions: Option<&[TopicPartition]>,
+        mode: CommitMode,
+        all: bool,
+    ) -> Result<(), KafkaError> {
+        let mut list = TopicPartitionList::new();
+        let mut overflowed = 0;
+        {
+            let mut state = self.lock();
+            for (tp, o) in &mut state.partitions {
+                if !(o.dirty || all) || partitions.is_some_and(|chosen| !chosen.contains(tp)) {
+                    continue;
+                }
+                let Some((watermark, encoded)) = self.progress_of(o) else {
+                    continue;
+                };
+                if encoded.left_out > 0 {
+                    overflowed += 1;
+                }
+                list.add_partition_offset(&tp.0, tp.1, Offset::Offset(watermark))?;
+                if let Some(mut element) = list.find_partition(&tp.0, tp.1) {
+                    element.set_metadata(&encoded.metadata);
+                }
+                o.dirty = false;
+            }
+        }
+        if overflowed > 0 {
+            if let Some(counter) = &self.hot.progress_overflow {
+                counter.inc_by(overflowed);
+            }
+        }
+        if list.count() == 0 {
+            return Ok(());
+        }
+        let outcome = consumer.commit(&list, mode);
+        if outcome.is_err() {
+            self.commit_failed(&list);
+        }
+        outcome
+    }
+
+    /// Marks the partitions of a failed commit for the next one.
+    fn commit_failed(&self, list: &TopicPartitionList) {
+        let mut state = self.lock();
+        for element in list.elements() {
+            let tp: TopicPartition = (Arc::from(element.topic()), element.partition());
+            if let Some(o) = state.partitions.get_mut(&tp) {
+                o.dirty = true;
+            }
+        }
+    }
+
+    /// Seconds since the processor started: when records were dispatched.
+    fn tick(&self) -> u32 {
+        u32::try_from(self.started.elapsed().as_secs()).unwrap_or(u32::MAX)
     }
 
     /// Stops intake on `partitions` (all when `None`), drops their records
@@ -637,7 +895,13 @@ impl Shared {
         partitions: Option<&[TopicPartition]>,
         why: &str,
     ) {
-        let deadline = Instant::now() + Duration::from_millis(self.settings.drain_timeout_ms);
+        // After an error that stops the processor, nothing that is still
+        // running can be trusted to finish: commit what is safe and go.
+        let wait = match self.fatal_error() {
+            Some(_) => Duration::ZERO,
+            None => Duration::from_millis(self.settings.drain_timeout_ms),
+        };
+        let deadline = Instant::now() + wait;
         let chosen = |tp: &TopicPartition| partitions.is_none_or(|list| list.contains(tp));
         let mut state = self.lock();
         state.draining = true;
@@ -685,20 +949,11 @@ impl Shared {
         }
         state.draining = false;
         drop(state);
-        let _ = self.apply(consumer, &mut Vec::new());
-        if let Err(e) = self.commit_now(consumer) {
+        if let Err(e) = self.commit(consumer, partitions, CommitMode::Sync, true) {
             self.status
                 .drain_commit_failures
                 .fetch_add(1, AtomicOrdering::Relaxed);
             warn!(processor = %self.name, why, error = %e, "synchronous commit failed");
-        }
-    }
-
-    /// Commits what is stored, synchronously. Nothing stored is success.
-    fn commit_now<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>) -> Result<(), KafkaError> {
-        match consumer.commit_consumer_state(CommitMode::Sync) {
-            Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => Ok(()),
-            Err(e) => Err(e),
         }
     }
 }
@@ -712,6 +967,7 @@ impl ClientContext for EngineContext {
     /// Consumer lag per owned partition, from librdkafka's statistics.
     fn stats(&self, statistics: rdkafka::Statistics) {
         let shared = &self.shared;
+        let now = shared.tick();
         let state = shared.lock();
         for ((topic, partition), owned) in &state.partitions {
             let Some(stats) = statistics
@@ -734,6 +990,13 @@ impl ClientContext for EngineContext {
             let next_unfinished = owned.tracker.watermark().unwrap_or(committed);
             let labels = [shared.name.as_str(), topic.as_ref(), &partition.to_string()];
             let m = &shared.metrics;
+            let age = owned
+                .tracker
+                .oldest_unfinished_tick()
+                .map_or(0, |tick| now.saturating_sub(tick));
+            m.oldest_unfinished
+                .with_label_values(&labels)
+                .set(i64::from(age));
             m.committed_lag
                 .with_label_values(&labels)
                 .set((high - committed).max(0));
@@ -782,6 +1045,10 @@ impl ConsumerContext for EngineContext {
                     let labels = [shared.name.as_str(), tp.0.as_ref(), &tp.1.to_string()];
                     let _ = shared.metrics.committed_lag.remove_label_values(&labels);
                     let _ = shared.metrics.processing_lag.remove_label_values(&labels);
+                    let _ = shared
+                        .metrics
+                        .oldest_unfinished
+                        .remove_label_values(&labels);
                 }
                 shared.publish_assigned(state.partitions.len());
                 shared.publish_in_flight(&state);
@@ -796,7 +1063,7 @@ impl ConsumerContext for EngineContext {
     fn commit_callback(
         &self,
         result: rdkafka::error::KafkaResult<()>,
-        _offsets: &TopicPartitionList,
+        offsets: &TopicPartitionList,
     ) {
         let shared = &self.shared;
         match result {
@@ -812,6 +1079,7 @@ impl ConsumerContext for EngineContext {
             // Nothing was stored since the last commit: not a failure.
             Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
             Err(e) => {
+                shared.commit_failed(offsets);
                 warn!(processor = %shared.name, error = %e, "offset commit failed");
                 if shared.metrics.enabled() {
                     shared
@@ -824,19 +1092,28 @@ impl ConsumerContext for EngineContext {
         }
     }
 
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(list) = rebalance {
             let partitions = topic_partitions(list);
             info!(processor = %self.shared.name, partitions = ?partitions, "partitions assigned");
-            let mut state = self.shared.lock();
-            state.generation += 1;
-            let generation = state.generation;
-            for tp in partitions {
-                state
-                    .partitions
-                    .entry(tp)
-                    .or_insert_with(|| Owned::new(generation));
+            let mut fresh = Vec::new();
+            {
+                let mut state = self.shared.lock();
+                state.generation += 1;
+                let generation = state.generation;
+                for tp in partitions {
+                    if let std::collections::hash_map::Entry::Vacant(e) =
+                        state.partitions.entry(tp.clone())
+                    {
+                        e.insert(Owned::new(generation));
+                        fresh.push(tp);
+                    }
+                }
             }
+            // Before any record of these partitions is dispatched (that
+            // happens on this thread, after this callback).
+            self.shared.restore_progress(consumer, &fresh);
+            let state = self.shared.lock();
             self.shared.publish_assigned(state.partitions.len());
             if self.shared.metrics.enabled() {
                 self.shared
@@ -883,6 +1160,15 @@ fn fatal_message(error: &KafkaError) -> Option<String> {
 /// Runs one processor until `stop` is set, then drains, commits and
 /// returns. Errors only for what retrying cannot fix.
 pub async fn run(spec: ProcessorSpec, stop: Arc<AtomicBool>) -> Result<(), ProcessorError> {
+    let status = spec.status.clone();
+    let outcome = run_processor(spec, stop).await;
+    if outcome.is_err() {
+        status.failed.store(true, AtomicOrdering::Relaxed);
+    }
+    outcome
+}
+
+async fn run_processor(spec: ProcessorSpec, stop: Arc<AtomicBool>) -> Result<(), ProcessorError> {
     let name = spec.settings.name.clone();
     let client_error = |client, source| ProcessorError::Client {
         processor: name.clone(),
@@ -933,17 +1219,17 @@ pub async fn run(spec: ProcessorSpec, stop: Arc<AtomicBool>) -> Result<(), Proce
         poll_thread: std::sync::OnceLock::new(),
         starved: AtomicBool::new(false),
         bytes_full: AtomicBool::new(false),
+        failures_in_a_row: AtomicU32::new(0),
+        started: Instant::now(),
+        fatal: Mutex::new(None),
     });
     shared.producer.context().connect(&shared);
     zero_series(&spec.metrics, &name, &spec.settings);
     let consumer: BaseConsumer<EngineContext> =
         kafka::consumer_config(&spec.kafka, &group, spec.settings.session_timeout_ms)
             .set("client.id", format!("{}-{}", spec.worker, name))
-            .set("enable.auto.commit", "true")
-            .set(
-                "auto.commit.interval.ms",
-                spec.settings.commit_interval_ms.to_string(),
-            )
+            // conveyor commits by itself: see `Shared::commit`.
+            .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")
             // Statistics feed only the lag gauges: none when metrics are off.
             .set(
@@ -1050,7 +1336,9 @@ pub async fn run(spec: ProcessorSpec, stop: Arc<AtomicBool>) -> Result<(), Proce
 /// see "none yet" rather than "no data".
 fn zero_series(m: &Metrics, name: &str, settings: &ProcessorSettings) {
     for counter in [
-        &m.produce_errors,
+        &m.produce_retries,
+        &m.records_skipped,
+        &m.progress_overflow,
         &m.offset_commits,
         &m.offset_commit_failures,
     ] {
@@ -1187,7 +1475,18 @@ fn poll_loop(
     let mut owned = Vec::new();
     let mut turn = 0usize;
     let mut result = Ok(());
+    let commit_interval = Duration::from_millis(shared.settings.commit_interval_ms);
+    let mut next_commit = Instant::now() + commit_interval;
+    let mut commits: u32 = 0;
     'outer: while !stop.load(AtomicOrdering::Relaxed) {
+        shared.status.poll_loop_alive();
+        if let Some(message) = shared.fatal_error() {
+            result = Err(ProcessorError::Fatal {
+                processor: shared.name.clone(),
+                message,
+            });
+            break;
+        }
         let mut any = match serve_main(shared, &consumer) {
             Ok(any) => any,
             Err(e) => {
@@ -1198,7 +1497,15 @@ fn poll_loop(
         // Set before the bounds are read: a task finishing from here on
         // wakes this thread (its unpark is kept until the next park).
         shared.starved.store(true, AtomicOrdering::Release);
-        let mut room = shared.apply(&consumer, &mut owned);
+        let mut room = shared.apply(&mut owned);
+        if Instant::now() >= next_commit {
+            commits = commits.wrapping_add(1);
+            let all = commits.is_multiple_of(FULL_COMMIT_EVERY);
+            if let Err(e) = shared.commit(&consumer, None, CommitMode::Async, all) {
+                warn!(processor = %shared.name, error = %e, "offset commit not sent");
+            }
+            next_commit = Instant::now() + commit_interval;
+        }
         if room > 0 && owned.iter().all(|(_, own_room, _)| *own_room > 0) {
             shared.starved.store(false, AtomicOrdering::Release);
         }
@@ -1237,7 +1544,7 @@ fn poll_loop(
                     break;
                 }
             }
-            room = shared.apply(&consumer, &mut owned);
+            room = shared.apply(&mut owned);
         }
 
         // Read each partition with room, in turn from a rotating start so
@@ -1297,7 +1604,7 @@ fn poll_loop(
     // while stopping. Without this, a clean stop could leave its last
     // offsets uncommitted, and a restart would redo that work.
     let deadline = Instant::now() + Duration::from_millis(shared.settings.drain_timeout_ms);
-    while let Err(e) = shared.commit_now(&consumer) {
+    while let Err(e) = shared.commit(&consumer, None, CommitMode::Sync, true) {
         let retriable = matches!(
             e.rdkafka_error_code(),
             Some(
@@ -1316,7 +1623,6 @@ fn poll_loop(
         }
         debug!(processor = %shared.name, error = %e, "final commit refused during a rebalance; polling and trying again");
         let _ = consumer.poll(Duration::from_millis(100));
-        let _ = shared.apply(&consumer, &mut Vec::new());
     }
     // Closing the consumer runs the revoke callback (nothing left to drain)
     // and leaves the group at once instead of after the session timeout.
