@@ -49,30 +49,11 @@ impl DevCluster {
             .map_err(DevError::Cluster)
     }
 
-    /// Creates every topic `settings` names: the processors' inputs and
-    /// outputs, the results and dead-letter topics, the joins' changelogs.
-    /// Returns them, sorted.
+    /// Creates every topic `settings` needs ([`Settings::topology`]; the
+    /// mock cluster has no admin CreateTopics, so `conveyor topics` cannot
+    /// do it here). Returns them, sorted.
     pub fn create_topics_for(&self, settings: &Settings) -> Result<Vec<String>, DevError> {
-        let mut topics = vec![
-            settings.topics.results.clone(),
-            settings.topics.dead_letter.clone(),
-        ];
-        for p in &settings.processors {
-            topics.extend(p.input_topics.iter().cloned());
-            if p.uses_retry_topics() {
-                topics.extend(p.input_topics.iter().map(|t| p.retry_topic(t)));
-            }
-            topics.extend(p.output_topic.iter().cloned());
-            topics.extend(p.dead_letter_topic.iter().cloned());
-        }
-        let joins = crate::workflow::Workflows::from_settings(settings).join_topics();
-        topics.extend(
-            joins
-                .iter()
-                .map(|t| format!("{t}{}", crate::workflow::JOINS_SUFFIX)),
-        );
-        topics.sort();
-        topics.dedup();
+        let topics: Vec<String> = settings.topology().into_iter().map(|t| t.name).collect();
         for topic in &topics {
             self.create_topic(topic, DEV_PARTITIONS)?;
         }

@@ -52,6 +52,11 @@ fn client_config(kafka: &KafkaSettings, tuning: &[(&str, &str)]) -> ClientConfig
     config
 }
 
+/// An admin client (creating and describing topics).
+pub fn admin_config(kafka: &KafkaSettings) -> ClientConfig {
+    client_config(kafka, &[])
+}
+
 /// A producer that cannot lose or reorder what it was told was acknowledged:
 /// `acks=all` and idempotence.
 pub fn producer_config(kafka: &KafkaSettings) -> ClientConfig {

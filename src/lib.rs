@@ -38,6 +38,8 @@
 //! - [`metrics`]: the Prometheus registry, metric names, `/metrics`.
 //! - [`kafka`]: librdkafka client configuration shared by every client.
 //! - [`tools`]: `conveyor submit` and `conveyor results`.
+//! - [`topology`]: which topics a configuration needs (one place), and
+//!   [`topics`]: `conveyor topics create|check` through the admin API.
 //! - [`telemetry`]: the `tracing` subscriber (text or JSON) and the optional
 //!   OTLP span exporter.
 //! - [`dev`]: the embedded Kafka-protocol cluster behind `conveyor dev`.
@@ -69,6 +71,8 @@ pub mod settings;
 pub mod shutdown;
 pub mod telemetry;
 pub mod tools;
+pub mod topics;
+pub mod topology;
 pub mod worker;
 pub mod workflow;
 

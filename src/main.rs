@@ -97,6 +97,40 @@ enum Command {
     /// Inspect the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Create or check every topic the configuration needs.
+    ///
+    /// The topics: each processor's input topics and their retry topics
+    /// (unless retry_topic_threshold_ms = 0 makes them unused), output and
+    /// dead-letter topics, topics.results and topics.dead_letter, the task
+    /// topics of gateway.task_types, and each workflow join's changelog
+    /// <join topic>.joins (compacted, with its join topic's partition count).
+    /// New topics get topics.partitions, topics.replication_factor and
+    /// topics.configs. Needs a broker with the admin API (not librdkafka's
+    /// mock cluster: `conveyor dev` creates its topics itself).
+    #[command(subcommand)]
+    Topics(TopicsCommand),
+}
+
+#[derive(Subcommand)]
+enum TopicsCommand {
+    /// Create the missing topics; existing ones are left alone and
+    /// reported. Exit 1 if any could not be created.
+    Create {
+        /// Print what would be created; create nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Brokers (host:port,…); overrides kafka.brokers.
+        #[arg(long)]
+        brokers: Option<String>,
+    },
+    /// Report what is missing or does not fit (a changelog not compacted,
+    /// or with another partition count than its join topic); exit 1 if
+    /// anything is.
+    Check {
+        /// Brokers (host:port,…); overrides kafka.brokers.
+        #[arg(long)]
+        brokers: Option<String>,
+    },
 }
 
 #[derive(Args)]
@@ -259,6 +293,16 @@ fn main() -> ExitCode {
             let brokers = common.brokers.clone();
             with_settings(cli.config.as_deref(), cli.log_format, brokers, |s| {
                 run_dlq(s, command)
+            })
+        }
+        Command::Topics(command) => {
+            let brokers = match &command {
+                TopicsCommand::Create { brokers, .. } | TopicsCommand::Check { brokers } => {
+                    brokers.clone()
+                }
+            };
+            with_settings(cli.config.as_deref(), cli.log_format, brokers, |s| {
+                run_topics(s, command)
             })
         }
         Command::Results(args) => {
@@ -543,6 +587,25 @@ async fn run_dlq(settings: Settings, command: DlqCommand) -> Result<(), CommandE
 
 /// Dead letters held at once by `conveyor dlq`.
 const DLQ_BATCH: usize = 500;
+
+async fn run_topics(settings: Settings, command: TopicsCommand) -> Result<(), CommandError> {
+    let report = match command {
+        TopicsCommand::Create { dry_run, .. } => {
+            conveyor::topics::create(&settings, dry_run).await?
+        }
+        TopicsCommand::Check { .. } => conveyor::topics::check(&settings).await?,
+    };
+    for line in &report.lines {
+        println!("{line}");
+    }
+    if report.ok() {
+        Ok(())
+    } else {
+        Err(CommandError::Failed(
+            "some topics are missing or do not fit (see above)".into(),
+        ))
+    }
+}
 
 async fn run_results(settings: Settings, follow: bool) -> Result<(), CommandError> {
     let stop = Arc::new(AtomicBool::new(false));

@@ -389,6 +389,16 @@ pub struct TopicSettings {
     pub results: String,
     /// The dead-letter topic.
     pub dead_letter: String,
+    /// `conveyor topics create`: partitions of each topic it creates (a
+    /// join's changelog gets its join topic's count instead).
+    pub partitions: i32,
+    /// `conveyor topics create`: replicas of each topic; -1: the broker's
+    /// `default.replication.factor`.
+    pub replication_factor: i32,
+    /// `conveyor topics create`: topic configs given to every topic it
+    /// creates (e.g. `retention.ms`); a changelog is always
+    /// `cleanup.policy = compact`.
+    pub configs: BTreeMap<String, String>,
 }
 
 impl Default for TopicSettings {
@@ -397,6 +407,9 @@ impl Default for TopicSettings {
             task_prefix: "conveyor.tasks.".into(),
             results: "conveyor.results".into(),
             dead_letter: "conveyor.dlq".into(),
+            partitions: 8,
+            replication_factor: -1,
+            configs: BTreeMap::new(),
         }
     }
 }
@@ -866,6 +879,7 @@ impl Settings {
             );
         }
         self.validate_gateway(&mut bad);
+        self.validate_topics(&mut bad);
         self.validate_workflows(&mut bad);
         let endpoint = &self.otlp.endpoint;
         let web_url = endpoint.starts_with("http://") || endpoint.starts_with("https://");
@@ -1139,6 +1153,24 @@ impl Settings {
                     "a fan_out must be followed by a join step",
                 );
             }
+        }
+    }
+
+    fn validate_topics(&self, bad: &mut impl FnMut(String, &str)) {
+        if self.topics.partitions < 1 {
+            bad("topics.partitions".into(), "must be at least 1");
+        }
+        if self.topics.replication_factor == 0 || self.topics.replication_factor < -1 {
+            bad(
+                "topics.replication_factor".into(),
+                "must be at least 1, or -1 for the broker's default",
+            );
+        }
+        if self.topics.configs.contains_key("cleanup.policy") {
+            bad(
+                "topics.configs.cleanup.policy".into(),
+                "must not be set: task, result and dead-letter topics are deleted by retention, join changelogs compacted",
+            );
         }
     }
 

@@ -1,0 +1,185 @@
+//! Which topics a configuration needs: computed here and nowhere else, for
+//! the worker's start-up check, `conveyor dev` and `conveyor topics`.
+//!
+//! A configuration needs each processor's input topics, their retry
+//! topics (when some task type's backoff can reach the retry-topic
+//! threshold), its output and dead-letter topics, the default results and
+//! dead-letter topics, the task topics the gateway accepts and workflows
+//! write, and for each workflow join the compacted changelog
+//! `<join topic>.joins` with as many partitions as its join topic (each
+//! partition's join state lives in the same partition of the changelog).
+
+use std::collections::BTreeMap;
+
+use crate::settings::Settings;
+use crate::workflow::{Workflows, JOINS_SUFFIX};
+
+/// What a topic is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum TopicKind {
+    /// Task requests a processor reads (or the gateway, a workflow writes).
+    Tasks,
+    /// Parked retries of an input topic.
+    Retry,
+    /// Task results.
+    Results,
+    /// Dead letters.
+    DeadLetter,
+    /// A join's state; compacted, partitioned like its join topic.
+    JoinChangelog,
+}
+
+impl TopicKind {
+    /// A word for reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TopicKind::Tasks => "tasks",
+            TopicKind::Retry => "retry",
+            TopicKind::Results => "results",
+            TopicKind::DeadLetter => "dead-letter",
+            TopicKind::JoinChangelog => "join changelog",
+        }
+    }
+
+    /// Whether the topic must be compacted (`cleanup.policy = compact`).
+    pub fn compacted(self) -> bool {
+        self == TopicKind::JoinChangelog
+    }
+}
+
+/// One topic a configuration needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NeededTopic {
+    /// Its name.
+    pub name: String,
+    /// What it is for.
+    pub kind: TopicKind,
+    /// A topic whose partition count it must have (a changelog's join
+    /// topic).
+    pub partitions_of: Option<String>,
+}
+
+impl Settings {
+    /// Every topic this configuration needs, by name. Call on settings
+    /// with derived defaults filled in (as [`Settings::load`] returns them).
+    pub fn topology(&self) -> Vec<NeededTopic> {
+        let mut topics: BTreeMap<String, (TopicKind, Option<String>)> = BTreeMap::new();
+        let mut add = |name: &str, kind: TopicKind, partitions_of: Option<String>| {
+            topics
+                .entry(name.to_owned())
+                .or_insert((kind, partitions_of));
+        };
+        for p in &self.processors {
+            for input in &p.input_topics {
+                add(input, TopicKind::Tasks, None);
+            }
+            if p.uses_retry_topics() {
+                for input in &p.input_topics {
+                    add(&p.retry_topic(input), TopicKind::Retry, None);
+                }
+            }
+            if let Some(output) = &p.output_topic {
+                add(output, TopicKind::Results, None);
+            }
+            if let Some(dead_letter) = &p.dead_letter_topic {
+                add(dead_letter, TopicKind::DeadLetter, None);
+            }
+        }
+        add(&self.topics.results, TopicKind::Results, None);
+        add(&self.topics.dead_letter, TopicKind::DeadLetter, None);
+        for topic in self.gateway_task_topics().values() {
+            add(topic, TopicKind::Tasks, None);
+        }
+        let workflows = Workflows::from_settings(self);
+        let all_types = self
+            .workflows
+            .iter()
+            .flat_map(|w| w.steps.iter().map(|s| s.task.as_str()))
+            .collect();
+        for topic in workflows.topics_after(&all_types) {
+            add(&topic, TopicKind::Tasks, None);
+        }
+        for topic in workflows.join_topics() {
+            let changelog = format!("{topic}{JOINS_SUFFIX}");
+            add(&changelog, TopicKind::JoinChangelog, Some(topic));
+        }
+        topics
+            .into_iter()
+            .map(|(name, (kind, partitions_of))| NeededTopic {
+                name,
+                kind,
+                partitions_of,
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::settings::{
+        HandlerKind, ProcessorSettings, StepSettings, TaskSettings, WorkflowSettings,
+    };
+
+    #[test]
+    fn two_processors_with_retries_and_a_join_need_every_topic_once() {
+        let mut s = Settings::default();
+        for (name, types) in [("a", vec!["split", "count"]), ("b", vec!["sum"])] {
+            s.processors.push(ProcessorSettings {
+                name: name.into(),
+                tasks: types
+                    .into_iter()
+                    .map(|t| (t.to_owned(), TaskSettings::new(HandlerKind::Echo)))
+                    .collect(),
+                ..ProcessorSettings::default()
+            });
+        }
+        s.processors[1].retry_topic_threshold_ms = 0; // no retry topics
+        s.workflows.push(WorkflowSettings {
+            name: "wc".into(),
+            steps: vec![
+                StepSettings {
+                    task: "split".into(),
+                    fan_out: true,
+                    join: false,
+                },
+                StepSettings {
+                    task: "count".into(),
+                    fan_out: false,
+                    join: false,
+                },
+                StepSettings {
+                    task: "sum".into(),
+                    fan_out: false,
+                    join: true,
+                },
+            ],
+            timeout_ms: 0,
+            max_fan_out: crate::settings::DEFAULT_MAX_FAN_OUT,
+        });
+        s.fill_derived();
+        let needed: Vec<(String, TopicKind, Option<String>)> = s
+            .topology()
+            .into_iter()
+            .map(|t| (t.name, t.kind, t.partitions_of))
+            .collect();
+        let t = |n: &str, k, of: Option<&str>| (n.to_owned(), k, of.map(str::to_owned));
+        assert_eq!(
+            needed,
+            vec![
+                t("conveyor.dlq", TopicKind::DeadLetter, None),
+                t("conveyor.results", TopicKind::Results, None),
+                t("conveyor.tasks.count", TopicKind::Tasks, None),
+                t("conveyor.tasks.count.retry", TopicKind::Retry, None),
+                t("conveyor.tasks.split", TopicKind::Tasks, None),
+                t("conveyor.tasks.split.retry", TopicKind::Retry, None),
+                t("conveyor.tasks.sum", TopicKind::Tasks, None),
+                t(
+                    "conveyor.tasks.sum.joins",
+                    TopicKind::JoinChangelog,
+                    Some("conveyor.tasks.sum")
+                ),
+            ]
+        );
+    }
+}
