@@ -45,6 +45,9 @@ fn client_config(kafka: &KafkaSettings, tuning: &[(&str, &str)]) -> ClientConfig
     for (key, value) in tuning {
         config.set(*key, *value);
     }
+    for (key, value) in kafka.security.properties() {
+        config.set(key, value);
+    }
     for (key, value) in &kafka.options {
         config.set(key, value);
     }
@@ -78,6 +81,85 @@ pub fn consumer_config(
     config.set("session.timeout.ms", session_timeout_ms.to_string());
     config.set("enable.auto.offset.store", "false");
     config
+}
+
+/// Records the first connection error retrying cannot fix (see
+/// [`crate::security::fatal_connection_error`]); logs the others.
+#[derive(Default)]
+pub struct Watch {
+    fatal: std::sync::Mutex<Option<String>>,
+}
+
+impl Watch {
+    /// The error that retrying cannot fix, if one was seen.
+    pub fn fatal(&self) -> Option<String> {
+        self.fatal.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl rdkafka::ClientContext for Watch {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        match crate::security::fatal_connection_error(error.rdkafka_error_code(), reason) {
+            Some(message) => {
+                let mut fatal = self.fatal.lock().unwrap_or_else(|p| p.into_inner());
+                fatal.get_or_insert(message);
+            }
+            None => tracing::debug!(%error, reason, "librdkafka error while connecting"),
+        }
+    }
+}
+
+impl rdkafka::producer::ProducerContext for Watch {
+    type DeliveryOpaque = ();
+    fn delivery(&self, _: &rdkafka::producer::DeliveryResult<'_>, _: Self::DeliveryOpaque) {}
+}
+
+/// Connects to the cluster as every client of the process will (same
+/// brokers, security and options) and reads its metadata, within
+/// `within`. An error says what is wrong and which setting to check: an
+/// authentication failure, a certificate that is not trusted or does not
+/// name the host, a mechanism missing from the build, brokers that do not
+/// answer. librdkafka would otherwise retry forever in its log.
+pub fn check_connection(kafka: &KafkaSettings, within: std::time::Duration) -> Result<(), String> {
+    use rdkafka::producer::{BaseProducer, Producer};
+    use std::time::{Duration, Instant};
+    let config = client_config(kafka, &[]);
+    if let Ok(native) = config.create_native_config() {
+        if let Ok(features) = native.get("builtin.features") {
+            tracing::debug!(builtin_features = %features, "librdkafka built with");
+        }
+    }
+    let client: BaseProducer<Watch> =
+        config.create_with_context(Watch::default()).map_err(|e| {
+            format!("cannot create a Kafka client: {e}; check kafka.security and kafka.options")
+        })?;
+    let deadline = Instant::now() + within;
+    loop {
+        // Serves every event that came (`poll` takes one per call with a
+        // zero timeout, and log events queue up ahead of errors).
+        client.poll(Duration::from_millis(100));
+        if let Some(fatal) = client.context().fatal() {
+            return Err(fatal);
+        }
+        match client
+            .client()
+            .fetch_metadata(None, Duration::from_millis(500))
+        {
+            Ok(_) => return Ok(()),
+            Err(e) if Instant::now() >= deadline => {
+                client.poll(Duration::from_millis(100));
+                if let Some(fatal) = client.context().fatal() {
+                    return Err(fatal);
+                }
+                return Err(format!(
+                    "no answer from the brokers at {} within {} s: {e}; check kafka.brokers and kafka.security.protocol",
+                    kafka.brokers,
+                    within.as_secs()
+                ));
+            }
+            Err(_) => {}
+        }
+    }
 }
 
 #[cfg(test)]

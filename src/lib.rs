@@ -36,7 +36,9 @@
 //! - [`gateway`]: the HTTP API (axum): submit tasks, status and results
 //!   from a view it materialises from the results and task topics.
 //! - [`metrics`]: the Prometheus registry, metric names, `/metrics`.
-//! - [`kafka`]: librdkafka client configuration shared by every client.
+//! - [`kafka`]: librdkafka client configuration shared by every client;
+//!   [`security`]: the typed `[kafka.security]` (TLS, SASL, secrets) it
+//!   applies, and what connection errors mean.
 //! - [`tools`]: `conveyor submit` and `conveyor results`.
 //! - [`topology`]: which topics a configuration needs (one place), and
 //!   [`topics`]: `conveyor topics create|check` through the admin API.
@@ -67,6 +69,7 @@ pub mod offsets;
 pub mod processor;
 pub mod progress;
 pub mod retry;
+pub mod security;
 pub mod settings;
 pub mod shutdown;
 pub mod telemetry;

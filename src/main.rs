@@ -444,8 +444,29 @@ async fn serve_metrics(
     Ok(Some(address))
 }
 
+/// How long a command waits for the cluster to answer at start.
+const CONNECT_WITHIN: Duration = Duration::from_secs(10);
+
+/// Connects as the command's clients will; an authentication or TLS
+/// failure, or no answer, ends the command (exit 1) naming the setting.
+async fn connect(settings: &Settings) -> Result<(), CommandError> {
+    let kafka = settings.kafka.clone();
+    tokio::task::spawn_blocking(move || conveyor::kafka::check_connection(&kafka, CONNECT_WITHIN))
+        .await
+        .map_err(|e| CommandError::Failed(e.to_string()))?
+        .map_err(CommandError::Failed)
+}
+
+/// Refuses a payload that is not JSON before anything connects.
+fn json_payload(payload: &str) -> Result<(), CommandError> {
+    serde_json::from_str::<serde_json::Value>(payload)
+        .map(|_| ())
+        .map_err(|e| CommandError::Usage(format!("--payload is not valid JSON: {e}")))
+}
+
 async fn run_worker(settings: Settings) -> Result<(), CommandError> {
     let specs = worker::processor_specs(&settings)?;
+    connect(&settings).await?;
     serve_metrics(&settings, &specs).await?;
     let stop = Arc::new(AtomicBool::new(false));
     stop_on_signals(stop.clone());
@@ -454,6 +475,7 @@ async fn run_worker(settings: Settings) -> Result<(), CommandError> {
 }
 
 async fn run_gateway(settings: Settings) -> Result<(), CommandError> {
+    connect(&settings).await?;
     let metrics = Arc::new(conveyor::metrics::Metrics::new());
     let stop = Arc::new(AtomicBool::new(false));
     stop_on_signals(stop.clone());
@@ -472,6 +494,8 @@ fn gateway_error(error: conveyor::gateway::GatewayError) -> CommandError {
 }
 
 async fn run_submit(settings: Settings, args: SubmitArgs) -> Result<(), CommandError> {
+    json_payload(&args.payload)?;
+    connect(&settings).await?;
     let submission = Submission {
         task_type: args.task_type,
         payload: args.payload,
@@ -492,6 +516,8 @@ async fn run_workflow(settings: Settings, command: WorkflowCommand) -> Result<()
         wait,
         brokers: _,
     } = command;
+    json_payload(&payload)?;
+    connect(&settings).await?;
     let (run, results) = tools::start_workflow(&settings, &name, &payload).await?;
     println!("{run}");
     let Some(seconds) = wait else {
@@ -507,6 +533,7 @@ async fn run_workflow(settings: Settings, command: WorkflowCommand) -> Result<()
 }
 
 async fn run_dlq(settings: Settings, command: DlqCommand) -> Result<(), CommandError> {
+    connect(&settings).await?;
     let (common, show_at, replay) = match &command {
         DlqCommand::List(c) => (c.clone(), None, None),
         DlqCommand::Show {
@@ -589,6 +616,7 @@ async fn run_dlq(settings: Settings, command: DlqCommand) -> Result<(), CommandE
 const DLQ_BATCH: usize = 500;
 
 async fn run_topics(settings: Settings, command: TopicsCommand) -> Result<(), CommandError> {
+    connect(&settings).await?;
     let report = match command {
         TopicsCommand::Create { dry_run, .. } => {
             conveyor::topics::create(&settings, dry_run).await?
@@ -608,6 +636,7 @@ async fn run_topics(settings: Settings, command: TopicsCommand) -> Result<(), Co
 }
 
 async fn run_results(settings: Settings, follow: bool) -> Result<(), CommandError> {
+    connect(&settings).await?;
     let stop = Arc::new(AtomicBool::new(false));
     stop_on_signals(stop.clone());
     tokio::task::spawn_blocking(move || {
@@ -631,7 +660,7 @@ fn report_settings_error(error: &SettingsError) {
 }
 
 fn config_check(file: Option<&std::path::Path>) -> ExitCode {
-    match Settings::load(file).and_then(|s| s.to_toml()) {
+    match Settings::load(file).and_then(|s| s.redacted().to_toml()) {
         Ok(text) => {
             print!("{text}");
             ExitCode::SUCCESS

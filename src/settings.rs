@@ -33,6 +33,14 @@ pub const ENV_SEPARATOR: &str = "__";
 
 /// librdkafka properties that conveyor sets itself because its guarantees
 /// depend on them, with the key that controls each instead.
+/// librdkafka properties that hold secrets: printed as `***`.
+const SECRET_OPTIONS: &[&str] = &[
+    "sasl.password",
+    "ssl.key.password",
+    "ssl.keystore.password",
+    "sasl.oauthbearer.client.secret",
+];
+
 const MANAGED_KAFKA_OPTIONS: &[(&str, &str)] = &[
     ("bootstrap.servers", "set kafka.brokers instead"),
     ("group.id", "set processors[].group_id instead"),
@@ -130,10 +138,13 @@ pub struct KafkaSettings {
     /// Prefix of each client's `client.id`; the worker adds the host name and
     /// process id, which also identify it in results (`worker`).
     pub client_id: String,
-    /// Passed unchanged to librdkafka after conveyor's own defaults, so it can
-    /// override them (security settings, `fetch.queue.backoff.ms`, …). The
-    /// few properties conveyor's guarantees depend on are refused here.
+    /// Passed unchanged to librdkafka after conveyor's own defaults and
+    /// `[kafka.security]`, so it can override them (`fetch.queue.backoff.ms`,
+    /// any security property the typed section lacks, …). The few
+    /// properties conveyor's guarantees depend on are refused here.
     pub options: BTreeMap<String, String>,
+    /// TLS and SASL, for every client of the process.
+    pub security: crate::security::SecuritySettings,
 }
 
 impl Default for KafkaSettings {
@@ -142,6 +153,7 @@ impl Default for KafkaSettings {
             brokers: "127.0.0.1:9092".into(),
             client_id: "conveyor".into(),
             options: BTreeMap::new(),
+            security: crate::security::SecuritySettings::default(),
         }
     }
 }
@@ -783,9 +795,26 @@ impl Settings {
                 message,
             })
         })?;
+        settings
+            .kafka
+            .security
+            .read_secret_files()
+            .map_err(|(key, message)| SettingsError::Invalid(vec![Problem { key, message }]))?;
         settings.fill_derived();
         settings.validate().map_err(SettingsError::Invalid)?;
         Ok(settings)
+    }
+
+    /// These settings with every secret shown as `***` (for printing).
+    pub fn redacted(&self) -> Settings {
+        let mut s = self.clone();
+        s.kafka.security = s.kafka.security.redacted();
+        for (key, value) in &mut s.kafka.options {
+            if SECRET_OPTIONS.contains(&key.as_str()) && !value.is_empty() {
+                *value = "***".into();
+            }
+        }
+        s
     }
 
     /// Fills the defaults that depend on other keys, so the effective
@@ -877,6 +906,9 @@ impl Settings {
                 "metrics.listen".into(),
                 "must be an IP address and port, like 127.0.0.1:9464 (or \"\" for none)",
             );
+        }
+        for (key, message) in self.kafka.security.problems() {
+            bad(key, &message);
         }
         self.validate_gateway(&mut bad);
         self.validate_topics(&mut bad);

@@ -373,3 +373,53 @@ fn dev_runs_a_task_through_the_worker_and_stops_on_sigint() {
     let exit = child.wait().expect("conveyor dev exits");
     assert_eq!(exit.code(), Some(0), "exit after SIGINT");
 }
+
+#[test]
+fn config_check_never_prints_a_secret() {
+    let key_password =
+        std::env::temp_dir().join(format!("conveyor-cli-{}.secret", uuid::Uuid::new_v4()));
+    std::fs::write(&key_password, "oidc-S3cret-from-file\n").expect("write secret file");
+    let path = temp_config(&format!(
+        "[kafka.security]\nprotocol = \"sasl_ssl\"\nsasl_mechanism = \"OAUTHBEARER\"\n\
+         client_key_password = \"K3y-Secret-in-file\"\n\
+         [kafka.security.oauthbearer]\ntoken_endpoint = \"https://idp.example/token\"\n\
+         client_id = \"conveyor\"\nclient_secret_file = \"{}\"\n\
+         [kafka.options]\n\"ssl.keystore.password\" = \"Keystore-S3cret\"\n",
+        key_password.display()
+    ));
+    let output = Command::new(env!("CARGO_BIN_EXE_conveyor"))
+        .args([
+            "config",
+            "check",
+            "--config",
+            path.to_str().expect("utf-8 path"),
+        ])
+        .env_remove("CONVEYOR_CONFIG")
+        .env("CONVEYOR__KAFKA__SECURITY__PASSWORD", "Pw-from-Env-123")
+        .output()
+        .expect("run conveyor");
+    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_file(&key_password);
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(output.status.code(), Some(0), "{printed}");
+    for secret in [
+        "Pw-from-Env-123",
+        "K3y-Secret-in-file",
+        "oidc-S3cret-from-file",
+        "Keystore-S3cret",
+    ] {
+        assert!(!printed.contains(secret), "{secret} printed:\n{printed}");
+    }
+    for shown in [
+        "password = \"***\"",
+        "client_key_password = \"***\"",
+        "client_secret = \"***\"",
+        "\"ssl.keystore.password\" = \"***\"",
+    ] {
+        assert!(printed.contains(shown), "{shown} missing:\n{printed}");
+    }
+}

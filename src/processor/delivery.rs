@@ -87,6 +87,17 @@ impl ClientContext for Deliveries {
             }
             return;
         }
+        if let Some(message) =
+            crate::security::fatal_connection_error(error.rdkafka_error_code(), reason)
+        {
+            if let Some(shared) = self.shared.get().and_then(Weak::upgrade) {
+                shared.fail(message);
+                if let Some(last) = Arc::into_inner(shared) {
+                    std::thread::spawn(move || drop(last));
+                }
+            }
+            return;
+        }
         tracing::error!(%error, reason, "librdkafka producer error");
     }
 }

@@ -964,6 +964,17 @@ pub(crate) struct EngineContext {
 }
 
 impl ClientContext for EngineContext {
+    /// Authentication and certificate failures stop the processor (exit
+    /// 1) instead of being retried forever in the log.
+    fn error(&self, error: KafkaError, reason: &str) {
+        match crate::security::fatal_connection_error(error.rdkafka_error_code(), reason) {
+            Some(message) => self.shared.fail(message),
+            None => {
+                warn!(processor = %self.shared.name, %error, reason, "librdkafka consumer error")
+            }
+        }
+    }
+
     /// Consumer lag per owned partition, from librdkafka's statistics.
     fn stats(&self, statistics: rdkafka::Statistics) {
         let shared = &self.shared;

@@ -20,7 +20,6 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
-use rdkafka::ClientConfig;
 
 /// Environment variable naming an external broker (`host:port`).
 pub const BROKERS_ENV: &str = "CONVEYOR_TEST_BROKERS";
@@ -38,6 +37,9 @@ enum Backend {
 pub struct TestKafka {
     backend: Backend,
     brokers: String,
+    /// How clients connect (TLS, SASL); plaintext unless made with
+    /// [`TestKafka::secured`].
+    security: conveyor::security::SecuritySettings,
 }
 
 impl TestKafka {
@@ -48,6 +50,7 @@ impl TestKafka {
         TestKafka {
             backend: Backend::Mock(cluster),
             brokers,
+            security: Default::default(),
         }
     }
 
@@ -58,7 +61,17 @@ impl TestKafka {
         (!brokers.is_empty()).then_some(TestKafka {
             backend: Backend::External,
             brokers,
+            security: Default::default(),
         })
+    }
+
+    /// An external broker at `brokers`, reached with `security`.
+    pub fn secured(brokers: &str, security: conveyor::security::SecuritySettings) -> TestKafka {
+        TestKafka {
+            backend: Backend::External,
+            brokers: brokers.to_owned(),
+            security,
+        }
     }
 
     /// The brokers `test` runs against: the mock cluster, then the external
@@ -95,6 +108,7 @@ impl TestKafka {
         let mut settings = Settings::default();
         settings.kafka.brokers = self.brokers.clone();
         settings.kafka.client_id = "conveyor-test".into();
+        settings.kafka.security = self.security.clone();
         // Tests run workers side by side: each takes any free port.
         settings.metrics.listen = "127.0.0.1:0".into();
         settings
@@ -116,10 +130,10 @@ impl TestKafka {
                 .create_topic(name, partitions, 1)
                 .expect("mock cluster creates the topic"),
             Backend::External => {
-                let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-                    .set("bootstrap.servers", &self.brokers)
-                    .create()
-                    .expect("admin client");
+                let admin: AdminClient<DefaultClientContext> =
+                    conveyor::kafka::admin_config(&self.settings().kafka)
+                        .create()
+                        .expect("admin client");
                 let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
                 let options = AdminOptions::new().operation_timeout(Some(SETUP_TIMEOUT));
                 let results = admin
