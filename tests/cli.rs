@@ -423,3 +423,27 @@ fn config_check_never_prints_a_secret() {
         assert!(printed.contains(shown), "{shown} missing:\n{printed}");
     }
 }
+
+#[test]
+fn a_sasl_mechanism_missing_from_the_build_stops_a_command_naming_it() {
+    let path = temp_config(
+        "[kafka]\nbrokers = \"127.0.0.1:1\"\n[kafka.security]\nprotocol = \"sasl_plaintext\"\n\
+         sasl_mechanism = \"PLAIN\"\nusername = \"u\"\npassword = \"Pw-not-shown-9\"\n\
+         [kafka.options]\n\"sasl.mechanisms\" = \"GSSAPI\"\n",
+    );
+    let output = conveyor(&[
+        "dlq",
+        "list",
+        "--config",
+        path.to_str().expect("utf-8 path"),
+    ]);
+    let _ = std::fs::remove_file(&path);
+    let err = stderr(&output);
+    assert_eq!(output.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("No provider for SASL mechanism GSSAPI")
+            && err.contains("check kafka.security and kafka.options"),
+        "{err}"
+    );
+    assert!(!err.contains("Pw-not-shown-9"), "{err}");
+}

@@ -157,6 +157,15 @@ async fn create_makes_every_needed_topic_once_and_check_finds_what_is_missing() 
 
     let checked = topics(&settings, &["check"]);
     assert_eq!(checked.status.code(), Some(0), "{}", text(&checked));
+    // The changelog's cleanup.policy was read back as compact (a broker
+    // that describes no configs would add a "not verified" note).
+    let out = text(&checked);
+    assert!(
+        out.lines()
+            .any(|l| l
+                == format!("exists       {p}sum.joins (join changelog, 3 partitions, compacted)")),
+        "{out}"
+    );
 
     // One more task type: its topic (and retry topic) are missing.
     let mut more = settings.clone();
