@@ -9,8 +9,10 @@
 //! and `conveyor config check` prints `"***"`.
 //!
 //! librdkafka is built with OpenSSL (rdkafka's `ssl-vendored` feature), so
-//! TLS, SCRAM-SHA-256/512, PLAIN and OAUTHBEARER (OIDC client credentials)
-//! are in the build. GSSAPI (Kerberos) needs Cyrus SASL and is not built in.
+//! TLS, SCRAM-SHA-256/512 and PLAIN are in the build. GSSAPI (Kerberos)
+//! needs Cyrus SASL and OAUTHBEARER's OIDC client needs libcurl: neither is
+//! built in, and librdkafka refuses them when the clients are created,
+//! which stops the command with its message.
 //! A vendored OpenSSL does not know where the system's certificate
 //! authorities are: `ca_file` defaults to librdkafka's `probe`, which finds
 //! the usual bundle paths, so public clusters verify out of the box.
