@@ -1,0 +1,47 @@
+# syntax=docker/dockerfile:1
+#
+# conveyor's container image: the `conveyor` binary on a distroless base,
+# running as a non-root user. Build from the repository's top level:
+#
+#   docker build -t conveyor:dev .
+#
+# librdkafka (with OpenSSL, rdkafka's `ssl-vendored` feature) and zlib are
+# linked statically into the binary, so the runtime stage needs only glibc
+# and libgcc (gcr.io/distroless/cc). Expect an image of roughly 40-50 MB
+# (the binary ~25-30 MB in release; distroless/cc ~20 MB). Not built on the
+# project's machines (they have no container engine): linted with hadolint
+# in CI, see deploy/README.md.
+
+ARG RUST_VERSION=1.95
+
+FROM rust:${RUST_VERSION}-bookworm AS build
+WORKDIR /src
+# Manifests first, so that dependency builds are cached across source
+# changes.
+COPY Cargo.toml Cargo.lock ./
+COPY src ./src
+COPY schemas ./schemas
+COPY benches ./benches
+# librdkafka's configure and OpenSSL's build need perl and make, which the
+# rust image has; zlib is built in statically (the `static-zlib` feature).
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked --features static-zlib --bin conveyor \
+    && cp target/release/conveyor /conveyor
+
+FROM gcr.io/distroless/cc-debian12:nonroot
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+LABEL org.opencontainers.image.title="conveyor" \
+      org.opencontainers.image.description="Asynchronous task processing and workflows on Apache Kafka" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}"
+COPY --from=build /conveyor /usr/local/bin/conveyor
+COPY conveyor.example.toml /etc/conveyor/conveyor.example.toml
+# distroless's `nonroot` user (65532); no shell in the image.
+USER 65532:65532
+# Metrics and probes (metrics.listen) and the gateway (gateway.listen).
+EXPOSE 9464 8080
+ENTRYPOINT ["/usr/local/bin/conveyor"]
+CMD ["worker", "--config", "/etc/conveyor/conveyor.toml"]
