@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -70,35 +70,6 @@ fn commit_with_metadata(kafka: &TestKafka, group: &str, topic: &str, commits: &[
     consumer.commit(&list, CommitMode::Sync).expect("commit");
 }
 
-/// The committed offset and metadata of each partition of `topic`.
-fn committed_metadata(
-    kafka: &TestKafka,
-    group: &str,
-    topic: &str,
-    partitions: i32,
-) -> HashMap<i32, (i64, String)> {
-    let consumer: BaseConsumer =
-        conveyor::kafka::consumer_config(&kafka.settings().kafka, group, 6_000)
-            .set("enable.auto.commit", "false")
-            .create()
-            .expect("consumer");
-    let mut list = TopicPartitionList::new();
-    for p in 0..partitions {
-        list.add_partition(topic, p);
-    }
-    let committed = consumer
-        .committed_offsets(list, common::SETUP_TIMEOUT)
-        .expect("committed offsets");
-    committed
-        .elements()
-        .iter()
-        .filter_map(|e| match e.offset() {
-            Offset::Offset(o) => Some((e.partition(), (o, e.metadata().to_owned()))),
-            _ => None,
-        })
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn commit_metadata_is_used_only_when_it_is_conveyors_own_for_that_offset() {
     // The mock cluster keeps commit metadata; nisshi 0.8.1 drops it (the
@@ -127,7 +98,7 @@ async fn commit_metadata_is_used_only_when_it_is_conveyors_own_for_that_offset()
             (3, 4, &valid),
         ],
     );
-    let stored = committed_metadata(&kafka, &pipeline.group, &pipeline.input, 4);
+    let stored = kafka.committed_with_metadata(&pipeline.group, &pipeline.input);
     assert_eq!(
         stored[&3],
         (4, valid.clone()),

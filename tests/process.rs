@@ -518,26 +518,6 @@ async fn task_spans_are_exported_over_otlp_as_children_of_the_request_traceparen
     let _ = std::fs::remove_file(&config);
 }
 
-/// The committed offset and its metadata for partition 0 of `topic`.
-fn committed_with_metadata(kafka: &TestKafka, group: &str, topic: &str) -> Option<(i64, String)> {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    let consumer: BaseConsumer =
-        conveyor::kafka::consumer_config(&kafka.settings().kafka, group, 6_000)
-            .set("enable.auto.commit", "false")
-            .create()
-            .expect("consumer");
-    let mut list = rdkafka::TopicPartitionList::new();
-    list.add_partition(topic, 0);
-    let committed = consumer
-        .committed_offsets(list, common::SETUP_TIMEOUT)
-        .expect("committed offsets");
-    let element = committed.elements().into_iter().next()?;
-    match element.offset() {
-        rdkafka::Offset::Offset(o) => Some((o, element.metadata().to_owned())),
-        _ => None,
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_behind_a_stuck_head_reruns_only_unfinished_work_where_the_broker_keeps_metadata() {
     const BEHIND: usize = 2_000;
@@ -566,7 +546,10 @@ async fn sigkill_behind_a_stuck_head_reruns_only_unfinished_work_where_the_broke
         wait_until(
             "a commit at the head since the fast tasks finished",
             LONG,
-            || match committed_with_metadata(&kafka, &pipeline.group, &pipeline.input) {
+            || match kafka
+                .committed_with_metadata(&pipeline.group, &pipeline.input)
+                .remove(&0)
+            {
                 Some((0, metadata)) if metadata.is_empty() => true,
                 Some((0, metadata)) => conveyor::progress::decode(0, &metadata)
                     .is_ok_and(|r| r.iter().map(|(s, e)| e - s).sum::<i64>() == BEHIND as i64),
@@ -574,8 +557,10 @@ async fn sigkill_behind_a_stuck_head_reruns_only_unfinished_work_where_the_broke
             },
         )
         .await;
-        let (_, metadata) =
-            committed_with_metadata(&kafka, &pipeline.group, &pipeline.input).unwrap_or_default();
+        let (_, metadata) = kafka
+            .committed_with_metadata(&pipeline.group, &pipeline.input)
+            .remove(&0)
+            .unwrap_or_default();
         first.signal("KILL");
         first.wait(Duration::from_secs(10));
         assert_eq!(

@@ -336,6 +336,32 @@ impl TestKafka {
             .collect()
     }
 
+    /// The group's committed offset of each partition of `topic` that has
+    /// one, with the commit's metadata.
+    pub fn committed_with_metadata(&self, group: &str, topic: &str) -> HashMap<i32, (i64, String)> {
+        let consumer: BaseConsumer =
+            conveyor::kafka::consumer_config(&self.settings().kafka, group, 6_000)
+                .set("enable.auto.commit", "false")
+                .create()
+                .expect("consumer");
+        let (_, partitions) = self.reader(topic);
+        let mut list = TopicPartitionList::new();
+        for p in 0..partitions as i32 {
+            list.add_partition(topic, p);
+        }
+        let committed = consumer
+            .committed_offsets(list, SETUP_TIMEOUT)
+            .expect("committed offsets");
+        committed
+            .elements()
+            .iter()
+            .filter_map(|e| match e.offset() {
+                Offset::Offset(o) => Some((e.partition(), (o, e.metadata().to_owned()))),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// The high watermark (end offset) of each partition of `topic`.
     pub fn end_offsets(&self, topic: &str) -> HashMap<i32, i64> {
         let (consumer, partitions) = self.reader(topic);
