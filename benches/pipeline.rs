@@ -32,7 +32,8 @@
 //!
 //! Options: `--messages N` (100,000), `--partitions P` (8), `--rounds R`
 //! (3), `--payload BYTES` (200), `--linger MS` (every producer's
-//! `linger.ms`; librdkafka's default is 5). For profiling, the environment variables
+//! `linger.ms`; librdkafka's default is 5), `--ordering none|key|partition`
+//! (the processor's ordering; none). For profiling, the environment variables
 //! `BENCH_MAX` and `BENCH_PP` set the processor's `max_in_flight` and
 //! `max_in_flight_per_partition` (default: conveyor's defaults), and `BENCH_OPTS`
 //! adds librdkafka properties (`key=value,key=value`).
@@ -93,6 +94,11 @@ struct Options {
     metrics_cost: bool,
 }
 
+/// The processor's `ordering` (`--ordering none|key|partition`; none by
+/// default). Requests are keyed by their task id, so under `key` every
+/// record is a lane of its own.
+static ORDERING: std::sync::OnceLock<Ordering> = std::sync::OnceLock::new();
+
 fn options() -> Options {
     let mut o = Options {
         brokers: None,
@@ -131,6 +137,14 @@ fn options() -> Options {
             }
             "--linger" => o.linger = value().parse().ok(),
             "--metrics-cost" => o.metrics_cost = true,
+            "--ordering" => {
+                let ordering = match value().as_str() {
+                    "partition" => Ordering::Partition,
+                    "key" => Ordering::Key,
+                    _ => Ordering::None,
+                };
+                let _ = ORDERING.set(ordering);
+            }
             _ => {} // cargo bench passes --bench
         }
     }
@@ -387,7 +401,7 @@ fn echo_processor(group_prefix: &str, input: &str, output: &str, dlq: &str) -> P
         output_topic: Some(output.to_owned()),
         dead_letter_topic: Some(dlq.to_owned()),
         tasks,
-        ordering: Ordering::None,
+        ordering: ORDERING.get().copied().unwrap_or(Ordering::None),
         retry_topic_threshold_ms: 0,
         ..ProcessorSettings::default()
     }

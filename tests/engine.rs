@@ -508,3 +508,92 @@ async fn the_in_flight_bounds_by_count_and_by_bytes_hold() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn order_per_key_and_partition_holds_when_outputs_fail_and_are_produced_again() {
+    // Lanes start their next record once the previous one's outputs are
+    // with the producer, not once acknowledged: a broker outage (mock
+    // fault injection) that fails deliveries, which the engine produces
+    // again, must not reorder a lane's handlers nor lose a result.
+    const KEYS: usize = 4;
+    const PER_KEY: u64 = 250;
+    for ordering in [Ordering::Key, Ordering::Partition] {
+        let kafka = TestKafka::mock();
+        common::announce(&format!(
+            "order_per_key_and_partition_holds_when_outputs_fail_and_are_produced_again ({ordering:?}): runs against {}",
+            kafka.describe()
+        ));
+        let pipeline = kafka.pipeline(2).await;
+        let mut settings =
+            kafka.worker_settings(&pipeline, ordering, &[("ordered", HandlerKind::Echo)]);
+        settings
+            .kafka
+            .options
+            .insert("message.timeout.ms".into(), "1000".into());
+        let recorder = Arc::new(Recorder::default());
+        let mut registry = Registry::new();
+        registry.register("ordered", recorder.clone());
+        let mut sent = Vec::new();
+        for seq in 0..PER_KEY {
+            for k in 0..KEYS {
+                let mut r = TaskRequest::new("ordered", seq.to_string().into_bytes());
+                r.key = Some(format!("key-{k}"));
+                sent.push(r);
+            }
+        }
+        kafka.produce_requests(&pipeline.input, &sent).await;
+        let worker = InProcessWorker::start(&settings, "worker", Some(registry));
+        wait_until("work started", LONG, || worker.status.finished() >= 40).await;
+        let cluster = kafka.mock_cluster().expect("mock cluster");
+        cluster.broker_down(1).expect("broker down");
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        cluster.broker_up(1).expect("broker up");
+        assert!(
+            worker.status.finished() < sent.len(),
+            "the outage hit mid-run"
+        );
+        let results = kafka
+            .collect_results(&pipeline.output, &ids(&sent), LONG)
+            .await;
+        wait_until("every offset committed", LONG, || {
+            kafka
+                .committed(&pipeline.group, &pipeline.input)
+                .values()
+                .sum::<i64>()
+                == sent.len() as i64
+        })
+        .await;
+        let retried = worker
+            .metrics
+            .produce_retries
+            .with_label_values(&["test"])
+            .get();
+        worker.stop().await;
+        common::announce(&format!(
+            "{ordering:?}: {retried} deliveries produced again, {} duplicate results",
+            results.duplicates()
+        ));
+        assert!(
+            retried > 0,
+            "some deliveries failed (else this tests nothing)"
+        );
+        assert_eq!(results.by_id.len(), sent.len(), "every task has a result");
+        let s = recorder.state.lock().unwrap();
+        assert_eq!(s.worst_per_key, 1, "two tasks of one key ran at once");
+        for (key, order) in &s.order {
+            // The outage may make the group reassign partitions, which
+            // replays from the committed offset (at least once). What must
+            // hold: no task ran before every earlier task of its key had
+            // run, and every task ran.
+            let mut highest: Option<u64> = None;
+            for &seq in order {
+                assert!(
+                    seq <= highest.map_or(0, |h| h + 1),
+                    "tasks of {key} ran out of order: {seq} after {highest:?} ({order:?})"
+                );
+                highest = Some(highest.map_or(seq, |h| h.max(seq)));
+            }
+            assert_eq!(highest, Some(PER_KEY - 1), "every task of {key} ran");
+        }
+    }
+}

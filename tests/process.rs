@@ -179,7 +179,7 @@ async fn sigkill_mid_run_loses_nothing_and_duplicates_stay_bounded() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_fan_out_then_restart_completes_the_workflow_exactly_once() {
-    const CHILDREN: usize = 1_000;
+    const CHILDREN: usize = 8_000;
     for kafka in
         TestKafka::all("sigkill_mid_fan_out_then_restart_completes_the_workflow_exactly_once")
     {

@@ -46,7 +46,13 @@
 //!
 //! Records are put in *lanes*: one per partition (`ordering = "partition"`),
 //! one per record key (`"key"`; records without a key get a lane each), or
-//! none (`"none"`). A lane runs its records one at a time in offset order.
+//! none (`"none"`). A lane runs its records one at a time in offset order:
+//! the next starts once the previous one's outputs are handed to the
+//! idempotent producer (which keeps their order per partition), not once
+//! they are acknowledged; the offset still counts as finished only then.
+//! A join contribution holds its lane until its changelog record is
+//! acknowledged (the join's state must be written before the next
+//! contribution of the run is counted).
 //! Records dispatched but not finished count against `max_in_flight`,
 //! `max_in_flight_per_partition` and (by their size) `max_in_flight_bytes`.
 //!
@@ -742,8 +748,25 @@ impl Shared {
         next
     }
 
+    /// Takes `job` out of its lane (its outputs are with the producer) and
+    /// returns the lane's next record, if one waits. The job still counts
+    /// as in flight until [`Shared::finish`].
+    pub(crate) fn let_go_of_lane(&self, job: &mut Job) -> Option<Job> {
+        let lane = job.lane.take()?;
+        let mut state = self.lock();
+        let owned = state
+            .partitions
+            .get_mut(&(job.topic.clone(), job.partition))
+            .filter(|o| o.generation == job.generation)?;
+        let next = owned.lanes.get_mut(&lane).and_then(VecDeque::pop_front);
+        if next.is_none() {
+            owned.lanes.remove(&lane);
+        }
+        next
+    }
+
     /// `job` is over (its outputs acknowledged): counts it finished and
-    /// starts the next record of its lane.
+    /// starts the next record of its lane (unless it let go of it before).
     pub(crate) fn finish(self: &Arc<Self>, job: Job) {
         if let Some(next) = self.complete(&job) {
             task::start(self, vec![next]);
