@@ -587,7 +587,7 @@ impl Default for ProcessorSettings {
             input_topics: Vec::new(),
             output_topic: None,
             tasks: BTreeMap::new(),
-            ordering: Ordering::Partition,
+            ordering: Ordering::Key,
             max_in_flight: 10_000,
             max_in_flight_per_partition: 2_500,
             max_in_flight_bytes: 64 * 1024 * 1024,
@@ -612,9 +612,13 @@ impl Default for ProcessorSettings {
 #[serde(rename_all = "snake_case")]
 pub enum Ordering {
     /// One at a time per partition, in offset order.
-    #[default]
     Partition,
-    /// One at a time per key, in offset order; keys run concurrently.
+    /// One at a time per key, in offset order; keys run concurrently. The
+    /// default: a task without a key (keyed by its id) runs as concurrently
+    /// as with `None`, as task queues usually do, and tasks that share a
+    /// key keep their order, which is what users ask for when they need
+    /// order.
+    #[default]
     Key,
     /// No ordering.
     None,
@@ -1362,7 +1366,7 @@ mod tests {
         assert_eq!(p.input_topics, ["conveyor.tasks.echo"]);
         assert_eq!(p.output_topic.as_deref(), Some("conveyor.results"));
         assert_eq!(p.dead_letter_topic.as_deref(), Some("conveyor.dlq"));
-        assert_eq!(p.ordering, Ordering::Partition);
+        assert_eq!(p.ordering, Ordering::Key);
         // 60 s max backoff ≥ 5 s threshold: retry topics are in use.
         assert!(p.uses_retry_topics());
         assert_eq!(
