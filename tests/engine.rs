@@ -135,6 +135,20 @@ impl Handler for Recorder {
     }
 }
 
+/// `per_key` `ordered` requests for each of `keys` keys, interleaved; the
+/// payload is the request's place in its key's sequence.
+fn keyed_requests(keys: usize, per_key: u64) -> Vec<TaskRequest> {
+    let mut sent = Vec::new();
+    for seq in 0..per_key {
+        for k in 0..keys {
+            let mut r = TaskRequest::new("ordered", seq.to_string().into_bytes());
+            r.key = Some(format!("key-{k}"));
+            sent.push(r);
+        }
+    }
+    sent
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn key_ordering_runs_each_key_in_order_and_keys_concurrently() {
     const KEYS: usize = 12;
@@ -149,14 +163,7 @@ async fn key_ordering_runs_each_key_in_order_and_keys_concurrently() {
         let mut registry = Registry::new();
         registry.register("ordered", recorder.clone());
 
-        let mut sent = Vec::new();
-        for seq in 0..PER_KEY {
-            for k in 0..KEYS {
-                let mut r = TaskRequest::new("ordered", seq.to_string().into_bytes());
-                r.key = Some(format!("key-{k}"));
-                sent.push(r);
-            }
-        }
+        let sent = keyed_requests(KEYS, PER_KEY);
         kafka.produce_requests(&pipeline.input, &sent).await;
         let worker = InProcessWorker::start(&settings, "worker", Some(registry));
         let results = kafka
@@ -533,14 +540,7 @@ async fn order_per_key_and_partition_holds_when_outputs_fail_and_are_produced_ag
         let recorder = Arc::new(Recorder::default());
         let mut registry = Registry::new();
         registry.register("ordered", recorder.clone());
-        let mut sent = Vec::new();
-        for seq in 0..PER_KEY {
-            for k in 0..KEYS {
-                let mut r = TaskRequest::new("ordered", seq.to_string().into_bytes());
-                r.key = Some(format!("key-{k}"));
-                sent.push(r);
-            }
-        }
+        let sent = keyed_requests(KEYS, PER_KEY);
         kafka.produce_requests(&pipeline.input, &sent).await;
         let worker = InProcessWorker::start(&settings, "worker", Some(registry));
         wait_until("work started", LONG, || worker.status.finished() >= 40).await;

@@ -313,26 +313,9 @@ impl TestKafka {
 
     /// The group's committed offset of each partition of `topic`.
     pub fn committed(&self, group: &str, topic: &str) -> HashMap<i32, i64> {
-        let consumer: BaseConsumer =
-            conveyor::kafka::consumer_config(&self.settings().kafka, group, 6_000)
-                .set("enable.auto.commit", "false")
-                .create()
-                .expect("consumer");
-        let (_, partitions) = self.reader(topic);
-        let mut list = TopicPartitionList::new();
-        for p in 0..partitions as i32 {
-            list.add_partition(topic, p);
-        }
-        let committed = consumer
-            .committed_offsets(list, SETUP_TIMEOUT)
-            .expect("committed offsets");
-        committed
-            .elements()
-            .iter()
-            .filter_map(|e| match e.offset() {
-                Offset::Offset(o) => Some((e.partition(), o)),
-                _ => None,
-            })
+        self.committed_with_metadata(group, topic)
+            .into_iter()
+            .map(|(partition, (offset, _))| (partition, offset))
             .collect()
     }
 
