@@ -870,7 +870,12 @@ impl Shared {
                 if encoded.left_out > 0 {
                     overflowed += 1;
                 }
-                list.add_partition_offset(&tp.0, tp.1, Offset::Offset(watermark))?;
+                if let Err(e) = list.add_partition_offset(&tp.0, tp.1, Offset::Offset(watermark)) {
+                    // Left dirty for the next commit; the others go now.
+                    warn!(processor = %self.name, topic = %tp.0, partition = tp.1, error = %e,
+                          "cannot put the partition's offset in a commit");
+                    continue;
+                }
                 if let Some(mut element) = list.find_partition(&tp.0, tp.1) {
                     element.set_metadata(&encoded.metadata);
                 }
