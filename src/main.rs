@@ -11,7 +11,7 @@ use clap::{Args, Parser, Subcommand};
 
 use conveyor::codec::TaskStatus;
 use conveyor::dev::{self, DevCluster, DEV_PARTITIONS};
-use conveyor::settings::{LogFormat, Settings, SettingsError};
+use conveyor::settings::{HandlerKind, LogFormat, Settings, SettingsError};
 use conveyor::tools::{self, Submission, ToolError};
 use conveyor::worker;
 
@@ -710,6 +710,34 @@ fn run_dev(file: Option<&std::path::Path>, log_format: Option<LogFormat>) -> Exi
     }
 }
 
+/// Submits one `echo` task and waits for its result (`conveyor dev`'s
+/// start-up check).
+async fn check_round_trip(settings: &Settings) -> anyhow::Result<()> {
+    let submission = Submission {
+        task_type: "echo".into(),
+        payload: r#"{"hello":"conveyor"}"#.into(),
+        key: None,
+        count: 1,
+        topic: None,
+    };
+    let started = Instant::now();
+    let ids = tools::submit(settings, &submission).await?;
+    if let Some(&id) = ids.first() {
+        let result = tools::wait_for_result(settings, id, Duration::from_secs(30)).await?;
+        println!(
+            "  check: task {id} (echo) went through the worker: {} in {} ms",
+            result.status.symbol(),
+            started.elapsed().as_millis()
+        );
+        anyhow::ensure!(
+            result.status == TaskStatus::Succeeded,
+            "the check task failed: {:?}",
+            result.error
+        );
+    }
+    Ok(())
+}
+
 async fn dev_main(user_settings: Option<Settings>) -> anyhow::Result<()> {
     let cluster = DevCluster::start(1)?;
     let bootstrap = cluster.bootstrap_servers();
@@ -750,63 +778,66 @@ async fn dev_main(user_settings: Option<Settings>) -> anyhow::Result<()> {
     stop_on_signals(stop.clone());
     let metrics = specs.first().map(|s| s.metrics.clone()).unwrap_or_default();
     let running = tokio::spawn(worker::run(specs, stop.clone()));
-    let gateway = match conveyor::gateway::start(&settings, metrics.clone(), stop.clone()).await {
+    let started = match conveyor::gateway::start(&settings, metrics.clone(), stop.clone()).await {
         Err(conveyor::gateway::GatewayError::Config(why)) if why.contains("cannot listen") => {
             // Another program has the port: any free one will do here.
             let mut settings = settings.clone();
             settings.gateway.listen = "127.0.0.1:0".into();
-            conveyor::gateway::start(&settings, metrics, stop.clone()).await?
+            conveyor::gateway::start(&settings, metrics, stop.clone()).await
         }
-        other => other?,
+        other => other,
+    };
+    let gateway = match started {
+        Ok(gateway) => gateway,
+        Err(error) => {
+            stop.store(true, Ordering::SeqCst);
+            let _ = running.await;
+            return Err(error.into());
+        }
     };
     let api = format!("http://{}", gateway.address());
     println!("  gateway: {api} (API described at {api}/openapi.json)");
 
-    // Prove the whole path: a task in, its result out.
-    let check_type = settings
+    // Prove the whole path: a task in, its result out. Only with the
+    // built-in echo handler: another type's handler may be a user's web
+    // endpoint that is not up yet, or may refuse the check's payload.
+    let has_echo = settings
+        .processors
+        .iter()
+        .flat_map(|p| p.tasks.iter())
+        .any(|(name, task)| name == "echo" && task.handler == HandlerKind::Echo);
+    if has_echo {
+        if let Err(error) = check_round_trip(&settings).await {
+            // Stop what runs before the cluster goes, or the worker would
+            // keep calling a broker that is gone.
+            stop.store(true, Ordering::SeqCst);
+            let _ = gateway.finished().await;
+            let _ = running.await;
+            return Err(error);
+        }
+    } else {
+        println!("  check: skipped (no task type with the built-in `echo` handler to try)");
+    }
+    let exe = "cargo run --release --";
+    // The examples below use `sleep` when configured, else the first type.
+    let types: Vec<&String> = settings
         .processors
         .iter()
         .flat_map(|p| p.tasks.keys())
-        .find(|t| t.as_str() == "echo")
-        .or_else(|| {
-            settings
-                .processors
-                .iter()
-                .flat_map(|p| p.tasks.keys())
-                .next()
-        })
-        .cloned();
-    if let Some(task_type) = check_type {
-        let submission = Submission {
-            task_type: task_type.clone(),
-            payload: r#"{"hello":"conveyor"}"#.into(),
-            key: None,
-            count: 1,
-            topic: None,
-        };
-        let started = Instant::now();
-        let ids = tools::submit(&settings, &submission).await?;
-        if let Some(&id) = ids.first() {
-            let result = tools::wait_for_result(&settings, id, Duration::from_secs(30)).await?;
-            println!(
-                "  check: task {id} ({task_type}) went through the worker: {} in {} ms",
-                result.status.symbol(),
-                started.elapsed().as_millis()
-            );
-            anyhow::ensure!(
-                result.status == TaskStatus::Succeeded,
-                "the check task failed: {:?}",
-                result.error
-            );
-        }
-    }
-    let exe = "cargo run --release --";
+        .collect();
+    let (try_type, try_payload) = match types.iter().find(|t| t.as_str() == "sleep") {
+        Some(_) => ("sleep", r#"{"ms": 500}"#),
+        None => (
+            types.first().map_or("echo", |t| t.as_str()),
+            r#"{"hello": "conveyor"}"#,
+        ),
+    };
     println!(
         "  try, in another shell: submit a task over HTTP, then wait up to 10 s for its result:"
     );
     println!(
         "    id=$(curl -s -X POST {api}/v1/tasks -H 'content-type: application/json' \
-         -d '{{\"type\": \"sleep\", \"payload\": {{\"ms\": 500}}}}' | sed 's/.*\"id\":\"\\([^\"]*\\)\".*/\\1/')"
+         -d '{{\"type\": \"{try_type}\", \"payload\": {try_payload}}}' | sed 's/.*\"id\":\"\\([^\"]*\\)\".*/\\1/')"
     );
     println!("    curl -s \"{api}/v1/tasks/$id?wait=10s\"");
     if settings
@@ -826,7 +857,7 @@ async fn dev_main(user_settings: Option<Settings>) -> anyhow::Result<()> {
     }
     println!("  or with the command line:");
     println!(
-        "    {exe} submit --brokers {bootstrap} --type sleep --payload '{{\"ms\": 500}}' --count 3"
+        "    {exe} submit --brokers {bootstrap} --type {try_type} --payload '{try_payload}' --count 3"
     );
     println!("    {exe} results --brokers {bootstrap} --follow");
     // The command line knows workflows from a configuration file: write
