@@ -1,0 +1,114 @@
+"""HTTP/1.1 to the gateway with the standard library, one kept-alive
+connection per thread."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+import urllib.parse
+from typing import Any, Dict, Optional, Tuple, Union
+
+from .errors import ConnectionFailed, api_error
+
+USER_AGENT = "conveyor-client-python/1"
+
+Connection = Union[http.client.HTTPConnection, http.client.HTTPSConnection]
+
+
+class Transport:
+    def __init__(self, base_url: str, token: Optional[str]) -> None:
+        parts = urllib.parse.urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(
+                f"base_url must be http://host[:port] or https://host[:port], not {base_url!r}"
+            )
+        self._https = parts.scheme == "https"
+        self._host = parts.hostname
+        self._port = parts.port
+        self._prefix = parts.path.rstrip("/")
+        self._token = token
+        self._local = threading.local()
+
+    def _connection(self, timeout: float) -> Tuple[Connection, bool]:
+        """This thread's connection, and whether it was used before."""
+        conn: Optional[Connection] = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.timeout = timeout
+            if conn.sock is not None:
+                conn.sock.settimeout(timeout)
+            return conn, True
+        if self._https:
+            conn = http.client.HTTPSConnection(self._host, self._port, timeout=timeout)
+        else:
+            conn = http.client.HTTPConnection(self._host, self._port, timeout=timeout)
+        self._local.conn = conn
+        return conn, False
+
+    def _drop(self) -> None:
+        conn: Optional[Connection] = getattr(self._local, "conn", None)
+        self._local.conn = None
+        if conn is not None:
+            conn.close()
+
+    def close(self) -> None:
+        """Closes the calling thread's connection."""
+        self._drop()
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        timeout: float = 30.0,
+        headers: Optional[Dict[str, str]] = None,
+    ) -> Tuple[int, Any, Dict[str, str]]:
+        """Sends one request; returns (status, decoded JSON or None,
+        headers) for a 2xx answer and raises the API's error otherwise.
+
+        A request that fails on a connection that was idle since an earlier
+        request is sent once more on a fresh one (the server may have closed
+        it meanwhile); the gateway's POSTs sent here always carry an
+        idempotency key, so that cannot make a second task.
+        """
+        send_headers = {"accept": "application/json", "user-agent": USER_AGENT}
+        data: Optional[bytes] = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            send_headers["content-type"] = "application/json"
+        if self._token:
+            send_headers["authorization"] = "Bearer " + self._token
+        if headers:
+            send_headers.update(headers)
+        target = self._prefix + path
+        for fresh_try in (False, True):
+            conn, reused = self._connection(timeout)
+            try:
+                conn.request(method, target, body=data, headers=send_headers)
+                response = conn.getresponse()
+                raw = response.read()
+            except (OSError, http.client.HTTPException) as error:
+                self._drop()
+                if reused and not fresh_try:
+                    continue
+                raise ConnectionFailed(
+                    f"{method} {target}: {type(error).__name__}: {error}"
+                ) from error
+            if response.will_close:
+                self._drop()
+            answer_headers = {k.lower(): v for k, v in response.getheaders()}
+            text = raw.decode("utf-8", errors="replace")
+            decoded: Any = None
+            if "json" in answer_headers.get("content-type", "") and raw:
+                try:
+                    decoded = json.loads(text)
+                except ValueError:
+                    decoded = None
+            if 200 <= response.status < 300:
+                if decoded is None:
+                    raise ConnectionFailed(
+                        f"{method} {target}: answered {response.status} without a JSON body"
+                    )
+                return response.status, decoded, answer_headers
+            raise api_error(response.status, decoded, text)
+        raise AssertionError("unreachable")  # pragma: no cover
