@@ -61,6 +61,11 @@ fn start_app(port: u16, gateway: &str) -> App {
         .arg(APP)
         .env("PORT", port.to_string())
         .env("CONVEYOR_GATEWAY", gateway)
+        // The app uses the Python client of this repository.
+        .env(
+            "PYTHONPATH",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/clients/python/src"),
+        )
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
