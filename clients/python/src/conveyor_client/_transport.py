@@ -13,6 +13,10 @@ from .errors import ConnectionFailed, api_error
 
 USER_AGENT = "conveyor-client-python/1"
 
+#: Largest answer read from the gateway (a task's output is bounded by the
+#: Kafka record size, about 1 MiB by default; this leaves room for batches).
+MAX_ANSWER_BYTES = 64 * 1024 * 1024
+
 Connection = Union[http.client.HTTPConnection, http.client.HTTPSConnection]
 
 
@@ -86,7 +90,7 @@ class Transport:
             try:
                 conn.request(method, target, body=data, headers=send_headers)
                 response = conn.getresponse()
-                raw = response.read()
+                raw = response.read(MAX_ANSWER_BYTES + 1)
             except (OSError, http.client.HTTPException) as error:
                 self._drop()
                 if reused and not fresh_try:
@@ -94,6 +98,11 @@ class Transport:
                 raise ConnectionFailed(
                     f"{method} {target}: {type(error).__name__}: {error}"
                 ) from error
+            if len(raw) > MAX_ANSWER_BYTES:
+                self._drop()
+                raise ConnectionFailed(
+                    f"{method} {target}: the answer is over {MAX_ANSWER_BYTES} bytes; not read"
+                )
             if response.will_close:
                 self._drop()
             answer_headers = {k.lower(): v for k, v in response.getheaders()}
