@@ -26,6 +26,18 @@
 //! same preloaded tasks (a fresh group and output topic each time) and
 //! prints the rate at which their results arrive.
 //!
+//! Prefetch mode
+//!
+//! ```sh
+//! cargo bench --bench pipeline -- --prefetch-rss --partitions 256 --messages 512000 --seconds 30
+//! ```
+//!
+//! preloads the backlog, then runs one real `conveyor worker` process that
+//! owns every partition but works one task at a time (so the backlog waits
+//! in librdkafka's prefetch), and prints the process's RSS every 2 s: with
+//! the default `kafka.prefetch_bytes`, then with the per-partition limits
+//! conveyor used before it (2,000 records / 4 MiB / 1 MiB fetches each).
+//!
 //! Metrics-cost mode (`--metrics-cost`) alternates conveyor's processor with
 //! metrics recorded and with `metrics.enabled = false` instead of the raw
 //! loop, and prints the throughput ratio on/off.
@@ -92,6 +104,8 @@ struct Options {
     scaling: Vec<usize>,
     /// Metrics-cost mode: conveyor with metrics on against metrics off.
     metrics_cost: bool,
+    /// Prefetch mode: a worker's RSS over time with a backlog it reads slowly.
+    prefetch_rss: bool,
 }
 
 /// The processor's `ordering` (`--ordering none|key|partition`; none by
@@ -111,6 +125,7 @@ fn options() -> Options {
         linger: None,
         scaling: Vec::new(),
         metrics_cost: false,
+        prefetch_rss: false,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut it = args.iter();
@@ -137,6 +152,7 @@ fn options() -> Options {
             }
             "--linger" => o.linger = value().parse().ok(),
             "--metrics-cost" => o.metrics_cost = true,
+            "--prefetch-rss" => o.prefetch_rss = true,
             "--ordering" => {
                 let ordering = match value().as_str() {
                     "partition" => Ordering::Partition,
@@ -700,6 +716,61 @@ async fn scaling_run(
     rate
 }
 
+/// Prefetch mode: one `conveyor worker` process that owns all of `input`'s
+/// partitions and runs one task at a time; its RSS (MiB) sampled every 2 s
+/// for `seconds`.
+async fn prefetch_rss_run(
+    kafka: &KafkaSettings,
+    input: &str,
+    output: &str,
+    dlq: &str,
+    seconds: u64,
+) -> Vec<f64> {
+    let mut settings = conveyor::settings::Settings {
+        kafka: kafka.clone(),
+        ..Default::default()
+    };
+    settings.metrics.listen = String::new();
+    let mut processor = echo_processor("bench-prefetch", input, output, dlq);
+    processor.max_in_flight = 1;
+    processor.max_in_flight_per_partition = 1;
+    processor.max_uncommitted_per_partition = 1;
+    settings.processors.push(processor);
+    settings.fill_derived();
+    let path = std::env::temp_dir().join(format!(
+        "conveyor-bench-{}.toml",
+        uuid::Uuid::new_v4().simple()
+    ));
+    std::fs::write(&path, settings.to_toml().expect("settings serialize")).expect("write config");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_conveyor"))
+        .args(["worker", "--config"])
+        .arg(&path)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start conveyor worker");
+    let status = format!("/proc/{}/status", child.id());
+    let mut samples = Vec::new();
+    for _ in 0..seconds.div_ceil(2) {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let rss_kib = std::fs::read_to_string(&status)
+            .ok()
+            .and_then(|text| {
+                text.lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|v| v.parse::<f64>().ok())
+            })
+            .unwrap_or(f64::NAN);
+        samples.push(rss_kib / 1024.0);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_file(&path);
+    samples
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
@@ -747,6 +818,41 @@ fn main() {
                 let output = broker.topic("bench-scale-out", o.partitions).await;
                 let rate = scaling_run(&kafka, &input, &output, &dlq, o.messages, workers).await;
                 println!("{workers} worker process(es): {rate:>9.0} msg/s");
+            }
+            return;
+        }
+        if o.prefetch_rss {
+            let input = broker.topic("bench-prefetch-in", o.partitions).await;
+            let dlq = broker.topic("bench-prefetch-dlq", 1).await;
+            preload(&kafka, &input, o.messages, o.payload).await;
+            println!(
+                "prefetch mode: {} preloaded tasks over {} partitions, one `conveyor worker` owning them all, one task at a time",
+                o.messages, o.partitions
+            );
+            let mut before = kafka.clone();
+            for (key, value) in [
+                ("queued.min.messages", "2000"),
+                ("queued.max.messages.kbytes", "4096"),
+                ("max.partition.fetch.bytes", "1048576"),
+            ] {
+                before.options.insert(key.into(), value.into());
+            }
+            let variants = [
+                (
+                    format!("prefetch_bytes {} MiB (default)", kafka.prefetch_bytes >> 20),
+                    kafka.clone(),
+                ),
+                ("per partition 2,000 records / 4 MiB (before)".to_owned(), before),
+            ];
+            for (label, settings) in variants {
+                let output = broker.topic("bench-prefetch-out", o.partitions).await;
+                let samples = prefetch_rss_run(&settings, &input, &output, &dlq, o.seconds).await;
+                let shown: Vec<String> = samples.iter().map(|m| format!("{m:.0}")).collect();
+                println!(
+                    "{label}: worker RSS MiB every 2 s: {}; max {:.0}",
+                    shown.join(" "),
+                    samples.iter().copied().fold(0.0, f64::max)
+                );
             }
             return;
         }

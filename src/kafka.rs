@@ -37,6 +37,34 @@ const CONSUMER_TUNING: &[(&str, &str)] = &[
     ("queued.max.messages.kbytes", "4096"),
 ];
 
+/// The least prefetch one partition gets, however the budget is split.
+const MIN_PARTITION_PREFETCH: u64 = 64 * 1024;
+
+/// librdkafka's prefetch properties for a consumer that reads `partitions`
+/// partitions, each from a queue of its own, within `budget` bytes.
+///
+/// With split partition queues librdkafka applies its prefetch limits to
+/// each partition (its CONFIGURATION.md, `queued.max.messages.kbytes`), so
+/// the budget is divided: each partition gets `budget / partitions` (at
+/// least 64 KiB) as `queued.max.messages.kbytes`, and no fetch answer adds
+/// more than that again (`max.partition.fetch.bytes`, at most librdkafka's
+/// 1 MiB default): at most about twice the budget in all, unless the
+/// 64 KiB floor binds. `queued.min.messages` (records; librdkafka keeps a
+/// few hundred bytes of bookkeeping per queued record that the byte limit
+/// does not count) is the share / 512, at most 2,000.
+pub fn prefetch_limits(budget: u64, partitions: usize) -> [(&'static str, String); 3] {
+    let partitions = u64::try_from(partitions.max(1)).unwrap_or(u64::MAX);
+    let share = (budget / partitions).max(MIN_PARTITION_PREFETCH);
+    [
+        ("queued.max.messages.kbytes", (share / 1024).to_string()),
+        ("queued.min.messages", (share / 512).min(2000).to_string()),
+        (
+            "max.partition.fetch.bytes",
+            share.min(1024 * 1024).to_string(),
+        ),
+    ]
+}
+
 /// Settings shared by every client: brokers, client id, `tuning` and the
 /// user's options, in that order of precedence from lowest.
 fn client_config(kafka: &KafkaSettings, tuning: &[(&str, &str)]) -> ClientConfig {
@@ -165,6 +193,31 @@ pub fn check_connection(kafka: &KafkaSettings, within: std::time::Duration) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn limits(budget: u64, partitions: usize) -> Vec<u64> {
+        prefetch_limits(budget, partitions)
+            .iter()
+            .map(|(_, v)| v.parse().expect("a number"))
+            .collect()
+    }
+
+    #[test]
+    fn prefetch_budget_is_split_over_partitions() {
+        const MIB: u64 = 1024 * 1024;
+        // kbytes, records, fetch bytes
+        assert_eq!(limits(64 * MIB, 16), vec![4096, 2000, MIB]);
+        assert_eq!(limits(64 * MIB, 256), vec![256, 512, 256 * 1024]);
+        // The whole budget, with one fetch answer more per partition, at
+        // most twice the budget while the floor does not bind.
+        for partitions in [1usize, 3, 8, 100, 512, 1024] {
+            let l = limits(64 * MIB, partitions);
+            let most = (l[0] * 1024 + l[2]) * partitions as u64;
+            assert!(most <= 2 * 64 * MIB, "{partitions}: {most}");
+        }
+        // The floor: 64 KiB a partition, 100 records.
+        assert_eq!(limits(MIB, 10_000), vec![64, 128, 64 * 1024]);
+        assert_eq!(limits(MIB, 0), limits(MIB, 1));
+    }
 
     #[test]
     fn user_options_override_tuning_but_not_managed_properties() {

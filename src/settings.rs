@@ -145,7 +145,18 @@ pub struct KafkaSettings {
     pub options: BTreeMap<String, String>,
     /// TLS and SASL, for every client of the process.
     pub security: crate::security::SecuritySettings,
+    /// Bytes of records a worker process lets librdkafka fetch ahead of its
+    /// processors (64 MiB). Split evenly between the processors, and each
+    /// share evenly over the partitions of the topics the processor reads
+    /// (the most it could be assigned): a worker's prefetch stays within
+    /// about twice this (see `kafka::prefetch_limits`) however many
+    /// partitions it owns. `[kafka.options]` `queued.max.messages.kbytes`,
+    /// `queued.min.messages` or `max.partition.fetch.bytes` override it.
+    pub prefetch_bytes: u64,
 }
+
+/// Default of `kafka.prefetch_bytes`: 64 MiB.
+pub const DEFAULT_PREFETCH_BYTES: u64 = 64 * 1024 * 1024;
 
 impl Default for KafkaSettings {
     fn default() -> Self {
@@ -154,6 +165,7 @@ impl Default for KafkaSettings {
             client_id: "conveyor".into(),
             options: BTreeMap::new(),
             security: crate::security::SecuritySettings::default(),
+            prefetch_bytes: DEFAULT_PREFETCH_BYTES,
         }
     }
 }
@@ -864,6 +876,12 @@ impl Settings {
         if self.kafka.client_id.trim().is_empty() {
             bad("kafka.client_id".into(), "must not be empty");
         }
+        if self.kafka.prefetch_bytes < 1024 * 1024 {
+            bad(
+                "kafka.prefetch_bytes".into(),
+                "must be at least 1048576 (1 MiB)",
+            );
+        }
         for (option, why) in MANAGED_KAFKA_OPTIONS {
             if self.kafka.options.contains_key(*option) {
                 bad(
@@ -1540,7 +1558,7 @@ mod tests {
         let found = problems(load_toml_env("", &[("CONVEYOR__KAFKA__BROKER", "b:2")]));
         assert_eq!(
             found,
-            ["kafka.broker: unknown field `broker`, expected one of `brokers`, `client_id`, `options`, `security`"]
+            ["kafka.broker: unknown field `broker`, expected one of `brokers`, `client_id`, `options`, `security`, `prefetch_bytes`"]
         );
     }
 

@@ -51,6 +51,10 @@ pub fn processor_specs(settings: &Settings) -> Result<Vec<ProcessorSpec>, Worker
     } else {
         Metrics::disabled()
     });
+    // The worker's prefetch budget, shared by its processors.
+    let mut kafka = settings.kafka.clone();
+    let processors = u64::try_from(settings.processors.len()).unwrap_or(u64::MAX);
+    kafka.prefetch_bytes = (settings.kafka.prefetch_bytes / processors.max(1)).max(1);
     settings
         .processors
         .iter()
@@ -59,7 +63,7 @@ pub fn processor_specs(settings: &Settings) -> Result<Vec<ProcessorSpec>, Worker
                 .map_err(|e| WorkerError::Config(format!("processor `{}`: {e}", p.name)))?;
             Ok(ProcessorSpec {
                 settings: p.clone(),
-                kafka: settings.kafka.clone(),
+                kafka: kafka.clone(),
                 codec,
                 registry,
                 worker: worker.clone(),

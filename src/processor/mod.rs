@@ -1264,26 +1264,6 @@ async fn run_processor(spec: ProcessorSpec, stop: Arc<AtomicBool>) -> Result<(),
     });
     shared.producer.context().connect(&shared);
     zero_series(&spec.metrics, &name, &spec.settings);
-    let consumer: BaseConsumer<EngineContext> =
-        kafka::consumer_config(&spec.kafka, &group, spec.settings.session_timeout_ms)
-            .set("client.id", format!("{}-{}", spec.worker, name))
-            // conveyor commits by itself: see `Shared::commit`.
-            .set("enable.auto.commit", "false")
-            .set("auto.offset.reset", "earliest")
-            // Statistics feed only the lag gauges: none when metrics are off.
-            .set(
-                "statistics.interval.ms",
-                if spec.metrics.enabled() {
-                    spec.lag_interval_ms
-                } else {
-                    0
-                }
-                .to_string(),
-            )
-            .create_with_context(EngineContext {
-                shared: shared.clone(),
-            })
-            .map_err(|e| client_error("consumer", e))?;
     let mut topics: Vec<String> = spec.settings.input_topics.clone();
     if spec.settings.uses_retry_topics() {
         let retry = spec.settings.input_topics.iter();
@@ -1308,16 +1288,19 @@ async fn run_processor(spec: ProcessorSpec, stop: Arc<AtomicBool>) -> Result<(),
         .collect();
     needed.extend(joins.iter().map(|t| format!("{t}{JOINS_SUFFIX}")));
     let check = shared.clone();
-    let missing = tokio::task::spawn_blocking(move || missing_topics(&check.producer, &needed))
-        .await
-        .map_err(|e| ProcessorError::Fatal {
-            processor: name.clone(),
-            message: format!("checking topics failed: {e}"),
-        })?
-        .map_err(|message| ProcessorError::Fatal {
-            processor: name.clone(),
-            message,
-        })?;
+    let read = topics.clone();
+    let checked =
+        tokio::task::spawn_blocking(move || check_topics(&check.producer, &needed, &read))
+            .await
+            .map_err(|e| ProcessorError::Fatal {
+                processor: name.clone(),
+                message: format!("checking topics failed: {e}"),
+            })?
+            .map_err(|message| ProcessorError::Fatal {
+                processor: name.clone(),
+                message,
+            })?;
+    let (missing, partitions_read) = checked;
     if !missing.is_empty() {
         return Err(ProcessorError::Fatal {
             processor: name.clone(),
@@ -1330,6 +1313,33 @@ async fn run_processor(spec: ProcessorSpec, stop: Arc<AtomicBool>) -> Result<(),
             ),
         });
     }
+    // The prefetch budget (this processor's share of the worker's),
+    // split over every partition it reads, unless the user set the limits.
+    let mut config = kafka::consumer_config(&spec.kafka, &group, spec.settings.session_timeout_ms);
+    for (key, value) in kafka::prefetch_limits(spec.kafka.prefetch_bytes, partitions_read) {
+        if !spec.kafka.options.contains_key(key) {
+            config.set(key, value);
+        }
+    }
+    let consumer: BaseConsumer<EngineContext> = config
+        .set("client.id", format!("{}-{}", spec.worker, name))
+        // conveyor commits by itself: see `Shared::commit`.
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        // Statistics feed only the lag gauges: none when metrics are off.
+        .set(
+            "statistics.interval.ms",
+            if spec.metrics.enabled() {
+                spec.lag_interval_ms
+            } else {
+                0
+            }
+            .to_string(),
+        )
+        .create_with_context(EngineContext {
+            shared: shared.clone(),
+        })
+        .map_err(|e| client_error("consumer", e))?;
     let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
     consumer
         .subscribe(&topics)
@@ -1406,8 +1416,13 @@ fn zero_series(m: &Metrics, name: &str, settings: &ProcessorSettings) {
     }
 }
 
-/// The topics of `wanted` the cluster does not have.
-fn missing_topics(producer: &delivery::Producer, wanted: &[String]) -> Result<Vec<String>, String> {
+/// The topics of `wanted` the cluster does not have, and how many
+/// partitions the topics of `read` have together.
+fn check_topics(
+    producer: &delivery::Producer,
+    wanted: &[String],
+    read: &[String],
+) -> Result<(Vec<String>, usize), String> {
     let metadata = producer
         .client()
         .fetch_metadata(None, Duration::from_secs(30))
@@ -1425,7 +1440,13 @@ fn missing_topics(producer: &delivery::Producer, wanted: &[String]) -> Result<Ve
         .collect();
     missing.sort();
     missing.dedup();
-    Ok(missing)
+    let partitions = metadata
+        .topics()
+        .iter()
+        .filter(|t| t.error().is_none() && read.iter().any(|r| r == t.name()))
+        .map(|t| t.partitions().len())
+        .sum();
+    Ok((missing, partitions))
 }
 
 /// Most records taken from one partition's queue per pass, so that one
