@@ -45,7 +45,10 @@
 //! Options: `--messages N` (100,000), `--partitions P` (8), `--rounds R`
 //! (3), `--payload BYTES` (200), `--linger MS` (every producer's
 //! `linger.ms`; librdkafka's default is 5), `--ordering none|key|partition`
-//! (the processor's ordering; none). For profiling, the environment variables
+//! (the processor's ordering; none), `--keys K` (the preloaded records use
+//! K distinct keys in turn; default: each its task id, a lane per record
+//! under `key`), `--json FILE` (machine-readable results, with machine,
+//! date and commit, for `benches/charts.py`). For profiling, the environment variables
 //! `BENCH_MAX` and `BENCH_PP` set the processor's `max_in_flight` and
 //! `max_in_flight_per_partition` (default: conveyor's defaults), and `BENCH_OPTS`
 //! adds librdkafka properties (`key=value,key=value`).
@@ -106,6 +109,64 @@ struct Options {
     metrics_cost: bool,
     /// Prefetch mode: a worker's RSS over time with a backlog it reads slowly.
     prefetch_rss: bool,
+    /// Distinct record keys of the preloaded requests (0: each its own id).
+    keys: usize,
+    /// Where to write the machine-readable results (`--json FILE`).
+    json: Option<String>,
+}
+
+/// Machine-readable results, written with `--json FILE` for
+/// `benches/charts.py`.
+static REPORT: Mutex<Vec<serde_json::Value>> = Mutex::new(Vec::new());
+
+fn report(entry: serde_json::Value) {
+    if let Ok(mut report) = REPORT.lock() {
+        report.push(entry);
+    }
+}
+
+fn ordering_name() -> &'static str {
+    match ORDERING.get().copied().unwrap_or(Ordering::None) {
+        Ordering::None => "none",
+        Ordering::Key => "key",
+        Ordering::Partition => "partition",
+    }
+}
+
+/// Writes the report with what identifies the run: machine, date, commit.
+fn write_report(path: &str, o: &Options, broker: &str) {
+    let command = |program: &str, args: &[&str]| {
+        std::process::Command::new(program)
+            .args(args)
+            .output()
+            .ok()
+            .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+            .unwrap_or_default()
+    };
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_owned())
+        })
+        .unwrap_or_default();
+    let document = serde_json::json!({
+        "broker": broker,
+        "ordering": ordering_name(),
+        "keys": o.keys,
+        "messages": o.messages,
+        "partitions": o.partitions,
+        "payload": o.payload,
+        "date": command("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]),
+        "commit": command("git", &["rev-parse", "--short", "HEAD"]),
+        "machine": format!("{cpu}, {} cores", std::thread::available_parallelism().map_or(0, |n| n.get())),
+        "results": REPORT.lock().map(|r| r.clone()).unwrap_or_default(),
+    });
+    let text = serde_json::to_string_pretty(&document).expect("report serializes");
+    std::fs::write(path, text).expect("write the --json file");
+    println!("machine-readable results written to {path}");
 }
 
 /// The processor's `ordering` (`--ordering none|key|partition`; none by
@@ -126,6 +187,8 @@ fn options() -> Options {
         scaling: Vec::new(),
         metrics_cost: false,
         prefetch_rss: false,
+        keys: 0,
+        json: None,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut it = args.iter();
@@ -153,6 +216,8 @@ fn options() -> Options {
             "--linger" => o.linger = value().parse().ok(),
             "--metrics-cost" => o.metrics_cost = true,
             "--prefetch-rss" => o.prefetch_rss = true,
+            "--keys" => o.keys = value().parse().unwrap_or(o.keys),
+            "--json" => o.json = Some(value()),
             "--ordering" => {
                 let ordering = match value().as_str() {
                     "partition" => Ordering::Partition,
@@ -219,7 +284,7 @@ fn peak_rss_mib() -> f64 {
     usage.ru_maxrss as f64 / 1024.0
 }
 
-async fn preload(kafka: &KafkaSettings, topic: &str, n: usize, payload: usize) {
+async fn preload(kafka: &KafkaSettings, topic: &str, n: usize, payload: usize, keys: usize) {
     let producer: FutureProducer = kafka::producer_config(kafka)
         .set("linger.ms", "5")
         .create()
@@ -228,14 +293,16 @@ async fn preload(kafka: &KafkaSettings, topic: &str, n: usize, payload: usize) {
     let body = vec![b'x'; payload];
     let mut pending = Vec::with_capacity(n);
     let mut value = Vec::new();
-    for _ in 0..n {
+    for i in 0..n {
         let request = TaskRequest::new("echo", body.clone());
         value.clear();
         codec.encode_request(&request, &mut value);
+        let key = match keys {
+            0 => request.id.as_bytes().to_vec(),
+            keys => format!("key-{}", i % keys).into_bytes(),
+        };
         loop {
-            let record = FutureRecord::to(topic)
-                .key(request.id.as_bytes())
-                .payload(&value);
+            let record = FutureRecord::to(topic).key(&key).payload(&value);
             match producer.send_result(record) {
                 Ok(d) => {
                     pending.push(d);
@@ -614,6 +681,17 @@ async fn latency_run(broker: &Broker, kafka: &KafkaSettings, rate: u64, seconds:
         latencies.get(at).copied().unwrap_or(0) as f64 / 1000.0
     };
     let what = if raw { "raw pipe" } else { "conveyor" };
+    // The distribution for the CDF chart: every 1/1000th quantile.
+    let quantiles: Vec<f64> = (0..=1000).map(|p| q(p as f64 / 1000.0)).collect();
+    report(serde_json::json!({
+        "kind": "latency",
+        "pipe": if raw { "raw" } else { "conveyor" },
+        "rate": rate,
+        "offered": offered,
+        "results": latencies.len(),
+        "expected": total,
+        "latency_ms_by_permille": quantiles,
+    }));
     println!(
         "{what:>8} latency at {rate:>6}/s (offered {offered:>8.0}/s): p50 {:>7.2} ms  p99 {:>7.2} ms  p99.9 {:>7.2} ms  max {:>7.2} ms  ({} of {total} results)",
         q(0.5),
@@ -809,7 +887,7 @@ fn main() {
         if !o.scaling.is_empty() {
             let input = broker.topic("bench-scale-in", o.partitions).await;
             let dlq = broker.topic("bench-scale-dlq", 1).await;
-            preload(&kafka, &input, o.messages, o.payload).await;
+            preload(&kafka, &input, o.messages, o.payload, o.keys).await;
             println!(
                 "scaling mode: {} preloaded tasks over {} partitions, `conveyor worker` processes in one group",
                 o.messages, o.partitions
@@ -824,7 +902,7 @@ fn main() {
         if o.prefetch_rss {
             let input = broker.topic("bench-prefetch-in", o.partitions).await;
             let dlq = broker.topic("bench-prefetch-dlq", 1).await;
-            preload(&kafka, &input, o.messages, o.payload).await;
+            preload(&kafka, &input, o.messages, o.payload, o.keys).await;
             println!(
                 "prefetch mode: {} preloaded tasks over {} partitions, one `conveyor worker` owning them all, one task at a time",
                 o.messages, o.partitions
@@ -866,11 +944,14 @@ fn main() {
                 latency_run(&broker, &kafka, rate, o.seconds, true).await;
                 latency_run(&broker, &kafka, rate, o.seconds, false).await;
             }
+            if let Some(path) = &o.json {
+                write_report(path, &o, &where_);
+            }
             return;
         }
         let input = broker.topic("bench-in", o.partitions).await;
         let dlq = broker.topic("bench-dlq", 1).await;
-        preload(&kafka, &input, o.messages, o.payload).await;
+        preload(&kafka, &input, o.messages, o.payload, o.keys).await;
         if o.metrics_cost {
             println!("metrics-cost mode: conveyor echo with metrics recorded, then with metrics.enabled = false");
             let mut ratios = Vec::new();
@@ -905,6 +986,14 @@ fn main() {
             let ours = conveyor_run(&kafka, &input, &out, &dlq, o.messages, Metrics::new()).await;
             let ratio = ours.rate / raw.rate;
             ratios.push(ratio);
+            report(serde_json::json!({
+                "kind": "throughput",
+                "round": round,
+                "raw_msgs_per_s": raw.rate,
+                "conveyor_msgs_per_s": ours.rate,
+                "raw_cpu_s_per_100k": raw.cpu_per_100k,
+                "conveyor_cpu_s_per_100k": ours.cpu_per_100k,
+            }));
             println!(
                 "round {round}: raw {:>9.0} msg/s ({:.2} CPU s/100k) | conveyor echo {:>9.0} msg/s ({:.2} CPU s/100k) | ratio {ratio:.2}",
                 raw.rate, raw.cpu_per_100k, ours.rate, ours.cpu_per_100k
@@ -916,5 +1005,8 @@ fn main() {
             median(ratios),
             peak_rss_mib()
         );
+        if let Some(path) = &o.json {
+            write_report(path, &o, &where_);
+        }
     });
 }

@@ -55,7 +55,12 @@ pub(super) fn start(shared: &Arc<Shared>, jobs: Vec<Job>) {
 
 /// Runs one record's task, in its span, until its outputs are handed to
 /// the producer; the job finishes when they are acknowledged.
-async fn run(shared: Arc<Shared>, job: Job) {
+///
+/// Not an `async fn`, nor is `run_job`: an `async fn` keeps its arguments
+/// and the locals they are moved into side by side in its state, and every
+/// waiting task is such a state (2,976 bytes in a release build with three
+/// copies of the `Job`; see BENCHMARKS.md).
+fn run(shared: Arc<Shared>, job: Job) -> impl std::future::Future<Output = ()> {
     let span = info_span!(
         "task",
         processor = %shared.name,
@@ -67,7 +72,7 @@ async fn run(shared: Arc<Shared>, job: Job) {
         attempt = tracing::field::Empty,
     );
     crate::telemetry::link_to_traceparent(&span, job.headers.traceparent.as_deref());
-    run_job(&shared, job).instrument(span).await;
+    run_job(shared, job).instrument(span)
 }
 
 /// A failure that ends the task.
@@ -89,146 +94,150 @@ enum End {
     },
 }
 
-async fn run_job(shared: &Arc<Shared>, job: Job) {
-    // A record from the retry topic waits until it is due. Its lane (and,
-    // through the in-flight bound, its partition) waits with it; fresh
-    // tasks in the input topics do not.
-    if let Some(due) = job.headers.not_before {
-        let wait = due - now_millis();
-        if let Ok(wait) = u64::try_from(wait) {
-            debug!(wait_ms = wait, "retry not due yet");
-            Box::pin(tokio::time::sleep(Duration::from_millis(wait))).await;
-        }
-    }
-    let mut request = match shared.codec.decode_request(&job.payload) {
-        Ok(request) => request,
-        Err(e) => {
-            let head = shared.codec.peek_request(&job.payload);
-            warn!(error = %e, task_id = ?head.as_ref().map(|h| h.0), "cannot decode the task request; dead-lettering it");
-            let now = now_millis();
-            let failure = Terminal {
-                kind: "decode".into(),
-                message: e.to_string(),
-                attempts: 0,
-                first_failure_at: now,
-            };
-            let result = head.map(|(id, task_type)| TaskResult {
-                id,
-                task_type: task_type.unwrap_or_default(),
-                status: TaskStatus::Failed,
-                output: None,
-                content_type: String::new(),
-                error: Some(error_of(&failure)),
-                attempts: 0,
-                started_at: now,
-                finished_at: now,
-                worker: shared.worker.clone(),
-                workflow: None,
-            });
-            let m = &shared.metrics;
-            if m.enabled() {
-                let labels = [shared.name.as_str(), crate::metrics::UNKNOWN_TYPE];
-                m.tasks_consumed.with_label_values(&labels).inc();
-                let labels = [shared.name.as_str(), crate::metrics::UNKNOWN_TYPE, "decode"];
-                m.tasks_failed.with_label_values(&labels).inc();
-                m.tasks_dead_lettered.with_label_values(&labels).inc();
+fn run_job(shared: Arc<Shared>, job: Job) -> impl std::future::Future<Output = ()> {
+    async move {
+        let shared = &shared;
+        // A record from the retry topic waits until it is due. Its lane (and,
+        // through the in-flight bound, its partition) waits with it; fresh
+        // tasks in the input topics do not.
+        if let Some(due) = job.headers.not_before {
+            let wait = due - now_millis();
+            if let Ok(wait) = u64::try_from(wait) {
+                debug!(wait_ms = wait, "retry not due yet");
+                Box::pin(tokio::time::sleep(Duration::from_millis(wait))).await;
             }
-            Box::pin(fail(shared, job, failure, result, None, None)).await;
-            return;
         }
-    };
-    let span = tracing::Span::current();
-    span.record("task_id", tracing::field::display(request.id));
-    span.record("task_type", request.task_type.as_str());
-    if shared.workflows.is_contribution(&request) {
-        // A child's output for a join: gathered, no handler runs.
-        Box::pin(super::join::contribute(shared, &job, &request)).await;
-        shared.finish(job);
-        return;
-    }
-    let type_label = shared.type_label(&request.task_type);
-    let m = &shared.metrics;
-    let hot = shared.hot.types.get(type_label);
-    if let Some(hot) = hot {
-        hot.consumed.inc();
-    } else if m.enabled() {
-        m.tasks_consumed
-            .with_label_values(&[&shared.name, type_label])
-            .inc();
-    }
-    let submitted_at = request.submitted_at;
-    let latency = || {
-        if let Some(hot) = hot {
-            Some((hot.latency.clone(), submitted_at))
-        } else if m.enabled() {
-            let histogram = m
-                .task_latency
-                .with_label_values(&[&shared.name, type_label]);
-            Some((histogram, submitted_at))
-        } else {
-            None
-        }
-    };
-    let first_attempt = request.attempt;
-    loop {
-        let started_at = now_millis();
-        let end = run_task(shared, &job, &mut request).await;
-        request.attempt = first_attempt;
-        match end {
-            End::Succeeded(result) => {
-                let mut records = vec![result_record(shared, &job, &result)];
-                if request.workflow.is_some() {
-                    let next = shared
-                        .workflows
-                        .after_success(&request, &result, &shared.worker);
-                    records.extend(next.into_iter().map(|n| workflow_record(shared, &job, n)));
-                }
-                // Only a configured type runs, and each has its handles
-                // whenever metrics are on.
-                if let Some(hot) = hot {
-                    hot.succeeded.inc();
-                }
-                deliver(shared, job, records, latency()).await;
-                return;
-            }
-            End::Parked {
-                request,
-                due_at,
-                first_failure_at,
-            } => {
-                Box::pin(park(shared, job, &request, due_at, first_failure_at)).await;
-                return;
-            }
-            End::Failed(failure) => {
-                if let Some(until) = trip_breaker(shared) {
-                    // Hold this task (its offset stays uncommitted, intake
-                    // is paused) until the breaker closes, then run it again.
-                    error!(
-                        task_id = %request.id,
-                        cooldown_ms = until.saturating_duration_since(Instant::now()).as_millis() as u64,
-                        "poison-pill breaker open: most recent tasks failed for good; \
-                         pausing intake and not dead-lettering instead of draining the topic"
-                    );
-                    Box::pin(tokio::time::sleep_until(until.into())).await;
-                    continue;
-                }
-                let result = failed_result(shared, &request, started_at, &failure);
+        let mut request = match shared.codec.decode_request(&job.payload) {
+            Ok(request) => request,
+            Err(e) => {
+                let head = shared.codec.peek_request(&job.payload);
+                warn!(error = %e, task_id = ?head.as_ref().map(|h| h.0), "cannot decode the task request; dead-lettering it");
+                let now = now_millis();
+                let failure = Terminal {
+                    kind: "decode".into(),
+                    message: e.to_string(),
+                    attempts: 0,
+                    first_failure_at: now,
+                };
+                let result = head.map(|(id, task_type)| TaskResult {
+                    id,
+                    task_type: task_type.unwrap_or_default(),
+                    status: TaskStatus::Failed,
+                    output: None,
+                    content_type: String::new(),
+                    error: Some(error_of(&failure)),
+                    attempts: 0,
+                    started_at: now,
+                    finished_at: now,
+                    worker: shared.worker.clone(),
+                    workflow: None,
+                });
+                let m = &shared.metrics;
                 if m.enabled() {
-                    let labels = [shared.name.as_str(), type_label, failure.kind.as_str()];
+                    let labels = [shared.name.as_str(), crate::metrics::UNKNOWN_TYPE];
+                    m.tasks_consumed.with_label_values(&labels).inc();
+                    let labels = [shared.name.as_str(), crate::metrics::UNKNOWN_TYPE, "decode"];
                     m.tasks_failed.with_label_values(&labels).inc();
                     m.tasks_dead_lettered.with_label_values(&labels).inc();
                 }
-                let latency = latency();
-                Box::pin(fail(
-                    shared,
-                    job,
-                    failure,
-                    Some(result),
-                    Some(&request),
-                    latency,
-                ))
-                .await;
+                Box::pin(fail(shared, job, failure, result, None, None)).await;
                 return;
+            }
+        };
+        let span = tracing::Span::current();
+        span.record("task_id", tracing::field::display(request.id));
+        span.record("task_type", request.task_type.as_str());
+        if shared.workflows.is_contribution(&request) {
+            // A child's output for a join: gathered, no handler runs.
+            Box::pin(super::join::contribute(shared, &job, &request)).await;
+            shared.finish(job);
+            return;
+        }
+        let type_label = shared.type_label(&request.task_type);
+        let m = &shared.metrics;
+        let hot = shared.hot.types.get(type_label);
+        if let Some(hot) = hot {
+            hot.consumed.inc();
+        } else if m.enabled() {
+            m.tasks_consumed
+                .with_label_values(&[&shared.name, type_label])
+                .inc();
+        }
+        let submitted_at = request.submitted_at;
+        let latency = || {
+            if let Some(hot) = hot {
+                Some((hot.latency.clone(), submitted_at))
+            } else if m.enabled() {
+                let histogram = m
+                    .task_latency
+                    .with_label_values(&[&shared.name, type_label]);
+                Some((histogram, submitted_at))
+            } else {
+                None
+            }
+        };
+        let first_attempt = request.attempt;
+        loop {
+            let started_at = now_millis();
+            let end = run_task(shared, &job, &mut request).await;
+            request.attempt = first_attempt;
+            match end {
+                End::Succeeded(result) => {
+                    let mut records = vec![result_record(shared, &job, &result)];
+                    if request.workflow.is_some() {
+                        let next =
+                            shared
+                                .workflows
+                                .after_success(&request, &result, &shared.worker);
+                        records.extend(next.into_iter().map(|n| workflow_record(shared, &job, n)));
+                    }
+                    // Only a configured type runs, and each has its handles
+                    // whenever metrics are on.
+                    if let Some(hot) = hot {
+                        hot.succeeded.inc();
+                    }
+                    Box::pin(deliver(shared, job, records, latency())).await;
+                    return;
+                }
+                End::Parked {
+                    request,
+                    due_at,
+                    first_failure_at,
+                } => {
+                    Box::pin(park(shared, job, &request, due_at, first_failure_at)).await;
+                    return;
+                }
+                End::Failed(failure) => {
+                    if let Some(until) = trip_breaker(shared) {
+                        // Hold this task (its offset stays uncommitted, intake
+                        // is paused) until the breaker closes, then run it again.
+                        error!(
+                            task_id = %request.id,
+                            cooldown_ms = until.saturating_duration_since(Instant::now()).as_millis() as u64,
+                            "poison-pill breaker open: most recent tasks failed for good; \
+                             pausing intake and not dead-lettering instead of draining the topic"
+                        );
+                        Box::pin(tokio::time::sleep_until(until.into())).await;
+                        continue;
+                    }
+                    let result = failed_result(shared, &request, started_at, &failure);
+                    if m.enabled() {
+                        let labels = [shared.name.as_str(), type_label, failure.kind.as_str()];
+                        m.tasks_failed.with_label_values(&labels).inc();
+                        m.tasks_dead_lettered.with_label_values(&labels).inc();
+                    }
+                    let latency = latency();
+                    Box::pin(fail(
+                        shared,
+                        job,
+                        failure,
+                        Some(result),
+                        Some(&request),
+                        latency,
+                    ))
+                    .await;
+                    return;
+                }
             }
         }
     }
