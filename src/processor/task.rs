@@ -94,6 +94,8 @@ enum End {
     },
 }
 
+// Deliberately not an `async fn`: see `run`.
+#[allow(clippy::manual_async_fn)]
 fn run_job(shared: Arc<Shared>, job: Job) -> impl std::future::Future<Output = ()> {
     async move {
         let shared = &shared;
