@@ -8,10 +8,13 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Map, Value};
 
-/// Longest ordering key accepted, in bytes.
-pub const MAX_KEY_BYTES: usize = 1024;
-/// Longest idempotency key accepted, in bytes.
-pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 256;
+/// Longest ordering key accepted, in characters (JSON Schema's
+/// `maxLength` counts characters; openapi.json says the same).
+pub const MAX_KEY_CHARS: usize = 1024;
+/// Longest idempotency key accepted, in characters.
+pub const MAX_IDEMPOTENCY_KEY_CHARS: usize = 256;
+/// Most digits of a duration's number (`wait`, a `deadline` as text).
+pub const MAX_DURATION_DIGITS: usize = 12;
 
 /// A refusal: status, a stable machine-readable code, the field at fault
 /// (when one is), and a sentence for people.
@@ -136,7 +139,7 @@ fn optional_string<'a>(
     map: &'a Map<String, Value>,
     name: &str,
     path: &str,
-    max_bytes: usize,
+    max_chars: usize,
 ) -> Result<Option<&'a str>, ApiError> {
     match map.get(name) {
         None | Some(Value::Null) => Ok(None),
@@ -144,9 +147,12 @@ fn optional_string<'a>(
             path,
             "must not be empty (leave it out instead)",
         )),
-        Some(Value::String(s)) if s.len() > max_bytes => Err(ApiError::field(
+        Some(Value::String(s)) if s.chars().count() > max_chars => Err(ApiError::field(
             path,
-            format!("is {} bytes; at most {max_bytes} are accepted", s.len()),
+            format!(
+                "is {} characters long; at most {max_chars} are accepted",
+                s.chars().count()
+            ),
         )),
         Some(Value::String(s)) => Ok(Some(s)),
         Some(other) => Err(ApiError::field(
@@ -204,7 +210,7 @@ pub fn parse_run(value: &Value, max_payload_bytes: usize) -> Result<NewRun, ApiE
         map,
         "idempotency_key",
         "idempotency_key",
-        MAX_IDEMPOTENCY_KEY_BYTES,
+        MAX_IDEMPOTENCY_KEY_CHARS,
     )?;
     Ok(NewRun {
         payload,
@@ -274,21 +280,25 @@ pub fn parse_task(
         )
         .with(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"));
     }
-    let key = optional_string(map, "key", &path("key"), MAX_KEY_BYTES)?;
+    let key = optional_string(map, "key", &path("key"), MAX_KEY_CHARS)?;
     let idempotency_key = optional_string(
         map,
         "idempotency_key",
         &path("idempotency_key"),
-        MAX_IDEMPOTENCY_KEY_BYTES,
+        MAX_IDEMPOTENCY_KEY_CHARS,
     )?;
     let deadline = match map.get("deadline") {
         None | Some(Value::Null) => None,
+        // A past instant is taken: the task then fails with kind
+        // `deadline` without running, as one that waited too long does (no
+        // schema can say "in the future", and the document must describe
+        // exactly what is accepted).
         Some(Value::Number(n)) => match n.as_i64() {
-            Some(at) if at > now => Some(at),
+            Some(at) if at >= 0 => Some(at),
             Some(_) => {
                 return Err(ApiError::field(
                     path("deadline"),
-                    "is in the past (milliseconds since the Unix epoch)",
+                    "must be at least 0 (milliseconds since the Unix epoch)",
                 ))
             }
             None => {
@@ -366,15 +376,43 @@ pub fn parse_batch(value: &Value, rules: &Rules, now: i64) -> Result<Vec<NewTask
         .collect()
 }
 
+/// Parses a task or run id from a path: a UUID in its hyphenated form
+/// (`8-4-4-4-12` hex digits), the form openapi.json's pattern describes
+/// and the one the API answers with.
+pub fn parse_id(text: &str, what: &str) -> Result<uuid::Uuid, ApiError> {
+    let refuse = |why: String| {
+        ApiError::field("id", format!("`{text}` is not a {what} (a UUID): {why}"))
+            .with(StatusCode::BAD_REQUEST, "invalid_id")
+    };
+    if text.len() != 36 {
+        return Err(refuse(
+            "expected the hyphenated form, 36 characters (8-4-4-4-12 hex digits)".into(),
+        ));
+    }
+    uuid::Uuid::try_parse(text).map_err(|e| refuse(e.to_string()))
+}
+
 /// Parses a duration: a whole number followed by `ms`, `s` or `m` (`500ms`,
-/// `10s`, `2m`), or a bare number of seconds.
+/// `10s`, `2m`), or a bare number of seconds. Exactly what openapi.json's
+/// pattern `^(0|[1-9][0-9]{0,11})(ms|s|m)?$` describes: no sign, spaces or
+/// leading zeros, at most 12 digits.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
     let digits_end = text
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(text.len());
     let (number, unit) = text.split_at(digits_end);
-    let bad = || format!("`{text}` is not a duration such as 500ms, 10s or 2m");
+    let bad = || {
+        format!(
+            "`{text}` is not a duration such as 500ms, 10s or 2m \
+             (a whole number of at most {MAX_DURATION_DIGITS} digits, no leading zero)"
+        )
+    };
+    if number.is_empty()
+        || number.len() > MAX_DURATION_DIGITS
+        || (number.len() > 1 && number.starts_with('0'))
+    {
+        return Err(bad());
+    }
     let n: u64 = number.parse().map_err(|_| bad())?;
     match unit {
         "ms" => Ok(Duration::from_millis(n)),
@@ -479,7 +517,7 @@ mod tests {
             (422, some("idempotency_key"))
         );
         assert_eq!(
-            refusal(r#"{"type": "echo", "payload": 1, "deadline": 999}"#),
+            refusal(r#"{"type": "echo", "payload": 1, "deadline": -1}"#),
             (422, some("deadline"))
         );
         assert_eq!(
@@ -507,12 +545,51 @@ mod tests {
     }
 
     #[test]
+    fn ids_are_hyphenated_uuids_only() {
+        let id = "0b1c5a7e-8c1f-4f43-9d3e-2f6f1f0c9a10";
+        assert_eq!(
+            parse_id(id, "task id").map(|u| u.to_string()),
+            Ok(id.into())
+        );
+        assert_eq!(
+            parse_id(&id.to_uppercase(), "task id").map(|u| u.to_string()),
+            Ok(id.into())
+        );
+        for bad in [
+            "0b1c5a7e8c1f4f439d3e2f6f1f0c9a10",
+            "{0b1c5a7e-8c1f-4f43-9d3e-2f6f1f0c9a10}",
+            "urn:uuid:0b1c5a7e-8c1f-4f43-9d3e-2f6f1f0c9a10",
+            "0b1c5a7e-8c1f-4f43-9d3e-2f6f1f0c9a1g",
+            "",
+        ] {
+            let e = parse_id(bad, "task id").expect_err(bad);
+            assert_eq!((e.status.as_u16(), e.field.as_deref()), (400, Some("id")));
+        }
+    }
+
+    #[test]
     fn durations_parse_and_refuse() {
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
         assert_eq!(parse_duration("10"), Ok(Duration::from_secs(10)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        for bad in ["", "s", "1h", "-1s", "1.5s", "99999999999999999999s"] {
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        assert_eq!(
+            parse_duration("999999999999m"),
+            Ok(Duration::from_secs(999_999_999_999 * 60))
+        );
+        for bad in [
+            "",
+            "s",
+            "1h",
+            "-1s",
+            "1.5s",
+            "99999999999999999999s",
+            "1000000000000s",
+            " 10s",
+            "010s",
+            "+5",
+        ] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
     }

@@ -85,6 +85,9 @@ pub enum GatewayError {
 /// What every request handler shares.
 struct Shared {
     settings: GatewaySettings,
+    /// `/openapi.json`: [`OPENAPI`] with this configuration's task types,
+    /// workflows and batch size filled in ([`openapi_for`]).
+    openapi: String,
     rules: Rules,
     workflows: Workflows,
     codec: Codec,
@@ -170,7 +173,14 @@ pub async fn start(
             what: "creating the producer".into(),
             source,
         })?;
+    let workflow_names: Vec<String> = settings.workflows.iter().map(|w| w.name.clone()).collect();
+    let openapi = openapi_for(
+        &task_topics.keys().cloned().collect::<Vec<_>>(),
+        &workflow_names,
+        g.max_batch,
+    );
     let shared = Arc::new(Shared {
+        openapi,
         rules: Rules {
             task_topics: task_topics.clone(),
             max_payload_bytes: g.max_payload_bytes,
@@ -255,6 +265,38 @@ pub async fn start(
     Ok(Gateway { address, server })
 }
 
+/// The OpenAPI document of a gateway accepting `task_types`, starting
+/// `workflows` and batches of at most `max_batch` tasks: [`OPENAPI`] with
+/// those as the `type` enum, the workflow-name enum and `maxItems`, so that
+/// every request the document allows is one this gateway accepts.
+pub fn openapi_for(task_types: &[String], workflows: &[String], max_batch: usize) -> String {
+    let Ok(mut doc) = serde_json::from_str::<Value>(OPENAPI) else {
+        return OPENAPI.to_owned();
+    };
+    if !task_types.is_empty() {
+        if let Some(t) = doc.pointer_mut("/components/schemas/NewTask/properties/type") {
+            t["enum"] = json!(task_types);
+        }
+    }
+    if let Some(tasks) = doc.pointer_mut(
+        "/paths/~1v1~1tasks:batch/post/requestBody/content/application~1json/schema/properties/tasks",
+    ) {
+        tasks["maxItems"] = json!(max_batch);
+    }
+    if !workflows.is_empty() {
+        if let Some(Value::Array(parameters)) =
+            doc.pointer_mut("/paths/~1v1~1workflows~1{workflow}/post/parameters")
+        {
+            for parameter in parameters.iter_mut() {
+                if parameter["name"] == "workflow" {
+                    parameter["schema"]["enum"] = json!(workflows);
+                }
+            }
+        }
+    }
+    serde_json::to_string_pretty(&doc).unwrap_or_else(|_| OPENAPI.to_owned())
+}
+
 fn apply(shared: &Shared, event: follow::Event) {
     let now = now_millis();
     match event {
@@ -291,7 +333,12 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/metrics", get(metrics_text))
         .route(
             "/openapi.json",
-            get(|| async { ([("content-type", "application/json")], OPENAPI) }),
+            get(|State(shared): State<Arc<Shared>>| async move {
+                (
+                    [("content-type", "application/json")],
+                    shared.openapi.clone(),
+                )
+            }),
         );
     api.merge(open)
         .fallback(|| async {
@@ -520,17 +567,6 @@ async fn submit_batch(
     let outcome = async {
         let value = json_body(&shared, body)?;
         let tasks = api::parse_batch(&value, &shared.rules, now_millis())?;
-        let mut seen = HashMap::new();
-        for (i, task) in tasks.iter().enumerate() {
-            if let Some(key) = &task.idempotency_key {
-                if let Some(first) = seen.insert(key.clone(), i) {
-                    return Err(ApiError::field(
-                        format!("tasks[{i}].idempotency_key"),
-                        format!("is also the idempotency_key of tasks[{first}]"),
-                    ));
-                }
-            }
-        }
         let submissions = tasks.into_iter().map(Submission::task).collect();
         Ok(json!({ "tasks": submit(&shared, submissions, &traceparent).await? }))
     }
@@ -663,13 +699,22 @@ async fn submit(
         keys: Vec::new(),
     };
     let mut answers: Vec<Option<Value>> = vec![None; tasks.len()];
+    // A key used again later in the same batch answers like a key seen
+    // before: the first task with it, as a replay (tasks[j] → tasks[i]).
+    let mut repeats: Vec<(usize, usize)> = Vec::new();
     {
         let view = shared.view();
         let mut reserved = shared.reserved();
+        let mut first_with: HashMap<&str, usize> = HashMap::new();
         for (i, task) in tasks.iter().enumerate() {
             let Some(key) = &task.idempotency_key else {
                 continue;
             };
+            if let Some(&first) = first_with.get(key.as_str()) {
+                repeats.push((i, first));
+                continue;
+            }
+            first_with.insert(key, i);
             if let Some(id) = view.idempotent(key, now) {
                 let workflow = view.get(&id).and_then(|t| t.workflow.as_ref());
                 answers[i] = Some(accepted(&view, id, workflow, true));
@@ -688,7 +733,7 @@ async fn submit(
     let mut pending = Vec::new();
     let mut failure = None;
     for (i, task) in tasks.iter().enumerate() {
-        if answers[i].is_some() {
+        if answers[i].is_some() || repeats.iter().any(|&(j, _)| j == i) {
             continue;
         }
         let request = task.request.clone();
@@ -753,6 +798,15 @@ async fn submit(
     if let Some(message) = failure {
         return Err(unavailable(&acknowledged, message));
     }
+    for (repeat, first) in repeats {
+        let mut answer = answers.get(first).cloned().flatten();
+        if let Some(Value::Object(map)) = answer.as_mut() {
+            map.insert("idempotent_replay".into(), json!(true));
+        }
+        if let Some(slot) = answers.get_mut(repeat) {
+            *slot = answer;
+        }
+    }
     Ok(answers.into_iter().flatten().collect())
 }
 
@@ -816,8 +870,13 @@ async fn start_run(
         }
         let value = json_body(&shared, body)?;
         let run = api::parse_run(&value, shared.settings.max_payload_bytes)?;
+        // A run's key lives in a namespace of its own (per workflow), so
+        // that a task submitted with the same key is not taken for it.
+        let idempotency_key = run
+            .idempotency_key
+            .map(|key| format!("{RUN_KEY_PREFIX}{name}/{key}"));
         let mut metadata = BTreeMap::new();
-        if let Some(key) = &run.idempotency_key {
+        if let Some(key) = &idempotency_key {
             metadata.insert(IDEMPOTENCY_METADATA.to_owned(), key.clone());
         }
         let (topic, request) = shared
@@ -832,13 +891,17 @@ async fn start_run(
         let submission = Submission {
             topic,
             request,
-            idempotency_key: run.idempotency_key,
+            idempotency_key,
         };
         submit_one_of(&shared, submission, &traceparent).await
     }
     .await;
     accepted_or_refused(outcome, &traceparent)
 }
+
+/// What a workflow run's idempotency key is stored under:
+/// `conveyor.run/<workflow>/<key>`.
+const RUN_KEY_PREFIX: &str = "conveyor.run/";
 
 /// `GET /v1/workflows/{id}`: a run's status, step by step, optionally
 /// waiting (`?wait=`) until it is over.
@@ -848,13 +911,7 @@ async fn get_run(
     Query(params): Query<BTreeMap<String, String>>,
 ) -> Response {
     let outcome = async {
-        let run = Uuid::parse_str(&id).map_err(|e| {
-            ApiError::field(
-                "id",
-                format!("`{id}` is not a workflow run id (a UUID): {e}"),
-            )
-            .with(StatusCode::BAD_REQUEST, "invalid_id")
-        })?;
+        let run = api::parse_id(&id, "workflow run id")?;
         let deadline = tokio::time::Instant::now() + wait_of(&shared, &params)?;
         loop {
             let notify;
@@ -1061,10 +1118,7 @@ async fn lookup(
     id: &str,
     params: &BTreeMap<String, String>,
 ) -> Result<TaskView, ApiError> {
-    let id = Uuid::parse_str(id).map_err(|e| {
-        ApiError::field("id", format!("`{id}` is not a task id (a UUID): {e}"))
-            .with(StatusCode::BAD_REQUEST, "invalid_id")
-    })?;
+    let id = api::parse_id(id, "task id")?;
     let deadline = tokio::time::Instant::now() + wait_of(shared, params)?;
     loop {
         let notify;
@@ -1194,6 +1248,31 @@ mod tests {
         assert!(!constant_time_eq(b"abc", b"abd"));
         assert!(!constant_time_eq(b"abc", b"abcd"));
         assert!(constant_time_eq(b"", b""));
+    }
+
+    #[test]
+    fn the_served_document_lists_this_gateways_types_workflows_and_batch_size() {
+        let text = openapi_for(&["echo".into(), "sleep".into()], &["wordcount".into()], 7);
+        let doc: Value = serde_json::from_str(&text).expect("JSON");
+        assert_eq!(
+            doc.pointer("/components/schemas/NewTask/properties/type/enum"),
+            Some(&json!(["echo", "sleep"]))
+        );
+        assert_eq!(
+            doc.pointer(
+                "/paths/~1v1~1tasks:batch/post/requestBody/content/application~1json/schema/properties/tasks/maxItems"
+            ),
+            Some(&json!(7))
+        );
+        assert_eq!(
+            doc.pointer("/paths/~1v1~1workflows~1{workflow}/post/parameters/0/schema/enum"),
+            Some(&json!(["wordcount"]))
+        );
+        // Nothing configured: no empty enums (no request could be valid).
+        let doc: Value = serde_json::from_str(&openapi_for(&[], &[], 1)).expect("JSON");
+        assert!(doc
+            .pointer("/components/schemas/NewTask/properties/type/enum")
+            .is_none());
     }
 
     #[test]

@@ -156,6 +156,26 @@ def test_failed_workflow_run_names_the_step(client: Client) -> None:
     assert [s.status for s in steps] == ["succeeded", "failed"]
 
 
+def test_a_past_deadline_fails_the_task_without_running_it(client: Client, calls: Calls) -> None:
+    marker = str(uuid.uuid4())
+    task = client.submit("kit_count", {"marker": marker}, deadline=1)
+    with pytest.raises(TaskFailed) as failed:
+        task.result(timeout=10)
+    assert failed.value.kind == "deadline"
+    assert calls.markers("kit_count")[marker] == 0
+
+
+def test_a_run_and_a_task_with_the_same_idempotency_key_are_different(client: Client) -> None:
+    key = str(uuid.uuid4())
+    task = client.submit("echo", 1, idempotency_key=key)
+    run = client.start_workflow("wordcount", {"text": "a b"}, idempotency_key=key)
+    assert not run.idempotent_replay
+    assert run.id != task.id
+    assert run.result(timeout=15) == 2
+    again = client.start_workflow("wordcount", {"text": "ignored"}, idempotency_key=key)
+    assert (again.id, again.idempotent_replay) == (run.id, True)
+
+
 def test_unknown_workflow(client: Client) -> None:
     with pytest.raises(NotFound) as error:
         client.start_workflow("no_such_workflow", {})
