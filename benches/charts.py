@@ -29,6 +29,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 
 
 def broker_name(run: Dict[str, Any]) -> str:
@@ -80,11 +81,14 @@ def throughput(runs: List[Dict[str, Any]], out: pathlib.Path) -> None:
         ax.bar_label(bars, labels=labels, fontsize=8)
     ax.set_xticks(range(len(brokers)), brokers)
     ax.set_ylabel("thousand messages / s (median)")
+    sizes = ", ".join(
+        sorted({f"{broker_name(r)} {r['messages']:,}" for r in runs if r["results"]})
+    )
     first = runs[0]
     ax.set_title(
-        f"echo pipeline, {first['messages']:,} × {first['payload']} B over "
-        f"{first['partitions']} partitions (bar labels: ratio to the raw pipe)",
-        fontsize=10,
+        f"echo pipeline, {first['payload']} B payloads over {first['partitions']} partitions "
+        f"({sizes} messages); bar labels: median ratio to the raw pipe",
+        fontsize=9,
     )
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -93,31 +97,36 @@ def throughput(runs: List[Dict[str, Any]], out: pathlib.Path) -> None:
 
 
 def latency(runs: List[Dict[str, Any]], out: pathlib.Path) -> None:
-    curves = [
-        (broker_name(run), r)
-        for run in runs
-        for r in run["results"]
-        if r["kind"] == "latency"
-    ]
-    if not curves:
+    by_broker: Dict[str, List[Dict[str, Any]]] = defaultdict(list)
+    for run in runs:
+        for r in run["results"]:
+            if r["kind"] == "latency":
+                by_broker[broker_name(run)].append(r)
+    if not by_broker:
         return
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    for broker, r in curves:
-        values = r["latency_ms_by_permille"]
-        fractions = [i / (len(values) - 1) for i in range(len(values))]
-        style = "--" if r["pipe"] == "raw" else "-"
-        ax.plot(
-            [max(v, 0.01) for v in values],
-            fractions,
-            style,
-            label=f"{broker}: {'raw pipe' if r['pipe'] == 'raw' else 'conveyor'} at {r['rate']:,}/s",
-        )
-    ax.set_xscale("log")
-    ax.set_xlabel("submitted → result received (ms, log scale)")
-    ax.set_ylabel("fraction of tasks")
-    ax.set_title("latency distribution (CDF), open-loop offered rates", fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+    brokers = sorted(by_broker)
+    fig, axes = plt.subplots(1, len(brokers), figsize=(5 * len(brokers), 4.2), squeeze=False)
+    rates = sorted({r["rate"] for rs in by_broker.values() for r in rs})
+    colours = {rate: f"C{i}" for i, rate in enumerate(rates)}
+    for ax, broker in zip(axes[0], brokers):
+        for r in sorted(by_broker[broker], key=lambda r: (r["rate"], r["pipe"])):
+            values = r["latency_ms_by_permille"]
+            fractions = [i / (len(values) - 1) for i in range(len(values))]
+            ax.plot(
+                [max(v, 0.01) for v in values],
+                fractions,
+                "--" if r["pipe"] == "raw" else "-",
+                color=colours[r["rate"]],
+                label=f"{'raw pipe' if r['pipe'] == 'raw' else 'conveyor'}, {r['rate']:,}/s",
+            )
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xlabel("submitted → result received (ms, log scale)")
+        ax.set_title(broker, fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("fraction of tasks (CDF)")
+    fig.suptitle("latency at open-loop offered rates: conveyor (solid) and the raw pipe (dashed)", fontsize=10)
     fig.tight_layout()
     fig.savefig(out / "latency_cdf.svg")
     plt.close(fig)
