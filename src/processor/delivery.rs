@@ -244,53 +244,58 @@ impl Outgoing {
 /// Hands a task's `records` to the producer; the job finishes (see
 /// [`Shared::finish`]) once every one is acknowledged, at once when there
 /// are none. `latency`: the task latency to observe then.
-pub(super) async fn deliver(
-    shared: &Arc<Shared>,
+// A plain function returning its future, not an `async fn`: that would
+// keep the `Job` twice in every task's state (see `task::run`).
+#[allow(clippy::manual_async_fn)]
+pub(super) fn deliver<'a>(
+    shared: &'a Arc<Shared>,
     mut job: Job,
     records: Vec<(Record, Outgoing)>,
     latency: Option<(prometheus::Histogram, i64)>,
-) {
-    // Not needed any more: freed here rather than on the producer's thread,
-    // which finishes every task.
-    job.payload = Vec::new();
-    job.key = None;
-    if records.is_empty() {
-        shared.finish(job);
-        return;
-    }
-    let mut kinds = [0u32; 4];
-    for (kind, _) in &records {
-        if let Some(n) = kinds.get_mut(*kind as usize) {
-            *n += 1;
-        }
-    }
-    let delivery = Arc::new(Delivery::Task(TaskOutputs {
-        job: Mutex::new(Some(job)),
-        remaining: AtomicUsize::new(records.len()),
-        kinds,
-        latency,
-    }));
-    let mut records = records.into_iter().map(|(_, record)| record);
-    // The producer takes records at once unless its queue is full: the
-    // waiting and retrying is boxed, so that it does not weigh on every
-    // task's future.
-    while let Some(record) = records.next() {
-        if let Err(refused) = offer(shared, &record, delivery.clone()) {
-            let handed = Box::pin(send_after(
-                shared,
-                refused,
-                record,
-                records,
-                delivery.clone(),
-            ))
-            .await;
-            if handed {
-                advance(shared, &delivery);
-            }
+) -> impl std::future::Future<Output = ()> + Send + 'a {
+    async move {
+        // Not needed any more: freed here rather than on the producer's thread,
+        // which finishes every task.
+        job.payload = Vec::new();
+        job.key = None;
+        if records.is_empty() {
+            shared.finish(job);
             return;
         }
+        let mut kinds = [0u32; 4];
+        for (kind, _) in &records {
+            if let Some(n) = kinds.get_mut(*kind as usize) {
+                *n += 1;
+            }
+        }
+        let delivery = Arc::new(Delivery::Task(TaskOutputs {
+            job: Mutex::new(Some(job)),
+            remaining: AtomicUsize::new(records.len()),
+            kinds,
+            latency,
+        }));
+        let mut records = records.into_iter().map(|(_, record)| record);
+        // The producer takes records at once unless its queue is full: the
+        // waiting and retrying is boxed, so that it does not weigh on every
+        // task's future.
+        while let Some(record) = records.next() {
+            if let Err(refused) = offer(shared, &record, delivery.clone()) {
+                let handed = Box::pin(send_after(
+                    shared,
+                    refused,
+                    record,
+                    records,
+                    delivery.clone(),
+                ))
+                .await;
+                if handed {
+                    advance(shared, &delivery);
+                }
+                return;
+            }
+        }
+        advance(shared, &delivery);
     }
-    advance(shared, &delivery);
 }
 
 /// Every output of the task `delivery` is for is with the idempotent

@@ -198,7 +198,7 @@ fn run_job(shared: Arc<Shared>, job: Job) -> impl std::future::Future<Output = (
                     if let Some(hot) = hot {
                         hot.succeeded.inc();
                     }
-                    Box::pin(deliver(shared, job, records, latency())).await;
+                    deliver(shared, job, records, latency()).await;
                     return;
                 }
                 End::Parked {
