@@ -5,12 +5,18 @@
 //! apache-avro's generic `Value` path on the same record is measured in the
 //! same run as the baseline DESIGN.md §6 quotes (~3 µs).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark that cannot run stops
+
 use std::hint::black_box;
 
 use apache_avro::reader::datum::GenericDatumReader;
 use apache_avro::types::Value;
 use apache_avro::writer::datum::GenericDatumWriter;
-use conveyor::codec::schema::task_request_schema;
+use conveyor::codec::schema::TASK_REQUEST_AVSC;
+
+fn task_request_schema() -> Result<apache_avro::Schema, apache_avro::Error> {
+    apache_avro::Schema::parse_str(TASK_REQUEST_AVSC)
+}
 use conveyor::codec::{Codec, TaskRequest, TaskResult, TaskStatus, DEFAULT_CONTENT_TYPE};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 

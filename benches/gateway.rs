@@ -17,6 +17,8 @@
 //! cores: the figures are of the whole, not of the gateway alone. Not a
 //! test: nothing is asserted.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark that cannot run stops
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -10,6 +10,8 @@
 //! series a busy worker has, compared with the whole per-task CPU cost the
 //! pipeline benchmark measures (BENCHMARKS.md).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark that cannot run stops
+
 use std::hint::black_box;
 
 use conveyor::metrics::Metrics;

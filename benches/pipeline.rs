@@ -66,6 +66,8 @@
 //! one call per thousand records: at-least-once, like conveyor, with no task
 //! per record.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark that cannot run stops
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -268,6 +270,7 @@ impl Broker {
     }
 }
 
+#[allow(unsafe_code)] // getrusage through libc
 fn cpu_seconds() -> f64 {
     // SAFETY: getrusage fills the struct it is given; zeroed is a valid start.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
@@ -277,6 +280,7 @@ fn cpu_seconds() -> f64 {
     t(usage.ru_utime) + t(usage.ru_stime)
 }
 
+#[allow(unsafe_code)] // getrusage through libc
 fn peak_rss_mib() -> f64 {
     // SAFETY: as above.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };

@@ -5,6 +5,8 @@
 //! probes. The crash-time behaviour (SIGKILL behind a stuck head, a
 //! producer that is refused) is in tests/process.rs.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic in a test is a failed test
+
 mod common;
 
 use std::collections::HashSet;

@@ -5,6 +5,8 @@
 //! Skipped, saying so, when python3 or Bottle is missing, unless
 //! `CONVEYOR_REQUIRE_BOTTLE` is set (CI sets it, so there it fails instead).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic in a test is a failed test
+
 mod common;
 
 use std::io::{BufRead, BufReader};

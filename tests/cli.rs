@@ -2,6 +2,8 @@
 //! configurations, and `conveyor dev` starting, answering its printed curl
 //! commands and stopping.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic in a test is a failed test
+
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};

@@ -3,13 +3,24 @@
 //! `apache-avro` writes with them must be read correctly by conveyor. Random
 //! records (proptest) exercise every optional branch and value range.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic in a test is a failed test
+
 use std::collections::{BTreeMap, HashMap};
 
 use apache_avro::reader::datum::GenericDatumReader;
 use apache_avro::types::Value;
 use apache_avro::writer::datum::GenericDatumWriter;
 use apache_avro::Schema;
-use conveyor::codec::schema::{task_request_schema, task_result_schema};
+use conveyor::codec::schema::{TASK_REQUEST_AVSC, TASK_RESULT_AVSC};
+
+/// `apache-avro` (a dev-dependency) parsing the contracts the codec follows.
+fn task_request_schema() -> Result<apache_avro::Schema, apache_avro::Error> {
+    apache_avro::Schema::parse_str(TASK_REQUEST_AVSC)
+}
+
+fn task_result_schema() -> Result<apache_avro::Schema, apache_avro::Error> {
+    apache_avro::Schema::parse_str(TASK_RESULT_AVSC)
+}
 use conveyor::codec::{Codec, TaskError, TaskRequest, TaskResult, TaskStatus, WorkflowRef};
 use proptest::prelude::*;
 use uuid::Uuid;

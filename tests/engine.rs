@@ -4,6 +4,8 @@
 //! broker. Workers run in this process here; `tests/process.rs` kills the
 //! real binary.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic in a test is a failed test
+
 mod common;
 
 use std::collections::{HashMap, HashSet};

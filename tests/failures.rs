@@ -3,6 +3,8 @@
 //! retry topic, the poison-pill breaker, and (mock cluster only) injected
 //! broker faults. Workers run in this process with test handlers.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic in a test is a failed test
+
 mod common;
 
 use std::collections::{HashMap, HashSet};

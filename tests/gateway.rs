@@ -3,6 +3,8 @@
 //! replicas, auth on and off, 503 with the broker down and nothing written,
 //! the OpenAPI document against the served routes, graceful shutdown.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic in a test is a failed test
+
 mod common;
 
 use std::sync::Arc;

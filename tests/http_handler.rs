@@ -1,6 +1,8 @@
 //! The `http` handler against a real HTTP server on loopback: what it sends,
 //! and how each kind of answer is classified.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic in a test is a failed test
+
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

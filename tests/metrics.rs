@@ -5,6 +5,8 @@
 //! reaches its result. Against the mock cluster and, when configured, the
 //! external broker.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic in a test is a failed test
+
 mod common;
 
 use std::collections::HashSet;

@@ -4,6 +4,8 @@
 //! backlog. Against the mock cluster and, when configured, the external
 //! broker.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic in a test is a failed test
+
 mod common;
 
 use std::path::{Path, PathBuf};

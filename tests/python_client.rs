@@ -7,6 +7,8 @@
 //! python3 or pytest is missing, unless `CONVEYOR_REQUIRE_PYTHON` is set
 //! (CI sets it, so there it fails instead).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic in a test is a failed test
+
 mod common;
 
 use std::process::{Command, Stdio};

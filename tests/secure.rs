@@ -7,6 +7,8 @@
 //! `CONVEYOR_REQUIRE_NISSHI` is set (CI sets it), which makes that a
 //! failure.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic in a test is a failed test
+
 mod common;
 
 use std::path::{Path, PathBuf};

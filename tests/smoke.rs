@@ -3,6 +3,8 @@
 //! per key, and a consumer group commits their offsets. Runs against the mock
 //! cluster and, when `CONVEYOR_TEST_BROKERS` is set, the external broker.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic in a test is a failed test
+
 mod common;
 
 use std::collections::{BTreeMap, HashMap};

@@ -4,6 +4,8 @@
 //! checked; on librdkafka's mock cluster, which has no CreateTopics, the
 //! command says so, and `check` still finds what is missing or does not fit.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic in a test is a failed test
+
 mod common;
 
 use std::process::{Command, Output};

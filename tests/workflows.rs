@@ -9,6 +9,8 @@
 //! external broker (the failing-child, timeout and command-line tests on the
 //! mock cluster only: they do not depend on the broker).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic in a test is a failed test
+
 mod common;
 
 use std::collections::{BTreeMap, HashMap};

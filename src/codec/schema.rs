@@ -11,20 +11,18 @@ pub const TASK_REQUEST_AVSC: &str = include_str!("../../schemas/task_request.avs
 /// `schemas/task_result.avsc`.
 pub const TASK_RESULT_AVSC: &str = include_str!("../../schemas/task_result.avsc");
 
-/// The parsed TaskRequest schema.
-pub fn task_request_schema() -> Result<apache_avro::Schema, apache_avro::Error> {
-    apache_avro::Schema::parse_str(TASK_REQUEST_AVSC)
-}
-
-/// The parsed TaskResult schema.
-pub fn task_result_schema() -> Result<apache_avro::Schema, apache_avro::Error> {
-    apache_avro::Schema::parse_str(TASK_RESULT_AVSC)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use apache_avro::schema::Schema;
+
+    fn task_request_schema() -> Result<Schema, apache_avro::Error> {
+        Schema::parse_str(TASK_REQUEST_AVSC)
+    }
+
+    fn task_result_schema() -> Result<Schema, apache_avro::Error> {
+        Schema::parse_str(TASK_RESULT_AVSC)
+    }
 
     fn field_names(schema: &Schema) -> Vec<String> {
         match schema {
