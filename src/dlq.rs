@@ -2,7 +2,7 @@
 //!
 //! A dead letter is the original task record (value and key unchanged) with
 //! headers saying why it failed, how often it ran, and where it was first
-//! read (see [`crate::processor::headers`]). Replaying one produces the
+//! read (see [`crate::codec::wire`]). Replaying one produces the
 //! request again to its original topic with the attempt number reset to 1.
 //! Replays are not de-duplicated: replaying the same dead letters twice runs
 //! their tasks twice (with the same task ids), so select with the filters.
@@ -17,9 +17,9 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::json;
 
+use crate::codec::wire as h;
 use crate::codec::{Codec, DecodeError, TaskRequest};
 use crate::kafka;
-use crate::processor::headers as h;
 use crate::settings::Settings;
 use crate::tools::{codec_of, embed_bytes, kafka_error, open_reader, Reader, ToolError};
 

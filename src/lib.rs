@@ -76,6 +76,7 @@ pub mod telemetry;
 pub mod tools;
 pub mod topics;
 pub mod topology;
+pub mod trace_context;
 pub mod worker;
 pub mod workflow;
 

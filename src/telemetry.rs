@@ -160,24 +160,14 @@ pub fn link_to_traceparent(span: &tracing::Span, traceparent: Option<&str>) {
     let _ = span.set_parent(context);
 }
 
-/// The span context a W3C `traceparent` names, if it is well formed.
+/// The span context a W3C `traceparent` names, if it is well formed
+/// ([`crate::trace_context::parse`]).
 pub fn parse_traceparent(value: &str) -> Option<SpanContext> {
-    let mut parts = value.split('-');
-    let (version, trace, parent, flags) =
-        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-    if version != "00" || parts.next().is_some() || trace.len() != 32 || parent.len() != 16 {
-        return None;
-    }
-    if flags.len() != 2 {
-        return None;
-    }
-    let trace = TraceId::from_hex(trace).ok()?;
-    let parent = SpanId::from_hex(parent).ok()?;
-    let flags = u8::from_str_radix(flags, 16).ok()?;
+    let parts = crate::trace_context::parse(value)?;
     let context = SpanContext::new(
-        trace,
-        parent,
-        TraceFlags::new(flags),
+        TraceId::from_hex(parts.trace_id).ok()?,
+        SpanId::from_hex(parts.parent_id).ok()?,
+        TraceFlags::new(parts.flags),
         true,
         TraceState::default(),
     );

@@ -34,9 +34,9 @@ use crate::settings::{Settings, WorkflowSettings};
 /// A join's changelog topic is its task topic with this suffix.
 pub const JOINS_SUFFIX: &str = ".joins";
 /// Metadata key marking a contribution that reports a failed child.
-pub const CHILD_FAILED: &str = "conveyor.workflow.child_failed";
+pub use crate::codec::wire::CHILD_FAILED;
 /// Metadata key of an idempotency key; not carried to later steps.
-const IDEMPOTENCY_METADATA: &str = "conveyor.idempotency_key";
+use crate::codec::wire::IDEMPOTENCY_KEY as IDEMPOTENCY_METADATA;
 
 /// The deterministic task id of `workflow`'s request for `step` (and
 /// `child`, for a fan-out's children and their contributions).

@@ -28,6 +28,7 @@
 
 mod binary;
 pub mod schema;
+pub mod wire;
 
 use std::collections::BTreeMap;
 use std::fmt;

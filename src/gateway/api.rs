@@ -422,35 +422,6 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     }
 }
 
-/// Whether `value` is a well-formed W3C `traceparent` (version 00, non-zero
-/// trace and parent ids).
-pub fn valid_traceparent(value: &str) -> bool {
-    let parts: Vec<&str> = value.split('-').collect();
-    let hex = |s: &str, len: usize| {
-        s.len() == len
-            && s.bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    };
-    match parts.as_slice() {
-        [version, trace, parent, flags] => {
-            *version == "00"
-                && hex(trace, 32)
-                && hex(parent, 16)
-                && hex(flags, 2)
-                && trace.bytes().any(|b| b != b'0')
-                && parent.bytes().any(|b| b != b'0')
-        }
-        _ => false,
-    }
-}
-
-/// A new sampled W3C `traceparent` with random trace and parent ids.
-pub fn new_traceparent() -> String {
-    let trace = uuid::Uuid::new_v4().simple().to_string();
-    let parent = format!("{:016x}", fastrand::u64(1..));
-    format!("00-{trace}-{parent}-01")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -618,23 +589,6 @@ mod tests {
             let e = parse_run(&body, 100).unwrap_err();
             assert_eq!(e.field.as_deref(), Some(field), "{body}: {e:?}");
             assert_eq!(e.status.as_u16(), status, "{body}: {e:?}");
-        }
-    }
-
-    #[test]
-    fn traceparents_are_checked_and_made_well_formed() {
-        assert!(valid_traceparent(
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
-        ));
-        assert!(!valid_traceparent(
-            "00-00000000000000000000000000000000-00f067aa0ba902b7-01"
-        ));
-        assert!(!valid_traceparent(
-            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01"
-        ));
-        assert!(!valid_traceparent("garbage"));
-        for _ in 0..100 {
-            assert!(valid_traceparent(&new_traceparent()));
         }
     }
 }

@@ -12,8 +12,8 @@ use rdkafka::{Offset, TopicPartitionList};
 use uuid::Uuid;
 
 use super::GatewayError;
+use crate::codec::wire as headers;
 use crate::codec::{now_millis, Codec, TaskRequest, TaskResult};
-use crate::processor::headers;
 use crate::settings::KafkaSettings;
 use crate::tools::ReaderContext;
 

@@ -37,9 +37,9 @@ use rdkafka::types::RDKafkaErrorCode;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
+use crate::codec::wire as headers;
 use crate::codec::{now_millis, Codec, TaskRequest, WorkflowRef};
 use crate::metrics::Metrics;
-use crate::processor::headers;
 use crate::settings::{GatewaySettings, Settings};
 use crate::workflow::Workflows;
 use api::{ApiError, NewTask, Rules};
@@ -524,8 +524,8 @@ fn traceparent_of(headers: &HeaderMap) -> String {
         .get(headers::TRACEPARENT)
         .and_then(|v| v.to_str().ok())
         .map(str::trim)
-        .filter(|v| api::valid_traceparent(v))
-        .map_or_else(api::new_traceparent, str::to_owned)
+        .filter(|v| crate::trace_context::is_valid(v))
+        .map_or_else(crate::trace_context::generate, str::to_owned)
 }
 
 fn body_bytes(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes, ApiError> {

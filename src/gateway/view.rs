@@ -18,7 +18,7 @@ use crate::codec::{TaskError, TaskRequest, TaskResult, TaskStatus, WorkflowRef};
 
 /// Metadata key under which the gateway records a task's idempotency key,
 /// so every replica can learn it from the task topics.
-pub const IDEMPOTENCY_METADATA: &str = "conveyor.idempotency_key";
+pub use crate::codec::wire::IDEMPOTENCY_KEY as IDEMPOTENCY_METADATA;
 
 /// Where a task stands, as the view knows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
