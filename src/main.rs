@@ -489,6 +489,10 @@ async fn run_gateway(settings: Settings) -> Result<(), CommandError> {
 fn gateway_error(error: conveyor::gateway::GatewayError) -> CommandError {
     match error {
         conveyor::gateway::GatewayError::Config(message) => CommandError::Usage(message),
+        // A listen address that cannot be bound is the configuration's.
+        bind @ conveyor::gateway::GatewayError::Bind { .. } => {
+            CommandError::Usage(bind.to_string())
+        }
         other => CommandError::Failed(other.to_string()),
     }
 }
@@ -779,7 +783,7 @@ async fn dev_main(user_settings: Option<Settings>) -> anyhow::Result<()> {
     let metrics = specs.first().map(|s| s.metrics.clone()).unwrap_or_default();
     let running = tokio::spawn(worker::run(specs, stop.clone()));
     let started = match conveyor::gateway::start(&settings, metrics.clone(), stop.clone()).await {
-        Err(conveyor::gateway::GatewayError::Config(why)) if why.contains("cannot listen") => {
+        Err(conveyor::gateway::GatewayError::Bind { .. }) => {
             // Another program has the port: any free one will do here.
             let mut settings = settings.clone();
             settings.gateway.listen = "127.0.0.1:0".into();

@@ -38,6 +38,10 @@ pub enum ToolError {
     /// Nothing came within the time allowed.
     #[error("{0}")]
     Timeout(String),
+    /// The producer went away before it answered (a run-time failure,
+    /// exit 1, not the user's input).
+    #[error("{0}")]
+    Stopped(String),
 }
 
 pub(crate) fn kafka_error(what: impl Into<String>) -> impl FnOnce(KafkaError) -> ToolError {
@@ -181,9 +185,9 @@ async fn acknowledged(
     match delivery.await {
         Ok(Ok(_)) => Ok(()),
         Ok(Err((e, _))) => Err(kafka_error(format!("producing to {topic}"))(e)),
-        Err(_) => Err(ToolError::Input(
-            "the producer stopped before acknowledging".into(),
-        )),
+        Err(_) => Err(ToolError::Stopped(format!(
+            "the producer stopped before acknowledging the record to {topic}"
+        ))),
     }
 }
 

@@ -19,6 +19,10 @@ pub enum WorkerError {
     /// A processor stopped with an error.
     #[error(transparent)]
     Processor(#[from] ProcessorError),
+    /// A processor's task ended abnormally (it panicked or was cancelled):
+    /// a run-time failure (exit 1), not the configuration's.
+    #[error("a processor task failed: {0}")]
+    Crashed(String),
 }
 
 /// This process's identity in results and client ids:
@@ -85,8 +89,7 @@ pub async fn run(specs: Vec<ProcessorSpec>, stop: Arc<AtomicBool>) -> Result<(),
     }
     let mut first_error = None;
     while let Some(joined) = running.join_next().await {
-        let outcome =
-            joined.map_err(|e| WorkerError::Config(format!("a processor task failed: {e}")));
+        let outcome = joined.map_err(|e| WorkerError::Crashed(e.to_string()));
         if let Err(e) = outcome.and_then(|r| r.map_err(WorkerError::from)) {
             stop.store(true, std::sync::atomic::Ordering::Relaxed);
             first_error.get_or_insert(e);

@@ -77,6 +77,15 @@ pub enum GatewayError {
         /// librdkafka's error.
         source: KafkaError,
     },
+    /// `gateway.listen` cannot be bound (the address is taken, or not
+    /// this host's).
+    #[error("gateway.listen = \"{address}\": cannot listen: {source}")]
+    Bind {
+        /// The address asked for.
+        address: String,
+        /// Why it could not be bound.
+        source: std::io::Error,
+    },
     /// The HTTP server failed.
     #[error("HTTP server: {0}")]
     Serve(String),
@@ -217,11 +226,9 @@ pub async fn start(
 
     let listener = tokio::net::TcpListener::bind(&g.listen)
         .await
-        .map_err(|e| {
-            GatewayError::Config(format!(
-                "gateway.listen = \"{}\": cannot listen: {e}",
-                g.listen
-            ))
+        .map_err(|source| GatewayError::Bind {
+            address: g.listen.clone(),
+            source,
         })?;
     let address = listener
         .local_addr()
@@ -820,16 +827,16 @@ fn field_of(count: usize, i: usize, name: &str) -> String {
 
 /// 503: the broker did not take the tasks. `acknowledged` lists those of a
 /// batch that were written all the same.
-fn unavailable(acknowledged: &[Uuid], message: String) -> ApiError {
-    let mut error = ApiError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "broker_unavailable",
-        message,
-    );
+fn unavailable(acknowledged: &[Uuid], cause: String) -> ApiError {
+    // The cause (librdkafka's words, topic names) is for the operator's
+    // log, not for the client.
+    tracing::warn!(%cause, written = acknowledged.len(), "submission answered 503");
+    let mut message = "the broker did not acknowledge the submission in time \
+                       (gateway.produce_timeout_ms); retry, with the same idempotency_key"
+        .to_owned();
     if !acknowledged.is_empty() {
-        error.message = format!(
-            "{}; these tasks of the batch were written: {}",
-            error.message,
+        message = format!(
+            "{message}; these tasks of the batch were written: {}",
             acknowledged
                 .iter()
                 .map(Uuid::to_string)
@@ -837,7 +844,11 @@ fn unavailable(acknowledged: &[Uuid], message: String) -> ApiError {
                 .join(", ")
         );
     }
-    error
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "broker_unavailable",
+        message,
+    )
 }
 
 /// `POST /v1/workflows/{name}`: starts a run of the workflow `name`.
