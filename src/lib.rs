@@ -56,6 +56,7 @@
 //! the breaker), Prometheus metrics, the HTTP gateway, workflows (chains,
 //! fan-out and join) and the embedded dev cluster are here.
 
+pub mod app;
 pub mod breaker;
 pub mod codec;
 pub mod dev;

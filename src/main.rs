@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 
+use conveyor::app::App;
 use conveyor::codec::TaskStatus;
 use conveyor::dev::{self, DevCluster, DEV_PARTITIONS};
 use conveyor::settings::{HandlerKind, LogFormat, Settings, SettingsError};
@@ -393,57 +394,6 @@ impl From<worker::WorkerError> for CommandError {
     }
 }
 
-/// Sets `stop` on the first SIGINT or SIGTERM; exits at once on a second.
-fn stop_on_signals(stop: Arc<AtomicBool>) {
-    tokio::spawn(async move {
-        match conveyor::shutdown::stop_requested().await {
-            Ok(signal) => {
-                tracing::info!(
-                    signal,
-                    "stopping: draining in-flight tasks (a second signal exits at once)"
-                );
-                stop.store(true, Ordering::Relaxed);
-            }
-            Err(error) => {
-                tracing::error!(%error, "cannot listen for signals");
-                return;
-            }
-        }
-        if let Ok(signal) = conveyor::shutdown::stop_requested().await {
-            tracing::warn!(signal, "second signal: exiting without draining");
-            std::process::exit(130);
-        }
-    });
-}
-
-/// Starts the metrics and health listener unless `metrics.listen` is
-/// empty (with metrics off it still serves the probes; `/metrics` is then
-/// all zeros).
-async fn serve_metrics(
-    settings: &Settings,
-    specs: &[conveyor::processor::ProcessorSpec],
-) -> Result<Option<std::net::SocketAddr>, CommandError> {
-    let Some(spec) = specs.first() else {
-        return Ok(None);
-    };
-    if settings.metrics.listen.is_empty() {
-        return Ok(None);
-    }
-    let health = conveyor::health::WorkerHealth {
-        processors: specs
-            .iter()
-            .map(|s| (s.settings.name.clone(), s.status.clone()))
-            .collect(),
-        stall: Duration::from_millis(settings.metrics.poll_stall_ms),
-    };
-    let (address, _server) =
-        conveyor::metrics::serve(&settings.metrics.listen, spec.metrics.clone(), Some(health))
-            .await
-            .map_err(|e| CommandError::Usage(e.to_string()))?;
-    tracing::info!(%address, "serving /metrics, /healthz and /readyz");
-    Ok(Some(address))
-}
-
 /// How long a command waits for the cluster to answer at start.
 const CONNECT_WITHIN: Duration = Duration::from_secs(10);
 
@@ -464,21 +414,24 @@ fn json_payload(payload: &str) -> Result<(), CommandError> {
         .map_err(|e| CommandError::Usage(format!("--payload is not valid JSON: {e}")))
 }
 
+/// `conveyor worker`: the library's [`App`] with the built-in handlers.
 async fn run_worker(settings: Settings) -> Result<(), CommandError> {
-    let specs = worker::processor_specs(&settings)?;
-    connect(&settings).await?;
-    serve_metrics(&settings, &specs).await?;
     let stop = Arc::new(AtomicBool::new(false));
-    stop_on_signals(stop.clone());
-    worker::run(specs, stop).await?;
-    Ok(())
+    conveyor::shutdown::stop_on_signals(stop.clone());
+    App::from_settings(settings)
+        .run_until(stop)
+        .await
+        .map_err(|error| match error.exit_code() {
+            EXIT_USAGE => CommandError::Usage(error.to_string()),
+            _ => CommandError::Failed(error.to_string()),
+        })
 }
 
 async fn run_gateway(settings: Settings) -> Result<(), CommandError> {
     connect(&settings).await?;
     let metrics = Arc::new(conveyor::metrics::Metrics::new());
     let stop = Arc::new(AtomicBool::new(false));
-    stop_on_signals(stop.clone());
+    conveyor::shutdown::stop_on_signals(stop.clone());
     let gateway = conveyor::gateway::start(&settings, metrics, stop)
         .await
         .map_err(gateway_error)?;
@@ -642,7 +595,7 @@ async fn run_topics(settings: Settings, command: TopicsCommand) -> Result<(), Co
 async fn run_results(settings: Settings, follow: bool) -> Result<(), CommandError> {
     connect(&settings).await?;
     let stop = Arc::new(AtomicBool::new(false));
-    stop_on_signals(stop.clone());
+    conveyor::shutdown::stop_on_signals(stop.clone());
     tokio::task::spawn_blocking(move || {
         tools::print_results(&settings, follow, &stop, |line| println!("{line}"))
     })
@@ -664,6 +617,17 @@ fn report_settings_error(error: &SettingsError) {
 }
 
 fn config_check(file: Option<&std::path::Path>) -> ExitCode {
+    // This binary has the built-in handlers only: a name it does not know
+    // is a typo here (a program built on conveyor::app::App that registers
+    // it checks its own configuration).
+    if let Ok(settings) = Settings::load(file) {
+        if let Err(error) = worker::processor_specs(&settings) {
+            if !settings.processors.is_empty() {
+                eprintln!("conveyor: {error}");
+                return ExitCode::from(EXIT_USAGE);
+            }
+        }
+    }
     match Settings::load(file).and_then(|s| s.redacted().to_toml()) {
         Ok(text) => {
             print!("{text}");
@@ -762,11 +726,9 @@ async fn dev_main(user_settings: Option<Settings>) -> anyhow::Result<()> {
     );
 
     let specs = worker::processor_specs(&settings).map_err(|e| anyhow::anyhow!("{e}"))?;
-    if let Some(address) = serve_metrics(&settings, &specs)
+    if let Some(address) = conveyor::app::serve_probes(&settings, &specs)
         .await
-        .map_err(|e| match e {
-            CommandError::Usage(m) | CommandError::Failed(m) => anyhow::anyhow!(m),
-        })?
+        .map_err(|e| anyhow::anyhow!("{e}"))?
     {
         println!("  metrics: http://{address}/metrics");
     }
@@ -779,7 +741,7 @@ async fn dev_main(user_settings: Option<Settings>) -> anyhow::Result<()> {
         );
     }
     let stop = Arc::new(AtomicBool::new(false));
-    stop_on_signals(stop.clone());
+    conveyor::shutdown::stop_on_signals(stop.clone());
     let metrics = specs.first().map(|s| s.metrics.clone()).unwrap_or_default();
     let running = tokio::spawn(worker::run(specs, stop.clone()));
     let started = match conveyor::gateway::start(&settings, metrics.clone(), stop.clone()).await {

@@ -689,8 +689,9 @@ fn default_max_response_bytes() -> u64 {
     1024 * 1024
 }
 
-/// The built-in handlers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+/// Which handler runs a task type: a built-in, or one the program
+/// registered by name ([`crate::app::App::handler`]).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum HandlerKind {
     /// Returns the payload as the output.
@@ -708,6 +709,38 @@ pub enum HandlerKind {
     WordCount,
     /// Adds up a JSON array of numbers, for a join step.
     Sum,
+    /// A handler registered by the program under this name (conveyor's
+    /// own binary registers none: a name it does not know is an error
+    /// listing the ones it has).
+    #[serde(untagged)]
+    Custom(String),
+}
+
+impl HandlerKind {
+    /// The built-in handlers' names, as written in a configuration.
+    pub const BUILT_IN: &'static [&'static str] = &[
+        "echo",
+        "http",
+        "sha256",
+        "sleep",
+        "split_lines",
+        "sum",
+        "word_count",
+    ];
+
+    /// The name a configuration gives this handler.
+    pub fn name(&self) -> &str {
+        match self {
+            HandlerKind::Echo => "echo",
+            HandlerKind::Sleep => "sleep",
+            HandlerKind::Sha256 => "sha256",
+            HandlerKind::Http => "http",
+            HandlerKind::SplitLines => "split_lines",
+            HandlerKind::WordCount => "word_count",
+            HandlerKind::Sum => "sum",
+            HandlerKind::Custom(name) => name,
+        }
+    }
 }
 
 /// One problem found in the configuration: the key and what is wrong.
@@ -1003,6 +1036,22 @@ impl Settings {
                         format!("processors[{i}].tasks.{task_type}"),
                         &format!("task type {why}"),
                     );
+                }
+                if let HandlerKind::Custom(name) = &task.handler {
+                    let fine = !name.is_empty()
+                        && name
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+                    if !fine {
+                        bad(
+                            key("handler"),
+                            &format!(
+                                "`{name}` is not a handler name: a built-in ({}) or a name \
+                                 the program registers (letters, digits, _ and -)",
+                                HandlerKind::BUILT_IN.join(", ")
+                            ),
+                        );
+                    }
                 }
                 match (&task.handler, &task.url) {
                     (HandlerKind::Http, None) => bad(key("url"), "required by the http handler"),
@@ -1369,6 +1418,37 @@ mod tests {
         [processors.tasks.echo]
         handler = "echo"
     "#;
+
+    #[test]
+    fn handlers_are_built_ins_or_names_a_program_registers() {
+        let toml = |handler: &str| {
+            format!("[[processors]]\nname = \"p\"\n[processors.tasks.t]\nhandler = \"{handler}\"\n")
+        };
+        let s = load_toml(&toml("split_lines")).expect("built-in");
+        assert_eq!(s.processors[0].tasks["t"].handler, HandlerKind::SplitLines);
+        let s = load_toml(&toml("resize_image")).expect("a registered name");
+        assert_eq!(
+            s.processors[0].tasks["t"].handler,
+            HandlerKind::Custom("resize_image".into())
+        );
+        assert_eq!(s.processors[0].tasks["t"].handler.name(), "resize_image");
+        let e = load_toml(&toml("two words")).expect_err("not a name");
+        assert!(
+            e.to_string()
+                .contains("processors[0].tasks.t.handler: `two words` is not a handler name"),
+            "{e}"
+        );
+        for name in HandlerKind::BUILT_IN {
+            let mut text = toml(name);
+            if *name == "http" {
+                text.push_str("url = \"http://127.0.0.1:1/t\"\n");
+            }
+            let s = load_toml(&text).expect("built-in");
+            let kind = &s.processors[0].tasks["t"].handler;
+            assert!(!matches!(kind, HandlerKind::Custom(_)), "{name}");
+            assert_eq!(kind.name(), *name);
+        }
+    }
 
     #[test]
     fn defaults_alone_are_valid() {

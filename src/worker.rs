@@ -4,7 +4,7 @@
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use crate::handlers::Registry;
+use crate::handlers::{Named, Registry};
 use crate::metrics::Metrics;
 use crate::processor::{self, ProcessorError, ProcessorSpec};
 use crate::settings::Settings;
@@ -37,8 +37,18 @@ pub fn worker_id(client_id: &str) -> String {
     format!("{client_id}-{host}-{}", std::process::id())
 }
 
-/// The processors `settings` describes, ready to run.
+/// The processors `settings` describes, ready to run, with the built-in
+/// handlers.
 pub fn processor_specs(settings: &Settings) -> Result<Vec<ProcessorSpec>, WorkerError> {
+    processor_specs_with(settings, &Named::new())
+}
+
+/// The processors `settings` describes, ready to run, with the built-in
+/// handlers and those of `named`.
+pub fn processor_specs_with(
+    settings: &Settings,
+    named: &Named,
+) -> Result<Vec<ProcessorSpec>, WorkerError> {
     if settings.processors.is_empty() {
         return Err(WorkerError::Config(
             "no processors configured: add a [[processors]] section (see conveyor.example.toml)"
@@ -63,7 +73,7 @@ pub fn processor_specs(settings: &Settings) -> Result<Vec<ProcessorSpec>, Worker
         .processors
         .iter()
         .map(|p| {
-            let registry = Registry::from_settings(p)
+            let registry = Registry::from_settings_with(p, named)
                 .map_err(|e| WorkerError::Config(format!("processor `{}`: {e}", p.name)))?;
             Ok(ProcessorSpec {
                 settings: p.clone(),

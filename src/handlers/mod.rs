@@ -31,6 +31,24 @@ pub struct Output {
     pub content_type: String,
 }
 
+impl Output {
+    /// A JSON output (`application/json`).
+    pub fn json(bytes: impl Into<Vec<u8>>) -> Output {
+        Output {
+            bytes: bytes.into(),
+            content_type: crate::codec::DEFAULT_CONTENT_TYPE.into(),
+        }
+    }
+
+    /// A text output (`text/plain; charset=utf-8`).
+    pub fn text(text: impl Into<String>) -> Output {
+        Output {
+            bytes: text.into().into_bytes(),
+            content_type: "text/plain; charset=utf-8".into(),
+        }
+    }
+}
+
 /// Why a task failed, and whether another attempt could succeed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -108,9 +126,34 @@ impl Registry {
 
     /// The built-in handlers a processor's `tasks` table names.
     pub fn from_settings(processor: &ProcessorSettings) -> Result<Registry, HandlerBuildError> {
+        Self::from_settings_with(processor, &Named::new())
+    }
+
+    /// The handlers a processor's `tasks` table names: built-ins, and
+    /// those of `named` (handlers the program registered by name). A
+    /// name that is neither is an error listing the ones there are.
+    pub fn from_settings_with(
+        processor: &ProcessorSettings,
+        named: &Named,
+    ) -> Result<Registry, HandlerBuildError> {
         let mut registry = Registry::new();
         for (task_type, task) in &processor.tasks {
-            let handler: Arc<dyn Handler> = match task.handler {
+            let handler: Arc<dyn Handler> = match &task.handler {
+                HandlerKind::Custom(name) => match named.get(name) {
+                    Some(handler) => handler.clone(),
+                    None => {
+                        let mut known: Vec<&str> = HandlerKind::BUILT_IN.to_vec();
+                        known.extend(named.keys().map(String::as_str));
+                        known.sort_unstable();
+                        return Err(HandlerBuildError {
+                            task_type: task_type.clone(),
+                            message: format!(
+                                "no handler `{name}` in this program; it has: {}",
+                                known.join(", ")
+                            ),
+                        });
+                    }
+                },
                 HandlerKind::Echo => Arc::new(Echo),
                 HandlerKind::Sleep => Arc::new(Sleep),
                 HandlerKind::Sha256 => Arc::new(Sha256),
@@ -137,6 +180,10 @@ impl Registry {
         Ok(registry)
     }
 }
+
+/// Handlers a program registered by name, for configurations to name
+/// (`handler = "<name>"`).
+pub type Named = std::collections::BTreeMap<String, Arc<dyn Handler>>;
 
 /// A handler that could not be built from its settings.
 #[derive(Debug, Clone, thiserror::Error)]

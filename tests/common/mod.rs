@@ -426,7 +426,7 @@ impl TestKafka {
             dead_letter_topic: Some(pipeline.dead_letter.clone()),
             tasks: tasks
                 .iter()
-                .map(|(t, h)| ((*t).to_owned(), TaskSettings::new(*h)))
+                .map(|(t, h)| ((*t).to_owned(), TaskSettings::new(h.clone())))
                 .collect(),
             ordering,
             max_in_flight: 64,
