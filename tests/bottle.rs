@@ -20,27 +20,6 @@ use serde_json::{json, Value};
 
 const APP: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/bottle/app.py");
 
-/// Whether python3 with Bottle can run; explains on standard error if not.
-fn bottle_available() -> bool {
-    let found = Command::new("python3")
-        .args(["-c", "import bottle"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !found {
-        assert!(
-            std::env::var_os("CONVEYOR_REQUIRE_BOTTLE").is_none(),
-            "CONVEYOR_REQUIRE_BOTTLE is set but python3 cannot import bottle"
-        );
-        common::announce(
-            "bottle_round_trip: SKIPPED: python3 or Bottle is missing \
-             (pip install -r examples/bottle/requirements.txt)",
-        );
-    }
-    found
-}
-
 struct App(Child);
 
 impl Drop for App {
@@ -84,7 +63,12 @@ fn start_app(port: u16, gateway: &str) -> App {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bottle_round_trip() {
     init_logs();
-    if !bottle_available() {
+    if !common::python_module_available(
+        "bottle_round_trip",
+        "bottle",
+        "CONVEYOR_REQUIRE_BOTTLE",
+        "pip install -r examples/bottle/requirements.txt",
+    ) {
         return;
     }
     for kafka in TestKafka::all("bottle_round_trip") {

@@ -15,29 +15,14 @@ use std::process::{Command, Stdio};
 
 const CLIENT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/clients/python");
 
-fn pytest_available() -> bool {
-    let found = Command::new("python3")
-        .args(["-c", "import pytest"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !found {
-        assert!(
-            std::env::var_os("CONVEYOR_REQUIRE_PYTHON").is_none(),
-            "CONVEYOR_REQUIRE_PYTHON is set but python3 cannot import pytest"
-        );
-        common::announce(
-            "python_client: SKIPPED: python3 or pytest is missing \
-             (pip install -e 'clients/python[test]')",
-        );
-    }
-    found
-}
-
 #[test]
 fn python_client_suite() {
-    if !pytest_available() {
+    if !common::python_module_available(
+        "python_client",
+        "pytest",
+        "CONVEYOR_REQUIRE_PYTHON",
+        "pip install -e 'clients/python[test]'",
+    ) {
         return;
     }
     common::announce("python_client: pytest clients/python against `conveyor dev` (mock cluster)");

@@ -159,6 +159,28 @@ pub fn announce(line: &str) {
     let _ = std::io::stderr().write_all(format!("conveyor-test: {line}\n").as_bytes());
 }
 
+/// Whether python3 can import `module`. When it cannot: fails if the
+/// environment variable `require` is set (CI sets it), else announces that
+/// `test` is skipped and how to install what it needs.
+pub fn python_module_available(test: &str, module: &str, require: &str, install: &str) -> bool {
+    let found = std::process::Command::new("python3")
+        .args(["-c", &format!("import {module}")])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        assert!(
+            std::env::var_os(require).is_none(),
+            "{require} is set but python3 cannot import {module}"
+        );
+        announce(&format!(
+            "{test}: SKIPPED: python3 or {module} is missing ({install})"
+        ));
+    }
+    found
+}
+
 // ---------------------------------------------------------------------------
 // Producing requests, reading results, running workers.
 
