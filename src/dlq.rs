@@ -17,11 +17,13 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::json;
 
+use crate::codec::render::embed_bytes;
 use crate::codec::wire as h;
 use crate::codec::{Codec, DecodeError, TaskRequest};
 use crate::kafka;
+use crate::kafka::Reader;
 use crate::settings::Settings;
-use crate::tools::{codec_of, embed_bytes, kafka_error, open_reader, Reader, ToolError};
+use crate::tools::{codec_of, kafka_error, open_reader, ToolError};
 
 /// One dead letter as read back.
 #[derive(Debug, Clone)]

@@ -190,6 +190,30 @@ pub fn check_connection(kafka: &KafkaSettings, within: std::time::Duration) -> R
     }
 }
 
+/// A context that does not report reaching the end of a partition as an
+/// error: for a reader, it is the expected way to finish.
+pub struct ReaderContext;
+
+impl rdkafka::ClientContext for ReaderContext {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        let end_of_partition = matches!(
+            error,
+            rdkafka::error::KafkaError::PartitionEOF(_)
+                | rdkafka::error::KafkaError::Global(
+                    rdkafka::types::RDKafkaErrorCode::PartitionEOF
+                )
+        );
+        if !end_of_partition {
+            tracing::warn!(%error, reason, "Kafka client error");
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for ReaderContext {}
+
+/// A consumer outside any group's commits, reading topics to their end.
+pub type Reader = rdkafka::consumer::BaseConsumer<ReaderContext>;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,12 +6,11 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::consumer::Consumer;
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
-use rdkafka::ClientContext;
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::json;
 use uuid::Uuid;
@@ -217,25 +216,7 @@ pub fn result_json(result: &TaskResult) -> serde_json::Value {
     value
 }
 
-/// Inserts `bytes` into `map` under `name`: as JSON when `content_type` says
-/// JSON and it parses, else as text when it is UTF-8, else as base64 under
-/// `<name>_base64`.
-pub fn embed_bytes(
-    map: &mut serde_json::Map<String, serde_json::Value>,
-    name: &str,
-    bytes: &[u8],
-    content_type: &str,
-) {
-    let as_json = content_type
-        .contains("json")
-        .then(|| serde_json::from_slice::<serde_json::Value>(bytes).ok())
-        .flatten();
-    match (as_json, std::str::from_utf8(bytes)) {
-        (Some(parsed), _) => map.insert(name.into(), parsed),
-        (None, Ok(text)) => map.insert(name.into(), json!(text)),
-        (None, Err(_)) => map.insert(format!("{name}_base64"), json!(base64_encode(bytes))),
-    };
-}
+pub use crate::codec::render::embed_bytes;
 
 /// Every record of `topic`, from the start to the end it had when read.
 pub fn read_topic(
@@ -282,48 +263,7 @@ fn scan(
     Ok(())
 }
 
-/// Standard base64 with padding (RFC 4648), for binary outputs.
-fn base64_encode(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk.first().copied().unwrap_or(0),
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                let index = ((n >> (18 - 6 * i)) & 0x3f) as usize;
-                out.push(char::from(ALPHABET.get(index).copied().unwrap_or(b'=')));
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
-/// A context that does not report reaching the end of a partition as an
-/// error: for a reader, it is the expected way to finish.
-pub(crate) struct ReaderContext;
-
-impl ClientContext for ReaderContext {
-    fn error(&self, error: KafkaError, reason: &str) {
-        let end_of_partition = matches!(
-            error,
-            KafkaError::PartitionEOF(_) | KafkaError::Global(RDKafkaErrorCode::PartitionEOF)
-        );
-        if !end_of_partition {
-            tracing::warn!(%error, reason, "Kafka client error");
-        }
-    }
-}
-
-impl ConsumerContext for ReaderContext {}
-
-pub(crate) type Reader = BaseConsumer<ReaderContext>;
+pub(crate) use crate::kafka::{Reader, ReaderContext};
 
 /// A consumer reading every partition of `topic` from the beginning,
 /// outside any consumer group's commits.
@@ -445,26 +385,6 @@ pub async fn wait_for_result_on(
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             Some(Err(e)) => return Err(kafka_error(format!("reading {topic}"))(e)),
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn base64_matches_rfc_4648_vectors() {
-        for (input, expected) in [
-            ("", ""),
-            ("f", "Zg=="),
-            ("fo", "Zm8="),
-            ("foo", "Zm9v"),
-            ("foob", "Zm9vYg=="),
-            ("fooba", "Zm9vYmE="),
-            ("foobar", "Zm9vYmFy"),
-        ] {
-            assert_eq!(base64_encode(input.as_bytes()), expected);
         }
     }
 }

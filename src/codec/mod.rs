@@ -27,6 +27,7 @@
 //! A framed record whose schema id is not the configured one is refused.
 
 mod binary;
+pub mod render;
 pub mod schema;
 pub mod wire;
 

@@ -14,8 +14,8 @@ use uuid::Uuid;
 use super::GatewayError;
 use crate::codec::wire as headers;
 use crate::codec::{now_millis, Codec, TaskRequest, TaskResult};
+use crate::kafka::ReaderContext;
 use crate::settings::KafkaSettings;
-use crate::tools::ReaderContext;
 
 /// What to follow.
 #[derive(Debug)]

@@ -461,12 +461,9 @@ fn unauthorized(message: &str) -> Response {
 }
 
 /// Equality whose time depends only on the lengths, not on where the bytes
-/// differ.
+/// differ (`subtle`'s constant-time comparison).
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    bool::from(subtle::ConstantTimeEq::ct_eq(a, b))
 }
 
 async fn metrics_text(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
@@ -1175,7 +1172,7 @@ fn content_type_of(task: &TaskView) -> &str {
 /// allows) and its error, when it has them.
 fn insert_outcome(map: &mut serde_json::Map<String, Value>, task: &TaskView, name: &str) {
     if let Some(output) = &task.output {
-        crate::tools::embed_bytes(map, name, output, content_type_of(task));
+        crate::codec::render::embed_bytes(map, name, output, content_type_of(task));
     }
     if let Some(error) = &task.error {
         map.insert(
