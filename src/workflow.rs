@@ -27,7 +27,8 @@ use sha2::Digest;
 use uuid::Uuid;
 
 use crate::codec::{
-    now_millis, TaskError, TaskRequest, TaskResult, TaskStatus, WorkflowRef, DEFAULT_CONTENT_TYPE,
+    now_millis, FailureKind, TaskError, TaskRequest, TaskResult, TaskStatus, WorkflowRef,
+    DEFAULT_CONTENT_TYPE,
 };
 use crate::settings::{Settings, WorkflowSettings};
 
@@ -173,17 +174,17 @@ impl Workflows {
     /// definition exists, the step is one of its steps and runs this task
     /// type, and a child index lies within its count. The error says what
     /// does not fit, with the kind to report it under.
-    pub fn check(&self, request: &TaskRequest) -> Result<(), (&'static str, String)> {
+    pub fn check(&self, request: &TaskRequest) -> Result<(), (FailureKind, String)> {
         let Some(w) = &request.workflow else {
             return Ok(());
         };
         let Some(definition) = self.get(&w.name) else {
             return Err((
-                "unknown_workflow",
+                FailureKind::UnknownWorkflow,
                 format!("workflow `{}` is not defined in this configuration", w.name),
             ));
         };
-        let bad = |why: String| Err(("invalid_workflow_step", why));
+        let bad = |why: String| Err((FailureKind::InvalidWorkflowStep, why));
         let Some(step) = step_at(definition, w.step) else {
             return bad(format!(
                 "workflow `{}` has {} steps; this request is for step {}",
@@ -278,7 +279,7 @@ impl Workflows {
                         w.step, this.task
                     );
                     let error = TaskError {
-                        kind: "fan_out".into(),
+                        kind: FailureKind::FanOut.into(),
                         message,
                     };
                     return vec![Next::Result(failed_run(
@@ -293,7 +294,7 @@ impl Workflows {
                 Ok(count) if elements.len() <= definition.max_fan_out => count,
                 _ => {
                     let error = TaskError {
-                        kind: "fan_out".into(),
+                        kind: FailureKind::FanOut.into(),
                         message: format!(
                             "step {} (`{}`) fans out into {} children; the workflow's max_fan_out is {}",
                             w.step,
@@ -361,7 +362,7 @@ impl Workflows {
             return vec![self.unknown_definition(w, worker)];
         };
         let step_error = TaskError {
-            kind: "step_failed".into(),
+            kind: FailureKind::StepFailed.into(),
             message: format!(
                 "step {} (`{}`){} failed: {}: {}",
                 w.step,
@@ -433,7 +434,7 @@ impl Workflows {
     /// The FAILED result of run `w`, for a join that timed out.
     pub fn timed_out(&self, w: &WorkflowRef, have: usize, worker: &str) -> TaskResult {
         let error = TaskError {
-            kind: "timeout".into(),
+            kind: FailureKind::Timeout.into(),
             message: format!(
                 "the workflow's timeout passed while step {} waited for its children ({have} of {} finished)",
                 w.step,
@@ -474,7 +475,7 @@ impl Workflows {
             w,
             0,
             TaskError {
-                kind: "unknown_workflow".into(),
+                kind: FailureKind::UnknownWorkflow.into(),
                 message: format!(
                     "workflow `{}` (step {}) is not defined in this worker's configuration",
                     w.name, w.step
@@ -1028,7 +1029,11 @@ mod tests {
         }
         let problems: Vec<_> = [wrong_type, past_the_end, bad_child, unknown]
             .iter()
-            .map(|r| w.check(r).unwrap_err())
+            .map(|r| {
+                w.check(r)
+                    .map_err(|(k, why)| (k.as_str(), why))
+                    .unwrap_err()
+            })
             .collect();
         assert_eq!(
             problems,

@@ -145,6 +145,94 @@ pub struct TaskError {
     pub message: String,
 }
 
+/// Why conveyor failed a task: the `kind` it writes into results
+/// (`TaskError::kind`), dead letters (`conveyor.error.kind`) and metric
+/// labels. On the wire a kind is text (records written by others may
+/// carry any), so `TaskError::kind` stays a `String`; every kind conveyor
+/// itself writes is one of these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FailureKind {
+    /// The handler said the task cannot succeed.
+    Permanent,
+    /// The handler failed in a way worth retrying (reported as the kind
+    /// once the attempts run out).
+    Retryable,
+    /// An attempt (or a workflow run) ran out of time.
+    Timeout,
+    /// The handler panicked.
+    Panic,
+    /// The request record could not be decoded.
+    Decode,
+    /// No handler for the task type here.
+    UnknownType,
+    /// The task's deadline passed before it could start.
+    Deadline,
+    /// An output larger than the broker accepts.
+    OutputTooLarge,
+    /// A fan-out step's output longer than its workflow's `max_fan_out`, or
+    /// not an array.
+    FanOut,
+    /// A step of a workflow this configuration does not define.
+    UnknownWorkflow,
+    /// A step that does not fit its workflow's definition.
+    InvalidWorkflowStep,
+    /// A workflow run: one of its steps failed.
+    StepFailed,
+}
+
+impl FailureKind {
+    /// Every kind, in declaration order.
+    pub const ALL: [FailureKind; 12] = [
+        FailureKind::Permanent,
+        FailureKind::Retryable,
+        FailureKind::Timeout,
+        FailureKind::Panic,
+        FailureKind::Decode,
+        FailureKind::UnknownType,
+        FailureKind::Deadline,
+        FailureKind::OutputTooLarge,
+        FailureKind::FanOut,
+        FailureKind::UnknownWorkflow,
+        FailureKind::InvalidWorkflowStep,
+        FailureKind::StepFailed,
+    ];
+
+    /// The kind as written on the wire and in metric labels.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::Permanent => "permanent",
+            FailureKind::Retryable => "retryable",
+            FailureKind::Timeout => "timeout",
+            FailureKind::Panic => "panic",
+            FailureKind::Decode => "decode",
+            FailureKind::UnknownType => "unknown_type",
+            FailureKind::Deadline => "deadline",
+            FailureKind::OutputTooLarge => "output_too_large",
+            FailureKind::FanOut => "fan_out",
+            FailureKind::UnknownWorkflow => "unknown_workflow",
+            FailureKind::InvalidWorkflowStep => "invalid_workflow_step",
+            FailureKind::StepFailed => "step_failed",
+        }
+    }
+
+    /// The kind a wire text names, if it is one of conveyor's.
+    pub fn parse(text: &str) -> Option<FailureKind> {
+        FailureKind::ALL.into_iter().find(|k| k.as_str() == text)
+    }
+}
+
+impl std::fmt::Display for FailureKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl From<FailureKind> for String {
+    fn from(kind: FailureKind) -> String {
+        kind.as_str().to_owned()
+    }
+}
+
 /// The outcome of one task (`schemas/task_result.avsc`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TaskResult {
@@ -562,6 +650,25 @@ fn read_workflow(r: &mut Reader<'_>) -> Result<Option<WorkflowRef>, DecodeError>
         child_index,
         child_count,
     }))
+}
+
+#[cfg(test)]
+mod failure_kind_tests {
+    use super::FailureKind;
+
+    #[test]
+    fn kinds_round_trip_through_their_wire_names_and_are_distinct() {
+        let mut names = std::collections::HashSet::new();
+        for kind in FailureKind::ALL {
+            assert_eq!(FailureKind::parse(kind.as_str()), Some(kind));
+            assert!(names.insert(kind.as_str()), "{kind} twice");
+            assert!(kind
+                .as_str()
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b == b'_'));
+        }
+        assert_eq!(FailureKind::parse("something_else"), None);
+    }
 }
 
 #[cfg(test)]

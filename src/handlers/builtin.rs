@@ -168,7 +168,7 @@ mod tests {
             "{err}"
         );
         let err = run(&Sleep, "not json").await.unwrap_err();
-        assert_eq!(err.kind(), "permanent");
+        assert_eq!(err.kind().as_str(), "permanent");
         let err = run(&Sha256, r#"{"rounds": 0}"#).await.unwrap_err();
         assert_eq!(
             err,

@@ -65,10 +65,10 @@ pub enum HandlerError {
 
 impl HandlerError {
     /// The failure class as written in a result's `error.kind`.
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> crate::codec::FailureKind {
         match self {
-            HandlerError::Retryable(_) => "retryable",
-            HandlerError::Permanent(_) => "permanent",
+            HandlerError::Retryable(_) => crate::codec::FailureKind::Retryable,
+            HandlerError::Permanent(_) => crate::codec::FailureKind::Permanent,
         }
     }
 }

@@ -175,7 +175,7 @@ mod tests {
             HandlerError::Permanent("split_lines: payload.lines is 0; must be 1 to 100000".into())
         );
         let err = run(&WordCount, "[1]").await.unwrap_err();
-        assert_eq!(err.kind(), "permanent");
+        assert_eq!(err.kind().as_str(), "permanent");
         let err = run(&Sum, r#"[1, "2"]"#).await.unwrap_err();
         assert_eq!(
             err,

@@ -642,7 +642,7 @@ fn replace_too_large(
 }
 
 /// The error kind of a record the broker will never take.
-const OUTPUT_TOO_LARGE: &str = "output_too_large";
+const OUTPUT_TOO_LARGE: &str = crate::codec::FailureKind::OutputTooLarge.as_str();
 
 /// For an encoded result with an output, the same result FAILED with kind
 /// `output_too_large` and no output.

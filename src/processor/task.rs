@@ -27,7 +27,7 @@ use super::delivery::{deliver, Outgoing, Record};
 use super::headers::{self, Origin};
 use super::{Job, Shared};
 use crate::breaker::Verdict;
-use crate::codec::{now_millis, TaskError, TaskRequest, TaskResult, TaskStatus};
+use crate::codec::{now_millis, FailureKind, TaskError, TaskRequest, TaskResult, TaskStatus};
 use crate::handlers::{HandlerError, Output, TaskContext};
 use crate::retry::Decision;
 use crate::workflow::Next;
@@ -77,7 +77,7 @@ fn run(shared: Arc<Shared>, job: Job) -> impl std::future::Future<Output = ()> {
 
 /// A failure that ends the task.
 struct Terminal {
-    kind: String,
+    kind: FailureKind,
     message: String,
     attempts: i32,
     first_failure_at: i64,
@@ -116,7 +116,7 @@ fn run_job(shared: Arc<Shared>, job: Job) -> impl std::future::Future<Output = (
                 warn!(error = %e, task_id = ?head.as_ref().map(|h| h.0), "cannot decode the task request; dead-lettering it");
                 let now = now_millis();
                 let failure = Terminal {
-                    kind: "decode".into(),
+                    kind: FailureKind::Decode,
                     message: e.to_string(),
                     attempts: 0,
                     first_failure_at: now,
@@ -256,7 +256,7 @@ async fn run_task(shared: &Shared, job: &Job, request: &mut TaskRequest) -> End 
     ) else {
         warn!(task_id = %request.id, task_type = %request.task_type, "no handler for this task type; dead-lettering it");
         return End::Failed(Terminal {
-            kind: "unknown_type".into(),
+            kind: FailureKind::UnknownType,
             message: format!(
                 "processor `{}` has no handler for task type `{}`",
                 shared.name, request.task_type
@@ -270,7 +270,7 @@ async fn run_task(shared: &Shared, job: &Job, request: &mut TaskRequest) -> End 
         // configuration that differs between workers, or a request made
         // by hand) is dead-lettered, to be replayed once it fits.
         return End::Failed(Terminal {
-            kind: kind.into(),
+            kind,
             message: format!("processor `{}`: {why}", shared.name),
             attempts: 0,
             first_failure_at: started_at,
@@ -278,7 +278,7 @@ async fn run_task(shared: &Shared, job: &Job, request: &mut TaskRequest) -> End 
     }
     if let Some(deadline) = request.deadline.filter(|d| started_at > *d) {
         return End::Failed(Terminal {
-            kind: "deadline".into(),
+            kind: FailureKind::Deadline,
             message: format!(
                 "the task's deadline passed {} ms before it could start",
                 started_at - deadline
@@ -331,9 +331,9 @@ async fn run_task(shared: &Shared, job: &Job, request: &mut TaskRequest) -> End 
         let ended = Instant::now();
         let outcome_label = match &outcome {
             Ok(Ok(Ok(_))) => "success",
-            Ok(Ok(Err(e))) => e.kind(),
-            Ok(Err(_)) => "panic",
-            Err(_) => "timeout",
+            Ok(Ok(Err(e))) => e.kind().as_str(),
+            Ok(Err(_)) => FailureKind::Panic.as_str(),
+            Err(_) => FailureKind::Timeout.as_str(),
         };
         duration(outcome_label, ended.saturating_duration_since(began));
         let error = match outcome {
@@ -350,10 +350,10 @@ async fn run_task(shared: &Shared, job: &Job, request: &mut TaskRequest) -> End 
             Ok(Err(panic)) => {
                 let message = format!("handler panicked: {}", panic_message(panic.as_ref()));
                 error!(task_id = %request.id, %message);
-                ("panic", message, true)
+                (FailureKind::Panic, message, true)
             }
             Err(_) => (
-                "timeout",
+                FailureKind::Timeout,
                 format!("no answer within {} ms", task.timeout_ms),
                 true,
             ),
@@ -369,27 +369,27 @@ async fn run_task(shared: &Shared, job: &Job, request: &mut TaskRequest) -> End 
         };
         match decision {
             Decision::Exhausted => {
-                warn!(task_id = %request.id, attempt = request.attempt, kind, error = %message, "task failed for good");
+                warn!(task_id = %request.id, attempt = request.attempt, kind = %kind, error = %message, "task failed for good");
                 let message = if retryable && attempts_so_far > 1 {
                     format!("after {} attempts: {message}", request.attempt)
                 } else {
                     message
                 };
                 return End::Failed(Terminal {
-                    kind: kind.into(),
+                    kind,
                     message,
                     attempts: request.attempt,
                     first_failure_at: first,
                 });
             }
             Decision::InPlace(delay) => {
-                warn!(task_id = %request.id, attempt = request.attempt, kind, error = %message, delay_ms = delay.as_millis() as u64, "task failed; retrying in place");
+                warn!(task_id = %request.id, attempt = request.attempt, kind = %kind, error = %message, delay_ms = delay.as_millis() as u64, "task failed; retrying in place");
                 retried("in_place");
                 Box::pin(tokio::time::sleep(delay)).await;
                 request.attempt += 1;
             }
             Decision::RetryTopic(delay) => {
-                warn!(task_id = %request.id, attempt = request.attempt, kind, error = %message, delay_ms = delay.as_millis() as u64, "task failed; parking it in the retry topic");
+                warn!(task_id = %request.id, attempt = request.attempt, kind = %kind, error = %message, delay_ms = delay.as_millis() as u64, "task failed; parking it in the retry topic");
                 retried("retry_topic");
                 request.attempt += 1;
                 let due_at =
@@ -427,7 +427,7 @@ fn succeeded(
 
 fn error_of(failure: &Terminal) -> TaskError {
     TaskError {
-        kind: failure.kind.clone(),
+        kind: failure.kind.into(),
         message: failure.message.clone(),
     }
 }
@@ -526,7 +526,7 @@ async fn fail(
     let origin = origin(&job);
     let dead_letter_headers = headers::build(
         [
-            (headers::ERROR_KIND, Some(failure.kind.clone())),
+            (headers::ERROR_KIND, Some(failure.kind.into())),
             (headers::ERROR_MESSAGE, Some(failure.message.clone())),
             (headers::ATTEMPTS, Some(failure.attempts.to_string())),
             (headers::PROCESSOR, Some(shared.name.clone())),
