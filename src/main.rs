@@ -617,19 +617,23 @@ fn report_settings_error(error: &SettingsError) {
 }
 
 fn config_check(file: Option<&std::path::Path>) -> ExitCode {
-    // This binary has the built-in handlers only: a name it does not know
-    // is a typo here (a program built on conveyor::app::App that registers
-    // it checks its own configuration).
-    if let Ok(settings) = Settings::load(file) {
-        if let Err(error) = worker::processor_specs(&settings) {
-            if !settings.processors.is_empty() {
-                eprintln!("conveyor: {error}");
-                return ExitCode::from(EXIT_USAGE);
-            }
+    let checked = Settings::load(file).and_then(|settings| {
+        // This binary has the built-in handlers only: a name it does not
+        // know is a typo here (a program built on conveyor::app::App that
+        // registers it checks its own configuration).
+        let handlers = if settings.processors.is_empty() {
+            Ok(())
+        } else {
+            worker::processor_specs(&settings).map(|_| ())
+        };
+        Ok((handlers, settings.redacted().to_toml()?))
+    });
+    match checked {
+        Ok((Err(error), _)) => {
+            eprintln!("conveyor: {error}");
+            ExitCode::from(EXIT_USAGE)
         }
-    }
-    match Settings::load(file).and_then(|s| s.redacted().to_toml()) {
-        Ok(text) => {
+        Ok((Ok(()), text)) => {
             print!("{text}");
             ExitCode::SUCCESS
         }
