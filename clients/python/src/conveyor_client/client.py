@@ -9,7 +9,19 @@ import time
 import urllib.parse
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, TypeVar, Union
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterable,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Type,
+    TypeVar,
+    Union,
+)
 
 from ._transport import Transport
 from .errors import (
@@ -173,6 +185,15 @@ def _deadline(value: Deadline) -> Union[int, str]:
     return value
 
 
+def _output_of(state: Union["TaskState", "RunState"], failed: Type[TaskFailed]) -> Any:
+    """A terminal state's output, or ``failed`` (TaskFailed or RunFailed)
+    with conveyor's error kind and message."""
+    if state.status == "failed":
+        error = state.error or ErrorInfo("unknown", "no error recorded")
+        raise failed(state.id, error.kind, error.message)
+    return state.output
+
+
 class Task:
     """A submitted task: its id, and how to look up its status and result."""
 
@@ -200,23 +221,16 @@ class Task:
     def wait(self, timeout: float = 10.0) -> TaskState:
         """Waits up to ``timeout`` seconds for the task to succeed or fail and
         returns its state; raises :class:`ResultTimeout` if it does not."""
-        state = self._client._wait(
-            lambda wait: self._client._task_state(self.id, wait), timeout
+        return self._client._wait(
+            lambda wait: self._client._task_state(self.id, wait), timeout, f"task {self.id}"
         )
-        if not state.done:
-            raise ResultTimeout(f"task {self.id}", timeout, state.status)
-        return state
 
     def result(self, timeout: float = 10.0) -> Any:
         """The task's output (decoded JSON, text, or bytes), waiting up to
         ``timeout`` seconds; raises :class:`TaskFailed` with conveyor's error
         kind and message if it failed, :class:`ResultTimeout` (a
         ``TimeoutError``) if it is not done in time."""
-        state = self.wait(timeout)
-        if state.status == "failed":
-            error = state.error or ErrorInfo("unknown", "no error recorded")
-            raise TaskFailed(self.id, error.kind, error.message)
-        return state.output
+        return _output_of(self.wait(timeout), TaskFailed)
 
 
 class Run:
@@ -243,22 +257,17 @@ class Run:
 
     def wait(self, timeout: float = 10.0) -> RunState:
         """Waits up to ``timeout`` seconds for the run to be over."""
-        state = self._client._wait(
-            lambda wait: self._client._run_state(self.id, wait), timeout
+        return self._client._wait(
+            lambda wait: self._client._run_state(self.id, wait),
+            timeout,
+            f"workflow run {self.id}",
         )
-        if not state.done:
-            raise ResultTimeout(f"workflow run {self.id}", timeout, state.status)
-        return state
 
     def result(self, timeout: float = 10.0) -> Any:
         """The last step's output; raises :class:`RunFailed` (a
         :class:`TaskFailed`) naming the failed step, or
         :class:`ResultTimeout`."""
-        state = self.wait(timeout)
-        if state.status == "failed":
-            error = state.error or ErrorInfo("unknown", "no error recorded")
-            raise RunFailed(self.id, error.kind, error.message)
-        return state.output
+        return _output_of(self.wait(timeout), RunFailed)
 
 
 class Client:
@@ -434,9 +443,10 @@ class Client:
             timeout += wait_ms / 1000
         return self._transport.request("GET", path, None, timeout)
 
-    def _wait(self, fetch: Callable[[int], _State], timeout: float) -> _State:
-        """Long-polls with ``?wait=`` until the state is terminal or
-        ``timeout`` seconds have passed; returns the last state."""
+    def _wait(self, fetch: Callable[[int], _State], timeout: float, what: str) -> _State:
+        """Long-polls with ``?wait=`` until the state is terminal and returns
+        it; raises :class:`ResultTimeout` naming ``what`` once ``timeout``
+        seconds have passed."""
         if timeout < 0:
             raise ValueError("timeout must be >= 0 seconds")
         end = time.monotonic() + timeout
@@ -445,8 +455,10 @@ class Client:
             # The gateway shortens waits over its max_wait_ms and answers
             # the current state then: ask again until the time is up.
             state = fetch(max(0, int(remaining * 1000)))
-            if state.done or end - time.monotonic() <= 0:
+            if state.done:
                 return state
+            if end - time.monotonic() <= 0:
+                raise ResultTimeout(what, timeout, state.status)
 
 
 def _segment(value: str) -> str:
