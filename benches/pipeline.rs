@@ -718,6 +718,32 @@ enum Pipe {
     ),
 }
 
+/// Writes `settings` to a temporary file and starts `workers` real
+/// `conveyor worker` processes on it; returns the file (to remove) and them.
+fn start_workers(
+    settings: &conveyor::settings::Settings,
+    workers: usize,
+) -> (std::path::PathBuf, Vec<std::process::Child>) {
+    let path = std::env::temp_dir().join(format!(
+        "conveyor-bench-{}.toml",
+        uuid::Uuid::new_v4().simple()
+    ));
+    std::fs::write(&path, settings.to_toml().expect("settings serialize")).expect("write config");
+    let children = (0..workers)
+        .map(|_| {
+            std::process::Command::new(env!("CARGO_BIN_EXE_conveyor"))
+                .args(["worker", "--config"])
+                .arg(&path)
+                .env("RUST_LOG", "warn")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("start conveyor worker")
+        })
+        .collect();
+    (path, children)
+}
+
 /// Scaling mode: `workers` real `conveyor worker` processes in one group
 /// work through `n` preloaded tasks on `input`; a consumer counts the
 /// results. Rate from the first result to the last.
@@ -738,23 +764,7 @@ async fn scaling_run(
         .processors
         .push(echo_processor("bench-scale", input, output, dlq));
     settings.fill_derived();
-    let path = std::env::temp_dir().join(format!(
-        "conveyor-bench-{}.toml",
-        uuid::Uuid::new_v4().simple()
-    ));
-    std::fs::write(&path, settings.to_toml().expect("settings serialize")).expect("write config");
-    let mut children: Vec<std::process::Child> = (0..workers)
-        .map(|_| {
-            std::process::Command::new(env!("CARGO_BIN_EXE_conveyor"))
-                .args(["worker", "--config"])
-                .arg(&path)
-                .env("RUST_LOG", "warn")
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .expect("start conveyor worker")
-        })
-        .collect();
+    let (path, mut children) = start_workers(&settings, workers);
     let counter_kafka = kafka.clone();
     let topic = output.to_owned();
     let rate = tokio::task::spawn_blocking(move || {
@@ -819,19 +829,8 @@ async fn prefetch_rss_run(
     processor.max_uncommitted_per_partition = 1;
     settings.processors.push(processor);
     settings.fill_derived();
-    let path = std::env::temp_dir().join(format!(
-        "conveyor-bench-{}.toml",
-        uuid::Uuid::new_v4().simple()
-    ));
-    std::fs::write(&path, settings.to_toml().expect("settings serialize")).expect("write config");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_conveyor"))
-        .args(["worker", "--config"])
-        .arg(&path)
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("start conveyor worker");
+    let (path, mut children) = start_workers(&settings, 1);
+    let mut child = children.remove(0);
     let status = format!("/proc/{}/status", child.id());
     let mut samples = Vec::new();
     for _ in 0..seconds.div_ceil(2) {
