@@ -1420,6 +1420,22 @@ mod tests {
     "#;
 
     #[test]
+    fn the_prefetch_budget_is_at_least_one_mib() {
+        let e = load_toml("[kafka]\nprefetch_bytes = 1048575\n").expect_err("under 1 MiB");
+        assert!(
+            e.to_string()
+                .contains("kafka.prefetch_bytes: must be at least 1048576 (1 MiB)"),
+            "{e}"
+        );
+        let s = load_toml("[kafka]\nprefetch_bytes = 1048576\n").expect("1 MiB");
+        assert_eq!(s.kafka.prefetch_bytes, 1_048_576);
+        assert_eq!(
+            Settings::default().kafka.prefetch_bytes,
+            DEFAULT_PREFETCH_BYTES
+        );
+    }
+
+    #[test]
     fn handlers_are_built_ins_or_names_a_program_registers() {
         let toml = |handler: &str| {
             format!("[[processors]]\nname = \"p\"\n[processors.tasks.t]\nhandler = \"{handler}\"\n")

@@ -460,6 +460,32 @@ mod tests {
     }
 
     #[test]
+    fn keys_are_bounded_in_characters_as_the_document_says() {
+        // 1,024 two-byte characters (2,048 bytes) are within maxLength...
+        let at_bound = "é".repeat(MAX_KEY_CHARS);
+        let value = json!({"type": "echo", "payload": 1, "key": at_bound,
+                           "idempotency_key": "i".repeat(MAX_IDEMPOTENCY_KEY_CHARS)});
+        let task = parse_task(&value, "", &rules(), 1_000).expect("at the bound");
+        assert_eq!(task.key.map(|k| k.chars().count()), Some(MAX_KEY_CHARS));
+        // ...one more is not.
+        for (field, value) in [
+            (
+                "key",
+                json!({"type": "echo", "payload": 1, "key": "é".repeat(MAX_KEY_CHARS + 1)}),
+            ),
+            (
+                "idempotency_key",
+                json!({"type": "echo", "payload": 1,
+                       "idempotency_key": "é".repeat(MAX_IDEMPOTENCY_KEY_CHARS + 1)}),
+            ),
+        ] {
+            let e = parse_task(&value, "", &rules(), 1_000).expect_err("over the bound");
+            assert_eq!((e.status.as_u16(), e.field.as_deref()), (422, Some(field)));
+            assert!(e.message.contains("characters long"), "{}", e.message);
+        }
+    }
+
+    #[test]
     fn every_bad_input_names_its_field_and_status() {
         let some = |s: &str| Some(s.to_owned());
         assert_eq!(refusal("{"), (400, some("body")));

@@ -132,3 +132,34 @@ def test_asgi_adapter_awaits_coroutines() -> None:
     asyncio.run(handlers.asgi(scope, receive, send))
     assert sent[0]["status"] == 200
     assert json.loads(sent[1]["body"]) == {"got": {"x": 1}}
+
+
+def test_client_refuses_an_answer_over_its_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    import http.server
+    import threading
+
+    from conveyor_client import Client, ConnectionFailed
+    from conveyor_client import _transport
+
+    class Big(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b'{"id": "' + b"x" * 2000 + b'"}'
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Big)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(_transport, "MAX_ANSWER_BYTES", 1000)
+    try:
+        with Client(f"http://127.0.0.1:{server.server_port}") as client:
+            with pytest.raises(ConnectionFailed) as error:
+                client.task("0b1c5a7e-8c1f-4f43-9d3e-2f6f1f0c9a10")
+        assert "over 1000 bytes" in str(error.value)
+    finally:
+        server.shutdown()
