@@ -10,20 +10,17 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use rdkafka::consumer::Consumer;
-use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{Offset, TopicPartitionList};
+use rdkafka::Offset;
 use serde_json::json;
 
 use crate::codec::render::embed_bytes;
 use crate::codec::wire as h;
 use crate::codec::{Codec, DecodeError, TaskRequest};
 use crate::kafka;
-use crate::kafka::Reader;
+use crate::kafka::{codec_of, kafka_error, ClientError, Read, Reader};
 use crate::settings::Settings;
-use crate::tools::{codec_of, kafka_error, open_reader, ToolError};
 
 /// One dead letter as read back.
 #[derive(Debug, Clone)]
@@ -169,7 +166,7 @@ impl Filter {
 /// stays flat however many there are. A partition filter reads only that
 /// partition, and `from_offset` seeks to it.
 pub struct Letters {
-    consumer: Reader,
+    reader: Reader,
     topic: String,
     filter: Filter,
     codec: Codec,
@@ -181,15 +178,16 @@ pub struct Letters {
 
 impl Letters {
     /// Opens `topic` for reading with `filter`.
-    pub fn open(settings: &Settings, topic: &str, filter: &Filter) -> Result<Letters, ToolError> {
+    pub fn open(settings: &Settings, topic: &str, filter: &Filter) -> Result<Letters, ClientError> {
         let codec = codec_of(settings)?;
-        let (consumer, partitions) = open_reader(settings, topic)?;
-        let partitions = partitions
+        let reader = Reader::new(&settings.kafka, "dlq")?;
+        let partitions = reader
+            .partitions(topic)?
             .into_iter()
             .filter(|p| filter.partition.is_none_or(|only| only == *p))
             .collect();
         Ok(Letters {
-            consumer,
+            reader,
             topic: topic.to_owned(),
             filter: filter.clone(),
             codec,
@@ -199,7 +197,7 @@ impl Letters {
     }
 
     /// The next selected dead letter, or `None` after the last.
-    pub fn next_letter(&mut self) -> Result<Option<DeadLetter>, ToolError> {
+    pub fn next_letter(&mut self) -> Result<Option<DeadLetter>, ClientError> {
         loop {
             let partition = match self.current {
                 Some(p) => p,
@@ -211,12 +209,12 @@ impl Letters {
                     }
                 },
             };
-            match self.consumer.poll(Duration::from_millis(200)) {
-                None => {}
-                Some(Err(KafkaError::PartitionEOF(p))) if p == partition => self.current = None,
-                Some(Err(KafkaError::PartitionEOF(_))) => {}
-                Some(Err(e)) => return Err(kafka_error(format!("reading {}", self.topic))(e)),
-                Some(Ok(message)) if message.partition() == partition => {
+            match self.reader.read(Duration::from_millis(200)) {
+                Read::Idle => {}
+                Read::End(p) if p == partition => self.current = None,
+                Read::End(_) => {}
+                Read::Error(e) => return Err(kafka_error(format!("reading {}", self.topic))(e)),
+                Read::Record(message) if message.partition() == partition => {
                     if self
                         .filter
                         .to_offset
@@ -237,22 +235,17 @@ impl Letters {
                         return Ok(Some(letter));
                     }
                 }
-                Some(Ok(_)) => {}
+                Read::Record(_) => {}
             }
         }
     }
 
-    fn assign(&mut self, partition: i32) -> Result<(), ToolError> {
+    fn assign(&mut self, partition: i32) -> Result<(), ClientError> {
         let start = self
             .filter
             .from_offset
             .map_or(Offset::Beginning, |o| Offset::Offset(o.max(0)));
-        let mut list = TopicPartitionList::new();
-        list.add_partition_offset(&self.topic, partition, start)
-            .map_err(kafka_error("building the assignment"))?;
-        self.consumer
-            .assign(&list)
-            .map_err(kafka_error(format!("assigning {}", self.topic)))?;
+        self.reader.assign(&self.topic, &[partition], start)?;
         self.current = Some(partition);
         Ok(())
     }
@@ -268,7 +261,7 @@ pub struct Replayer {
 
 impl Replayer {
     /// A replayer for `settings`' cluster; a dry run produces nothing.
-    pub fn new(settings: &Settings, dry_run: bool) -> Result<Replayer, ToolError> {
+    pub fn new(settings: &Settings, dry_run: bool) -> Result<Replayer, ClientError> {
         let producer = if dry_run {
             None
         } else {
@@ -288,7 +281,7 @@ impl Replayer {
     pub async fn replay(
         &self,
         letters: &[DeadLetter],
-    ) -> Result<Vec<serde_json::Value>, ToolError> {
+    ) -> Result<Vec<serde_json::Value>, ClientError> {
         replay(&self.codec, self.producer.as_ref(), letters).await
     }
 }
@@ -297,7 +290,7 @@ async fn replay(
     codec: &Codec,
     producer: Option<&FutureProducer>,
     letters: &[DeadLetter],
-) -> Result<Vec<serde_json::Value>, ToolError> {
+) -> Result<Vec<serde_json::Value>, ClientError> {
     let mut report = Vec::new();
     for letter in letters {
         let mut line = json!({ "partition": letter.partition, "offset": letter.offset });

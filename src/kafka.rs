@@ -211,8 +211,142 @@ impl rdkafka::ClientContext for ReaderContext {
 
 impl rdkafka::consumer::ConsumerContext for ReaderContext {}
 
-/// A consumer outside any group's commits, reading topics to their end.
-pub type Reader = rdkafka::consumer::BaseConsumer<ReaderContext>;
+/// Why a client outside the engine (a reader, the command-line tools)
+/// failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// Bad input from the user: the message names it.
+    #[error("{0}")]
+    Input(String),
+    /// The cluster did not do what was asked.
+    #[error("{what}: {source}")]
+    Kafka {
+        /// What was being done.
+        what: String,
+        /// librdkafka's error.
+        source: rdkafka::error::KafkaError,
+    },
+    /// Nothing came within the time allowed.
+    #[error("{0}")]
+    Timeout(String),
+    /// The producer went away before it answered (a run-time failure,
+    /// exit 1, not the user's input).
+    #[error("{0}")]
+    Stopped(String),
+}
+
+/// Turns a librdkafka error met while doing `what` into a [`ClientError`].
+pub fn kafka_error(
+    what: impl Into<String>,
+) -> impl FnOnce(rdkafka::error::KafkaError) -> ClientError {
+    let what = what.into();
+    move |source| ClientError::Kafka { what, source }
+}
+
+/// The codec the settings describe, for a client that reads or writes
+/// conveyor's records; an input error while its settings are incomplete.
+pub fn codec_of(settings: &crate::settings::Settings) -> Result<crate::codec::Codec, ClientError> {
+    settings.codec.codec().ok_or_else(|| {
+        ClientError::Input("codec settings are incomplete (run `conveyor config check`)".into())
+    })
+}
+
+/// What one read of a [`Reader`] found.
+pub enum Read<'a> {
+    /// A record.
+    Record(rdkafka::message::BorrowedMessage<'a>),
+    /// The end of this partition (of the topic read) was reached.
+    End(i32),
+    /// Nothing within the time given.
+    Idle,
+    /// An error; librdkafka goes on after most.
+    Error(rdkafka::error::KafkaError),
+}
+
+/// A consumer outside any consumer group's commits that reports reaching
+/// the end of each partition: the one way conveyor reads topics from a
+/// chosen point to their end (the command-line and dead-letter tools,
+/// waiting for a result, the gateway's status view, a join's changelog).
+pub struct Reader {
+    consumer: rdkafka::consumer::BaseConsumer<ReaderContext>,
+}
+
+impl Reader {
+    /// A reader with the cluster's settings; `purpose` names its
+    /// (never committed) group, `conveyor-<purpose>-<uuid>`.
+    pub fn new(kafka: &KafkaSettings, purpose: &str) -> Result<Reader, ClientError> {
+        let group = format!("conveyor-{purpose}-{}", uuid::Uuid::new_v4());
+        let consumer = consumer_config(kafka, &group, 10_000)
+            .set("enable.auto.commit", "false")
+            // The end is where the partition ends, not offset high - 1: in
+            // a compacted topic that record may have been cleaned away.
+            .set("enable.partition.eof", "true")
+            .create_with_context(ReaderContext)
+            .map_err(kafka_error("creating the consumer"))?;
+        Ok(Reader { consumer })
+    }
+
+    /// The partitions of `topic`, sorted; an input error when the topic
+    /// does not exist.
+    pub fn partitions(&self, topic: &str) -> Result<Vec<i32>, ClientError> {
+        use rdkafka::consumer::Consumer;
+        let metadata = self
+            .consumer
+            .fetch_metadata(Some(topic), std::time::Duration::from_secs(10))
+            .map_err(kafka_error(format!("reading the metadata of {topic}")))?;
+        let mut partitions: Vec<i32> = metadata
+            .topics()
+            .iter()
+            .filter(|t| t.name() == topic && t.error().is_none())
+            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+            .collect();
+        if partitions.is_empty() {
+            return Err(ClientError::Input(format!("topic {topic} does not exist")));
+        }
+        partitions.sort_unstable();
+        Ok(partitions)
+    }
+
+    /// Reads `partitions` of `topic`, each from `from`, instead of what was
+    /// read before.
+    pub fn assign(
+        &self,
+        topic: &str,
+        partitions: &[i32],
+        from: rdkafka::Offset,
+    ) -> Result<(), ClientError> {
+        let mut list = rdkafka::TopicPartitionList::new();
+        for p in partitions {
+            list.add_partition_offset(topic, *p, from)
+                .map_err(kafka_error("building the assignment"))?;
+        }
+        self.assign_list(&list)
+    }
+
+    /// Reads exactly the partitions and offsets of `list`.
+    pub fn assign_list(&self, list: &rdkafka::TopicPartitionList) -> Result<(), ClientError> {
+        use rdkafka::consumer::Consumer;
+        self.consumer
+            .assign(list)
+            .map_err(kafka_error("assigning the partitions to read"))
+    }
+
+    /// Waits up to `timeout` for the next record or partition end.
+    pub fn read(&self, timeout: std::time::Duration) -> Read<'_> {
+        match self.consumer.poll(timeout) {
+            None => Read::Idle,
+            Some(Ok(message)) => Read::Record(message),
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => Read::End(p),
+            Some(Err(e)) => Read::Error(e),
+        }
+    }
+
+    /// The consumer, for metadata, watermarks and offsets by time.
+    pub fn client(&self) -> &rdkafka::consumer::BaseConsumer<ReaderContext> {
+        &self.consumer
+    }
+}
 
 #[cfg(test)]
 mod tests {

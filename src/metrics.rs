@@ -24,6 +24,17 @@ pub const TASKS_FAILED: &str = "conveyor_tasks_failed_total";
 pub const TASKS_RETRIED: &str = "conveyor_tasks_retried_total";
 /// `conveyor_tasks_dead_lettered_total{processor,task_type,kind}`.
 pub const TASKS_DEAD_LETTERED: &str = "conveyor_tasks_dead_lettered_total";
+/// `conveyor_errors_total{processor,kind}`: every error a processor met,
+/// whatever came of it, in one series per kind to alert on. A task's
+/// failed attempt counts once (retried or final) under its
+/// [`FailureKind`](crate::codec::FailureKind); the engine's own errors
+/// under [`ENGINE_ERRORS`].
+pub const ERRORS: &str = "conveyor_errors_total";
+/// The engine's error kinds in [`ERRORS`]: `produce` (a delivery failed
+/// and is produced again), `commit` (an offset commit failed), `consumer`
+/// (a consumer error librdkafka recovers from), `fatal` (the processor
+/// stopped on an error retrying cannot fix).
+pub const ENGINE_ERRORS: [&str; 4] = ["produce", "commit", "consumer", "fatal"];
 /// `conveyor_handler_duration_seconds{processor,task_type,outcome}`: one
 /// observation per attempt; outcome `success`, `retryable`, `permanent`,
 /// `timeout` or `panic`.
@@ -112,6 +123,8 @@ pub struct Metrics {
     pub tasks_retried: IntCounterVec,
     /// See [`TASKS_DEAD_LETTERED`].
     pub tasks_dead_lettered: IntCounterVec,
+    /// See [`ERRORS`].
+    pub errors: IntCounterVec,
     /// See [`HANDLER_DURATION`].
     pub handler_duration: HistogramVec,
     /// See [`TASK_LATENCY`].
@@ -285,6 +298,12 @@ impl Metrics {
                 OLDEST_UNFINISHED,
                 "Seconds since the oldest unfinished record of an owned partition was dispatched.",
                 lag,
+            ),
+            errors: counter(
+                &r,
+                ERRORS,
+                "Errors met, by kind: failed task attempts (retried or final) and the engine's own.",
+                &["processor", "kind"],
             ),
             offset_commits: counter(&r, OFFSET_COMMITS, "Successful offset commits.", p),
             offset_commit_failures: counter(

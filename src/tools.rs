@@ -11,42 +11,17 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
-use rdkafka::{Offset, TopicPartitionList};
+use rdkafka::Offset;
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::codec::{Codec, TaskRequest, TaskResult};
-use crate::kafka;
+use crate::codec::{TaskRequest, TaskResult};
+use crate::kafka::{self, codec_of, Read, Reader};
 use crate::settings::Settings;
 
+pub(crate) use crate::kafka::kafka_error;
 /// Why a tool failed.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ToolError {
-    /// Bad input from the user: the message names it.
-    #[error("{0}")]
-    Input(String),
-    /// The cluster did not do what was asked.
-    #[error("{what}: {source}")]
-    Kafka {
-        /// What was being done.
-        what: String,
-        /// librdkafka's error.
-        source: KafkaError,
-    },
-    /// Nothing came within the time allowed.
-    #[error("{0}")]
-    Timeout(String),
-    /// The producer went away before it answered (a run-time failure,
-    /// exit 1, not the user's input).
-    #[error("{0}")]
-    Stopped(String),
-}
-
-pub(crate) fn kafka_error(what: impl Into<String>) -> impl FnOnce(KafkaError) -> ToolError {
-    let what = what.into();
-    move |source| ToolError::Kafka { what, source }
-}
+pub use crate::kafka::ClientError as ToolError;
 
 /// What `conveyor submit` sends.
 #[derive(Debug, Clone)]
@@ -238,8 +213,9 @@ fn scan(
     stop: &std::sync::atomic::AtomicBool,
     mut each: impl FnMut(&rdkafka::message::BorrowedMessage<'_>),
 ) -> Result<(), ToolError> {
-    let consumer = reader(settings, topic)?;
-    let partitions = consumer
+    let reader = reader(settings, topic)?;
+    let partitions = reader
+        .client()
         .assignment()
         .map_err(kafka_error("reading the assignment"))?
         .count();
@@ -248,13 +224,13 @@ fn scan(
         if !follow && at_end.len() >= partitions {
             break;
         }
-        match consumer.poll(Duration::from_millis(200)) {
-            None => {}
-            Some(Err(KafkaError::PartitionEOF(p))) => {
+        match reader.read(Duration::from_millis(200)) {
+            Read::Idle => {}
+            Read::End(p) => {
                 at_end.insert(p);
             }
-            Some(Err(e)) => return Err(kafka_error(format!("reading {topic}"))(e)),
-            Some(Ok(message)) => {
+            Read::Error(e) => return Err(kafka_error(format!("reading {topic}"))(e)),
+            Read::Record(message) => {
                 at_end.remove(&message.partition());
                 each(&message);
             }
@@ -263,49 +239,12 @@ fn scan(
     Ok(())
 }
 
-pub(crate) use crate::kafka::{Reader, ReaderContext};
-
-/// A consumer reading every partition of `topic` from the beginning,
-/// outside any consumer group's commits.
+/// A reader of every partition of `topic` from the beginning.
 fn reader(settings: &Settings, topic: &str) -> Result<Reader, ToolError> {
-    let (consumer, partitions) = open_reader(settings, topic)?;
-    let mut list = TopicPartitionList::new();
-    for p in &partitions {
-        list.add_partition_offset(topic, *p, Offset::Beginning)
-            .map_err(kafka_error("building the assignment"))?;
-    }
-    consumer
-        .assign(&list)
-        .map_err(kafka_error(format!("assigning {topic}")))?;
-    Ok(consumer)
-}
-
-/// A consumer outside any group (nothing committed, end-of-partition
-/// events on) and the partitions of `topic`, none assigned yet.
-pub(crate) fn open_reader(
-    settings: &Settings,
-    topic: &str,
-) -> Result<(Reader, Vec<i32>), ToolError> {
-    let group = format!("conveyor-reader-{}", Uuid::new_v4());
-    let consumer: Reader = kafka::consumer_config(&settings.kafka, &group, 10_000)
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
-        .create_with_context(ReaderContext)
-        .map_err(kafka_error("creating the consumer"))?;
-    let metadata = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .map_err(kafka_error(format!("reading the metadata of {topic}")))?;
-    let mut partitions: Vec<i32> = metadata
-        .topics()
-        .iter()
-        .filter(|t| t.name() == topic && t.error().is_none())
-        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-        .collect();
-    if partitions.is_empty() {
-        return Err(ToolError::Input(format!("topic {topic} does not exist")));
-    }
-    partitions.sort_unstable();
-    Ok((consumer, partitions))
+    let reader = Reader::new(&settings.kafka, "reader")?;
+    let partitions = reader.partitions(topic)?;
+    reader.assign(topic, &partitions, Offset::Beginning)?;
+    Ok(reader)
 }
 
 /// Prints the results topic's records as JSON lines through `print`, until
@@ -340,13 +279,6 @@ pub fn print_results(
     Ok(printed)
 }
 
-/// The codec the settings describe.
-pub(crate) fn codec_of(settings: &Settings) -> Result<Codec, ToolError> {
-    settings.codec.codec().ok_or_else(|| {
-        ToolError::Input("codec settings are incomplete (run `conveyor config check`)".into())
-    })
-}
-
 /// Follows the results topic until the result of task `id` arrives.
 pub async fn wait_for_result(
     settings: &Settings,
@@ -365,18 +297,18 @@ pub async fn wait_for_result_on(
 ) -> Result<TaskResult, ToolError> {
     let topic = topic.to_owned();
     let codec = codec_of(settings)?;
-    let consumer = reader(settings, &topic)?;
+    let reader = reader(settings, &topic)?;
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        match consumer.poll(Duration::ZERO) {
-            Some(Ok(message)) => {
+        match reader.read(Duration::ZERO) {
+            Read::Record(message) => {
                 if let Ok(result) = codec.decode_result(message.payload().unwrap_or_default()) {
                     if result.id == id {
                         return Ok(result);
                     }
                 }
             }
-            Some(Err(KafkaError::PartitionEOF(_))) | None => {
+            Read::End(_) | Read::Idle => {
                 if tokio::time::Instant::now() >= deadline {
                     return Err(ToolError::Timeout(format!(
                         "no result for task {id} on {topic} within {timeout:?}"
@@ -384,7 +316,7 @@ pub async fn wait_for_result_on(
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            Some(Err(e)) => return Err(kafka_error(format!("reading {topic}"))(e)),
+            Read::Error(e) => return Err(kafka_error(format!("reading {topic}"))(e)),
         }
     }
 }

@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::settings::Settings;
+use crate::settings::{ProcessorSettings, Settings};
 use crate::workflow::{Workflows, JOINS_SUFFIX};
 
 /// What a topic is for.
@@ -59,9 +59,75 @@ pub struct NeededTopic {
     pub partitions_of: Option<String>,
 }
 
+/// Results of a processor without `output_topic` (before
+/// [`Settings::fill_derived`] sets it) go here.
+const DEFAULT_RESULTS: &str = "conveyor.results";
+/// Dead letters likewise.
+const DEFAULT_DEAD_LETTERS: &str = "conveyor.dlq";
+
+impl ProcessorSettings {
+    /// The topics this processor reads: its inputs, and their retry topics
+    /// when some task type's backoff can reach the threshold.
+    pub fn read_topics(&self) -> Vec<String> {
+        let mut topics = self.input_topics.clone();
+        if self.uses_retry_topics() {
+            topics.extend(self.input_topics.iter().map(|t| self.retry_topic(t)));
+        }
+        topics
+    }
+
+    /// Where its results go.
+    pub fn results_topic(&self) -> &str {
+        self.output_topic.as_deref().unwrap_or(DEFAULT_RESULTS)
+    }
+
+    /// Where its dead letters go.
+    pub fn dead_letters_topic(&self) -> &str {
+        self.dead_letter_topic
+            .as_deref()
+            .unwrap_or(DEFAULT_DEAD_LETTERS)
+    }
+
+    /// Every topic this processor reads or writes: what it reads, its
+    /// results and dead letters, the next steps' task topics of the
+    /// workflow steps it runs, and the changelog of each join it reads.
+    /// Its start-up check refuses to run while one is missing.
+    pub fn topology(&self, workflows: &Workflows) -> Vec<NeededTopic> {
+        let need = |name: &str, kind, partitions_of: Option<String>| NeededTopic {
+            name: name.to_owned(),
+            kind,
+            partitions_of,
+        };
+        let mut topics: Vec<NeededTopic> = self
+            .input_topics
+            .iter()
+            .map(|t| need(t, TopicKind::Tasks, None))
+            .collect();
+        if self.uses_retry_topics() {
+            let retry = self.input_topics.iter().map(|t| self.retry_topic(t));
+            topics.extend(retry.map(|t| need(&t, TopicKind::Retry, None)));
+        }
+        topics.push(need(self.results_topic(), TopicKind::Results, None));
+        topics.push(need(self.dead_letters_topic(), TopicKind::DeadLetter, None));
+        let types = self.tasks.keys().map(String::as_str).collect();
+        let after = workflows.topics_after(&types);
+        topics.extend(after.iter().map(|t| need(t, TopicKind::Tasks, None)));
+        for join in workflows.join_topics() {
+            if self.input_topics.contains(&join) {
+                let changelog = format!("{join}{JOINS_SUFFIX}");
+                topics.push(need(&changelog, TopicKind::JoinChangelog, Some(join)));
+            }
+        }
+        topics
+    }
+}
+
 impl Settings {
-    /// Every topic this configuration needs, by name. Call on settings
-    /// with derived defaults filled in (as [`Settings::load`] returns them).
+    /// Every topic this configuration needs, by name: each processor's
+    /// ([`ProcessorSettings::topology`]), the default results and
+    /// dead-letter topics, the gateway's task topics, and every workflow's.
+    /// Call on settings with derived defaults filled in (as
+    /// [`Settings::load`] returns them).
     pub fn topology(&self) -> Vec<NeededTopic> {
         let mut topics: BTreeMap<String, (TopicKind, Option<String>)> = BTreeMap::new();
         let mut add = |name: &str, kind: TopicKind, partitions_of: Option<String>| {
@@ -69,20 +135,10 @@ impl Settings {
                 .entry(name.to_owned())
                 .or_insert((kind, partitions_of));
         };
+        let workflows = Workflows::from_settings(self);
         for p in &self.processors {
-            for input in &p.input_topics {
-                add(input, TopicKind::Tasks, None);
-            }
-            if p.uses_retry_topics() {
-                for input in &p.input_topics {
-                    add(&p.retry_topic(input), TopicKind::Retry, None);
-                }
-            }
-            if let Some(output) = &p.output_topic {
-                add(output, TopicKind::Results, None);
-            }
-            if let Some(dead_letter) = &p.dead_letter_topic {
-                add(dead_letter, TopicKind::DeadLetter, None);
+            for t in p.topology(&workflows) {
+                add(&t.name, t.kind, t.partitions_of);
             }
         }
         add(&self.topics.results, TopicKind::Results, None);
@@ -90,7 +146,6 @@ impl Settings {
         for topic in self.gateway_task_topics().values() {
             add(topic, TopicKind::Tasks, None);
         }
-        let workflows = Workflows::from_settings(self);
         let all_types = self
             .workflows
             .iter()

@@ -162,6 +162,21 @@ async fn a_known_mix_gives_exact_counters_and_histogram_counts() {
             ),
             1.0
         );
+        // Every failed attempt once, by kind; the other kinds at zero.
+        let errors = |kind| value(&s, metrics::ERRORS, &[p, ("kind", kind)]);
+        assert_eq!(errors("retryable"), M as f64);
+        assert_eq!(errors("permanent"), K as f64);
+        assert_eq!(errors("decode"), 1.0);
+        for kind in [
+            "timeout",
+            "panic",
+            "unknown_type",
+            "fatal",
+            "produce",
+            "commit",
+        ] {
+            assert_eq!(errors(kind), 0.0, "{kind}");
+        }
         // One observation per attempt, by outcome.
         let duration =
             |outcome| value(&s, metrics::HANDLER_DURATION, &[p, t, ("outcome", outcome)]);

@@ -5,16 +5,14 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::KafkaError;
+use rdkafka::consumer::Consumer;
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
-use uuid::Uuid;
 
 use super::GatewayError;
 use crate::codec::wire as headers;
 use crate::codec::{now_millis, Codec, TaskRequest, TaskResult};
-use crate::kafka::ReaderContext;
+use crate::kafka::{Read, Reader};
 use crate::settings::KafkaSettings;
 
 /// What to follow.
@@ -46,7 +44,7 @@ pub(super) enum Event {
 }
 
 pub(super) struct Follower {
-    consumer: BaseConsumer<ReaderContext>,
+    reader: Reader,
     codec: Codec,
     result_topics: HashSet<String>,
     /// Records older than this (ms since the epoch) are skipped.
@@ -64,13 +62,8 @@ impl Follower {
             let what = what.to_owned();
             move |source| GatewayError::Kafka { what, source }
         };
-        let group = format!("conveyor-gateway-{}", Uuid::new_v4());
-        let consumer: BaseConsumer<ReaderContext> =
-            crate::kafka::consumer_config(&spec.kafka, &group, 10_000)
-                .set("enable.auto.commit", "false")
-                .set("enable.partition.eof", "true")
-                .create_with_context(ReaderContext)
-                .map_err(kafka_error("creating the status view's consumer"))?;
+        let reader = Reader::new(&spec.kafka, "gateway")?;
+        let consumer = reader.client();
         let metadata = consumer
             .fetch_metadata(None, Duration::from_secs(10))
             .map_err(kafka_error("reading the cluster's metadata"))?;
@@ -152,12 +145,9 @@ impl Follower {
             }
         }
         tracing::debug!(?from_offsets, "status view starts from these offsets");
-        let assignment = from_offsets;
-        consumer
-            .assign(&assignment)
-            .map_err(kafka_error("assigning the followed topics"))?;
+        reader.assign_list(&from_offsets)?;
         Ok(Follower {
-            consumer,
+            reader,
             codec: spec.codec,
             result_topics: spec.result_topics.iter().cloned().collect(),
             start,
@@ -178,13 +168,13 @@ impl Follower {
                 apply(Event::Tick);
                 last_tick = Instant::now();
             }
-            match self.consumer.poll(Duration::from_millis(100)) {
-                None => {}
-                Some(Err(KafkaError::PartitionEOF(partition))) => self.reached_end(partition),
-                Some(Err(error)) => {
+            match self.reader.read(Duration::from_millis(100)) {
+                Read::Idle => {}
+                Read::End(partition) => self.reached_end(partition),
+                Read::Error(error) => {
                     tracing::warn!(%error, "status view: reading the followed topics");
                 }
-                Some(Ok(message)) => {
+                Read::Record(message) => {
                     if !self.behind.is_empty() {
                         let at = (message.topic().to_owned(), message.partition());
                         if self
@@ -251,7 +241,7 @@ impl Follower {
         if self.behind.is_empty() {
             return;
         }
-        let Ok(position) = self.consumer.position() else {
+        let Ok(position) = self.reader.client().position() else {
             return;
         };
         for e in position.elements() {

@@ -91,6 +91,17 @@ pub enum GatewayError {
     Serve(String),
 }
 
+impl From<crate::kafka::ClientError> for GatewayError {
+    fn from(error: crate::kafka::ClientError) -> Self {
+        match error {
+            crate::kafka::ClientError::Kafka { what, source } => {
+                GatewayError::Kafka { what, source }
+            }
+            other => GatewayError::Config(other.to_string()),
+        }
+    }
+}
+
 /// What every request handler shares.
 struct Shared {
     settings: GatewaySettings,
@@ -920,39 +931,25 @@ async fn get_run(
 ) -> Response {
     let outcome = async {
         let run = api::parse_id(&id, "workflow run id")?;
-        let deadline = tokio::time::Instant::now() + wait_of(&shared, &params)?;
-        loop {
-            let notify;
-            let mut woken;
-            {
-                let mut view = shared.view();
-                let tasks: Vec<TaskView> = view.run(&run).into_iter().cloned().collect();
-                if tasks.is_empty() {
-                    return Err(ApiError::new(
-                        StatusCode::NOT_FOUND,
-                        "unknown_workflow_run",
-                        format!(
-                            "no workflow run {run} is known here: never started, or older than \
-                             the status view keeps (gateway.view_max_age_ms, view_max_tasks)"
-                        ),
-                    ));
-                }
-                let over = tasks.iter().any(|t| t.id == run);
-                if over
-                    || tokio::time::Instant::now() >= deadline
-                    || shared.stopping.load(Ordering::Relaxed)
-                {
-                    return Ok(render_run(&shared.workflows, run, &tasks));
-                }
-                // The run's own result has the run's id.
-                notify = view.waiter(run);
-                woken = Box::pin(notify.notified());
-                woken.as_mut().enable();
+        let wait = wait_of(&shared, &params)?;
+        // The run's own result has the run's id: it wakes the wait.
+        let tasks = long_poll(&shared, run, wait, |view| {
+            let tasks: Vec<TaskView> = view.run(&run).into_iter().cloned().collect();
+            if tasks.is_empty() {
+                return Err(ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "unknown_workflow_run",
+                    format!(
+                        "no workflow run {run} is known here: never started, or older than \
+                         the status view keeps (gateway.view_max_age_ms, view_max_tasks)"
+                    ),
+                ));
             }
-            let _ = tokio::time::timeout_at(deadline, woken).await;
-            drop(notify);
-            shared.view().release_waiter(&run);
-        }
+            let over = tasks.iter().any(|t| t.id == run);
+            Ok((tasks, over))
+        })
+        .await?;
+        Ok::<_, ApiError>(render_run(&shared.workflows, run, &tasks))
     }
     .await;
     match outcome {
@@ -1127,27 +1124,47 @@ async fn lookup(
     params: &BTreeMap<String, String>,
 ) -> Result<TaskView, ApiError> {
     let id = api::parse_id(id, "task id")?;
-    let deadline = tokio::time::Instant::now() + wait_of(shared, params)?;
+    let wait = wait_of(shared, params)?;
+    long_poll(shared, id, wait, |view| {
+        let task = view.get(&id).cloned().ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "unknown_task",
+                format!(
+                    "no task {id} is known here: never submitted, or older than the status \
+                     view keeps (gateway.view_max_age_ms, view_max_tasks)"
+                ),
+            )
+        })?;
+        let over = task.phase.is_terminal();
+        Ok((task, over))
+    })
+    .await
+}
+
+/// The long poll behind `?wait=`: `look` reads the view (locked) and says
+/// what it found and whether that is final; until it is, the request
+/// waits for a change of the task `id` (its result arriving), at most
+/// `wait`, and looks again. What `look` last found is the answer when the
+/// wait runs out or the gateway stops; its error is answered at once.
+async fn long_poll<T>(
+    shared: &Shared,
+    id: Uuid,
+    wait: Duration,
+    mut look: impl FnMut(&View) -> Result<(T, bool), ApiError>,
+) -> Result<T, ApiError> {
+    let deadline = tokio::time::Instant::now() + wait;
     loop {
         let notify;
         let mut woken;
         {
             let mut view = shared.view();
-            let task = view.get(&id).cloned().ok_or_else(|| {
-                ApiError::new(
-                    StatusCode::NOT_FOUND,
-                    "unknown_task",
-                    format!(
-                        "no task {id} is known here: never submitted, or older than the status \
-                         view keeps (gateway.view_max_age_ms, view_max_tasks)"
-                    ),
-                )
-            })?;
-            if task.phase.is_terminal()
+            let (found, over) = look(&view)?;
+            if over
                 || tokio::time::Instant::now() >= deadline
                 || shared.stopping.load(Ordering::Relaxed)
             {
-                return Ok(task);
+                return Ok(found);
             }
             notify = view.waiter(id);
             // Registered before the view is unlocked, so a result applied

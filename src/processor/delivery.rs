@@ -466,7 +466,10 @@ async fn recover(shared: &Shared, failure: &KafkaError, record: Outgoing) -> Opt
             None
         }
         Class::TooLarge => match replace_too_large(shared, failure, record) {
-            Ok(records) => Some(records),
+            Ok(records) => {
+                shared.count_error(OUTPUT_TOO_LARGE);
+                Some(records)
+            }
             Err(message) => {
                 shared.fail(message);
                 None
@@ -476,6 +479,7 @@ async fn recover(shared: &Shared, failure: &KafkaError, record: Outgoing) -> Opt
             if let Some(retries) = &shared.hot.produce_retries {
                 retries.inc();
             }
+            shared.count_error("produce");
             let failures = shared
                 .failures_in_a_row
                 .fetch_add(1, AtomicOrdering::Relaxed);

@@ -23,10 +23,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::KafkaError;
+use rdkafka::consumer::Consumer;
 use rdkafka::message::Message;
-use rdkafka::{Offset, TopicPartitionList};
+use rdkafka::Offset;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 
@@ -136,10 +135,10 @@ pub(super) async fn contribute(shared: &Shared, job: &Job, request: &TaskRequest
         warn!(run = %w.id, child, count, "contribution with a child index outside 0..count; dropped");
         return;
     }
-    let tp: TopicPartition = (job.topic.clone(), job.partition);
-    let changelog = format!("{}{JOINS_SUFFIX}", job.topic);
+    let tp: TopicPartition = (job.ticket.topic.clone(), job.ticket.partition);
+    let changelog = format!("{}{JOINS_SUFFIX}", job.ticket.topic);
     let part = shared.joins.partition(&tp);
-    restore(shared, &part, &changelog, job.partition).await;
+    restore(shared, &part, &changelog, job.ticket.partition).await;
 
     let (done, known) = {
         let state = part.state();
@@ -160,7 +159,7 @@ pub(super) async fn contribute(shared: &Shared, job: &Job, request: &TaskRequest
         // wrote it): only the state is left to clean up.
         info!(run = %w.id, child, reason = %why, "a child failed; closing its join");
         if part.claim(w.id) {
-            close(shared, &part, &changelog, job.partition, w.id).await;
+            close(shared, &part, &changelog, job.ticket.partition, w.id).await;
             part.release(w.id);
         }
         return;
@@ -176,7 +175,14 @@ pub(super) async fn contribute(shared: &Shared, job: &Job, request: &TaskRequest
         };
         let key = child_key(w.id, child);
         let value = serde_json::to_vec(&entry).unwrap_or_default();
-        write(shared, &changelog, job.partition, &key, Some(value.clone())).await;
+        write(
+            shared,
+            &changelog,
+            job.ticket.partition,
+            &key,
+            Some(value.clone()),
+        )
+        .await;
         if let Err(e) = part.state().apply(key.as_bytes(), Some(&value)) {
             warn!(run = %w.id, error = %e, "join state refused its own record");
         }
@@ -192,7 +198,7 @@ pub(super) async fn contribute(shared: &Shared, job: &Job, request: &TaskRequest
                 shared,
                 &part,
                 &changelog,
-                job.partition,
+                job.ticket.partition,
                 w,
                 open,
                 traceparent,
@@ -427,25 +433,18 @@ fn read_changelog(
     partition: i32,
     mut apply: impl FnMut(&[u8], Option<&[u8]>),
 ) -> Result<usize, String> {
-    let consumer: BaseConsumer = kafka::consumer_config(kafka, "conveyor-join-restore", 10_000)
-        .set("enable.auto.commit", "false")
-        // The end is where the partition ends, not offset high - 1: in a
-        // compacted topic that record may have been cleaned away.
-        .set("enable.partition.eof", "true")
-        .create()
-        .map_err(|e| format!("consumer: {e}"))?;
-    let (low, high) = consumer
+    let reader = kafka::Reader::new(kafka, "join-restore").map_err(|e| e.to_string())?;
+    let (low, high) = reader
+        .client()
         .fetch_watermarks(topic, partition, Duration::from_secs(10))
         .map_err(|e| format!("watermarks of {topic}/{partition}: {e}"))?;
     let mut records = 0;
     if high <= low {
         return Ok(records);
     }
-    let mut assignment = TopicPartitionList::new();
-    assignment
-        .add_partition_offset(topic, partition, Offset::Beginning)
+    reader
+        .assign(topic, &[partition], Offset::Beginning)
         .map_err(|e| e.to_string())?;
-    consumer.assign(&assignment).map_err(|e| e.to_string())?;
     let deadline = std::time::Instant::now() + RESTORE_TIMEOUT;
     loop {
         if std::time::Instant::now() > deadline {
@@ -453,17 +452,17 @@ fn read_changelog(
                 "{topic}/{partition}: not read to offset {high} within {RESTORE_TIMEOUT:?}"
             ));
         }
-        match consumer.poll(Duration::from_millis(100)) {
-            Some(Ok(m)) => {
+        match reader.read(Duration::from_millis(100)) {
+            kafka::Read::Record(m) => {
                 records += 1;
                 apply(m.key().unwrap_or_default(), m.payload());
                 if m.offset() + 1 >= high {
                     return Ok(records);
                 }
             }
-            Some(Err(KafkaError::PartitionEOF(_))) => return Ok(records),
-            Some(Err(e)) => return Err(format!("{topic}/{partition}: {e}")),
-            None => {}
+            kafka::Read::End(_) => return Ok(records),
+            kafka::Read::Error(e) => return Err(format!("{topic}/{partition}: {e}")),
+            kafka::Read::Idle => {}
         }
     }
 }

@@ -91,9 +91,10 @@
 mod delivery;
 pub mod headers;
 mod join;
+mod ledger;
 mod task;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::atomic::{
     AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering as AtomicOrdering,
 };
@@ -114,10 +115,10 @@ use crate::codec::Codec;
 use crate::handlers::Registry;
 use crate::kafka;
 use crate::metrics::Metrics;
-use crate::offsets::OffsetTracker;
 use crate::progress;
-use crate::settings::{KafkaSettings, Ordering, ProcessorSettings};
-use crate::workflow::{Workflows, JOINS_SUFFIX};
+use crate::settings::{KafkaSettings, ProcessorSettings};
+use crate::workflow::Workflows;
+use ledger::{Admission, Arrival, Bounds, Ledger, Ticket, TopicPartition};
 
 /// Longest the poll thread sleeps when nothing arrives: the main queue's
 /// callbacks (rebalances, statistics, commits) are served at least this
@@ -255,115 +256,27 @@ pub struct ProcessorSpec {
     pub workflows: Arc<Workflows>,
 }
 
-type TopicPartition = (Arc<str>, i32);
-
-/// Which records must not overlap.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-enum Lane {
-    Partition,
-    Key(Vec<u8>),
-    Unkeyed(i64),
-}
-
 /// One record handed to a task.
 #[derive(Debug)]
 pub(crate) struct Job {
-    topic: Arc<str>,
-    partition: i32,
-    offset: i64,
-    generation: u64,
-    lane: Option<Lane>,
+    /// Where it belongs and what it counts for (see [`ledger`]).
+    ticket: Ticket,
     key: Option<Vec<u8>>,
     timestamp: Option<i64>,
     payload: Vec<u8>,
-    /// The record's size, as counted against `max_in_flight_bytes` (the
-    /// payload is let go before the outputs are acknowledged).
-    bytes: usize,
     headers: headers::Incoming,
-    /// From a retry topic, waiting until due: counts against its partition's
-    /// bound only, so parked retries cannot use up the processor's bound and
-    /// hold up fresh tasks.
-    parked: bool,
 }
 
-/// A partition this member owns.
-#[derive(Debug)]
-struct Owned {
-    generation: u64,
-    tracker: OffsetTracker,
-    /// Dispatched and not finished, queued in lanes included.
-    in_flight: usize,
-    /// Lanes with a running task, and the records waiting behind it.
-    lanes: HashMap<Lane, VecDeque<Job>>,
-    /// Finished offsets changed since the last commit was sent.
-    dirty: bool,
-    /// Offsets that finished before this assignment (from the committed
-    /// offset's metadata): skipped as they arrive.
-    skip: progress::Finished,
-    /// Being revoked: take nothing more from it.
-    revoking: bool,
-}
-
-impl Owned {
-    fn new(generation: u64) -> Self {
-        Owned {
-            generation,
-            tracker: OffsetTracker::new(),
-            in_flight: 0,
-            lanes: HashMap::new(),
-            dirty: false,
-            skip: progress::Finished::default(),
-            revoking: false,
-        }
+impl AsRef<Ticket> for Job {
+    fn as_ref(&self) -> &Ticket {
+        &self.ticket
     }
 }
 
-#[derive(Debug, Default)]
 struct State {
-    generation: u64,
-    partitions: HashMap<TopicPartition, Owned>,
-    /// Dispatched and not finished, across partitions.
-    in_flight: usize,
-    /// Their records' bytes.
-    in_flight_bytes: usize,
-    stopping: bool,
+    ledger: Ledger<Job>,
     /// A drain waits for tasks to finish: finishing ones signal it.
     draining: bool,
-}
-
-/// What a job counts for against the processor's bounds: a parked retry
-/// counts only against its partition's.
-#[derive(Debug, Clone, Copy)]
-struct Weight {
-    counts: bool,
-    bytes: usize,
-}
-
-impl Job {
-    fn weight(&self) -> Weight {
-        Weight {
-            counts: !self.parked,
-            bytes: self.bytes,
-        }
-    }
-}
-
-impl State {
-    /// A job dispatched: it counts against the processor's bounds.
-    fn admit(&mut self, w: Weight) {
-        if w.counts {
-            self.in_flight += 1;
-            self.in_flight_bytes += w.bytes;
-        }
-    }
-
-    /// A job finished or dropped: it no longer counts.
-    fn release(&mut self, w: Weight) {
-        if w.counts {
-            self.in_flight = self.in_flight.saturating_sub(1);
-            self.in_flight_bytes = self.in_flight_bytes.saturating_sub(w.bytes);
-        }
-    }
 }
 
 /// Metric handles looked up once, for what the engine records per record
@@ -481,6 +394,7 @@ impl Shared {
         let mut fatal = self.fatal.lock().unwrap_or_else(|p| p.into_inner());
         if fatal.is_none() {
             error!(processor = %self.name, %message, "stopping");
+            self.count_error("fatal");
             *fatal = Some(message);
         }
         drop(fatal);
@@ -490,6 +404,16 @@ impl Shared {
     /// The error the processor must stop with, if one was met.
     fn fatal_error(&self) -> Option<String> {
         self.fatal.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Counts one error of `kind` (see [`crate::metrics::ERRORS`]).
+    pub(crate) fn count_error(&self, kind: &str) {
+        if self.metrics.enabled() {
+            self.metrics
+                .errors
+                .with_label_values(&[self.name.as_str(), kind])
+                .inc();
+        }
     }
 
     /// Whether the breaker is open now.
@@ -515,21 +439,15 @@ impl Shared {
 
     /// Publishes the in-flight figures after a change.
     fn publish_in_flight(&self, state: &State) {
-        let in_flight = state.in_flight;
+        let in_flight = state.ledger.in_flight();
         self.status
             .in_flight
             .store(in_flight, AtomicOrdering::Relaxed);
         self.bytes_full
-            .store(self.over_bytes(state), AtomicOrdering::Relaxed);
+            .store(state.ledger.over_bytes(), AtomicOrdering::Relaxed);
         if let Some(gauge) = &self.hot.in_flight {
             gauge.set(i64::try_from(in_flight).unwrap_or(i64::MAX));
         }
-    }
-
-    /// Whether the records in flight reach `max_in_flight_bytes` (never
-    /// with nothing in flight, so that a larger record still runs).
-    fn over_bytes(&self, state: &State) -> bool {
-        state.in_flight > 0 && state.in_flight_bytes >= self.settings.max_in_flight_bytes
     }
 
     /// Reads the committed offsets of newly assigned `partitions` with
@@ -600,9 +518,7 @@ impl Shared {
         }
         let mut state = self.lock();
         for (tp, ranges) in restored {
-            if let Some(owned) = state.partitions.get_mut(&tp) {
-                owned.skip = progress::Finished::new(ranges);
-            }
+            state.ledger.skip(&tp, ranges);
         }
     }
 
@@ -636,80 +552,52 @@ impl Shared {
         let topic = message.topic();
         let partition = message.partition();
         let offset = message.offset();
-        let key: TopicPartition = match from {
+        let tp: TopicPartition = match from {
             Some(tp) if tp.1 == partition && *tp.0 == *topic => tp.clone(),
             _ => (Arc::from(topic), partition),
         };
-        let mut state = self.lock();
-        if state.stopping {
-            return None;
-        }
-        let Some(owned) = state.partitions.get_mut(&key) else {
-            debug!(
-                topic,
-                partition, offset, "record of a partition not owned; left for its owner"
-            );
-            return None;
-        };
-        if owned.revoking {
-            return None;
-        }
-        let tick = self.tick();
-        if let Err(e) = owned.tracker.dispatched_at(offset, tick) {
-            debug!(topic, partition, %e, "record delivered again; the first copy is in flight");
-            return None;
-        }
-        if owned.skip.take(offset) {
-            // Finished before a crash or rebalance, as the last commit's
-            // metadata records: not run again, not produced again.
-            owned.tracker.finished(offset);
-            owned.dirty = true;
-            if let Some(skipped) = &self.hot.skipped {
-                skipped.inc();
-            }
-            return None;
-        }
-        owned.in_flight += 1;
-        let lane = match self.settings.ordering {
-            Ordering::None => None,
-            Ordering::Partition => Some(Lane::Partition),
-            Ordering::Key => Some(match message.key() {
-                Some(k) => Lane::Key(k.to_vec()),
-                None => Lane::Unkeyed(offset),
-            }),
-        };
-        let job = Job {
-            topic: key.0.clone(),
-            partition,
+        let headers = headers::read(message);
+        let arrival = Arrival {
+            partition: &tp,
             offset,
-            generation: owned.generation,
-            lane: lane.clone(),
+            key: message.key(),
+            bytes: message.payload_len(),
+            parked: headers.not_before.is_some(),
+        };
+        let tick = self.tick();
+        let mut state = self.lock();
+        let admission = state.ledger.admit(arrival, tick, |ticket| Job {
+            ticket,
             key: message.key().map(<[u8]>::to_vec),
             timestamp: message.timestamp().to_millis(),
             payload: message.payload().unwrap_or_default().to_vec(),
-            bytes: message.payload_len(),
-            headers: headers::read(message),
-            parked: false,
-        };
-        let job = Job {
-            parked: job.headers.not_before.is_some(),
-            ..job
-        };
-        let weight = job.weight();
-        let start = match lane {
-            None => Some(job),
-            Some(lane) => match owned.lanes.get_mut(&lane) {
-                Some(waiting) => {
-                    waiting.push_back(job);
-                    None
+            headers,
+        });
+        let start = match admission {
+            Admission::Start(job) => Some(job),
+            Admission::Queued => None,
+            Admission::Skipped => {
+                // Finished before a crash or rebalance, as the last
+                // commit's metadata records: not run again, not produced
+                // again.
+                if let Some(skipped) = &self.hot.skipped {
+                    skipped.inc();
                 }
-                None => {
-                    owned.lanes.insert(lane, VecDeque::new());
-                    Some(job)
-                }
-            },
+                return None;
+            }
+            Admission::Again(e) => {
+                debug!(topic, partition, %e, "record delivered again; the first copy is in flight");
+                return None;
+            }
+            Admission::NotOwned => {
+                debug!(
+                    topic,
+                    partition, offset, "record of a partition not owned; left for its owner"
+                );
+                return None;
+            }
+            Admission::Closed => return None,
         };
-        state.admit(weight);
         self.publish_in_flight(&state);
         start
     }
@@ -718,23 +606,7 @@ impl Shared {
     /// the next job of its lane, if one waits.
     fn complete(&self, job: &Job) -> Option<Job> {
         let mut state = self.lock();
-        state.release(job.weight());
-        let mut next = None;
-        if let Some(owned) = state
-            .partitions
-            .get_mut(&(job.topic.clone(), job.partition))
-            .filter(|o| o.generation == job.generation)
-        {
-            owned.in_flight = owned.in_flight.saturating_sub(1);
-            owned.tracker.finished(job.offset);
-            owned.dirty = true;
-            if let Some(lane) = &job.lane {
-                next = owned.lanes.get_mut(lane).and_then(VecDeque::pop_front);
-                if next.is_none() {
-                    owned.lanes.remove(lane);
-                }
-            }
-        }
+        let next = state.ledger.finish(&job.ticket);
         self.publish_in_flight(&state);
         let draining = state.draining;
         drop(state);
@@ -752,17 +624,8 @@ impl Shared {
     /// returns the lane's next record, if one waits. The job still counts
     /// as in flight until [`Shared::finish`].
     pub(crate) fn let_go_of_lane(&self, job: &mut Job) -> Option<Job> {
-        let lane = job.lane.take()?;
-        let mut state = self.lock();
-        let owned = state
-            .partitions
-            .get_mut(&(job.topic.clone(), job.partition))
-            .filter(|o| o.generation == job.generation)?;
-        let next = owned.lanes.get_mut(&lane).and_then(VecDeque::pop_front);
-        if next.is_none() {
-            owned.lanes.remove(&lane);
-        }
-        next
+        job.ticket.lane.as_ref()?;
+        self.lock().ledger.let_go_of_lane(&mut job.ticket)
     }
 
     /// `job` is over (its outputs acknowledged): counts it finished and
@@ -786,54 +649,13 @@ impl Shared {
     /// must not be read) and the generation of its assignment. Returns the
     /// room left processor-wide. Poll thread only.
     fn apply(&self, owned: &mut Vec<(TopicPartition, usize, u64)>) -> usize {
-        owned.clear();
         let breaker_open = self.breaker_open();
-        let state = self.lock();
         let blocked = self.producer_blocked.load(AtomicOrdering::Relaxed) > 0 || breaker_open;
-        let room = if blocked || state.stopping || self.over_bytes(&state) {
-            0
-        } else {
-            self.settings.max_in_flight.saturating_sub(state.in_flight)
-        };
-        let per_partition = self.settings.max_in_flight_per_partition;
-        let uncommitted = self.settings.max_uncommitted_per_partition;
-        let mut closed: i64 = 0;
-        for (tp, o) in &state.partitions {
-            let own_room = if o.revoking || room == 0 {
-                0
-            } else {
-                // Unfinished records, and everything dispatched above the
-                // oldest unfinished one: behind a stuck head, finished
-                // records pile up uncommitted (and would run again after a
-                // crash on a broker that drops commit metadata).
-                per_partition
-                    .saturating_sub(o.in_flight)
-                    .min(uncommitted.saturating_sub(o.tracker.uncommitted()))
-            };
-            if own_room == 0 {
-                closed += 1;
-            }
-            owned.push((tp.clone(), own_room, o.generation));
-        }
+        let room = self.lock().ledger.room(blocked, owned);
         if let Some(gauge) = &self.hot.paused {
-            gauge.set(closed);
+            gauge.set(i64::try_from(room.closed).unwrap_or(i64::MAX));
         }
-        room
-    }
-
-    /// The watermark of `o` with the finished offsets above it, as a
-    /// commit's metadata (see [`progress`]). `None` before anything was
-    /// dispatched.
-    fn progress_of(&self, o: &Owned) -> Option<(i64, progress::Encoded)> {
-        let watermark = o.tracker.watermark()?;
-        // Skipped offsets not read yet still count as finished.
-        let unread = o.skip.from(o.tracker.next().unwrap_or(watermark));
-        let encoded = progress::encode(
-            watermark,
-            o.tracker.finished_ranges().chain(unread),
-            progress::MAX_METADATA,
-        );
-        Some((watermark, encoded))
+        room.total
     }
 
     /// Commits the progress (watermark, and the finished offsets above it
@@ -858,30 +680,23 @@ impl Shared {
     ) -> Result<(), KafkaError> {
         let mut list = TopicPartitionList::new();
         let mut overflowed = 0;
-        {
-            let mut state = self.lock();
-            for (tp, o) in &mut state.partitions {
-                if !(o.dirty || all) || partitions.is_some_and(|chosen| !chosen.contains(tp)) {
-                    continue;
-                }
-                let Some((watermark, encoded)) = self.progress_of(o) else {
-                    continue;
-                };
+        self.lock()
+            .ledger
+            .progress(partitions, all, |tp, watermark, encoded| {
                 if encoded.left_out > 0 {
                     overflowed += 1;
                 }
                 if let Err(e) = list.add_partition_offset(&tp.0, tp.1, Offset::Offset(watermark)) {
-                    // Left dirty for the next commit; the others go now.
+                    // Left for the next commit; the others go now.
                     warn!(processor = %self.name, topic = %tp.0, partition = tp.1, error = %e,
                           "cannot put the partition's offset in a commit");
-                    continue;
+                    return false;
                 }
                 if let Some(mut element) = list.find_partition(&tp.0, tp.1) {
                     element.set_metadata(&encoded.metadata);
                 }
-                o.dirty = false;
-            }
-        }
+                true
+            });
         if overflowed > 0 {
             if let Some(counter) = &self.hot.progress_overflow {
                 counter.inc_by(overflowed);
@@ -902,9 +717,7 @@ impl Shared {
         let mut state = self.lock();
         for element in list.elements() {
             let tp: TopicPartition = (Arc::from(element.topic()), element.partition());
-            if let Some(o) = state.partitions.get_mut(&tp) {
-                o.dirty = true;
-            }
+            state.ledger.commit_failed(&tp);
         }
     }
 
@@ -930,31 +743,15 @@ impl Shared {
             None => Duration::from_millis(self.settings.drain_timeout_ms),
         };
         let deadline = Instant::now() + wait;
-        let chosen = |tp: &TopicPartition| partitions.is_none_or(|list| list.contains(tp));
         let mut state = self.lock();
         state.draining = true;
-        let mut not_started = Vec::new();
-        for (tp, owned) in state.partitions.iter_mut().filter(|(tp, _)| chosen(tp)) {
-            owned.revoking = true;
-            for waiting in owned.lanes.values_mut() {
-                owned.in_flight = owned.in_flight.saturating_sub(waiting.len());
-                not_started.extend(waiting.drain(..));
-            }
-            debug!(topic = %tp.0, partition = tp.1, in_flight = owned.in_flight, "draining");
-        }
-        for job in &not_started {
-            state.release(job.weight());
-        }
-        let dropped = not_started.iter().filter(|j| !j.parked).count();
+        let not_started = state.ledger.begin_drain(partitions);
+        let dropped = not_started.iter().filter(|j| !j.ticket.parked).count();
         drop(not_started);
+        debug!(processor = %self.name, why, running = state.ledger.running(partitions), "draining");
         self.publish_in_flight(&state);
         loop {
-            let running: usize = state
-                .partitions
-                .iter()
-                .filter(|(tp, _)| chosen(tp))
-                .map(|(_, o)| o.in_flight)
-                .sum();
+            let running = state.ledger.running(partitions);
             let now = Instant::now();
             if running == 0 {
                 info!(processor = %self.name, why, not_started = dropped, "drained");
@@ -1008,7 +805,7 @@ impl ClientContext for EngineContext {
         let shared = &self.shared;
         let now = shared.tick();
         let state = shared.lock();
-        for ((topic, partition), owned) in &state.partitions {
+        for ((topic, partition), tracker) in state.ledger.trackers() {
             let Some(stats) = statistics
                 .topics
                 .get(topic.as_ref())
@@ -1026,11 +823,10 @@ impl ClientContext for EngineContext {
             } else {
                 stats.lo_offset.max(0)
             };
-            let next_unfinished = owned.tracker.watermark().unwrap_or(committed);
+            let next_unfinished = tracker.watermark().unwrap_or(committed);
             let labels = [shared.name.as_str(), topic.as_ref(), &partition.to_string()];
             let m = &shared.metrics;
-            let age = owned
-                .tracker
+            let age = tracker
                 .oldest_unfinished_tick()
                 .map_or(0, |tick| now.saturating_sub(tick));
             m.oldest_unfinished
@@ -1074,12 +870,8 @@ impl ConsumerContext for EngineContext {
                 }
                 shared.joins.forget(&partitions);
                 let mut state = shared.lock();
+                state.ledger.revoke(&partitions);
                 for tp in &partitions {
-                    if let Some(owned) = state.partitions.remove(tp) {
-                        for job in owned.lanes.values().flatten() {
-                            state.release(job.weight());
-                        }
-                    }
                     // No stale lag series for partitions this member let go.
                     let labels = [shared.name.as_str(), tp.0.as_ref(), &tp.1.to_string()];
                     let _ = shared.metrics.committed_lag.remove_label_values(&labels);
@@ -1089,7 +881,7 @@ impl ConsumerContext for EngineContext {
                         .oldest_unfinished
                         .remove_label_values(&labels);
                 }
-                shared.publish_assigned(state.partitions.len());
+                shared.publish_assigned(state.ledger.owned());
                 shared.publish_in_flight(&state);
             }
             Rebalance::Assign(_) => {}
@@ -1120,6 +912,7 @@ impl ConsumerContext for EngineContext {
             Err(e) => {
                 shared.commit_failed(offsets);
                 warn!(processor = %shared.name, error = %e, "offset commit failed");
+                shared.count_error("commit");
                 if shared.metrics.enabled() {
                     shared
                         .metrics
@@ -1135,25 +928,12 @@ impl ConsumerContext for EngineContext {
         if let Rebalance::Assign(list) = rebalance {
             let partitions = topic_partitions(list);
             info!(processor = %self.shared.name, partitions = ?partitions, "partitions assigned");
-            let mut fresh = Vec::new();
-            {
-                let mut state = self.shared.lock();
-                state.generation += 1;
-                let generation = state.generation;
-                for tp in partitions {
-                    if let std::collections::hash_map::Entry::Vacant(e) =
-                        state.partitions.entry(tp.clone())
-                    {
-                        e.insert(Owned::new(generation));
-                        fresh.push(tp);
-                    }
-                }
-            }
+            let fresh = self.shared.lock().ledger.assign(partitions);
             // Before any record of these partitions is dispatched (that
             // happens on this thread, after this callback).
             self.shared.restore_progress(consumer, &fresh);
             let state = self.shared.lock();
-            self.shared.publish_assigned(state.partitions.len());
+            self.shared.publish_assigned(state.ledger.owned());
             if self.shared.metrics.enabled() {
                 self.shared
                     .metrics
@@ -1225,12 +1005,7 @@ async fn run_processor(spec: ProcessorSpec, stop: Arc<AtomicBool>) -> Result<(),
         .group_id
         .clone()
         .unwrap_or_else(|| format!("conveyor.{name}"));
-    let output_topic: Arc<str> = spec
-        .settings
-        .output_topic
-        .as_deref()
-        .unwrap_or("conveyor.results")
-        .into();
+    let output_topic: Arc<str> = spec.settings.results_topic().into();
     let shared = Arc::new(Shared {
         name: name.clone(),
         settings: spec.settings.clone(),
@@ -1240,16 +1015,14 @@ async fn run_processor(spec: ProcessorSpec, stop: Arc<AtomicBool>) -> Result<(),
         worker: spec.worker.clone(),
         producer,
         runtime: tokio::runtime::Handle::current(),
-        state: Mutex::new(State::default()),
+        state: Mutex::new(State {
+            ledger: Ledger::new(Bounds::of(&spec.settings)),
+            draining: false,
+        }),
         finished: Condvar::new(),
         producer_blocked: AtomicUsize::new(0),
         status: spec.status.clone(),
-        dead_letter_topic: spec
-            .settings
-            .dead_letter_topic
-            .as_deref()
-            .unwrap_or("conveyor.dlq")
-            .into(),
+        dead_letter_topic: spec.settings.dead_letters_topic().into(),
         breaker: Mutex::new(spec.settings.breaker_config().map(Breaker::new)),
         metrics: spec.metrics.clone(),
         hot: Hot::new(&spec.metrics, &name, &spec.settings),
@@ -1264,29 +1037,15 @@ async fn run_processor(spec: ProcessorSpec, stop: Arc<AtomicBool>) -> Result<(),
     });
     shared.producer.context().connect(&shared);
     zero_series(&spec.metrics, &name, &spec.settings);
-    let mut topics: Vec<String> = spec.settings.input_topics.clone();
-    if spec.settings.uses_retry_topics() {
-        let retry = spec.settings.input_topics.iter();
-        topics.extend(retry.map(|t| spec.settings.retry_topic(t)));
-    }
     // Every topic this processor reads or writes must exist: a missing
     // output topic would otherwise hold every task (its offset is stored
     // only once the output is acknowledged) with nothing but warnings.
-    let mut needed = topics.clone();
-    needed.push(shared.output_topic.to_string());
-    needed.push(shared.dead_letter_topic.to_string());
-    // Workflow steps run here write the next steps' requests; a join read
-    // here keeps its state in <topic>.joins.
-    let types: std::collections::BTreeSet<&str> =
-        spec.settings.tasks.keys().map(String::as_str).collect();
-    needed.extend(spec.workflows.topics_after(&types));
-    let joins: Vec<String> = spec
-        .workflows
-        .join_topics()
-        .into_iter()
-        .filter(|t| spec.settings.input_topics.contains(t))
-        .collect();
-    needed.extend(joins.iter().map(|t| format!("{t}{JOINS_SUFFIX}")));
+    let topics = spec.settings.read_topics();
+    let topology = spec.settings.topology(&spec.workflows);
+    let joins = topology
+        .iter()
+        .any(|t| t.kind == crate::topology::TopicKind::JoinChangelog);
+    let needed: Vec<String> = topology.into_iter().map(|t| t.name).collect();
     let check = shared.clone();
     let read = topics.clone();
     let checked =
@@ -1350,7 +1109,7 @@ async fn run_processor(spec: ProcessorSpec, stop: Arc<AtomicBool>) -> Result<(),
     info!(processor = %name, group = %group, topics = ?topics, "processor started");
 
     // Joins past their workflow's deadline fail even when no record comes.
-    let sweeper = (!joins.is_empty()).then(|| {
+    let sweeper = joins.then(|| {
         let shared = shared.clone();
         tokio::spawn(async move {
             loop {
@@ -1403,6 +1162,12 @@ fn zero_series(m: &Metrics, name: &str, settings: &ProcessorSettings) {
     }
     for event in ["assigned", "revoked", "lost"] {
         m.rebalance_events.with_label_values(&[name, event]);
+    }
+    for kind in crate::codec::FailureKind::ALL.map(crate::codec::FailureKind::as_str) {
+        m.errors.with_label_values(&[name, kind]);
+    }
+    for kind in crate::metrics::ENGINE_ERRORS {
+        m.errors.with_label_values(&[name, kind]);
     }
     for record in ["result", "dead_letter", "retry", "workflow"] {
         m.records_produced.with_label_values(&[name, record]);
@@ -1485,6 +1250,7 @@ fn take(
         Some(Err(e)) => match fatal_message(&e) {
             Some(message) => {
                 error!(processor = %shared.name, %message, "stopping");
+                shared.count_error("fatal");
                 Polled::Fatal(ProcessorError::Fatal {
                     processor: shared.name.clone(),
                     message,
@@ -1492,6 +1258,7 @@ fn take(
             }
             None => {
                 warn!(processor = %shared.name, error = %e, "consumer error; continuing");
+                shared.count_error("consumer");
                 Polled::Record
             }
         },
@@ -1656,7 +1423,7 @@ fn poll_loop(
         Ok(consumer) => consumer,
         Err(_) => unreachable!("the partition queues holding the consumer were dropped"),
     };
-    shared.lock().stopping = true;
+    shared.lock().ledger.stop();
     shared.drain(&consumer, None, "shutdown");
     // A commit refused because the group is rebalancing (another member
     // joined or left just now) succeeds once the rebalance is through, and

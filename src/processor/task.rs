@@ -64,9 +64,9 @@ fn run(shared: Arc<Shared>, job: Job) -> impl std::future::Future<Output = ()> {
     let span = info_span!(
         "task",
         processor = %shared.name,
-        topic = %job.topic,
-        partition = job.partition,
-        offset = job.offset,
+        topic = %job.ticket.topic,
+        partition = job.ticket.partition,
+        offset = job.ticket.offset,
         task_id = tracing::field::Empty,
         task_type = tracing::field::Empty,
         attempt = tracing::field::Empty,
@@ -142,6 +142,7 @@ fn run_job(shared: Arc<Shared>, job: Job) -> impl std::future::Future<Output = (
                     m.tasks_failed.with_label_values(&labels).inc();
                     m.tasks_dead_lettered.with_label_values(&labels).inc();
                 }
+                shared.count_error(FailureKind::Decode.as_str());
                 Box::pin(fail(shared, job, failure, result, None, None)).await;
                 return;
             }
@@ -228,6 +229,7 @@ fn run_job(shared: Arc<Shared>, job: Job) -> impl std::future::Future<Output = (
                         m.tasks_failed.with_label_values(&labels).inc();
                         m.tasks_dead_lettered.with_label_values(&labels).inc();
                     }
+                    shared.count_error(failure.kind.as_str());
                     let latency = latency();
                     Box::pin(fail(
                         shared,
@@ -304,7 +306,8 @@ async fn run_task(shared: &Shared, job: &Job, request: &mut TaskRequest) -> End 
             .observe(took.as_secs_f64()),
         _ => {}
     };
-    let retried = |via: &str| {
+    let retried = |via: &str, kind: FailureKind| {
+        shared.count_error(kind.as_str());
         if !shared.metrics.enabled() {
             return;
         }
@@ -384,13 +387,13 @@ async fn run_task(shared: &Shared, job: &Job, request: &mut TaskRequest) -> End 
             }
             Decision::InPlace(delay) => {
                 warn!(task_id = %request.id, attempt = request.attempt, kind = %kind, error = %message, delay_ms = delay.as_millis() as u64, "task failed; retrying in place");
-                retried("in_place");
+                retried("in_place", kind);
                 Box::pin(tokio::time::sleep(delay)).await;
                 request.attempt += 1;
             }
             Decision::RetryTopic(delay) => {
                 warn!(task_id = %request.id, attempt = request.attempt, kind = %kind, error = %message, delay_ms = delay.as_millis() as u64, "task failed; parking it in the retry topic");
-                retried("retry_topic");
+                retried("retry_topic", kind);
                 request.attempt += 1;
                 let due_at =
                     now.saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX));
@@ -491,9 +494,9 @@ fn trip_breaker(shared: &Shared) -> Option<Instant> {
 /// it came through the retry topic, else the record itself.
 fn origin(job: &Job) -> Origin {
     job.headers.origin.clone().unwrap_or_else(|| Origin {
-        topic: job.topic.to_string(),
-        partition: job.partition,
-        offset: job.offset,
+        topic: job.ticket.topic.to_string(),
+        partition: job.ticket.partition,
+        offset: job.ticket.offset,
         timestamp: job.timestamp,
     })
 }

@@ -1,0 +1,954 @@
+//! The ledger: the bookkeeping behind the engine's guarantees, as a pure
+//! type (no Kafka client, no clock, no lock: the caller holds it in its
+//! mutex and says when records arrive and tasks end).
+//!
+//! It knows, for each partition the member owns:
+//! - the dispatched and finished offsets ([`OffsetTracker`]), hence what may
+//!   be committed and the finished offsets above it (the commit metadata);
+//! - the *lanes*: records that must not overlap (one lane per partition,
+//!   per key, or none, by [`Ordering`]). A lane runs one record at a time
+//!   in offset order; the records behind it wait here;
+//! - the offsets that finished before this assignment (to be skipped);
+//!
+//! and, for the processor, what is in flight against its bounds
+//! ([`Bounds`]), hence how many more records each partition may take.
+//!
+//! The engine in `mod.rs` feeds it from the poll thread (records, rebalances,
+//! commits) and from the tasks (a lane let go of, a task finished); its unit
+//! and property tests below drive it with plain numbers.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use crate::offsets::{NotIncreasing, OffsetTracker};
+use crate::progress;
+use crate::settings::{Ordering, ProcessorSettings};
+
+/// A topic and partition.
+pub(crate) type TopicPartition = (Arc<str>, i32);
+
+/// Which records must not overlap.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) enum Lane {
+    Partition,
+    Key(Vec<u8>),
+    /// Records without a key, with `ordering = "key"`: a lane each.
+    Unkeyed(i64),
+}
+
+/// A record the ledger admitted: where it belongs and what it counts for.
+#[derive(Debug, Clone)]
+pub(crate) struct Ticket {
+    pub(crate) topic: Arc<str>,
+    pub(crate) partition: i32,
+    pub(crate) offset: i64,
+    /// The assignment it was read in: a ticket of an earlier assignment of
+    /// its partition changes nothing when it ends.
+    pub(crate) generation: u64,
+    /// Its lane while it holds it (`None` once let go of, or without
+    /// ordering).
+    pub(crate) lane: Option<Lane>,
+    /// The record's size, counted against `max_in_flight_bytes`.
+    pub(crate) bytes: usize,
+    /// From a retry topic, waiting until due: counts against its
+    /// partition's bound only, so parked retries cannot use up the
+    /// processor's bound and hold up fresh tasks.
+    pub(crate) parked: bool,
+}
+
+impl Ticket {
+    fn counts(&self) -> bool {
+        !self.parked
+    }
+}
+
+/// The processor's bounds, from its settings.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Bounds {
+    pub(crate) ordering: Ordering,
+    pub(crate) max_in_flight: usize,
+    pub(crate) max_in_flight_per_partition: usize,
+    pub(crate) max_uncommitted_per_partition: usize,
+    pub(crate) max_in_flight_bytes: usize,
+}
+
+impl Bounds {
+    pub(crate) fn of(settings: &ProcessorSettings) -> Self {
+        Bounds {
+            ordering: settings.ordering,
+            max_in_flight: settings.max_in_flight,
+            max_in_flight_per_partition: settings.max_in_flight_per_partition,
+            max_uncommitted_per_partition: settings.max_uncommitted_per_partition,
+            max_in_flight_bytes: settings.max_in_flight_bytes,
+        }
+    }
+}
+
+/// A record arriving, as the ledger needs it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Arrival<'a> {
+    pub(crate) partition: &'a TopicPartition,
+    pub(crate) offset: i64,
+    pub(crate) key: Option<&'a [u8]>,
+    pub(crate) bytes: usize,
+    pub(crate) parked: bool,
+}
+
+/// What became of an arriving record.
+#[derive(Debug)]
+pub(crate) enum Admission<J> {
+    /// It opened its lane (or has none): start it now.
+    Start(J),
+    /// It waits in its lane behind a running record.
+    Queued,
+    /// It finished before this assignment (the committed metadata says
+    /// so): counted finished, not run.
+    Skipped,
+    /// Delivered again while its first copy is tracked.
+    Again(NotIncreasing),
+    /// Its partition is not owned: left for its owner.
+    NotOwned,
+    /// Its partition is being revoked, or the processor is stopping.
+    Closed,
+}
+
+/// How many records may be taken now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Room {
+    /// Processor-wide.
+    pub(crate) total: usize,
+    /// Owned partitions that may take none.
+    pub(crate) closed: usize,
+}
+
+/// A partition this member owns.
+#[derive(Debug)]
+struct Owned<J> {
+    generation: u64,
+    tracker: OffsetTracker,
+    /// Dispatched and not finished, queued in lanes included.
+    in_flight: usize,
+    /// Lanes with a running record, and the records waiting behind it.
+    lanes: HashMap<Lane, VecDeque<J>>,
+    /// Finished offsets changed since the last commit was taken.
+    dirty: bool,
+    /// Offsets that finished before this assignment: skipped as they arrive.
+    skip: progress::Finished,
+    /// Being revoked: takes nothing more.
+    revoking: bool,
+}
+
+/// The bookkeeping of one processor; `J` is what waits in a lane (the
+/// engine's job, which carries its [`Ticket`]).
+#[derive(Debug)]
+pub(crate) struct Ledger<J> {
+    bounds: Bounds,
+    generation: u64,
+    partitions: HashMap<TopicPartition, Owned<J>>,
+    /// Dispatched and not finished, across partitions (parked ones not).
+    in_flight: usize,
+    /// Their records' bytes.
+    in_flight_bytes: usize,
+    stopping: bool,
+}
+
+impl<J: AsRef<Ticket>> Ledger<J> {
+    pub(crate) fn new(bounds: Bounds) -> Self {
+        Ledger {
+            bounds,
+            generation: 0,
+            partitions: HashMap::new(),
+            in_flight: 0,
+            in_flight_bytes: 0,
+            stopping: false,
+        }
+    }
+
+    /// Partitions assigned: returns those not owned before (owned ones keep
+    /// their state), which start a new generation.
+    pub(crate) fn assign(
+        &mut self,
+        partitions: impl IntoIterator<Item = TopicPartition>,
+    ) -> Vec<TopicPartition> {
+        self.generation += 1;
+        let mut fresh = Vec::new();
+        for tp in partitions {
+            if let std::collections::hash_map::Entry::Vacant(e) = self.partitions.entry(tp.clone())
+            {
+                e.insert(Owned {
+                    generation: self.generation,
+                    tracker: OffsetTracker::new(),
+                    in_flight: 0,
+                    lanes: HashMap::new(),
+                    dirty: false,
+                    skip: progress::Finished::default(),
+                    revoking: false,
+                });
+                fresh.push(tp);
+            }
+        }
+        fresh
+    }
+
+    /// The offsets of `tp` that finished before it was assigned (from the
+    /// committed metadata), to be skipped.
+    pub(crate) fn skip(&mut self, tp: &TopicPartition, ranges: Vec<progress::Range>) {
+        if let Some(owned) = self.partitions.get_mut(tp) {
+            owned.skip = progress::Finished::new(ranges);
+        }
+    }
+
+    /// Partitions gone: forgets them and what waits in their lanes.
+    pub(crate) fn revoke(&mut self, partitions: &[TopicPartition]) {
+        for tp in partitions {
+            if let Some(owned) = self.partitions.remove(tp) {
+                for job in owned.lanes.values().flatten() {
+                    release(&mut self.in_flight, &mut self.in_flight_bytes, job.as_ref());
+                }
+            }
+        }
+    }
+
+    /// Takes nothing more, from any partition.
+    pub(crate) fn stop(&mut self) {
+        self.stopping = true;
+    }
+
+    /// Takes one arriving record: `make` builds what runs it from its
+    /// ticket (called only when it runs or waits in its lane). `tick`:
+    /// the caller's clock, for the age of the oldest unfinished record.
+    pub(crate) fn admit(
+        &mut self,
+        arrival: Arrival<'_>,
+        tick: u32,
+        make: impl FnOnce(Ticket) -> J,
+    ) -> Admission<J> {
+        if self.stopping {
+            return Admission::Closed;
+        }
+        let Some(owned) = self.partitions.get_mut(arrival.partition) else {
+            return Admission::NotOwned;
+        };
+        if owned.revoking {
+            return Admission::Closed;
+        }
+        let offset = arrival.offset;
+        if let Err(e) = owned.tracker.dispatched_at(offset, tick) {
+            return Admission::Again(e);
+        }
+        if owned.skip.take(offset) {
+            owned.tracker.finished(offset);
+            owned.dirty = true;
+            return Admission::Skipped;
+        }
+        owned.in_flight += 1;
+        let lane = match self.bounds.ordering {
+            Ordering::None => None,
+            Ordering::Partition => Some(Lane::Partition),
+            Ordering::Key => Some(match arrival.key {
+                Some(k) => Lane::Key(k.to_vec()),
+                None => Lane::Unkeyed(offset),
+            }),
+        };
+        let ticket = Ticket {
+            topic: arrival.partition.0.clone(),
+            partition: arrival.partition.1,
+            offset,
+            generation: owned.generation,
+            lane: lane.clone(),
+            bytes: arrival.bytes,
+            parked: arrival.parked,
+        };
+        if ticket.counts() {
+            self.in_flight += 1;
+            self.in_flight_bytes += ticket.bytes;
+        }
+        let job = make(ticket);
+        match lane {
+            None => Admission::Start(job),
+            Some(lane) => match owned.lanes.get_mut(&lane) {
+                Some(waiting) => {
+                    waiting.push_back(job);
+                    Admission::Queued
+                }
+                None => {
+                    owned.lanes.insert(lane, VecDeque::new());
+                    Admission::Start(job)
+                }
+            },
+        }
+    }
+
+    /// The record of `ticket` lets go of its lane (its outputs are with the
+    /// producer): returns the lane's next record, if one waits. It still
+    /// counts as in flight until [`Ledger::finish`].
+    pub(crate) fn let_go_of_lane(&mut self, ticket: &mut Ticket) -> Option<J> {
+        let lane = ticket.lane.take()?;
+        let owned = self.owned_mut(ticket)?;
+        next_in_lane(owned, &lane)
+    }
+
+    /// The record of `ticket` finished (its outputs are acknowledged):
+    /// its offset counts as finished; returns the next record of its lane
+    /// if it still held it.
+    pub(crate) fn finish(&mut self, ticket: &Ticket) -> Option<J> {
+        release(&mut self.in_flight, &mut self.in_flight_bytes, ticket);
+        let owned = self.owned_mut(ticket)?;
+        owned.in_flight = owned.in_flight.saturating_sub(1);
+        owned.tracker.finished(ticket.offset);
+        owned.dirty = true;
+        next_in_lane(owned, ticket.lane.as_ref()?)
+    }
+
+    fn owned_mut(&mut self, ticket: &Ticket) -> Option<&mut Owned<J>> {
+        self.partitions
+            .get_mut(&(ticket.topic.clone(), ticket.partition))
+            .filter(|o| o.generation == ticket.generation)
+    }
+
+    /// Records dispatched and not finished (parked retries not counted).
+    pub(crate) fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// Whether the records in flight reach `max_in_flight_bytes` (never
+    /// with nothing in flight, so that a larger record still runs).
+    pub(crate) fn over_bytes(&self) -> bool {
+        self.in_flight > 0 && self.in_flight_bytes >= self.bounds.max_in_flight_bytes
+    }
+
+    /// Owned partitions.
+    pub(crate) fn owned(&self) -> usize {
+        self.partitions.len()
+    }
+
+    /// Fills `out` with every owned partition, how many records it may
+    /// take now (0: must not be read) and its generation; returns the room
+    /// processor-wide. `blocked`: intake is stopped from outside (the
+    /// producer queue is full, the breaker is open).
+    pub(crate) fn room(&self, blocked: bool, out: &mut Vec<(TopicPartition, usize, u64)>) -> Room {
+        out.clear();
+        let b = &self.bounds;
+        let total = if blocked || self.stopping || self.over_bytes() {
+            0
+        } else {
+            b.max_in_flight.saturating_sub(self.in_flight)
+        };
+        let mut closed = 0;
+        for (tp, o) in &self.partitions {
+            let own = if o.revoking || total == 0 {
+                0
+            } else {
+                // Unfinished records, and everything dispatched above the
+                // oldest unfinished one: behind a stuck head, finished
+                // records pile up uncommitted (and would run again after a
+                // crash on a broker that drops commit metadata).
+                b.max_in_flight_per_partition
+                    .saturating_sub(o.in_flight)
+                    .min(
+                        b.max_uncommitted_per_partition
+                            .saturating_sub(o.tracker.uncommitted()),
+                    )
+            };
+            if own == 0 {
+                closed += 1;
+            }
+            out.push((tp.clone(), own, o.generation));
+        }
+        Room { total, closed }
+    }
+
+    /// Calls `each` with the progress to commit of every chosen partition
+    /// (all when `chosen` is `None`) whose finished offsets changed since
+    /// the last call, or every chosen one with `all`: the watermark and
+    /// the finished offsets above it as commit metadata. A partition is
+    /// marked clean when `each` returns true.
+    pub(crate) fn progress(
+        &mut self,
+        chosen: Option<&[TopicPartition]>,
+        all: bool,
+        mut each: impl FnMut(&TopicPartition, i64, &progress::Encoded) -> bool,
+    ) {
+        for (tp, o) in &mut self.partitions {
+            if !(o.dirty || all) || chosen.is_some_and(|c| !c.contains(tp)) {
+                continue;
+            }
+            let Some(watermark) = o.tracker.watermark() else {
+                continue; // nothing dispatched yet
+            };
+            // Skipped offsets not read yet still count as finished.
+            let unread = o.skip.from(o.tracker.next().unwrap_or(watermark));
+            let encoded = progress::encode(
+                watermark,
+                o.tracker.finished_ranges().chain(unread),
+                progress::MAX_METADATA,
+            );
+            if each(tp, watermark, &encoded) {
+                o.dirty = false;
+            }
+        }
+    }
+
+    /// A commit of `tp` failed: its progress goes with the next one.
+    pub(crate) fn commit_failed(&mut self, tp: &TopicPartition) {
+        if let Some(o) = self.partitions.get_mut(tp) {
+            o.dirty = true;
+        }
+    }
+
+    /// Starts draining the chosen partitions (all with `None`): they take
+    /// nothing more, and the records waiting in their lanes are dropped
+    /// (returned; not committed, so the next owner reads them).
+    pub(crate) fn begin_drain(&mut self, chosen: Option<&[TopicPartition]>) -> Vec<J> {
+        let mut dropped = Vec::new();
+        for (tp, owned) in &mut self.partitions {
+            if chosen.is_some_and(|c| !c.contains(tp)) {
+                continue;
+            }
+            owned.revoking = true;
+            for waiting in owned.lanes.values_mut() {
+                owned.in_flight = owned.in_flight.saturating_sub(waiting.len());
+                dropped.extend(waiting.drain(..));
+            }
+        }
+        for job in &dropped {
+            release(&mut self.in_flight, &mut self.in_flight_bytes, job.as_ref());
+        }
+        dropped
+    }
+
+    /// Records of the chosen partitions started and not finished.
+    pub(crate) fn running(&self, chosen: Option<&[TopicPartition]>) -> usize {
+        self.partitions
+            .iter()
+            .filter(|(tp, _)| chosen.is_none_or(|c| c.contains(tp)))
+            .map(|(_, o)| o.in_flight)
+            .sum()
+    }
+
+    /// Each owned partition with its offsets, for lag figures.
+    pub(crate) fn trackers(&self) -> impl Iterator<Item = (&TopicPartition, &OffsetTracker)> {
+        self.partitions.iter().map(|(tp, o)| (tp, &o.tracker))
+    }
+}
+
+/// Takes the next record of `lane`, or closes the lane when none waits.
+fn next_in_lane<J>(owned: &mut Owned<J>, lane: &Lane) -> Option<J> {
+    let next = owned.lanes.get_mut(lane).and_then(VecDeque::pop_front);
+    if next.is_none() {
+        owned.lanes.remove(lane);
+    }
+    next
+}
+
+/// `ticket` no longer counts against the processor's bounds.
+fn release(in_flight: &mut usize, bytes: &mut usize, ticket: &Ticket) {
+    if ticket.counts() {
+        *in_flight = in_flight.saturating_sub(1);
+        *bytes = bytes.saturating_sub(ticket.bytes);
+    }
+}
+
+impl AsRef<Ticket> for Ticket {
+    fn as_ref(&self) -> &Ticket {
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use proptest::prelude::*;
+
+    fn bounds(ordering: Ordering) -> Bounds {
+        Bounds {
+            ordering,
+            max_in_flight: 100,
+            max_in_flight_per_partition: 10,
+            max_uncommitted_per_partition: 20,
+            max_in_flight_bytes: 1_000,
+        }
+    }
+
+    fn tp(p: i32) -> TopicPartition {
+        (Arc::from("in"), p)
+    }
+
+    fn arrival<'a>(
+        partition: &'a TopicPartition,
+        offset: i64,
+        key: Option<&'a [u8]>,
+    ) -> Arrival<'a> {
+        Arrival {
+            partition,
+            offset,
+            key,
+            bytes: 10,
+            parked: false,
+        }
+    }
+
+    fn admit(ledger: &mut Ledger<Ticket>, a: Arrival<'_>) -> Admission<Ticket> {
+        ledger.admit(a, 0, |t| t)
+    }
+
+    fn started(admission: Admission<Ticket>) -> Ticket {
+        match admission {
+            Admission::Start(t) => t,
+            other => panic!("expected a start, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_key_lane_runs_one_record_at_a_time_in_offset_order() {
+        let mut ledger = Ledger::new(bounds(Ordering::Key));
+        let p = tp(0);
+        ledger.assign([p.clone()]);
+        let mut a0 = started(admit(&mut ledger, arrival(&p, 0, Some(b"a"))));
+        assert!(matches!(
+            admit(&mut ledger, arrival(&p, 1, Some(b"a"))),
+            Admission::Queued
+        ));
+        assert!(matches!(
+            admit(&mut ledger, arrival(&p, 2, Some(b"a"))),
+            Admission::Queued
+        ));
+        // Another key is not held up; neither is a record without a key.
+        started(admit(&mut ledger, arrival(&p, 3, Some(b"b"))));
+        started(admit(&mut ledger, arrival(&p, 4, None)));
+        started(admit(&mut ledger, arrival(&p, 5, None)));
+        // Letting go of the lane starts the next record; finishing the first
+        // afterwards does not start another.
+        let mut a1 = ledger.let_go_of_lane(&mut a0).expect("offset 1 waits");
+        assert_eq!(a1.offset, 1);
+        assert!(ledger.finish(&a0).is_none());
+        assert!(ledger.let_go_of_lane(&mut a0).is_none(), "already let go");
+        // Finishing while holding the lane starts the next one.
+        let a2 = ledger.finish(&a1).expect("offset 2 waits");
+        assert_eq!(a2.offset, 2);
+        assert!(ledger.let_go_of_lane(&mut a1).is_none());
+        assert!(ledger.finish(&a2).is_none());
+        // The lane is closed: the next record of key a starts at once.
+        started(admit(&mut ledger, arrival(&p, 6, Some(b"a"))));
+    }
+
+    #[test]
+    fn partition_ordering_is_one_lane_and_no_ordering_is_none() {
+        let p = tp(0);
+        let mut ordered = Ledger::new(bounds(Ordering::Partition));
+        ordered.assign([p.clone()]);
+        started(admit(&mut ordered, arrival(&p, 0, Some(b"a"))));
+        assert!(matches!(
+            admit(&mut ordered, arrival(&p, 1, Some(b"b"))),
+            Admission::Queued
+        ));
+        let mut free = Ledger::new(bounds(Ordering::None));
+        free.assign([p.clone()]);
+        started(admit(&mut free, arrival(&p, 0, Some(b"a"))));
+        started(admit(&mut free, arrival(&p, 1, Some(b"a"))));
+        assert_eq!(free.in_flight(), 2);
+    }
+
+    #[test]
+    fn records_not_taken_say_why() {
+        let p = tp(0);
+        let mut ledger = Ledger::new(bounds(Ordering::None));
+        assert!(matches!(
+            admit(&mut ledger, arrival(&p, 0, None)),
+            Admission::NotOwned
+        ));
+        ledger.assign([p.clone()]);
+        ledger.skip(&p, vec![(1, 3)]);
+        let t0 = started(admit(&mut ledger, arrival(&p, 0, None)));
+        assert!(matches!(
+            admit(&mut ledger, arrival(&p, 0, None)),
+            Admission::Again(_)
+        ));
+        assert!(matches!(
+            admit(&mut ledger, arrival(&p, 1, None)),
+            Admission::Skipped
+        ));
+        assert!(matches!(
+            admit(&mut ledger, arrival(&p, 2, None)),
+            Admission::Skipped
+        ));
+        assert_eq!(ledger.in_flight(), 1, "skipped records do not count");
+        ledger.finish(&t0);
+        let mut committed = Vec::new();
+        ledger.progress(None, false, |_, w, _| {
+            committed.push(w);
+            true
+        });
+        assert_eq!(committed, [3], "skipped offsets count as finished");
+        ledger.begin_drain(Some(std::slice::from_ref(&p)));
+        assert!(matches!(
+            admit(&mut ledger, arrival(&p, 3, None)),
+            Admission::Closed
+        ));
+        ledger.stop();
+        let q = tp(1);
+        ledger.assign([q.clone()]);
+        assert!(matches!(
+            admit(&mut ledger, arrival(&q, 0, None)),
+            Admission::Closed
+        ));
+    }
+
+    #[test]
+    fn a_ticket_of_an_earlier_assignment_changes_nothing() {
+        let p = tp(0);
+        let mut ledger = Ledger::new(bounds(Ordering::Partition));
+        ledger.assign([p.clone()]);
+        let old = started(admit(&mut ledger, arrival(&p, 5, None)));
+        ledger.revoke(std::slice::from_ref(&p));
+        ledger.assign([p.clone()]);
+        let new = started(admit(&mut ledger, arrival(&p, 5, None)));
+        assert!(matches!(
+            admit(&mut ledger, arrival(&p, 6, None)),
+            Admission::Queued
+        ));
+        assert!(
+            ledger.finish(&old).is_none(),
+            "the old ticket does not open the new lane"
+        );
+        let mut watermarks = Vec::new();
+        ledger.progress(None, true, |_, w, _| {
+            watermarks.push(w);
+            true
+        });
+        assert_eq!(
+            watermarks,
+            [5],
+            "offset 5 of this assignment is not finished"
+        );
+        assert_eq!(ledger.finish(&new).map(|t| t.offset), Some(6));
+    }
+
+    #[test]
+    fn room_follows_every_bound() {
+        let p = tp(0);
+        let q = tp(1);
+        let mut ledger = Ledger::new(Bounds {
+            max_in_flight: 5,
+            max_in_flight_per_partition: 3,
+            max_uncommitted_per_partition: 4,
+            max_in_flight_bytes: 45,
+            ..bounds(Ordering::None)
+        });
+        ledger.assign([p.clone(), q.clone()]);
+        let mut out = Vec::new();
+        let rooms = |ledger: &Ledger<Ticket>, out: &mut Vec<_>, blocked| {
+            let room = ledger.room(blocked, out);
+            let mut each: Vec<(i32, usize)> = out.iter().map(|(tp, r, _)| (tp.1, *r)).collect();
+            each.sort_unstable();
+            (room.total, each)
+        };
+        assert_eq!(rooms(&ledger, &mut out, false), (5, vec![(0, 3), (1, 3)]));
+        assert_eq!(rooms(&ledger, &mut out, true), (0, vec![(0, 0), (1, 0)]));
+        let t: Vec<Ticket> = (0..3)
+            .map(|o| started(admit(&mut ledger, arrival(&p, o, None))))
+            .collect();
+        assert_eq!(rooms(&ledger, &mut out, false), (2, vec![(0, 0), (1, 3)]));
+        // The head stays unfinished: finished records above it still count
+        // against max_uncommitted_per_partition.
+        ledger.finish(&t[1]);
+        ledger.finish(&t[2]);
+        assert_eq!(rooms(&ledger, &mut out, false), (4, vec![(0, 1), (1, 3)]));
+        // Bytes: 10 per record, the bound is 45.
+        for o in 0..4 {
+            started(admit(&mut ledger, arrival(&q, o, None)));
+        }
+        assert!(ledger.over_bytes());
+        assert_eq!(ledger.room(false, &mut out).total, 0);
+        // A parked retry counts against its partition only.
+        let mut empty = Ledger::new(bounds(Ordering::None));
+        empty.assign([p.clone()]);
+        let parked = Arrival {
+            parked: true,
+            ..arrival(&p, 0, None)
+        };
+        started(empty.admit(parked, 0, |t| t));
+        assert_eq!(empty.in_flight(), 0);
+        assert_eq!(rooms(&empty, &mut out, false), (100, vec![(0, 9)]));
+    }
+
+    #[test]
+    fn a_record_larger_than_the_byte_bound_still_runs_alone() {
+        let p = tp(0);
+        let mut ledger = Ledger::new(bounds(Ordering::None));
+        ledger.assign([p.clone()]);
+        let mut out = Vec::new();
+        assert!(!ledger.over_bytes());
+        let big = Arrival {
+            bytes: 5_000,
+            ..arrival(&p, 0, None)
+        };
+        let t = started(ledger.admit(big, 0, |t| t));
+        assert!(ledger.over_bytes());
+        assert_eq!(ledger.room(false, &mut out).total, 0);
+        ledger.finish(&t);
+        assert!(!ledger.over_bytes());
+    }
+
+    #[test]
+    fn a_drain_drops_what_waits_and_waits_for_what_runs() {
+        let p = tp(0);
+        let mut ledger = Ledger::new(bounds(Ordering::Partition));
+        ledger.assign([p.clone(), tp(1)]);
+        let head = started(admit(&mut ledger, arrival(&p, 0, None)));
+        for o in 1..4 {
+            admit(&mut ledger, arrival(&p, o, None));
+        }
+        let other = started(admit(&mut ledger, arrival(&tp(1), 0, None)));
+        assert_eq!(ledger.running(Some(std::slice::from_ref(&p))), 4);
+        let dropped = ledger.begin_drain(Some(std::slice::from_ref(&p)));
+        assert_eq!(
+            dropped.iter().map(|t| t.offset).collect::<Vec<_>>(),
+            [1, 2, 3]
+        );
+        assert_eq!(ledger.running(Some(std::slice::from_ref(&p))), 1);
+        assert_eq!(ledger.in_flight(), 2);
+        assert!(
+            ledger.finish(&head).is_none(),
+            "the dropped records do not start"
+        );
+        assert_eq!(ledger.running(Some(std::slice::from_ref(&p))), 0);
+        assert_eq!(ledger.running(None), 1);
+        let mut watermarks = Vec::new();
+        ledger.progress(Some(std::slice::from_ref(&p)), true, |_, w, _| {
+            watermarks.push(w);
+            true
+        });
+        assert_eq!(
+            watermarks,
+            [1],
+            "the dropped records are read again by the next owner"
+        );
+        ledger.revoke(std::slice::from_ref(&p));
+        assert_eq!(ledger.owned(), 1);
+        ledger.finish(&other);
+        assert_eq!(ledger.in_flight(), 0);
+    }
+
+    #[test]
+    fn progress_is_taken_once_unless_all_or_failed() {
+        let p = tp(0);
+        let mut ledger = Ledger::new(bounds(Ordering::None));
+        ledger.assign([p.clone()]);
+        let t = started(admit(&mut ledger, arrival(&p, 0, None)));
+        let taken = |ledger: &mut Ledger<Ticket>, all, keep: bool| {
+            let mut n = 0;
+            ledger.progress(None, all, |_, _, _| {
+                n += 1;
+                keep
+            });
+            n
+        };
+        assert_eq!(taken(&mut ledger, false, true), 0, "nothing finished yet");
+        ledger.finish(&t);
+        assert_eq!(taken(&mut ledger, false, false), 1);
+        assert_eq!(taken(&mut ledger, false, true), 1, "not taken: still dirty");
+        assert_eq!(taken(&mut ledger, false, true), 0);
+        assert_eq!(taken(&mut ledger, true, true), 1);
+        ledger.commit_failed(&p);
+        assert_eq!(taken(&mut ledger, false, true), 1);
+    }
+
+    /// One step of the property test.
+    #[derive(Debug, Clone)]
+    enum Step {
+        /// A record of partition `0`, with key `1` (`None`: no key).
+        Arrive(i32, Option<u8>, bool),
+        /// The running record at this index (modulo) lets go of its lane.
+        LetGo(usize),
+        /// The running record at this index (modulo) finishes.
+        Finish(usize),
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            3 => (0..2i32, proptest::option::of(0..3u8), proptest::bool::weighted(0.1))
+                .prop_map(|(p, k, parked)| Step::Arrive(p, k, parked)),
+            1 => any::<usize>().prop_map(Step::LetGo),
+            2 => any::<usize>().prop_map(Step::Finish),
+        ]
+    }
+
+    fn ordering() -> impl Strategy<Value = Ordering> {
+        prop_oneof![
+            Just(Ordering::None),
+            Just(Ordering::Key),
+            Just(Ordering::Partition)
+        ]
+    }
+
+    /// The test's side: what runs, what ran, in which order.
+    struct Model {
+        ledger: Ledger<Ticket>,
+        bounds: Bounds,
+        parts: [TopicPartition; 2],
+        next_offset: [i64; 2],
+        /// Started and not finished (a ticket's lane is `None` once let go).
+        running: Vec<Ticket>,
+        started: Vec<(i32, i64)>,
+        last_in_lane: HashMap<(i32, Lane), i64>,
+        admitted: usize,
+        out: Vec<(TopicPartition, usize, u64)>,
+    }
+
+    impl Model {
+        fn new(ordering: Ordering) -> Self {
+            let bounds = Bounds {
+                ordering,
+                max_in_flight: 8,
+                max_in_flight_per_partition: 5,
+                max_uncommitted_per_partition: 7,
+                max_in_flight_bytes: 10_000,
+            };
+            let mut ledger = Ledger::new(bounds);
+            let parts = [tp(0), tp(1)];
+            ledger.assign(parts.clone());
+            Model {
+                ledger,
+                bounds,
+                parts,
+                next_offset: [0; 2],
+                running: Vec::new(),
+                started: Vec::new(),
+                last_in_lane: HashMap::new(),
+                admitted: 0,
+                out: Vec::new(),
+            }
+        }
+
+        fn start(&mut self, t: Ticket) -> Result<(), TestCaseError> {
+            if let Some(lane) = &t.lane {
+                let held = self
+                    .running
+                    .iter()
+                    .any(|r| r.partition == t.partition && r.lane.as_ref() == Some(lane));
+                prop_assert!(!held, "two records of lane {lane:?} run at once");
+                let last = self
+                    .last_in_lane
+                    .insert((t.partition, lane.clone()), t.offset);
+                prop_assert!(
+                    last.is_none_or(|l| l < t.offset),
+                    "lane {lane:?} out of order"
+                );
+            }
+            self.started.push((t.partition, t.offset));
+            self.running.push(t);
+            Ok(())
+        }
+
+        fn step(&mut self, step: &Step) -> Result<(), TestCaseError> {
+            match *step {
+                Step::Arrive(p, key, parked) => {
+                    let p = usize::try_from(p).unwrap();
+                    let room = self.ledger.room(false, &mut self.out);
+                    let own = self
+                        .out
+                        .iter()
+                        .find(|(tp, _, _)| *tp == self.parts[p])
+                        .map_or(0, |(_, r, _)| *r);
+                    if room.total == 0 || own == 0 {
+                        return Ok(()); // the engine would not read it now
+                    }
+                    let key = key.map(|k| [k]);
+                    let offset = self.next_offset[p];
+                    self.next_offset[p] += 1;
+                    self.admitted += 1;
+                    let a = Arrival {
+                        parked,
+                        ..arrival(&self.parts[p], offset, key.as_ref().map(|k| &k[..]))
+                    };
+                    match self.ledger.admit(a, 0, |t| t) {
+                        Admission::Start(t) => self.start(t)?,
+                        Admission::Queued => {}
+                        other => prop_assert!(false, "unexpected {other:?}"),
+                    }
+                }
+                Step::LetGo(i) if !self.running.is_empty() => {
+                    let i = i % self.running.len();
+                    if let Some(next) = self.ledger.let_go_of_lane(&mut self.running[i]) {
+                        self.start(next)?;
+                    }
+                }
+                Step::Finish(i) if !self.running.is_empty() => {
+                    let t = self.running.swap_remove(i % self.running.len());
+                    if let Some(next) = self.ledger.finish(&t) {
+                        self.start(next)?;
+                    }
+                }
+                _ => {}
+            }
+            Ok(())
+        }
+
+        fn watermarks(&mut self) -> Vec<(i32, i64)> {
+            let mut marks = Vec::new();
+            self.ledger.progress(None, true, |tp, w, _| {
+                marks.push((tp.1, w));
+                true
+            });
+            marks
+        }
+
+        fn check(&mut self) -> Result<(), TestCaseError> {
+            let counted = self.running.iter().filter(|t| !t.parked).count();
+            prop_assert!(counted <= self.ledger.in_flight());
+            prop_assert!(self.ledger.in_flight() <= self.bounds.max_in_flight);
+            for p in &self.parts {
+                let running = self.ledger.running(Some(std::slice::from_ref(p)));
+                prop_assert!(running <= self.bounds.max_in_flight_per_partition);
+            }
+            for (p, w) in self.watermarks() {
+                prop_assert!(
+                    self.running
+                        .iter()
+                        .all(|t| t.partition != p || t.offset >= w),
+                    "watermark {w} of partition {p} passed a running record"
+                );
+            }
+            Ok(())
+        }
+    }
+
+    proptest! {
+        /// Whatever the order in which records arrive, let go and finish,
+        /// taking only what the room allows: no two records of a lane run
+        /// at once, a lane runs in offset order, the bounds hold, the
+        /// watermark never passes an unfinished record, and every record
+        /// runs exactly once.
+        #[test]
+        fn lanes_bounds_and_watermarks_hold(
+            ordering in ordering(),
+            steps in proptest::collection::vec(step(), 1..300),
+        ) {
+            let mut model = Model::new(ordering);
+            for s in &steps {
+                model.step(s)?;
+                model.check()?;
+            }
+            // Finish everything: every admitted record runs exactly once.
+            while let Some(t) = model.running.pop() {
+                if let Some(next) = model.ledger.finish(&t) {
+                    model.start(next)?;
+                }
+            }
+            let mut started = model.started.clone();
+            prop_assert_eq!(started.len(), model.admitted, "a record never ran");
+            started.sort_unstable();
+            started.dedup();
+            prop_assert_eq!(started.len(), model.admitted, "a record ran twice");
+            prop_assert_eq!(model.ledger.in_flight(), 0);
+            prop_assert!(!model.ledger.over_bytes());
+            for (p, w) in model.watermarks() {
+                let next = model.next_offset[usize::try_from(p).unwrap()];
+                prop_assert_eq!(w, next, "all finished: the watermark is past the last record");
+            }
+        }
+    }
+}
