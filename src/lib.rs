@@ -21,6 +21,10 @@
 //!   ordering lanes, in-flight bounds (a partition at its bound is not
 //!   read), results produced and acknowledged before offsets are stored,
 //!   drain and commit on revoke and shutdown; workflow steps and joins.
+//!   Inside: `ledger.rs` (lanes, bounds, room, offsets: pure, property-
+//!   tested), `poll.rs` (the poll thread), `rebalance.rs` (callbacks,
+//!   drains, commits, lag), `task.rs` (one record's task), `delivery.rs`
+//!   (producing and acknowledgements), `join.rs`, `hot.rs` (metric handles).
 //! - [`retry`]: backoff and the in-place / retry-topic / give-up decision.
 //!   Pure.
 //! - [`breaker`]: the poison-pill breaker's sliding window. Pure.
@@ -35,8 +39,11 @@
 //!   of joins is `processor::join`.
 //! - [`gateway`]: the HTTP API (axum): submit tasks, status and results
 //!   from a view it materialises from the results and task topics.
-//! - [`metrics`]: the Prometheus registry, metric names, `/metrics`.
-//! - [`kafka`]: librdkafka client configuration shared by every client;
+//! - [`metrics`]: the Prometheus registry, metric names (one
+//!   `conveyor_errors_total{kind}` for every error met), `/metrics`.
+//! - [`kafka`]: librdkafka client configuration shared by every client, and
+//!   [`kafka::Reader`], the one way to read a topic to its end (tools, dead
+//!   letters, the gateway's view, a join's changelog);
 //!   [`security`]: the typed `[kafka.security]` (TLS, SASL, secrets) it
 //!   applies, and what connection errors mean.
 //! - [`tools`]: `conveyor submit` and `conveyor results`.
@@ -44,7 +51,8 @@
 //!   [`topics`]: `conveyor topics create|check` through the admin API.
 //! - [`telemetry`]: the `tracing` subscriber (text or JSON) and the optional
 //!   OTLP span exporter.
-//! - [`dev`]: the embedded Kafka-protocol cluster behind `conveyor dev`.
+//! - [`dev`]: `conveyor dev`: the embedded Kafka-protocol cluster, and
+//!   [`dev::run`] starting a worker and a gateway on it.
 //! - [`shutdown`]: signals that ask for an orderly stop.
 //!
 //! `src/main.rs` is only the command line; it holds no logic of its own.
