@@ -1,0 +1,324 @@
+//! Status: `GET /v1/tasks/{id}` and `GET /v1/workflows/{id}` from the
+//! view, both long-polling (`?wait=`) through one helper.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use super::api::{self, ApiError};
+use super::view::{self, TaskView, View};
+use super::*;
+use crate::workflow::Workflows;
+
+/// `GET /v1/workflows/{id}`: a run's status, step by step, optionally
+/// waiting (`?wait=`) until it is over.
+pub(super) async fn get_run(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<String>,
+    Query(params): Query<BTreeMap<String, String>>,
+) -> Response {
+    let outcome = async {
+        let run = api::parse_id(&id, "workflow run id")?;
+        let wait = wait_of(&shared, &params)?;
+        // The run's own result has the run's id: it wakes the wait.
+        let tasks = long_poll(&shared, run, wait, |view| {
+            let tasks: Vec<TaskView> = view.run(&run).into_iter().cloned().collect();
+            if tasks.is_empty() {
+                return Err(ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "unknown_workflow_run",
+                    format!(
+                        "no workflow run {run} is known here: never started, or older than \
+                         the status view keeps (gateway.view_max_age_ms, view_max_tasks)"
+                    ),
+                ));
+            }
+            let over = tasks.iter().any(|t| t.id == run);
+            Ok((tasks, over))
+        })
+        .await?;
+        Ok::<_, ApiError>(render_run(&shared.workflows, run, &tasks))
+    }
+    .await;
+    match outcome {
+        Ok(value) => Json(value).into_response(),
+        Err(error) => error.into_response(),
+    }
+}
+
+/// `succeeded` or `failed` once the run's own result is known, `running`
+/// once any of its steps finished, else `queued`.
+pub(super) fn run_status(tasks: &[&TaskView], run: Uuid) -> &'static str {
+    if let Some(result) = tasks.iter().find(|t| t.id == run) {
+        return result.phase.name();
+    }
+    if tasks.iter().any(|t| t.phase.is_terminal()) {
+        "running"
+    } else {
+        "queued"
+    }
+}
+
+/// A run as the API shows it: overall status, then each step's status,
+/// attempts and outputs so far (a fan-out's children counted, their
+/// outputs in child order), and the final output or error.
+pub(super) fn render_run(workflows: &Workflows, run: Uuid, tasks: &[TaskView]) -> Value {
+    let refs: Vec<&TaskView> = tasks.iter().collect();
+    let name = tasks
+        .iter()
+        .find_map(|t| t.workflow.as_ref().map(|w| w.name.clone()))
+        .unwrap_or_default();
+    let definition = workflows.get(&name);
+    let mut value = json!({
+        "id": run,
+        "workflow": name,
+        "status": run_status(&refs, run),
+    });
+    let Some(map) = value.as_object_mut() else {
+        return value;
+    };
+    if let Some(result) = tasks.iter().find(|t| t.id == run) {
+        map.insert("finished_at".into(), json!(result.finished_at));
+        insert_outcome(map, result, "result");
+    }
+    let steps: Vec<Value> = definition
+        .map(|d| {
+            d.steps
+                .iter()
+                .enumerate()
+                .map(|(index, step)| {
+                    let index = i32::try_from(index).unwrap_or(i32::MAX);
+                    let at_step: Vec<&TaskView> = tasks
+                        .iter()
+                        .filter(|t| t.id != run)
+                        .filter(|t| t.workflow.as_ref().is_some_and(|w| w.step == index))
+                        // A join's contributions are the children's, not the join's.
+                        .filter(|t| {
+                            !(step.join
+                                && t.workflow.as_ref().is_some_and(|w| w.child_index.is_some()))
+                        })
+                        .collect();
+                    render_step(index, &step.task, &at_step)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    map.insert("steps".into(), json!(steps));
+    value
+}
+
+/// Most children's outputs one step of a run lists (as many as the
+/// status view holds tasks by default).
+pub(super) const MAX_LISTED_OUTPUTS: usize = 100_000;
+
+pub(super) fn render_step(index: i32, task_type: &str, tasks: &[&TaskView]) -> Value {
+    let mut step = json!({"index": index, "type": task_type});
+    let Some(map) = step.as_object_mut() else {
+        return step;
+    };
+    let count = tasks
+        .iter()
+        .find_map(|t| t.workflow.as_ref().and_then(|w| w.child_count));
+    match (count, tasks) {
+        (None, []) => {
+            map.insert("status".into(), json!("pending"));
+        }
+        (None, [task, ..]) => {
+            map.insert("status".into(), json!(task.phase.name()));
+            map.insert("task_id".into(), json!(task.id));
+            map.insert("attempts".into(), json!(task.attempts));
+            insert_outcome(map, task, "output");
+        }
+        (Some(count), _) => {
+            let count = usize::try_from(count).unwrap_or(0);
+            // The count comes from the records, which anyone can write:
+            // never allocate by it beyond a fixed limit.
+            let listed = count.min(MAX_LISTED_OUTPUTS);
+            let mut outputs = vec![Value::Null; listed];
+            let (mut succeeded, mut failed, mut attempts) = (0usize, 0usize, 0i64);
+            for task in tasks {
+                let child = task
+                    .workflow
+                    .as_ref()
+                    .and_then(|w| w.child_index)
+                    .and_then(|c| usize::try_from(c).ok());
+                attempts += i64::from(task.attempts.unwrap_or(0));
+                match task.phase {
+                    view::Phase::Succeeded => {
+                        succeeded += 1;
+                        if let (Some(slot), Some(output)) =
+                            (child.and_then(|c| outputs.get_mut(c)), &task.output)
+                        {
+                            *slot = crate::workflow::output_as_json(output);
+                        }
+                    }
+                    view::Phase::Failed => failed += 1,
+                    view::Phase::Queued => {}
+                }
+            }
+            let status = if failed > 0 {
+                "failed"
+            } else if succeeded >= count {
+                "succeeded"
+            } else {
+                "running"
+            };
+            map.insert("status".into(), json!(status));
+            map.insert("attempts".into(), json!(attempts));
+            map.insert(
+                "children".into(),
+                json!({"count": count, "succeeded": succeeded, "failed": failed}),
+            );
+            map.insert("outputs".into(), json!(outputs));
+        }
+    }
+    step
+}
+
+pub(super) async fn get_task(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<String>,
+    Query(params): Query<BTreeMap<String, String>>,
+) -> Response {
+    match lookup(&shared, &id, &params).await {
+        Ok(task) => Json(render(&task)).into_response(),
+        Err(error) => error.into_response(),
+    }
+}
+
+/// The `wait` query parameter (the only one the status routes take),
+/// capped at `gateway.max_wait_ms`; zero when absent.
+pub(super) fn wait_of(
+    shared: &Shared,
+    params: &BTreeMap<String, String>,
+) -> Result<Duration, ApiError> {
+    if let Some(unknown) = params.keys().find(|k| k.as_str() != "wait") {
+        return Err(ApiError::field(
+            unknown.clone(),
+            "unknown query parameter; this route takes `wait`",
+        )
+        .with(StatusCode::BAD_REQUEST, "invalid_parameter"));
+    }
+    Ok(match params.get("wait") {
+        None => Duration::ZERO,
+        Some(text) => api::parse_duration(text)
+            .map_err(|why| {
+                ApiError::field("wait", why).with(StatusCode::BAD_REQUEST, "invalid_parameter")
+            })?
+            .min(Duration::from_millis(shared.settings.max_wait_ms)),
+    })
+}
+
+pub(super) async fn lookup(
+    shared: &Shared,
+    id: &str,
+    params: &BTreeMap<String, String>,
+) -> Result<TaskView, ApiError> {
+    let id = api::parse_id(id, "task id")?;
+    let wait = wait_of(shared, params)?;
+    long_poll(shared, id, wait, |view| {
+        let task = view.get(&id).cloned().ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "unknown_task",
+                format!(
+                    "no task {id} is known here: never submitted, or older than the status \
+                     view keeps (gateway.view_max_age_ms, view_max_tasks)"
+                ),
+            )
+        })?;
+        let over = task.phase.is_terminal();
+        Ok((task, over))
+    })
+    .await
+}
+
+/// The long poll behind `?wait=`: `look` reads the view (locked) and says
+/// what it found and whether that is final; until it is, the request
+/// waits for a change of the task `id` (its result arriving), at most
+/// `wait`, and looks again. What `look` last found is the answer when the
+/// wait runs out or the gateway stops; its error is answered at once.
+pub(super) async fn long_poll<T>(
+    shared: &Shared,
+    id: Uuid,
+    wait: Duration,
+    mut look: impl FnMut(&View) -> Result<(T, bool), ApiError>,
+) -> Result<T, ApiError> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let notify;
+        let mut woken;
+        {
+            let mut view = shared.view();
+            let (found, over) = look(&view)?;
+            if over
+                || tokio::time::Instant::now() >= deadline
+                || shared.stopping.load(Ordering::Relaxed)
+            {
+                return Ok(found);
+            }
+            notify = view.waiter(id);
+            // Registered before the view is unlocked, so a result applied
+            // in between still wakes this request.
+            woken = Box::pin(notify.notified());
+            woken.as_mut().enable();
+        }
+        let _ = tokio::time::timeout_at(deadline, woken).await;
+        drop(notify);
+        shared.view().release_waiter(&id);
+    }
+}
+
+/// The media type of `task`'s output.
+pub(super) fn content_type_of(task: &TaskView) -> &str {
+    task.content_type
+        .as_deref()
+        .unwrap_or(crate::codec::DEFAULT_CONTENT_TYPE)
+}
+
+/// Adds `task`'s output (under `name`, embedded as its content type
+/// allows) and its error, when it has them.
+pub(super) fn insert_outcome(
+    map: &mut serde_json::Map<String, Value>,
+    task: &TaskView,
+    name: &str,
+) {
+    if let Some(output) = &task.output {
+        crate::codec::render::embed_bytes(map, name, output, content_type_of(task));
+    }
+    if let Some(error) = &task.error {
+        map.insert(
+            "error".into(),
+            json!({"kind": error.kind, "message": error.message}),
+        );
+    }
+}
+
+pub(super) fn render(task: &TaskView) -> Value {
+    let mut value = json!({
+        "id": task.id,
+        "type": task.task_type,
+        "status": task.phase.name(),
+        "attempts": task.attempts,
+        "submitted_at": task.submitted_at,
+        "finished_at": task.finished_at,
+    });
+    if let Some(map) = value.as_object_mut() {
+        if task.output.is_some() {
+            map.insert("content_type".into(), json!(content_type_of(task)));
+        }
+        insert_outcome(map, task, "result");
+        if let Some(traceparent) = &task.traceparent {
+            map.insert("traceparent".into(), json!(traceparent));
+        }
+    }
+    value
+}
