@@ -1,0 +1,137 @@
+//! `[gateway]`: the HTTP API's listener, limits and tokens, with their
+//! checks.
+
+use super::*;
+
+/// `[gateway]`: the HTTP front door (`conveyor gateway`, and part of
+/// `conveyor dev`).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewaySettings {
+    /// Address the API listens on (`host:port`). `/metrics` is served here
+    /// too.
+    pub listen: String,
+    /// Task types the gateway accepts besides those of `[[processors]]`
+    /// (for a gateway whose configuration runs no processor). Each goes to
+    /// `<topics.task_prefix><type>`.
+    pub task_types: Vec<String>,
+    /// Bearer tokens accepted on `/v1/…`; empty: no authentication.
+    /// `/healthz`, `/readyz`, `/metrics` and `/openapi.json` stay open.
+    pub auth_tokens: Vec<String>,
+    /// Largest `payload` of one task, in bytes of JSON text (413 above).
+    pub max_payload_bytes: usize,
+    /// Largest request body, in bytes (413 above).
+    pub max_body_bytes: usize,
+    /// Most tasks in one `POST /v1/tasks:batch`.
+    pub max_batch: usize,
+    /// Longest a request may take before it is answered 503, in
+    /// milliseconds.
+    pub request_timeout_ms: u64,
+    /// Longest `?wait=` honoured, in milliseconds; below
+    /// `request_timeout_ms`.
+    pub max_wait_ms: u64,
+    /// Longest a submitted task waits for the broker's acknowledgement
+    /// before the request is answered 503 (librdkafka's
+    /// `message.timeout.ms` of the gateway's producer).
+    pub produce_timeout_ms: u64,
+    /// How long an `idempotency_key` maps to its first task, in
+    /// milliseconds.
+    pub idempotency_window_ms: u64,
+    /// At start, how far back the status view reads the results and task
+    /// topics, in milliseconds.
+    pub view_lookback_ms: u64,
+    /// Most tasks the status view keeps; the oldest are forgotten first.
+    pub view_max_tasks: usize,
+    /// Longest the status view keeps a task, in milliseconds.
+    pub view_max_age_ms: u64,
+    /// Most bytes of outputs and errors the status view keeps.
+    pub view_max_bytes: usize,
+}
+
+impl Default for GatewaySettings {
+    fn default() -> Self {
+        GatewaySettings {
+            listen: "127.0.0.1:8080".into(),
+            task_types: Vec::new(),
+            auth_tokens: Vec::new(),
+            max_payload_bytes: 1 << 20,
+            max_body_bytes: 8 << 20,
+            max_batch: 100,
+            request_timeout_ms: 30_000,
+            max_wait_ms: 25_000,
+            produce_timeout_ms: 5_000,
+            idempotency_window_ms: 3_600_000,
+            view_lookback_ms: 3_600_000,
+            view_max_tasks: 100_000,
+            view_max_age_ms: 3_600_000,
+            view_max_bytes: 256 << 20,
+        }
+    }
+}
+
+impl Settings {
+    pub(super) fn validate_gateway(&self, bad: &mut impl FnMut(String, &str)) {
+        let g = &self.gateway;
+        if g.listen.parse::<std::net::SocketAddr>().is_err() {
+            bad(
+                "gateway.listen".into(),
+                "must be an IP address and port, like 127.0.0.1:8080",
+            );
+        }
+        for (i, task_type) in g.task_types.iter().enumerate() {
+            if let Err(why) = check_topic_name(task_type) {
+                bad(
+                    format!("gateway.task_types[{i}]"),
+                    &format!("task type {why}"),
+                );
+            }
+        }
+        for (i, token) in g.auth_tokens.iter().enumerate() {
+            if token.len() < 16 || !token.bytes().all(|b| b.is_ascii_graphic()) {
+                bad(
+                    format!("gateway.auth_tokens[{i}]"),
+                    "must be at least 16 printable ASCII characters without spaces",
+                );
+            }
+        }
+        for (key, value) in [
+            ("gateway.max_payload_bytes", g.max_payload_bytes),
+            ("gateway.max_body_bytes", g.max_body_bytes),
+            ("gateway.max_batch", g.max_batch),
+            ("gateway.view_max_tasks", g.view_max_tasks),
+            ("gateway.view_max_bytes", g.view_max_bytes),
+        ] {
+            if value == 0 {
+                bad(key.into(), "must be > 0");
+            }
+        }
+        for (key, value) in [
+            ("gateway.request_timeout_ms", g.request_timeout_ms),
+            ("gateway.produce_timeout_ms", g.produce_timeout_ms),
+            ("gateway.idempotency_window_ms", g.idempotency_window_ms),
+            ("gateway.view_max_age_ms", g.view_max_age_ms),
+        ] {
+            if value == 0 {
+                bad(key.into(), "must be > 0");
+            }
+        }
+        if g.max_wait_ms >= g.request_timeout_ms {
+            bad(
+                "gateway.max_wait_ms".into(),
+                &format!(
+                    "must be below gateway.request_timeout_ms ({}), or a long poll is cut off",
+                    g.request_timeout_ms
+                ),
+            );
+        }
+        if g.produce_timeout_ms >= g.request_timeout_ms {
+            bad(
+                "gateway.produce_timeout_ms".into(),
+                &format!(
+                    "must be below gateway.request_timeout_ms ({}), so a broker outage is answered 503 with its reason",
+                    g.request_timeout_ms
+                ),
+            );
+        }
+    }
+}
