@@ -19,7 +19,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark that cannot run stops
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use conveyor::shutdown::CancellationToken;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -121,7 +121,7 @@ fn main() {
         settings.topics.task_prefix = String::new();
         settings.gateway.task_types = vec![task_topic.clone()];
         settings.gateway.listen = "127.0.0.1:0".into();
-        let stop = Arc::new(AtomicBool::new(false));
+        let stop = CancellationToken::new();
         let gateway = conveyor::gateway::start(&settings, Arc::new(Metrics::new()), stop.clone())
             .await
             .expect("gateway starts");
@@ -207,7 +207,7 @@ fn main() {
                 errors
             );
         }
-        stop.store(true, Ordering::Relaxed);
+        stop.cancel();
         gateway.finished().await.expect("gateway stops");
     });
 }

@@ -70,6 +70,8 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering as AtomicOrdering};
+
+use conveyor::shutdown::CancellationToken;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -502,7 +504,7 @@ fn start_processor(
     dlq: &str,
     metrics: Metrics,
 ) -> (
-    Arc<AtomicBool>,
+    CancellationToken,
     tokio::task::JoinHandle<Result<(), processor::ProcessorError>>,
     Arc<ProcessorStatus>,
 ) {
@@ -531,7 +533,7 @@ fn start_processor(
         lag_interval_ms: 5_000,
         workflows: Default::default(),
     };
-    let stop = Arc::new(AtomicBool::new(false));
+    let stop = CancellationToken::new();
     let running = tokio::spawn(processor::run(spec, stop.clone()));
     (stop, running, status)
 }
@@ -555,7 +557,7 @@ async fn conveyor_run(
     }
     let last = Instant::now();
     let cpu = cpu_seconds() - cpu;
-    stop.store(true, AtomicOrdering::Relaxed);
+    stop.cancel();
     running.await.expect("processor task").expect("processor");
     run_from(first, last, n, cpu)
 }
@@ -675,7 +677,7 @@ async fn latency_run(broker: &Broker, kafka: &KafkaSettings, rate: u64, seconds:
             raw.await.expect("baseline loop");
         }
         Pipe::Conveyor(stop, running, _) => {
-            stop.store(true, AtomicOrdering::Relaxed);
+            stop.cancel();
             running.await.expect("processor task").expect("processor");
         }
     }
@@ -712,7 +714,7 @@ enum Pipe {
     Raw(tokio::task::JoinHandle<Run>),
     /// conveyor's processor: its stop flag, task and status.
     Conveyor(
-        Arc<AtomicBool>,
+        CancellationToken,
         tokio::task::JoinHandle<Result<(), processor::ProcessorError>>,
         Arc<ProcessorStatus>,
     ),

@@ -26,7 +26,6 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::ExitCode;
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,6 +36,7 @@ use crate::codec::TaskRequest;
 use crate::handlers::{Handler, HandlerError, Named, Output, TaskContext};
 use crate::processor::ProcessorSpec;
 use crate::settings::{Settings, SettingsError};
+use crate::shutdown::CancellationToken;
 use crate::worker::{self, WorkerError};
 
 /// How long `run` waits for the cluster to answer at start.
@@ -139,7 +139,7 @@ impl App {
     /// Runs the worker until `stop` is set: connects (failing fast on
     /// authentication or TLS errors), serves `/metrics`, `/healthz` and
     /// `/readyz` on `metrics.listen`, runs every processor, then drains.
-    pub async fn run_until(self, stop: Arc<AtomicBool>) -> Result<(), AppError> {
+    pub async fn run_until(self, stop: CancellationToken) -> Result<(), AppError> {
         let specs = self.processor_specs()?;
         let settings = self.settings?;
         let kafka = settings.kafka.clone();
@@ -178,7 +178,7 @@ impl App {
             }
         };
         let outcome = runtime.block_on(async {
-            let stop = Arc::new(AtomicBool::new(false));
+            let stop = CancellationToken::new();
             crate::shutdown::stop_on_signals(stop.clone());
             self.run_until(stop).await
         });

@@ -7,8 +7,6 @@
 //! It has no admin CreateTopics, so topics are created through it here, and
 //! it keeps at most 5 MiB per partition.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::mocking::MockCluster;
@@ -18,6 +16,7 @@ use crate::codec::TaskStatus;
 use crate::settings::{
     HandlerKind, ProcessorSettings, Settings, StepSettings, TaskSettings, WorkflowSettings,
 };
+use crate::shutdown::CancellationToken;
 use crate::tools::{self, Submission};
 use crate::worker;
 
@@ -183,10 +182,22 @@ pub async fn run(user_settings: Option<Settings>) -> anyhow::Result<()> {
             types.join(", ")
         );
     }
-    let stop = Arc::new(AtomicBool::new(false));
+    // The stop order: a signal stops the gateway (nothing new comes in);
+    // once it has answered what was in flight, the processors drain,
+    // commit and flush their producers. A worker that ends by itself (it
+    // failed) stops the gateway too.
+    let stop = CancellationToken::new();
     crate::shutdown::stop_on_signals(stop.clone());
+    let worker_stop = CancellationToken::new();
     let metrics = specs.first().map(|s| s.metrics.clone()).unwrap_or_default();
-    let running = tokio::spawn(worker::run(specs, stop.clone()));
+    let running = {
+        let (worker_stop, stop) = (worker_stop.clone(), stop.clone());
+        tokio::spawn(async move {
+            let ran = worker::run(specs, worker_stop).await;
+            stop.cancel();
+            ran
+        })
+    };
     let started = match crate::gateway::start(&settings, metrics.clone(), stop.clone()).await {
         Err(crate::gateway::GatewayError::Bind { .. }) => {
             // Another program has the port: any free one will do here.
@@ -199,7 +210,7 @@ pub async fn run(user_settings: Option<Settings>) -> anyhow::Result<()> {
     let gateway = match started {
         Ok(gateway) => gateway,
         Err(error) => {
-            stop.store(true, Ordering::SeqCst);
+            worker_stop.cancel();
             let _ = running.await;
             return Err(error.into());
         }
@@ -219,8 +230,9 @@ pub async fn run(user_settings: Option<Settings>) -> anyhow::Result<()> {
         if let Err(error) = check_round_trip(&settings).await {
             // Stop what runs before the cluster goes, or the worker would
             // keep calling a broker that is gone.
-            stop.store(true, Ordering::SeqCst);
+            stop.cancel();
             let _ = gateway.finished().await;
+            worker_stop.cancel();
             let _ = running.await;
             return Err(error);
         }
@@ -284,6 +296,7 @@ pub async fn run(user_settings: Option<Settings>) -> anyhow::Result<()> {
     }
     println!("  Ctrl-C stops the gateway, the worker (draining in-flight tasks) and the cluster.");
     let served = gateway.finished().await;
+    worker_stop.cancel();
     running.await??;
     served?;
     if has_workflow {

@@ -3,7 +3,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,6 +12,7 @@ use conveyor::app::App;
 use conveyor::codec::TaskStatus;
 use conveyor::dev;
 use conveyor::settings::{LogFormat, Settings, SettingsError};
+use conveyor::shutdown::CancellationToken;
 use conveyor::tools::{self, Submission, ToolError};
 use conveyor::worker;
 
@@ -416,7 +416,7 @@ fn json_payload(payload: &str) -> Result<(), CommandError> {
 
 /// `conveyor worker`: the library's [`App`] with the built-in handlers.
 async fn run_worker(settings: Settings) -> Result<(), CommandError> {
-    let stop = Arc::new(AtomicBool::new(false));
+    let stop = CancellationToken::new();
     conveyor::shutdown::stop_on_signals(stop.clone());
     App::from_settings(settings)
         .run_until(stop)
@@ -430,7 +430,7 @@ async fn run_worker(settings: Settings) -> Result<(), CommandError> {
 async fn run_gateway(settings: Settings) -> Result<(), CommandError> {
     connect(&settings).await?;
     let metrics = Arc::new(conveyor::metrics::Metrics::new());
-    let stop = Arc::new(AtomicBool::new(false));
+    let stop = CancellationToken::new();
     conveyor::shutdown::stop_on_signals(stop.clone());
     let gateway = conveyor::gateway::start(&settings, metrics, stop)
         .await
@@ -594,7 +594,7 @@ async fn run_topics(settings: Settings, command: TopicsCommand) -> Result<(), Co
 
 async fn run_results(settings: Settings, follow: bool) -> Result<(), CommandError> {
     connect(&settings).await?;
-    let stop = Arc::new(AtomicBool::new(false));
+    let stop = CancellationToken::new();
     conveyor::shutdown::stop_on_signals(stop.clone());
     tokio::task::spawn_blocking(move || {
         tools::print_results(&settings, follow, &stop, |line| println!("{line}"))

@@ -1,4 +1,13 @@
-//! Process signals: the first SIGINT or SIGTERM asks for an orderly stop.
+//! Stopping: a [`CancellationToken`] asks each part to stop (the gateway
+//! stops taking requests; processors drain, commit and flush their
+//! producers); process signals cancel one, the first SIGINT or SIGTERM
+//! for an orderly stop.
+//!
+//! Where a gateway and processors run in one process (`conveyor dev`), the
+//! order is: the gateway first (nothing new comes in), then the
+//! processors, each ending with its producer's flush (see [`crate::dev`]).
+
+pub use tokio_util::sync::CancellationToken;
 
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -13,10 +22,10 @@ pub async fn stop_requested() -> std::io::Result<&'static str> {
     })
 }
 
-/// Sets `stop` on the first SIGINT or SIGTERM (an orderly stop: processors
-/// drain, the gateway answers what is in flight); exits at once, with
-/// status 130, on a second.
-pub fn stop_on_signals(stop: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+/// Cancels `stop` on the first SIGINT or SIGTERM (an orderly stop:
+/// processors drain, the gateway answers what is in flight); exits at once,
+/// with status 130, on a second.
+pub fn stop_on_signals(stop: CancellationToken) {
     tokio::spawn(async move {
         match stop_requested().await {
             Ok(signal) => {
@@ -24,7 +33,7 @@ pub fn stop_on_signals(stop: std::sync::Arc<std::sync::atomic::AtomicBool>) {
                     signal,
                     "stopping: draining in-flight tasks (a second signal exits at once)"
                 );
-                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                stop.cancel();
             }
             Err(error) => {
                 tracing::error!(%error, "cannot listen for signals");

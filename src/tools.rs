@@ -18,6 +18,7 @@ use uuid::Uuid;
 use crate::codec::{TaskRequest, TaskResult};
 use crate::kafka::{self, codec_of, Read, Reader};
 use crate::settings::Settings;
+use crate::shutdown::CancellationToken;
 
 pub(crate) use crate::kafka::kafka_error;
 /// Why a tool failed.
@@ -199,7 +200,7 @@ pub fn read_topic(
     topic: &str,
 ) -> Result<Vec<rdkafka::message::OwnedMessage>, ToolError> {
     let mut records = Vec::new();
-    let never = std::sync::atomic::AtomicBool::new(false);
+    let never = CancellationToken::new();
     scan(settings, topic, false, &never, |m| records.push(m.detach()))?;
     Ok(records)
 }
@@ -210,7 +211,7 @@ fn scan(
     settings: &Settings,
     topic: &str,
     follow: bool,
-    stop: &std::sync::atomic::AtomicBool,
+    stop: &CancellationToken,
     mut each: impl FnMut(&rdkafka::message::BorrowedMessage<'_>),
 ) -> Result<(), ToolError> {
     let reader = reader(settings, topic)?;
@@ -220,7 +221,7 @@ fn scan(
         .map_err(kafka_error("reading the assignment"))?
         .count();
     let mut at_end = HashSet::new();
-    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+    while !stop.is_cancelled() {
         if !follow && at_end.len() >= partitions {
             break;
         }
@@ -252,7 +253,7 @@ fn reader(settings: &Settings, topic: &str) -> Result<Reader, ToolError> {
 pub fn print_results(
     settings: &Settings,
     follow: bool,
-    stop: &std::sync::atomic::AtomicBool,
+    stop: &CancellationToken,
     mut print: impl FnMut(&str),
 ) -> Result<usize, ToolError> {
     let codec = codec_of(settings)?;

@@ -1,13 +1,13 @@
 //! A worker: every configured processor, run side by side until a stop is
 //! requested, then drained in order.
 
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use crate::handlers::{Named, Registry};
 use crate::metrics::Metrics;
 use crate::processor::{self, ProcessorError, ProcessorSpec};
 use crate::settings::Settings;
+use crate::shutdown::CancellationToken;
 
 /// Why the worker could not run.
 #[derive(Debug, thiserror::Error)]
@@ -92,7 +92,9 @@ pub fn processor_specs_with(
 
 /// Runs every processor until `stop` is set (each then drains and commits)
 /// or one fails; a failure stops the others too.
-pub async fn run(specs: Vec<ProcessorSpec>, stop: Arc<AtomicBool>) -> Result<(), WorkerError> {
+pub async fn run(specs: Vec<ProcessorSpec>, stop: CancellationToken) -> Result<(), WorkerError> {
+    // A failure stops this worker's processors, not what else `stop` stops.
+    let stop = stop.child_token();
     let mut running = tokio::task::JoinSet::new();
     for spec in specs {
         running.spawn(processor::run(spec, stop.clone()));
@@ -101,7 +103,7 @@ pub async fn run(specs: Vec<ProcessorSpec>, stop: Arc<AtomicBool>) -> Result<(),
     while let Some(joined) = running.join_next().await {
         let outcome = joined.map_err(|e| WorkerError::Crashed(e.to_string()));
         if let Err(e) = outcome.and_then(|r| r.map_err(WorkerError::from)) {
-            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            stop.cancel();
             first_error.get_or_insert(e);
         }
     }

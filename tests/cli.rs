@@ -256,14 +256,25 @@ fn collect_leaf_keys(value: &toml::Value, keys: &mut Vec<String>) {
 
 #[test]
 fn dev_runs_a_task_through_the_worker_and_stops_on_sigint() {
+    // The stop messages are logged at info: they show the stop order.
     let mut child = Command::new(env!("CARGO_BIN_EXE_conveyor"))
         .arg("dev")
         .env_remove("CONVEYOR_CONFIG")
-        .env("RUST_LOG", "warn")
+        .env(
+            "RUST_LOG",
+            "warn,conveyor::gateway=info,conveyor::processor=info",
+        )
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("start conveyor dev");
+    let stderr = child.stderr.take().expect("piped stderr");
+    let logged = std::thread::spawn(move || {
+        BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<String>>()
+    });
     let stdout = child.stdout.take().expect("piped stdout");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -374,6 +385,22 @@ fn dev_runs_a_task_through_the_worker_and_stops_on_sigint() {
     assert!(status.success());
     let exit = child.wait().expect("conveyor dev exits");
     assert_eq!(exit.code(), Some(0), "exit after SIGINT");
+    // The stop order: the gateway first, then the processor (whose producer
+    // flush is the last thing it does).
+    let log = logged.join().expect("stderr read");
+    let at = |what: &str| {
+        log.iter()
+            .position(|l| l.contains(what))
+            .unwrap_or_else(|| panic!("`{what}` logged: {log:#?}"))
+    };
+    let drained = log
+        .iter()
+        .position(|l| l.contains("drained") && l.contains("shutdown"))
+        .unwrap_or_else(|| panic!("the shutdown drain logged: {log:#?}"));
+    assert!(
+        at("gateway stopped") < drained && drained < at("processor stopped"),
+        "the gateway stops before the processor starts draining: {log:#?}"
+    );
 }
 
 #[test]

@@ -2,7 +2,6 @@
 //! results and task topics from a look-back point and follows them.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::Consumer;
@@ -14,6 +13,7 @@ use crate::codec::wire as headers;
 use crate::codec::{now_millis, Codec, TaskRequest, TaskResult};
 use crate::kafka::{Read, Reader};
 use crate::settings::KafkaSettings;
+use crate::shutdown::CancellationToken;
 
 /// What to follow.
 #[derive(Debug)]
@@ -156,10 +156,10 @@ impl Follower {
     }
 
     /// Polls until `stop`, handing what it reads to `apply`.
-    pub fn run(mut self, stop: &AtomicBool, mut apply: impl FnMut(Event)) {
+    pub fn run(mut self, stop: &CancellationToken, mut apply: impl FnMut(Event)) {
         let mut caught_up = false;
         let mut last_tick = Instant::now();
-        while !stop.load(Ordering::Relaxed) {
+        while !stop.is_cancelled() {
             if !caught_up && self.behind.is_empty() {
                 caught_up = true;
                 apply(Event::CaughtUp);

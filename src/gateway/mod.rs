@@ -33,6 +33,7 @@ use serde_json::{json, Value};
 use crate::codec::{now_millis, Codec};
 use crate::metrics::Metrics;
 use crate::settings::{GatewaySettings, Settings};
+use crate::shutdown::CancellationToken;
 use crate::workflow::Workflows;
 use api::Rules;
 use view::{Limits, View};
@@ -157,7 +158,7 @@ impl Gateway {
 pub async fn start(
     settings: &Settings,
     metrics: Arc<Metrics>,
-    stop: Arc<AtomicBool>,
+    stop: CancellationToken,
 ) -> Result<Gateway, GatewayError> {
     let g = settings.gateway.clone();
     let codec = settings
@@ -253,9 +254,7 @@ pub async fn start(
         let stopping = shared.clone();
         let served = axum::serve(listener, app)
             .with_graceful_shutdown(async move {
-                while !stop.load(Ordering::Relaxed) {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
+                stop.cancelled().await;
                 tracing::info!("gateway stopping: no new connections, answering those in flight");
                 stopping.stopping.store(true, Ordering::Relaxed);
                 stopping.view().wake_all();

@@ -115,6 +115,7 @@ use crate::handlers::Registry;
 use crate::kafka;
 use crate::metrics::Metrics;
 use crate::settings::{KafkaSettings, ProcessorSettings};
+use crate::shutdown::CancellationToken;
 use crate::workflow::Workflows;
 use hot::Hot;
 use ledger::{Admission, Arrival, Bounds, Ledger, Ticket, TopicPartition};
@@ -509,7 +510,7 @@ impl Shared {
 
 /// Runs one processor until `stop` is set, then drains, commits and
 /// returns. Errors only for what retrying cannot fix.
-pub async fn run(spec: ProcessorSpec, stop: Arc<AtomicBool>) -> Result<(), ProcessorError> {
+pub async fn run(spec: ProcessorSpec, stop: CancellationToken) -> Result<(), ProcessorError> {
     let status = spec.status.clone();
     let outcome = run_processor(spec, stop).await;
     if outcome.is_err() {
@@ -518,7 +519,7 @@ pub async fn run(spec: ProcessorSpec, stop: Arc<AtomicBool>) -> Result<(), Proce
     outcome
 }
 
-async fn run_processor(spec: ProcessorSpec, stop: Arc<AtomicBool>) -> Result<(), ProcessorError> {
+async fn run_processor(spec: ProcessorSpec, stop: CancellationToken) -> Result<(), ProcessorError> {
     let name = spec.settings.name.clone();
     let client_error = |client, source| ProcessorError::Client {
         processor: name.clone(),
@@ -649,6 +650,15 @@ async fn run_processor(spec: ProcessorSpec, stop: Arc<AtomicBool>) -> Result<(),
             }
         })
     });
+    // The poll thread checks the token every pass; waking it makes a stop
+    // prompt when it sleeps for want of records.
+    let waker = {
+        let (stop, shared) = (stop.clone(), shared.clone());
+        tokio::spawn(async move {
+            stop.cancelled().await;
+            shared.wake();
+        })
+    };
     let poll_shared = shared.clone();
     let outcome =
         tokio::task::spawn_blocking(move || poll::poll_loop(&poll_shared, consumer, &stop))
@@ -657,6 +667,7 @@ async fn run_processor(spec: ProcessorSpec, stop: Arc<AtomicBool>) -> Result<(),
                 processor: name.clone(),
                 message: format!("the poll thread failed: {e}"),
             })?;
+    waker.abort();
     if let Some(sweeper) = sweeper {
         sweeper.abort();
     }

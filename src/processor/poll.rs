@@ -5,7 +5,7 @@
 //! on stop, drains and commits what finished.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
+use std::sync::atomic::Ordering as AtomicOrdering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,6 +19,7 @@ use tracing::{debug, error, warn};
 use super::ledger::TopicPartition;
 use super::rebalance::EngineContext;
 use super::{task, Job, ProcessorError, Shared};
+use crate::shutdown::CancellationToken;
 
 /// Longest the poll thread sleeps when nothing arrives: the main queue's
 /// callbacks (rebalances, statistics, commits) are served at least this
@@ -103,7 +104,7 @@ fn serve_main(shared: &Arc<Shared>, consumer: &Engine) -> Result<bool, Processor
 pub(super) fn poll_loop(
     shared: &Arc<Shared>,
     consumer: Engine,
-    stop: &AtomicBool,
+    stop: &CancellationToken,
 ) -> Result<(), ProcessorError> {
     let consumer = Arc::new(consumer);
     let this_thread = std::thread::current();
@@ -119,7 +120,7 @@ pub(super) fn poll_loop(
     let commit_interval = Duration::from_millis(shared.settings.commit_interval_ms);
     let mut next_commit = Instant::now() + commit_interval;
     let mut commits: u32 = 0;
-    'outer: while !stop.load(AtomicOrdering::Relaxed) {
+    'outer: while !stop.is_cancelled() {
         shared.status.poll_loop_alive();
         if let Some(message) = shared.fatal_error() {
             result = Err(ProcessorError::Fatal {

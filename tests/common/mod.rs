@@ -184,9 +184,9 @@ pub fn python_module_available(test: &str, module: &str, require: &str, install:
 // ---------------------------------------------------------------------------
 // Producing requests, reading results, running workers.
 
+use conveyor::shutdown::CancellationToken;
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use conveyor::codec::{Codec, TaskRequest, TaskResult};
@@ -468,7 +468,7 @@ impl TestKafka {
 
 /// A worker running in this process.
 pub struct InProcessWorker {
-    stop: Arc<AtomicBool>,
+    stop: CancellationToken,
     handle: tokio::task::JoinHandle<Result<(), WorkerError>>,
     /// The first processor's figures.
     pub status: Arc<ProcessorStatus>,
@@ -492,7 +492,7 @@ impl InProcessWorker {
             }
         }
         let status = statuses[0].clone();
-        let stop = Arc::new(AtomicBool::new(false));
+        let stop = CancellationToken::new();
         let metrics = specs[0].metrics.clone();
         let handle = tokio::spawn(worker::run(specs, stop.clone()));
         InProcessWorker {
@@ -506,7 +506,7 @@ impl InProcessWorker {
 
     /// Asks the worker to stop and waits until it drained and committed.
     pub async fn stop(mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.stop.cancel();
         let handle = std::mem::replace(&mut self.handle, tokio::spawn(async { Ok(()) }));
         tokio::time::timeout(SETUP_TIMEOUT, handle)
             .await
@@ -520,7 +520,7 @@ impl Drop for InProcessWorker {
     /// A test that fails before stopping its workers must still end: the
     /// runtime waits for every poll thread when it shuts down.
     fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.stop.cancel();
     }
 }
 
@@ -629,7 +629,7 @@ pub fn header(record: &rdkafka::message::OwnedMessage, name: &str) -> Option<Str
 /// thread would otherwise hold up the runtime's shutdown).
 pub struct TestGateway {
     gateway: Option<conveyor::gateway::Gateway>,
-    stop: Arc<AtomicBool>,
+    stop: CancellationToken,
     /// `http://127.0.0.1:<port>`.
     pub base: String,
 }
@@ -640,7 +640,7 @@ impl TestGateway {
     pub async fn start(settings: &Settings, metrics: Arc<conveyor::metrics::Metrics>) -> Self {
         let mut settings = settings.clone();
         settings.gateway.listen = "127.0.0.1:0".into();
-        let stop = Arc::new(AtomicBool::new(false));
+        let stop = CancellationToken::new();
         let gateway = conveyor::gateway::start(&settings, metrics, stop.clone())
             .await
             .expect("gateway starts");
@@ -654,7 +654,7 @@ impl TestGateway {
 
     /// Asks the gateway to stop and waits until it stopped cleanly.
     pub async fn stop(mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.stop.cancel();
         if let Some(gateway) = self.gateway.take() {
             tokio::time::timeout(SETUP_TIMEOUT, gateway.finished())
                 .await
@@ -666,6 +666,6 @@ impl TestGateway {
 
 impl Drop for TestGateway {
     fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.stop.cancel();
     }
 }
