@@ -123,6 +123,24 @@ impl ProcessorSettings {
 }
 
 impl Settings {
+    /// The topics a gateway follows for results: the processors' output
+    /// topics, or the default results topic for a configuration that runs
+    /// none. (The task topics it writes and follows are
+    /// [`Settings::gateway_task_topics`].) Sorted, each once.
+    pub fn gateway_result_topics(&self) -> Vec<String> {
+        let mut topics: Vec<String> = self
+            .processors
+            .iter()
+            .filter_map(|p| p.output_topic.clone())
+            .collect();
+        if topics.is_empty() {
+            topics.push(self.topics.results.clone());
+        }
+        topics.sort();
+        topics.dedup();
+        topics
+    }
+
     /// Every topic this configuration needs, by name: each processor's
     /// ([`ProcessorSettings::topology`]), the default results and
     /// dead-letter topics, the gateway's task topics, and every workflow's.

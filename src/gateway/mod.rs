@@ -166,18 +166,7 @@ pub async fn start(
         .codec()
         .ok_or_else(|| GatewayError::Config("codec settings are incomplete".into()))?;
     let task_topics = settings.gateway_task_topics();
-    // Where results are written: the processors' output topics, or the
-    // default results topic for a gateway whose configuration runs none.
-    let mut result_topics: Vec<String> = settings
-        .processors
-        .iter()
-        .filter_map(|p| p.output_topic.clone())
-        .collect();
-    if result_topics.is_empty() {
-        result_topics.push(settings.topics.results.clone());
-    }
-    result_topics.sort();
-    result_topics.dedup();
+    let result_topics = settings.gateway_result_topics();
 
     let producer: FutureProducer = crate::kafka::producer_config(&settings.kafka)
         .set("message.timeout.ms", g.produce_timeout_ms.to_string())
