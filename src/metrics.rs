@@ -103,6 +103,9 @@ pub const GATEWAY_REQUEST_DURATION: &str = "conveyor_gateway_request_duration_se
 pub const GATEWAY_TASKS_SUBMITTED: &str = "conveyor_gateway_tasks_submitted_total";
 /// `conveyor_gateway_view_tasks`: tasks held by the gateway's status view.
 pub const GATEWAY_VIEW_TASKS: &str = "conveyor_gateway_view_tasks";
+/// `conveyor_gateway_long_polls`: status requests waiting (`?wait=`) for a
+/// task or run to end.
+pub const GATEWAY_LONG_POLLS: &str = "conveyor_gateway_long_polls";
 
 /// Label value for task types no handler is configured for.
 pub const UNKNOWN_TYPE: &str = "_unknown";
@@ -167,6 +170,8 @@ pub struct Metrics {
     pub gateway_tasks_submitted: IntCounterVec,
     /// See [`GATEWAY_VIEW_TASKS`].
     pub gateway_view_tasks: IntGaugeVec,
+    /// See [`GATEWAY_LONG_POLLS`].
+    pub gateway_long_polls: IntGaugeVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -366,6 +371,12 @@ impl Metrics {
                 &r,
                 GATEWAY_VIEW_TASKS,
                 "Tasks held by the gateway's status view.",
+                &[],
+            ),
+            gateway_long_polls: gauge(
+                &r,
+                GATEWAY_LONG_POLLS,
+                "Status requests waiting (?wait=) for a task or workflow run to end.",
                 &[],
             ),
             registry: r,

@@ -485,11 +485,10 @@ async fn the_in_flight_bounds_by_count_and_by_bytes_hold() {
             // Records produced once the partitions are owned all come
             // through the partitions' own queues, which the bounds govern.
             // Two of the input topic, two of its retry topic.
-            wait_until("partitions assigned", LONG, || {
-                worker.status.assigned_partitions() == 4
+            wait_until("partitions read through their own queues", LONG, || {
+                worker.status.assigned_partitions() == 4 && worker.status.reading_partitions() == 4
             })
             .await;
-            tokio::time::sleep(Duration::from_millis(500)).await;
             // The recorder's tasks are numbers.
             let sent = requests("overlap", "0", 60);
             // A record larger than the byte bound (when that is small) still

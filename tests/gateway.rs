@@ -422,7 +422,27 @@ async fn bad_input_is_refused_with_its_status_and_field_and_nothing_is_produced(
             (status, serde_json::from_str::<Value>(&text).expect("JSON"))
         })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Stop once the long poll waits (the gauge counts it).
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let scrape = gw
+            .http
+            .get(format!("{}/metrics", gw.base))
+            .send()
+            .await
+            .expect("metrics answered")
+            .text()
+            .await
+            .expect("metrics text");
+        if scrape.lines().any(|l| l == "conveyor_gateway_long_polls 1") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the long poll never waited: {scrape}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let started = std::time::Instant::now();
     gw.stop().await;
     let (status, task) = tokio::time::timeout(Duration::from_secs(10), waiting)

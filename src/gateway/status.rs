@@ -271,7 +271,9 @@ pub(super) async fn long_poll<T>(
             woken = Box::pin(notify.notified());
             woken.as_mut().enable();
         }
+        let counted = LongPoll::start(&shared.metrics);
         let _ = tokio::time::timeout_at(deadline, woken).await;
+        drop(counted);
         drop(notify);
         shared.view().release_waiter(&id);
     }
@@ -321,4 +323,22 @@ pub(super) fn render(task: &TaskView) -> Value {
         }
     }
     value
+}
+
+/// Counts a request in `conveyor_gateway_long_polls` while it waits (also
+/// when the wait is cut short: the request dropped, the time limit hit).
+struct LongPoll(prometheus::IntGauge);
+
+impl LongPoll {
+    fn start(metrics: &crate::metrics::Metrics) -> LongPoll {
+        let gauge = metrics.gateway_long_polls.with_label_values(&[] as &[&str]);
+        gauge.inc();
+        LongPoll(gauge)
+    }
+}
+
+impl Drop for LongPoll {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }

@@ -153,6 +153,9 @@ pub enum ProcessorError {
 #[derive(Debug, Default)]
 pub struct ProcessorStatus {
     assigned: AtomicUsize,
+    /// Owned partitions read through a queue of their own (split off by
+    /// the poll thread after each assignment).
+    reading: AtomicUsize,
     in_flight: AtomicUsize,
     finished: AtomicUsize,
     breaker_open: AtomicBool,
@@ -200,6 +203,13 @@ impl ProcessorStatus {
     /// Partitions this member owns now.
     pub fn assigned_partitions(&self) -> usize {
         self.assigned.load(AtomicOrdering::Relaxed)
+    }
+
+    /// Owned partitions whose records come through a queue of their own:
+    /// once it equals [`ProcessorStatus::assigned_partitions`], every
+    /// record produced from now on is read under the partition bounds.
+    pub fn reading_partitions(&self) -> usize {
+        self.reading.load(AtomicOrdering::Relaxed)
     }
 
     /// Records dispatched and not finished.

@@ -178,6 +178,10 @@ pub(super) fn poll_loop(
                 }
             }
         }
+        shared
+            .status
+            .reading
+            .store(queues.len(), AtomicOrdering::Relaxed);
         if split {
             match serve_main(shared, &consumer) {
                 Ok(more) => any |= more,
@@ -234,6 +238,7 @@ pub(super) fn poll_loop(
         }
     }
     drop(queues);
+    shared.status.reading.store(0, AtomicOrdering::Relaxed);
     let consumer = match Arc::try_unwrap(consumer) {
         Ok(consumer) => consumer,
         Err(_) => unreachable!("the partition queues holding the consumer were dropped"),
