@@ -243,7 +243,9 @@ impl Outgoing {
 
 /// Hands a task's `records` to the producer; the job finishes (see
 /// [`Shared::finish`]) once every one is acknowledged, at once when there
-/// are none. `latency`: the task latency to observe then.
+/// are none. `latency`: the task latency to observe then. Returns the next
+/// record of the job's lane when letting go of the lane started one: the
+/// caller runs it.
 // A plain function returning its future, not an `async fn`: that would
 // keep the `Job` twice in every task's state (see `task::run`).
 #[allow(clippy::manual_async_fn)]
@@ -252,15 +254,14 @@ pub(super) fn deliver<'a>(
     mut job: Job,
     records: Vec<(Record, Outgoing)>,
     latency: Option<(prometheus::Histogram, i64)>,
-) -> impl std::future::Future<Output = ()> + Send + 'a {
+) -> impl std::future::Future<Output = Option<Job>> + Send + 'a {
     async move {
         // Not needed any more: freed here rather than on the producer's thread,
         // which finishes every task.
         job.payload = Vec::new();
         job.key = None;
         if records.is_empty() {
-            shared.finish(job);
-            return;
+            return shared.complete(&job);
         }
         let mut kinds = [0u32; 4];
         for (kind, _) in &records {
@@ -288,13 +289,14 @@ pub(super) fn deliver<'a>(
                     delivery.clone(),
                 ))
                 .await;
-                if handed {
-                    advance(shared, &delivery);
-                }
-                return;
+                return if handed {
+                    advance(shared, &delivery)
+                } else {
+                    None
+                };
             }
         }
-        advance(shared, &delivery);
+        advance(shared, &delivery)
     }
 }
 
@@ -305,22 +307,16 @@ pub(super) fn deliver<'a>(
 /// finishes the job finds the lane already let go). Waiting for the
 /// acknowledgement here cost a linger and a round trip per record per
 /// lane: ~150 tasks/s per partition under `ordering = "partition"`.
-fn advance(shared: &Arc<Shared>, delivery: &Delivery) {
+///
+/// Returns that next record: the caller runs it, in its own tokio task.
+fn advance(shared: &Arc<Shared>, delivery: &Delivery) -> Option<Job> {
     let Delivery::Task(task) = delivery else {
-        return;
+        return None;
     };
-    let next = {
-        let mut job = task.job.lock().unwrap_or_else(|p| p.into_inner());
-        // `None`: every output was acknowledged already and the job
-        // finished, its lane with it.
-        match job.as_mut() {
-            Some(job) => shared.let_go_of_lane(job),
-            None => None,
-        }
-    };
-    if let Some(next) = next {
-        super::task::start(shared, vec![next]);
-    }
+    let mut job = task.job.lock().unwrap_or_else(|p| p.into_inner());
+    // `None`: every output was acknowledged already and the job finished,
+    // its lane with it.
+    job.as_mut().and_then(|job| shared.let_go_of_lane(job))
 }
 
 /// Sends `record`, which the producer refused with `refused`, then `rest`.
