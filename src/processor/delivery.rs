@@ -308,7 +308,8 @@ pub(super) fn deliver<'a>(
 /// acknowledgement here cost a linger and a round trip per record per
 /// lane: ~150 tasks/s per partition under `ordering = "partition"`.
 ///
-/// Returns that next record: the caller runs it, in its own tokio task.
+/// Returns that next record: the caller runs it next, in the same tokio
+/// task (see `task::run_lane`).
 fn advance(shared: &Arc<Shared>, delivery: &Delivery) -> Option<Job> {
     let Delivery::Task(task) = delivery else {
         return None;
