@@ -261,7 +261,8 @@ pub async fn run(user_settings: Option<Settings>) -> anyhow::Result<()> {
          -d '{{\"type\": \"{try_type}\", \"payload\": {try_payload}}}' | sed 's/.*\"id\":\"\\([^\"]*\\)\".*/\\1/')"
     );
     println!("    curl -s \"{api}/v1/tasks/$id?wait=10s\"");
-    if settings.workflows.iter().any(|w| w.name == DEV_WORKFLOW) {
+    let has_workflow = settings.workflows.iter().any(|w| w.name == DEV_WORKFLOW);
+    if has_workflow {
         println!(
             "  a workflow: split a text into lines, count each line's words in parallel, add them up:"
         );
@@ -280,7 +281,6 @@ pub async fn run(user_settings: Option<Settings>) -> anyhow::Result<()> {
     // The command line knows workflows from a configuration file: write
     // this one's where the commands can read it.
     let dev_config = std::env::temp_dir().join(format!("conveyor-dev-{}.toml", std::process::id()));
-    let has_workflow = settings.workflows.iter().any(|w| w.name == DEV_WORKFLOW);
     if has_workflow {
         let written = settings
             .to_toml()

@@ -55,9 +55,7 @@ pub fn processor_specs_with(
                 .into(),
         ));
     }
-    let codec = settings.codec.codec().ok_or_else(|| {
-        WorkerError::Config("codec settings are incomplete (run `conveyor config check`)".into())
-    })?;
+    let codec = crate::kafka::codec_of(settings).map_err(|e| WorkerError::Config(e.to_string()))?;
     let worker = worker_id(&settings.kafka.client_id);
     let workflows = Arc::new(crate::workflow::Workflows::from_settings(settings));
     let metrics = Arc::new(if settings.metrics.enabled {

@@ -161,10 +161,7 @@ pub async fn start(
     stop: CancellationToken,
 ) -> Result<Gateway, GatewayError> {
     let g = settings.gateway.clone();
-    let codec = settings
-        .codec
-        .codec()
-        .ok_or_else(|| GatewayError::Config("codec settings are incomplete".into()))?;
+    let codec = crate::kafka::codec_of(settings)?;
     let task_topics = settings.gateway_task_topics();
     let result_topics = settings.gateway_result_topics();
 
