@@ -39,9 +39,6 @@ use crate::settings::{Settings, SettingsError};
 use crate::shutdown::CancellationToken;
 use crate::worker::{self, WorkerError};
 
-/// How long `run` waits for the cluster to answer at start.
-const CONNECT_WITHIN: Duration = Duration::from_secs(10);
-
 /// Why an app could not run: the configuration (exit 2) or at run time
 /// (exit 1).
 #[derive(Debug, thiserror::Error)]
@@ -142,10 +139,8 @@ impl App {
     pub async fn run_until(self, stop: CancellationToken) -> Result<(), AppError> {
         let specs = self.processor_specs()?;
         let settings = self.settings?;
-        let kafka = settings.kafka.clone();
-        tokio::task::spawn_blocking(move || crate::kafka::check_connection(&kafka, CONNECT_WITHIN))
+        crate::kafka::connect(&settings.kafka)
             .await
-            .map_err(|e| AppError::Failed(e.to_string()))?
             .map_err(AppError::Failed)?;
         serve_probes(&settings, &specs).await?;
         worker::run(specs, stop).await?;

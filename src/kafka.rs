@@ -190,6 +190,18 @@ pub fn check_connection(kafka: &KafkaSettings, within: std::time::Duration) -> R
     }
 }
 
+/// How long a program waits for the cluster to answer at start.
+pub const CONNECT_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// [`check_connection`] within [`CONNECT_WITHIN`], on the blocking pool
+/// (it polls a client): what every program does before it starts work.
+pub async fn connect(kafka: &KafkaSettings) -> Result<(), String> {
+    let kafka = kafka.clone();
+    tokio::task::spawn_blocking(move || check_connection(&kafka, CONNECT_WITHIN))
+        .await
+        .map_err(|e| e.to_string())?
+}
+
 /// A context that does not report reaching the end of a partition as an
 /// error: for a reader, it is the expected way to finish.
 pub struct ReaderContext;

@@ -394,16 +394,11 @@ impl From<worker::WorkerError> for CommandError {
     }
 }
 
-/// How long a command waits for the cluster to answer at start.
-const CONNECT_WITHIN: Duration = Duration::from_secs(10);
-
 /// Connects as the command's clients will; an authentication or TLS
 /// failure, or no answer, ends the command (exit 1) naming the setting.
 async fn connect(settings: &Settings) -> Result<(), CommandError> {
-    let kafka = settings.kafka.clone();
-    tokio::task::spawn_blocking(move || conveyor::kafka::check_connection(&kafka, CONNECT_WITHIN))
+    conveyor::kafka::connect(&settings.kafka)
         .await
-        .map_err(|e| CommandError::Failed(e.to_string()))?
         .map_err(CommandError::Failed)
 }
 
