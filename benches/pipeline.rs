@@ -95,6 +95,13 @@ use rdkafka::producer::{
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
+/// The allocator the `conveyor` binary uses (src/main.rs), so the processor
+/// measured in this process allocates as the worker does. The raw pipe
+/// allocates almost nothing on the Rust side; librdkafka keeps the system
+/// allocator in both.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 struct Options {
     brokers: Option<String>,
     messages: usize,

@@ -16,6 +16,13 @@ use conveyor::shutdown::CancellationToken;
 use conveyor::tools::{self, Submission, ToolError};
 use conveyor::worker;
 
+/// mimalloc instead of the system allocator: a task allocates on the
+/// runtime's threads and is freed on the producer's delivery thread, and
+/// glibc's allocator made those cross-thread frees a tenth of the worker's
+/// CPU (BENCHMARKS.md, "Where the CPU goes").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Exit status for bad configuration or a command that is not built yet.
 const EXIT_USAGE: u8 = 2;
 
