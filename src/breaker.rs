@@ -81,6 +81,13 @@ impl Breaker {
         self.open_until
     }
 
+    /// Whether a success would change nothing: closed, and the window
+    /// full of successes (a success then replaces a success). The caller
+    /// may skip recording successes while this holds.
+    pub fn settled(&self) -> bool {
+        self.open_until.is_none() && self.failures == 0 && self.outcomes.len() >= self.config.window
+    }
+
     /// Records a success.
     pub fn success(&mut self, now: Instant) {
         if !self.is_open(now) {
@@ -130,6 +137,26 @@ mod tests {
             failure_ratio: 0.5,
             cooldown: Duration::from_secs(60),
         })
+    }
+
+    #[test]
+    fn settled_once_the_window_is_full_of_successes() {
+        let mut b = breaker();
+        let now = Instant::now();
+        for _ in 0..9 {
+            b.success(now);
+            assert!(!b.settled(), "the window is not full yet");
+        }
+        b.success(now);
+        assert!(b.settled());
+        assert_eq!(b.failure(now), Verdict::Closed);
+        assert!(!b.settled(), "a failure is in the window");
+        for _ in 0..9 {
+            b.success(now);
+            assert!(!b.settled(), "the failure is still in the window");
+        }
+        b.success(now);
+        assert!(b.settled(), "the failure left the window");
     }
 
     #[test]

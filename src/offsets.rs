@@ -88,10 +88,20 @@ impl OffsetTracker {
     /// to consume, as Kafka commits it. Unknown or already finished offsets
     /// change nothing.
     pub fn finished(&mut self, offset: i64) -> Option<i64> {
-        let index = self
+        // Offsets are usually consecutive: try the slot `offset` would
+        // have then, before searching (gaps are possible, see above).
+        let guess = self
             .pending
-            .binary_search_by_key(&offset, |e| e.offset)
-            .ok()?;
+            .front()
+            .and_then(|front| usize::try_from(offset.checked_sub(front.offset)?).ok())
+            .filter(|&i| self.pending.get(i).is_some_and(|e| e.offset == offset));
+        let index = match guess {
+            Some(index) => index,
+            None => self
+                .pending
+                .binary_search_by_key(&offset, |e| e.offset)
+                .ok()?,
+        };
         let entry = self.pending.get_mut(index)?;
         if entry.done {
             return None;

@@ -300,6 +300,9 @@ pub(crate) struct Shared {
     dead_letter_topic: Arc<str>,
     /// The poison-pill breaker, when on.
     breaker: Mutex<Option<Breaker>>,
+    /// The breaker is on and settled ([`Breaker::settled`]): successes
+    /// need not be recorded. Set under the breaker's lock.
+    breaker_settled: AtomicBool,
     metrics: Arc<Metrics>,
     hot: Hot,
     workflows: Arc<Workflows>,
@@ -419,12 +422,16 @@ impl Shared {
             parked: headers.not_before.is_some(),
         };
         let tick = self.tick();
+        // Copied before taking the lock, which the producer's delivery
+        // thread waits for to finish tasks (wasted only on a skipped record).
+        let key = message.key().map(<[u8]>::to_vec);
+        let payload = message.payload().unwrap_or_default().to_vec();
         let mut state = self.lock();
         let admission = state.ledger.admit(arrival, tick, |ticket| Job {
             ticket,
-            key: message.key().map(<[u8]>::to_vec),
+            key,
             timestamp: message.timestamp().to_millis(),
-            payload: message.payload().unwrap_or_default().to_vec(),
+            payload,
             headers,
         });
         let start = match admission {
@@ -566,6 +573,7 @@ async fn run_processor(spec: ProcessorSpec, stop: CancellationToken) -> Result<(
         status: spec.status.clone(),
         dead_letter_topic: spec.settings.dead_letters_topic().into(),
         breaker: Mutex::new(spec.settings.breaker_config().map(Breaker::new)),
+        breaker_settled: AtomicBool::new(false),
         metrics: spec.metrics.clone(),
         hot: Hot::new(&spec.metrics, &name, &spec.settings),
         workflows: spec.workflows.clone(),

@@ -44,10 +44,29 @@ pub(super) fn start(shared: &Arc<Shared>, jobs: Vec<Job>) {
     let shared = shared.clone();
     let runtime = shared.runtime.clone();
     runtime.spawn(async move {
-        for job in jobs {
-            let mut task = Box::pin(run_lane(shared.clone(), job));
+        // One allocation for the batch, not one per job: a job that ends
+        // on its first poll leaves its box to the next one, and only a job
+        // that waits takes its box along into a task of its own.
+        let mut jobs = jobs.into_iter();
+        let Some(first) = jobs.next() else {
+            return;
+        };
+        let mut task = Box::pin(run_lane(shared.clone(), first));
+        loop {
             if futures::poll!(task.as_mut()).is_pending() {
-                tokio::spawn(task);
+                let Some(job) = jobs.next() else {
+                    tokio::spawn(task);
+                    return;
+                };
+                tokio::spawn(std::mem::replace(
+                    &mut task,
+                    Box::pin(run_lane(shared.clone(), job)),
+                ));
+            } else {
+                let Some(job) = jobs.next() else {
+                    return;
+                };
+                task.set(run_lane(shared.clone(), job));
             }
         }
     });
@@ -211,7 +230,7 @@ fn run_job(shared: Arc<Shared>, job: Job) -> impl std::future::Future<Output = O
         let first_attempt = request.attempt;
         loop {
             let started_at = now_millis();
-            let end = run_task(shared, &job, &mut request).await;
+            let end = run_task(shared, &job, &mut request, started_at).await;
             request.attempt = first_attempt;
             match end {
                 End::Succeeded(result) => {
@@ -276,8 +295,8 @@ fn run_job(shared: Arc<Shared>, job: Job) -> impl std::future::Future<Output = O
 /// Runs attempts of `request` until it succeeds, fails for good, or is
 /// parked in the retry topic.
 /// `request.attempt` advances with each attempt; the caller puts it back.
-async fn run_task(shared: &Shared, job: &Job, request: &mut TaskRequest) -> End {
-    let started_at = now_millis();
+/// `started_at`: when the caller began, in ms since the epoch.
+async fn run_task(shared: &Shared, job: &Job, request: &mut TaskRequest, started_at: i64) -> End {
     let (Some(handler), Some(task)) = (
         shared.registry.get(&request.task_type),
         shared.settings.tasks.get(&request.task_type),
@@ -343,10 +362,14 @@ async fn run_task(shared: &Shared, job: &Job, request: &mut TaskRequest) -> End 
             .with_label_values(&[&shared.name, type_label, via])
             .inc();
     };
+    // When the first attempt began: `finished_at` is `started_at` plus the
+    // time since, which spares a wall-clock read per task.
+    let mut first_began = None;
     loop {
         request.attempt = request.attempt.max(1);
         tracing::Span::current().record("attempt", request.attempt);
         let began = Instant::now();
+        let first_began = *first_began.get_or_insert(began);
         let outcome = {
             let mut attempt =
                 std::pin::pin!(AssertUnwindSafe(handler.handle(request, &context)).catch_unwind());
@@ -369,7 +392,10 @@ async fn run_task(shared: &Shared, job: &Job, request: &mut TaskRequest) -> End 
             Ok(Ok(Ok(output))) => {
                 debug!(task_id = %request.id, attempt = request.attempt, "task succeeded");
                 record_success(shared, ended);
-                return End::Succeeded(succeeded(shared, request, started_at, output));
+                let took = ended.saturating_duration_since(first_began).as_millis();
+                let finished_at =
+                    started_at.saturating_add(i64::try_from(took).unwrap_or(i64::MAX));
+                return End::Succeeded(succeeded(shared, request, started_at, finished_at, output));
             }
             Ok(Ok(Err(e))) => (
                 e.kind(),
@@ -437,6 +463,7 @@ fn succeeded(
     shared: &Shared,
     request: &TaskRequest,
     started_at: i64,
+    finished_at: i64,
     output: Output,
 ) -> TaskResult {
     TaskResult {
@@ -448,7 +475,7 @@ fn succeeded(
         error: None,
         attempts: request.attempt,
         started_at,
-        finished_at: now_millis(),
+        finished_at,
         worker: shared.worker.clone(),
         workflow: request.workflow.clone(),
     }
@@ -493,9 +520,16 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 }
 
 fn record_success(shared: &Shared, now: Instant) {
+    // While nothing failed lately a success changes nothing: no lock.
+    if shared.breaker_settled.load(AtomicOrdering::Relaxed) {
+        return;
+    }
     let mut breaker = shared.breaker.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(b) = breaker.as_mut() {
         b.success(now);
+        shared
+            .breaker_settled
+            .store(b.settled(), AtomicOrdering::Relaxed);
     }
 }
 
@@ -504,6 +538,7 @@ fn record_success(shared: &Shared, now: Instant) {
 fn trip_breaker(shared: &Shared) -> Option<Instant> {
     let mut breaker = shared.breaker.lock().unwrap_or_else(|p| p.into_inner());
     let b = breaker.as_mut()?;
+    shared.breaker_settled.store(false, AtomicOrdering::Relaxed);
     match b.failure(Instant::now()) {
         Verdict::Closed => None,
         Verdict::Open => {
