@@ -18,6 +18,7 @@
 //! and property tests below drive it with plain numbers.
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
 use crate::offsets::{NotIncreasing, OffsetTracker};
@@ -31,10 +32,67 @@ pub(crate) type TopicPartition = (Arc<str>, i32);
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) enum Lane {
     Partition,
-    Key(Vec<u8>),
+    /// Records whose keys have this hash (keyed with the ledger's random
+    /// seed): records of one key always share a lane, and two keys share
+    /// one only if their 64-bit hashes collide, which orders them together
+    /// and breaks nothing. No copy of the key, no comparison of keys.
+    Key(u64),
     /// Records without a key, with `ordering = "key"`: a lane each.
     Unkeyed(i64),
 }
+
+/// Hashes the ledger's own map keys — lanes (already random for keys;
+/// offsets for unkeyed records) and the configured topics' partitions —
+/// with a multiply and a rotate per word instead of SipHash: those
+/// lookups ran three times per record under the engine's lock.
+#[derive(Default)]
+pub(crate) struct QuickHasher(u64);
+
+impl QuickHasher {
+    fn add(&mut self, word: u64) {
+        // Knuth's multiplicative constant (2^64 / golden ratio).
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+impl Hasher for QuickHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for chunk in &mut chunks {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(chunk);
+            self.add(u64::from_le_bytes(word));
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut word = [0u8; 8];
+            word[..rest.len()].copy_from_slice(rest);
+            self.add(u64::from_le_bytes(word) ^ ((rest.len() as u64) << 56));
+        }
+    }
+
+    fn write_u64(&mut self, word: u64) {
+        self.add(word);
+    }
+
+    fn write_i64(&mut self, word: i64) {
+        self.add(word as u64);
+    }
+
+    fn write_i32(&mut self, word: i32) {
+        self.add(u64::from(word as u32));
+    }
+
+    fn write_usize(&mut self, word: usize) {
+        self.add(word as u64);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type QuickMap<K, V> = HashMap<K, V, BuildHasherDefault<QuickHasher>>;
 
 /// A record the ledger admitted: where it belongs and what it counts for.
 #[derive(Debug, Clone)]
@@ -119,6 +177,10 @@ pub(crate) struct Room {
     pub(crate) total: usize,
     /// Owned partitions that may take none.
     pub(crate) closed: usize,
+    /// Bytes of records that may be taken: taking stops with the record
+    /// whose size reaches it (so a record larger than the bound still runs
+    /// when nothing else does).
+    pub(crate) bytes: usize,
 }
 
 /// A partition this member owns.
@@ -129,7 +191,7 @@ struct Owned<J> {
     /// Dispatched and not finished, queued in lanes included.
     in_flight: usize,
     /// Lanes with a running record, and the records waiting behind it.
-    lanes: HashMap<Lane, VecDeque<J>>,
+    lanes: QuickMap<Lane, VecDeque<J>>,
     /// Finished offsets changed since the last commit was taken.
     dirty: bool,
     /// Offsets that finished before this assignment: skipped as they arrive.
@@ -144,7 +206,10 @@ struct Owned<J> {
 pub(crate) struct Ledger<J> {
     bounds: Bounds,
     generation: u64,
-    partitions: HashMap<TopicPartition, Owned<J>>,
+    partitions: QuickMap<TopicPartition, Owned<J>>,
+    /// Seeds the hashes of record keys ([`Lane::Key`]): random, so that
+    /// keys that share a lane cannot be chosen from outside.
+    keys: std::collections::hash_map::RandomState,
     /// Dispatched and not finished, across partitions (parked ones not).
     in_flight: usize,
     /// Their records' bytes.
@@ -157,7 +222,8 @@ impl<J: AsRef<Ticket>> Ledger<J> {
         Ledger {
             bounds,
             generation: 0,
-            partitions: HashMap::new(),
+            partitions: QuickMap::default(),
+            keys: std::collections::hash_map::RandomState::new(),
             in_flight: 0,
             in_flight_bytes: 0,
             stopping: false,
@@ -179,7 +245,7 @@ impl<J: AsRef<Ticket>> Ledger<J> {
                     generation: self.generation,
                     tracker: OffsetTracker::new(),
                     in_flight: 0,
-                    lanes: HashMap::new(),
+                    lanes: QuickMap::default(),
                     dirty: false,
                     skip: progress::Finished::default(),
                     revoking: false,
@@ -246,7 +312,7 @@ impl<J: AsRef<Ticket>> Ledger<J> {
             Ordering::None => None,
             Ordering::Partition => Some(Lane::Partition),
             Ordering::Key => Some(match arrival.key {
-                Some(k) => Lane::Key(k.to_vec()),
+                Some(k) => Lane::Key(self.keys.hash_one(k)),
                 None => Lane::Unkeyed(offset),
             }),
         };
@@ -355,7 +421,16 @@ impl<J: AsRef<Ticket>> Ledger<J> {
             }
             out.push((tp.clone(), own, o.generation));
         }
-        Room { total, closed }
+        let bytes = if total == 0 {
+            0
+        } else {
+            b.max_in_flight_bytes.saturating_sub(self.in_flight_bytes)
+        };
+        Room {
+            total,
+            closed,
+            bytes,
+        }
     }
 
     /// Calls `each` with the progress to commit of every chosen partition
@@ -499,6 +574,32 @@ mod tests {
             Admission::Start(t) => t,
             other => panic!("expected a start, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn the_quick_hasher_tells_apart_what_the_ledger_keys_by() {
+        let hash = |value: &dyn Fn(&mut QuickHasher)| {
+            let mut h = QuickHasher::default();
+            value(&mut h);
+            h.finish()
+        };
+        let partition = |topic: &str, p: i32| {
+            let tp: TopicPartition = (Arc::from(topic), p);
+            hash(&|h| std::hash::Hash::hash(&tp, h))
+        };
+        // Same value, same hash; a trailing zero byte, another partition,
+        // another topic of the same length: different.
+        assert_eq!(partition("tasks", 0), partition("tasks", 0));
+        assert_ne!(partition("tasks", 0), partition("tasks", 1));
+        assert_ne!(partition("tasks", 0), partition("tasks\0", 0));
+        assert_ne!(partition("tasks-a", 3), partition("tasks-b", 3));
+        let lane = |l: Lane| hash(&|h| std::hash::Hash::hash(&l, h));
+        assert_ne!(lane(Lane::Unkeyed(1)), lane(Lane::Unkeyed(2)));
+        assert_ne!(lane(Lane::Key(7)), lane(Lane::Unkeyed(7)));
+        // Records of one key share a lane; the seed is the ledger's own.
+        let ledger: Ledger<Ticket> = Ledger::new(bounds(Ordering::Key));
+        assert_eq!(ledger.keys.hash_one(b"k1"), ledger.keys.hash_one(b"k1"));
+        assert_ne!(ledger.keys.hash_one(b"k1"), ledger.keys.hash_one(b"k2"));
     }
 
     #[test]

@@ -269,6 +269,14 @@ pub(crate) struct Job {
     headers: headers::Incoming,
 }
 
+/// What a record's job is built from, read before the engine's lock.
+struct Prepared {
+    tp: TopicPartition,
+    headers: headers::Incoming,
+    key: Option<Vec<u8>>,
+    payload: Vec<u8>,
+}
+
 impl AsRef<Ticket> for Job {
     fn as_ref(&self) -> &Ticket {
         &self.ticket
@@ -314,9 +322,6 @@ pub(crate) struct Shared {
     /// task then wakes it (waking it on every finished task cost a syscall
     /// per task).
     starved: AtomicBool,
-    /// Whether the records in flight reach `max_in_flight_bytes`: the poll
-    /// thread stops taking records at once.
-    bytes_full: AtomicBool,
     /// Produce failures in a row (reset by any acknowledgement): the
     /// backoff before producing again grows with it.
     failures_in_a_row: AtomicU32,
@@ -384,8 +389,6 @@ impl Shared {
         self.status
             .in_flight
             .store(in_flight, AtomicOrdering::Relaxed);
-        self.bytes_full
-            .store(state.ledger.over_bytes(), AtomicOrdering::Relaxed);
         if let Some(gauge) = &self.hot.in_flight {
             gauge.set(i64::try_from(in_flight).unwrap_or(i64::MAX));
         }
@@ -399,68 +402,92 @@ impl Shared {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Takes one record into a lane; returns a job to start now, if any.
-    /// `from`: the partition it was read from, when known.
+    /// Takes records (read from `from`, when known) into their lanes, under
+    /// one lock for them all; a job to start now goes to `starts`.
     fn dispatch(
         &self,
-        message: &BorrowedMessage<'_>,
+        messages: &[BorrowedMessage<'_>],
         from: Option<&TopicPartition>,
-    ) -> Option<Job> {
-        let topic = message.topic();
-        let partition = message.partition();
-        let offset = message.offset();
-        let tp: TopicPartition = match from {
-            Some(tp) if tp.1 == partition && *tp.0 == *topic => tp.clone(),
-            _ => (Arc::from(topic), partition),
-        };
-        let headers = headers::read(message);
-        let arrival = Arrival {
-            partition: &tp,
-            offset,
-            key: message.key(),
-            bytes: message.payload_len(),
-            parked: headers.not_before.is_some(),
-        };
-        let tick = self.tick();
-        // Copied before taking the lock, which the producer's delivery
-        // thread waits for to finish tasks (wasted only on a skipped record).
-        let key = message.key().map(<[u8]>::to_vec);
-        let payload = message.payload().unwrap_or_default().to_vec();
-        let mut state = self.lock();
-        let admission = state.ledger.admit(arrival, tick, |ticket| Job {
-            ticket,
-            key,
-            timestamp: message.timestamp().to_millis(),
-            payload,
-            headers,
-        });
-        let start = match admission {
-            Admission::Start(job) => Some(job),
-            Admission::Queued => None,
-            Admission::Skipped => {
-                // Finished before a crash or rebalance, as the last
-                // commit's metadata records: not run again, not produced
-                // again.
-                if let Some(skipped) = &self.hot.skipped {
-                    skipped.inc();
+        starts: &mut Vec<Job>,
+    ) {
+        if messages.is_empty() {
+            return;
+        }
+        // Everything but the admission is done before the lock, which the
+        // producer's delivery thread waits for to finish tasks (the copies
+        // are wasted only on a skipped record).
+        let prepared: Vec<Prepared> = messages
+            .iter()
+            .map(|message| {
+                let topic = message.topic();
+                let partition = message.partition();
+                Prepared {
+                    tp: match from {
+                        Some(tp) if tp.1 == partition && *tp.0 == *topic => tp.clone(),
+                        _ => (Arc::from(topic), partition),
+                    },
+                    headers: headers::read(message),
+                    key: message.key().map(<[u8]>::to_vec),
+                    payload: message.payload().unwrap_or_default().to_vec(),
                 }
-                return None;
+            })
+            .collect();
+        let tick = self.tick();
+        let mut state = self.lock();
+        let mut taken = false;
+        for (message, record) in messages.iter().zip(prepared) {
+            let Prepared {
+                tp,
+                headers,
+                key,
+                payload,
+            } = record;
+            let offset = message.offset();
+            let arrival = Arrival {
+                partition: &tp,
+                offset,
+                key: message.key(),
+                bytes: message.payload_len(),
+                parked: headers.not_before.is_some(),
+            };
+            let admission = state.ledger.admit(arrival, tick, |ticket| Job {
+                ticket,
+                key,
+                timestamp: message.timestamp().to_millis(),
+                payload,
+                headers,
+            });
+            match admission {
+                Admission::Start(job) => {
+                    starts.push(job);
+                    taken = true;
+                }
+                Admission::Queued => taken = true,
+                Admission::Skipped => {
+                    // Finished before a crash or rebalance, as the last
+                    // commit's metadata records: not run again, not produced
+                    // again.
+                    if let Some(skipped) = &self.hot.skipped {
+                        skipped.inc();
+                    }
+                }
+                Admission::Again(e) => {
+                    debug!(topic = %tp.0, partition = tp.1, %e, "record delivered again; the first copy is in flight");
+                }
+                Admission::NotOwned => {
+                    debug!(
+                        topic = %tp.0,
+                        partition = tp.1,
+                        offset,
+                        "record of a partition not owned; left for its owner"
+                    );
+                }
+                Admission::Closed => {}
             }
-            Admission::Again(e) => {
-                debug!(topic, partition, %e, "record delivered again; the first copy is in flight");
-                return None;
-            }
-            Admission::NotOwned => {
-                debug!(
-                    topic,
-                    partition, offset, "record of a partition not owned; left for its owner"
-                );
-                return None;
-            }
-            Admission::Closed => return None,
-        };
-        self.publish_in_flight(&state);
-        start
+        }
+        if taken {
+            self.publish_in_flight(&state);
+        }
     }
 
     /// Records that `job` finished (its result is acknowledged) and returns
@@ -509,14 +536,14 @@ impl Shared {
     /// `owned` is refilled with every owned partition, its room (0 when it
     /// must not be read) and the generation of its assignment. Returns the
     /// room left processor-wide. Poll thread only.
-    fn apply(&self, owned: &mut Vec<(TopicPartition, usize, u64)>) -> usize {
+    fn apply(&self, owned: &mut Vec<(TopicPartition, usize, u64)>) -> ledger::Room {
         let breaker_open = self.breaker_open();
         let blocked = self.producer_blocked.load(AtomicOrdering::Relaxed) > 0 || breaker_open;
         let room = self.lock().ledger.room(blocked, owned);
         if let Some(gauge) = &self.hot.paused {
             gauge.set(i64::try_from(room.closed).unwrap_or(i64::MAX));
         }
-        room.total
+        room
     }
 
     /// Seconds since the processor started: when records were dispatched.
@@ -580,7 +607,6 @@ async fn run_processor(spec: ProcessorSpec, stop: CancellationToken) -> Result<(
         joins: join::Joins::new(spec.kafka.clone()),
         poll_thread: std::sync::OnceLock::new(),
         starved: AtomicBool::new(false),
-        bytes_full: AtomicBool::new(false),
         failures_in_a_row: AtomicU32::new(0),
         started: Instant::now(),
         fatal: Mutex::new(None),

@@ -59,24 +59,30 @@ fn take(
     match polled {
         None => Polled::Empty,
         Some(Ok(message)) => {
-            starts.extend(shared.dispatch(&message, from));
+            shared.dispatch(std::slice::from_ref(&message), from, starts);
             Polled::Record
         }
-        Some(Err(e)) => match fatal_message(&e) {
-            Some(message) => {
-                error!(processor = %shared.name, %message, "stopping");
-                shared.count_error("fatal");
-                Polled::Fatal(ProcessorError::Fatal {
-                    processor: shared.name.clone(),
-                    message,
-                })
-            }
-            None => {
-                warn!(processor = %shared.name, error = %e, "consumer error; continuing");
-                shared.count_error("consumer");
-                Polled::Record
-            }
-        },
+        Some(Err(e)) => consumer_error(shared, &e),
+    }
+}
+
+/// A consumer error: ends the processor when nothing fixes it, else it
+/// is logged and counted and librdkafka recovers.
+fn consumer_error(shared: &Shared, e: &KafkaError) -> Polled {
+    match fatal_message(e) {
+        Some(message) => {
+            error!(processor = %shared.name, %message, "stopping");
+            shared.count_error("fatal");
+            Polled::Fatal(ProcessorError::Fatal {
+                processor: shared.name.clone(),
+                message,
+            })
+        }
+        None => {
+            warn!(processor = %shared.name, error = %e, "consumer error; continuing");
+            shared.count_error("consumer");
+            Polled::Record
+        }
     }
 }
 
@@ -139,7 +145,8 @@ pub(super) fn poll_loop(
         // Set before the bounds are read: a task finishing from here on
         // wakes this thread (its unpark is kept until the next park).
         shared.starved.store(true, AtomicOrdering::Release);
-        let mut room = shared.apply(&mut owned);
+        let granted = shared.apply(&mut owned);
+        let (mut room, mut bytes_room) = (granted.total, granted.bytes);
         if Instant::now() >= next_commit {
             commits = commits.wrapping_add(1);
             let all = commits.is_multiple_of(FULL_COMMIT_EVERY);
@@ -190,7 +197,8 @@ pub(super) fn poll_loop(
                     break;
                 }
             }
-            room = shared.apply(&mut owned);
+            let granted = shared.apply(&mut owned);
+            (room, bytes_room) = (granted.total, granted.bytes);
         }
 
         // Read each partition with room, in turn from a rotating start so
@@ -208,27 +216,41 @@ pub(super) fn poll_loop(
                 let Some((_, queue)) = queues.get(tp) else {
                     continue;
                 };
+                // Read a batch, then take it under one lock.
                 let limit = (*own_room).min(room).min(PARTITION_BATCH);
-                let mut starts = Vec::new();
+                let mut batch = Vec::with_capacity(limit);
+                let mut fatal = None;
                 for _ in 0..limit {
-                    match take(shared, queue.poll(Duration::ZERO), Some(tp), &mut starts) {
-                        Polled::Empty => break,
-                        Polled::Record => {
+                    match queue.poll(Duration::ZERO) {
+                        None => break,
+                        Some(Ok(message)) => {
                             any = true;
                             room -= 1;
-                            if shared.bytes_full.load(AtomicOrdering::Relaxed) {
+                            bytes_room = bytes_room.saturating_sub(message.payload_len());
+                            batch.push(message);
+                            if bytes_room == 0 {
+                                // `max_in_flight_bytes` reached with this one.
                                 room = 0;
                                 break;
                             }
                         }
-                        Polled::Fatal(e) => {
-                            task::start(shared, starts);
-                            result = Err(e);
-                            break 'outer;
+                        Some(Err(e)) => {
+                            any = true;
+                            if let Polled::Fatal(e) = consumer_error(shared, &e) {
+                                fatal = Some(e);
+                                break;
+                            }
                         }
                     }
                 }
+                let mut starts = Vec::new();
+                shared.dispatch(&batch, Some(tp), &mut starts);
+                drop(batch);
                 task::start(shared, starts);
+                if let Some(e) = fatal {
+                    result = Err(e);
+                    break 'outer;
+                }
             }
         }
         if !any {
