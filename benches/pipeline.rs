@@ -120,6 +120,8 @@ struct Options {
     metrics_cost: bool,
     /// Prefetch mode: a worker's RSS over time with a backlog it reads slowly.
     prefetch_rss: bool,
+    /// Waiting mode: how many `sleep` tasks to keep waiting in one worker.
+    waiting: usize,
     /// Distinct record keys of the preloaded requests (0: each its own id).
     keys: usize,
     /// Where to write the machine-readable results (`--json FILE`).
@@ -198,6 +200,7 @@ fn options() -> Options {
         scaling: Vec::new(),
         metrics_cost: false,
         prefetch_rss: false,
+        waiting: 0,
         keys: 0,
         json: None,
     };
@@ -227,6 +230,7 @@ fn options() -> Options {
             "--linger" => o.linger = value().parse().ok(),
             "--metrics-cost" => o.metrics_cost = true,
             "--prefetch-rss" => o.prefetch_rss = true,
+            "--waiting" => o.waiting = value().parse().unwrap_or(10_000),
             "--keys" => o.keys = value().parse().unwrap_or(o.keys),
             "--json" => o.json = Some(value()),
             "--ordering" => {
@@ -298,16 +302,31 @@ fn peak_rss_mib() -> f64 {
 }
 
 async fn preload(kafka: &KafkaSettings, topic: &str, n: usize, payload: usize, keys: usize) {
+    let body = vec![b'x'; payload];
+    preload_tasks(kafka, topic, n, keys, || {
+        TaskRequest::new("echo", body.clone())
+    })
+    .await
+}
+
+/// Writes `n` requests made by `make` to `topic` and waits until all are
+/// acknowledged; `keys` as in [`Options::keys`].
+async fn preload_tasks(
+    kafka: &KafkaSettings,
+    topic: &str,
+    n: usize,
+    keys: usize,
+    make: impl Fn() -> TaskRequest,
+) {
     let producer: FutureProducer = kafka::producer_config(kafka)
         .set("linger.ms", "5")
         .create()
         .expect("producer");
     let codec = Codec::default();
-    let body = vec![b'x'; payload];
     let mut pending = Vec::with_capacity(n);
     let mut value = Vec::new();
     for i in 0..n {
-        let request = TaskRequest::new("echo", body.clone());
+        let request = make();
         value.clear();
         codec.encode_request(&request, &mut value);
         let key = match keys {
@@ -861,6 +880,96 @@ async fn prefetch_rss_run(
     samples
 }
 
+/// VmRSS of process `pid`, MiB.
+fn rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kib| kib / 1024.0)
+}
+
+/// `conveyor_tasks_in_flight` as the worker's metrics endpoint on `port`
+/// reports it (None while it does not answer).
+fn in_flight_on(port: u16) -> Option<f64> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).ok()?;
+    text.lines()
+        .find(|l| l.starts_with(conveyor::metrics::TASKS_IN_FLIGHT))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Waiting mode: one `conveyor worker` (release build) with the `sleep`
+/// handler and bounds of `n`; its RSS once it is in the group with
+/// nothing to do, then once `n` ten-minute `sleep` tasks, written after
+/// that, are all in flight. Returns (idle MiB, loaded MiB, in flight).
+async fn waiting_run(
+    kafka: &KafkaSettings,
+    input: &str,
+    output: &str,
+    dlq: &str,
+    n: usize,
+) -> (f64, f64, f64) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port");
+    let mut settings = conveyor::settings::Settings {
+        kafka: kafka.clone(),
+        ..Default::default()
+    };
+    settings.metrics.listen = format!("127.0.0.1:{port}");
+    let mut processor = echo_processor("bench-waiting", input, output, dlq);
+    let mut sleep = TaskSettings::new(HandlerKind::Sleep);
+    sleep.timeout_ms = 3_600_000;
+    processor.tasks.insert("sleep".to_owned(), sleep);
+    processor.max_in_flight = n;
+    processor.max_in_flight_per_partition = n;
+    processor.max_uncommitted_per_partition = n;
+    settings.processors.push(processor);
+    settings.fill_derived();
+    let (path, mut children) = start_workers(&settings, 1);
+    let mut child = children.remove(0);
+    let pid = child.id();
+    // In the group, reading its (empty) partitions, then settled.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while in_flight_on(port).is_none() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let idle = rss_mib(pid);
+    preload_tasks(kafka, input, n, 0, || {
+        TaskRequest::new("sleep", br#"{"ms": 600000}"#.to_vec())
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut in_flight = 0.0;
+    while Instant::now() < deadline {
+        in_flight = in_flight_on(port).unwrap_or(0.0);
+        if in_flight >= n as f64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let loaded = rss_mib(pid);
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_file(&path);
+    (idle, loaded, in_flight)
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
@@ -908,6 +1017,36 @@ fn main() {
                 let output = broker.topic("bench-scale-out", o.partitions).await;
                 let rate = scaling_run(&kafka, &input, &output, &dlq, o.messages, workers).await;
                 println!("{workers} worker process(es): {rate:>9.0} msg/s");
+            }
+            return;
+        }
+        if o.waiting > 0 {
+            println!(
+                "waiting mode: one `conveyor worker` holding {} ten-minute `sleep` tasks at once, over {} partitions",
+                o.waiting, o.partitions
+            );
+            for round in 1..=o.rounds {
+                // Fresh topics: the worker starts with nothing to read.
+                let input = broker.topic("bench-waiting-in", o.partitions).await;
+                let output = broker.topic("bench-waiting-out", o.partitions).await;
+                let dlq = broker.topic("bench-waiting-dlq", 1).await;
+                let (idle, loaded, in_flight) =
+                    waiting_run(&kafka, &input, &output, &dlq, o.waiting).await;
+                let per_task = (loaded - idle) * 1024.0 * 1024.0 / in_flight.max(1.0);
+                println!(
+                    "round {round}: RSS idle {idle:.1} MiB, with {in_flight:.0} tasks waiting {loaded:.1} MiB: {per_task:.0} bytes per waiting task"
+                );
+                report(serde_json::json!({
+                    "kind": "waiting",
+                    "round": round,
+                    "tasks": in_flight,
+                    "idle_rss_mib": idle,
+                    "loaded_rss_mib": loaded,
+                    "bytes_per_task": per_task,
+                }));
+            }
+            if let Some(path) = &o.json {
+                write_report(path, &o, &where_);
             }
             return;
         }

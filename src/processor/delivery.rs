@@ -243,60 +243,80 @@ impl Outgoing {
 
 /// Hands a task's `records` to the producer; the job finishes (see
 /// [`Shared::finish`]) once every one is acknowledged, at once when there
-/// are none. `latency`: the task latency to observe then. Returns the next
-/// record of the job's lane when letting go of the lane started one: the
-/// caller runs it.
-// A plain function returning its future, not an `async fn`: that would
-// keep the `Job` twice in every task's state (see `task::run`).
-#[allow(clippy::manual_async_fn)]
+/// are none. `latency`: the task latency to observe then. Awaiting what it
+/// returns gives the next record of the job's lane when letting go of the
+/// lane started one: the caller runs it.
+///
+/// Not asynchronous itself: the producer takes records at once unless its
+/// queue is full, and only then is the rest (the waiting and producing
+/// again) a boxed future. As a future of its own it weighed ~600 bytes on
+/// every task's state, waiting in a handler or not.
 pub(super) fn deliver<'a>(
     shared: &'a Arc<Shared>,
     mut job: Job,
     records: Vec<(Record, Outgoing)>,
     latency: Option<(prometheus::Histogram, i64)>,
-) -> impl std::future::Future<Output = Option<Job>> + Send + 'a {
-    async move {
-        // Not needed any more: freed here rather than on the producer's thread,
-        // which finishes every task.
-        job.payload = Vec::new();
-        job.key = None;
-        if records.is_empty() {
-            return shared.complete(&job);
+) -> Handed<'a> {
+    // Not needed any more: freed here rather than on the producer's thread,
+    // which finishes every task.
+    job.payload = Vec::new();
+    job.key = None;
+    if records.is_empty() {
+        return Handed::Now(shared.complete(&job));
+    }
+    let mut kinds = [0u32; 4];
+    for (kind, _) in &records {
+        if let Some(n) = kinds.get_mut(*kind as usize) {
+            *n += 1;
         }
-        let mut kinds = [0u32; 4];
-        for (kind, _) in &records {
-            if let Some(n) = kinds.get_mut(*kind as usize) {
-                *n += 1;
-            }
-        }
-        let delivery = Arc::new(Delivery::Task(TaskOutputs {
-            job: Mutex::new(Some(job)),
-            remaining: AtomicUsize::new(records.len()),
-            kinds,
-            latency,
-        }));
-        let mut records = records.into_iter().map(|(_, record)| record);
-        // The producer takes records at once unless its queue is full: the
-        // waiting and retrying is boxed, so that it does not weigh on every
-        // task's future.
-        while let Some(record) = records.next() {
-            if let Err(refused) = offer(shared, &record, delivery.clone()) {
-                let handed = Box::pin(send_after(
-                    shared,
-                    refused,
-                    record,
-                    records,
-                    delivery.clone(),
-                ))
-                .await;
-                return if handed {
+    }
+    let delivery = Arc::new(Delivery::Task(TaskOutputs {
+        job: Mutex::new(Some(job)),
+        remaining: AtomicUsize::new(records.len()),
+        kinds,
+        latency,
+    }));
+    let mut records = records.into_iter().map(|(_, record)| record);
+    while let Some(record) = records.next() {
+        if let Err(refused) = offer(shared, &record, delivery.clone()) {
+            let rest: Vec<Outgoing> = records.collect();
+            return Handed::Later(Box::pin(async move {
+                let handed =
+                    send_after(shared, refused, record, rest.into_iter(), delivery.clone()).await;
+                if handed {
                     advance(shared, &delivery)
                 } else {
                     None
-                };
-            }
+                }
+            }));
         }
-        advance(shared, &delivery)
+    }
+    Handed::Now(advance(shared, &delivery))
+}
+
+/// What [`deliver`] came to: awaited, the next record of the lane.
+// Returned and awaited at once, never kept: boxing the job would cost an
+// allocation per task.
+#[allow(clippy::large_enum_variant)]
+pub(super) enum Handed<'a> {
+    /// Every record is with the producer.
+    Now(Option<Job>),
+    /// The producer's queue was full, or it refused a record: the rest.
+    Later(futures::future::BoxFuture<'a, Option<Job>>),
+}
+
+impl<'a> std::future::IntoFuture for Handed<'a> {
+    type Output = Option<Job>;
+    type IntoFuture = futures::future::Either<
+        std::future::Ready<Option<Job>>,
+        futures::future::BoxFuture<'a, Option<Job>>,
+    >;
+
+    fn into_future(self) -> Self::IntoFuture {
+        match self {
+            Handed::Now(next) => futures::future::Either::Left(std::future::ready(next)),
+            Handed::Later(rest) => futures::future::Either::Right(rest),
+        }
     }
 }
 
