@@ -598,3 +598,63 @@ async fn order_per_key_and_partition_holds_when_outputs_fail_and_are_produced_ag
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_producer_queue_holds_intake_and_loses_nothing_in_order() {
+    // A producer queue of 4 records: most tasks find it full, wait for
+    // room (holding intake) and hand their outputs over later. Every task
+    // must still run once, in order per key, and have its result.
+    const KEYS: usize = 8;
+    const PER_KEY: u64 = 60;
+    for kafka in TestKafka::all("a_full_producer_queue_holds_intake_and_loses_nothing_in_order") {
+        let pipeline = kafka.pipeline(2).await;
+        let mut settings =
+            kafka.worker_settings(&pipeline, Ordering::Key, &[("ordered", HandlerKind::Echo)]);
+        settings
+            .kafka
+            .options
+            .insert("queue.buffering.max.messages".into(), "4".into());
+        let recorder = Arc::new(Recorder::default());
+        let mut registry = Registry::new();
+        registry.register("ordered", recorder.clone());
+        let sent = keyed_requests(KEYS, PER_KEY);
+        kafka.produce_requests(&pipeline.input, &sent).await;
+        let worker = InProcessWorker::start(&settings, "worker", Some(registry));
+        let results = kafka
+            .collect_results(&pipeline.output, &ids(&sent), LONG)
+            .await;
+        wait_until("every offset committed", LONG, || {
+            kafka
+                .committed(&pipeline.group, &pipeline.input)
+                .values()
+                .sum::<i64>()
+                == sent.len() as i64
+        })
+        .await;
+        let waits = worker.status.producer_waits();
+        worker.stop().await;
+        common::announce(&format!(
+            "{} records waited for room in the producer's queue",
+            waits
+        ));
+        assert!(
+            waits > 0,
+            "the producer's queue was never full: this tests nothing"
+        );
+        assert_eq!(results.by_id.len(), sent.len(), "every task has a result");
+        assert_eq!(
+            results.duplicates(),
+            0,
+            "no task's result was written twice"
+        );
+        let s = recorder.state.lock().unwrap();
+        assert_eq!(s.worst_per_key, 1, "two tasks of one key ran at once");
+        for (key, order) in &s.order {
+            let expected: Vec<u64> = (0..PER_KEY).collect();
+            assert_eq!(
+                order, &expected,
+                "tasks of {key} ran out of order, or again"
+            );
+        }
+    }
+}

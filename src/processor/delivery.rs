@@ -431,6 +431,10 @@ async fn hand_over(
                     shared
                         .producer_blocked
                         .fetch_add(1, AtomicOrdering::Relaxed);
+                    shared
+                        .status
+                        .producer_waits
+                        .fetch_add(1, AtomicOrdering::Relaxed);
                 }
                 Box::pin(tokio::time::sleep(QUEUE_FULL_WAIT)).await;
             }

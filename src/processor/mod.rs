@@ -160,6 +160,8 @@ pub struct ProcessorStatus {
     finished: AtomicUsize,
     breaker_open: AtomicBool,
     drain_commit_failures: AtomicUsize,
+    /// Records that waited for room in the producer's queue.
+    producer_waits: AtomicUsize,
     /// When the poll loop last went round, in ms since the Unix epoch (0:
     /// not started).
     last_poll_ms: AtomicU64,
@@ -220,6 +222,12 @@ impl ProcessorStatus {
     /// Records finished (result acknowledged) since start.
     pub fn finished(&self) -> usize {
         self.finished.load(AtomicOrdering::Relaxed)
+    }
+
+    /// Records that found the producer's queue full and waited for room
+    /// (intake is held meanwhile), since start.
+    pub fn producer_waits(&self) -> usize {
+        self.producer_waits.load(AtomicOrdering::Relaxed)
     }
 
     /// Whether the poison-pill breaker is open.
