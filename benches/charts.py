@@ -81,13 +81,16 @@ def throughput(runs: List[Dict[str, Any]], out: pathlib.Path) -> None:
         ax.bar_label(bars, labels=labels, fontsize=8)
     ax.set_xticks(range(len(brokers)), brokers)
     ax.set_ylabel("thousand messages / s (median)")
-    sizes = ", ".join(
-        sorted({f"{broker_name(r)} {r['messages']:,}" for r in runs if r["results"]})
-    )
-    first = runs[0]
+    # Sizes of the throughput runs only (latency and waiting runs carry
+    # the default --messages, which they do not use).
+    measured = [
+        r for r in runs if any(x["kind"] == "throughput" for x in r["results"])
+    ]
+    sizes = ", ".join(sorted({f"{broker_name(r)} {r['messages']:,}" for r in measured}))
+    first = measured[0] if measured else runs[0]
     ax.set_title(
         f"echo pipeline, {first['payload']} B payloads over {first['partitions']} partitions "
-        f"({sizes} messages); bar labels: median ratio to the raw pipe",
+        f"({sizes} messages)\nbar labels: median ratio to the raw pipe",
         fontsize=9,
     )
     ax.legend(fontsize=8)
