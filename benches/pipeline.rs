@@ -51,7 +51,13 @@
 //! date and commit, for `benches/charts.py`). For profiling, the environment variables
 //! `BENCH_MAX` and `BENCH_PP` set the processor's `max_in_flight` and
 //! `max_in_flight_per_partition` (default: conveyor's defaults), and `BENCH_OPTS`
-//! adds librdkafka properties (`key=value,key=value`).
+//! adds librdkafka properties (`key=value,key=value`). The real `conveyor
+//! worker` processes of the scaling, prefetch and waiting modes log at
+//! `warn` unless `BENCH_WORKER_LOG` gives another `RUST_LOG` filter.
+//!
+//! Waiting mode (`--waiting N`) starts one real `conveyor worker` with the
+//! `sleep` handler and prints its RSS idle, then with N ten-minute tasks
+//! in flight, and the difference per task.
 //!
 //! Each round preloads nothing new: the input topic is filled once, and
 //! each run reads all of it with a fresh consumer group into a fresh output
@@ -762,7 +768,12 @@ fn start_workers(
             std::process::Command::new(env!("CARGO_BIN_EXE_conveyor"))
                 .args(["worker", "--config"])
                 .arg(&path)
-                .env("RUST_LOG", "warn")
+                // Quiet unless asked (BENCH_WORKER_LOG=info is the
+                // default level of a worker without RUST_LOG).
+                .env(
+                    "RUST_LOG",
+                    std::env::var("BENCH_WORKER_LOG").unwrap_or_else(|_| "warn".into()),
+                )
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null())
                 .spawn()
