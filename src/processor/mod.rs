@@ -316,7 +316,7 @@ pub(crate) struct Shared {
     dead_letter_topic: Arc<str>,
     /// The poison-pill breaker, when on.
     breaker: Mutex<Option<Breaker>>,
-    /// The breaker is on and settled ([`Breaker::settled`]): successes
+    /// The breaker is off, or settled ([`Breaker::settled`]): successes
     /// need not be recorded. Set under the breaker's lock.
     breaker_settled: AtomicBool,
     metrics: Arc<Metrics>,
@@ -608,7 +608,7 @@ async fn run_processor(spec: ProcessorSpec, stop: CancellationToken) -> Result<(
         status: spec.status.clone(),
         dead_letter_topic: spec.settings.dead_letters_topic().into(),
         breaker: Mutex::new(spec.settings.breaker_config().map(Breaker::new)),
-        breaker_settled: AtomicBool::new(false),
+        breaker_settled: AtomicBool::new(spec.settings.breaker_config().is_none()),
         metrics: spec.metrics.clone(),
         hot: Hot::new(&spec.metrics, &name, &spec.settings),
         workflows: spec.workflows.clone(),
