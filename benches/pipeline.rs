@@ -870,20 +870,10 @@ async fn prefetch_rss_run(
     settings.fill_derived();
     let (path, mut children) = start_workers(&settings, 1);
     let mut child = children.remove(0);
-    let status = format!("/proc/{}/status", child.id());
     let mut samples = Vec::new();
     for _ in 0..seconds.div_ceil(2) {
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let rss_kib = std::fs::read_to_string(&status)
-            .ok()
-            .and_then(|text| {
-                text.lines()
-                    .find(|l| l.starts_with("VmRSS:"))
-                    .and_then(|l| l.split_whitespace().nth(1))
-                    .and_then(|v| v.parse::<f64>().ok())
-            })
-            .unwrap_or(f64::NAN);
-        samples.push(rss_kib / 1024.0);
+        samples.push(rss_mib(child.id()));
     }
     let _ = child.kill();
     let _ = child.wait();

@@ -284,14 +284,7 @@ async fn a_dead_letter_too_large_for_its_topic_is_cut_marked_and_committed() {
         let results = kafka
             .collect_results(&pipeline.output, &expected, LONG)
             .await;
-        wait_until("every offset committed", LONG, || {
-            kafka
-                .committed(&pipeline.group, &pipeline.input)
-                .values()
-                .sum::<i64>()
-                == 8
-        })
-        .await;
+        kafka.wait_committed(&pipeline, 8, LONG).await;
         worker.stop().await;
         for task in &doomed {
             let r = &results.by_id[&task.id][0];

@@ -151,6 +151,35 @@ fn keyed_requests(keys: usize, per_key: u64) -> Vec<TaskRequest> {
     sent
 }
 
+/// Writes `sent` to a fresh two-partition pipeline and starts a worker
+/// running [`Recorder`] as `ordered` with `ordering` and the librdkafka
+/// property `option`.
+async fn recorded_run(
+    kafka: &TestKafka,
+    ordering: Ordering,
+    option: (&str, &str),
+    sent: Vec<TaskRequest>,
+) -> (
+    common::Pipeline,
+    Arc<Recorder>,
+    Vec<TaskRequest>,
+    InProcessWorker,
+) {
+    let pipeline = kafka.pipeline(2).await;
+    let mut settings =
+        kafka.worker_settings(&pipeline, ordering, &[("ordered", HandlerKind::Echo)]);
+    settings
+        .kafka
+        .options
+        .insert(option.0.into(), option.1.into());
+    let recorder = Arc::new(Recorder::default());
+    let mut registry = Registry::new();
+    registry.register("ordered", recorder.clone());
+    kafka.produce_requests(&pipeline.input, &sent).await;
+    let worker = InProcessWorker::start(&settings, "worker", Some(registry));
+    (pipeline, recorder, sent, worker)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn key_ordering_runs_each_key_in_order_and_keys_concurrently() {
     const KEYS: usize = 12;
@@ -531,19 +560,13 @@ async fn order_per_key_and_partition_holds_when_outputs_fail_and_are_produced_ag
             "order_per_key_and_partition_holds_when_outputs_fail_and_are_produced_again ({ordering:?}): runs against {}",
             kafka.describe()
         ));
-        let pipeline = kafka.pipeline(2).await;
-        let mut settings =
-            kafka.worker_settings(&pipeline, ordering, &[("ordered", HandlerKind::Echo)]);
-        settings
-            .kafka
-            .options
-            .insert("message.timeout.ms".into(), "1000".into());
-        let recorder = Arc::new(Recorder::default());
-        let mut registry = Registry::new();
-        registry.register("ordered", recorder.clone());
-        let sent = keyed_requests(KEYS, PER_KEY);
-        kafka.produce_requests(&pipeline.input, &sent).await;
-        let worker = InProcessWorker::start(&settings, "worker", Some(registry));
+        let (pipeline, recorder, sent, worker) = recorded_run(
+            &kafka,
+            ordering,
+            ("message.timeout.ms", "1000"),
+            keyed_requests(KEYS, PER_KEY),
+        )
+        .await;
         wait_until("work started", LONG, || worker.status.finished() >= 40).await;
         let cluster = kafka.mock_cluster().expect("mock cluster");
         cluster.broker_down(1).expect("broker down");
@@ -556,14 +579,7 @@ async fn order_per_key_and_partition_holds_when_outputs_fail_and_are_produced_ag
         let results = kafka
             .collect_results(&pipeline.output, &ids(&sent), LONG)
             .await;
-        wait_until("every offset committed", LONG, || {
-            kafka
-                .committed(&pipeline.group, &pipeline.input)
-                .values()
-                .sum::<i64>()
-                == sent.len() as i64
-        })
-        .await;
+        kafka.wait_committed(&pipeline, sent.len(), LONG).await;
         let retried = worker
             .metrics
             .produce_retries
@@ -607,30 +623,17 @@ async fn a_full_producer_queue_holds_intake_and_loses_nothing_in_order() {
     const KEYS: usize = 8;
     const PER_KEY: u64 = 60;
     for kafka in TestKafka::all("a_full_producer_queue_holds_intake_and_loses_nothing_in_order") {
-        let pipeline = kafka.pipeline(2).await;
-        let mut settings =
-            kafka.worker_settings(&pipeline, Ordering::Key, &[("ordered", HandlerKind::Echo)]);
-        settings
-            .kafka
-            .options
-            .insert("queue.buffering.max.messages".into(), "4".into());
-        let recorder = Arc::new(Recorder::default());
-        let mut registry = Registry::new();
-        registry.register("ordered", recorder.clone());
-        let sent = keyed_requests(KEYS, PER_KEY);
-        kafka.produce_requests(&pipeline.input, &sent).await;
-        let worker = InProcessWorker::start(&settings, "worker", Some(registry));
+        let (pipeline, recorder, sent, worker) = recorded_run(
+            &kafka,
+            Ordering::Key,
+            ("queue.buffering.max.messages", "4"),
+            keyed_requests(KEYS, PER_KEY),
+        )
+        .await;
         let results = kafka
             .collect_results(&pipeline.output, &ids(&sent), LONG)
             .await;
-        wait_until("every offset committed", LONG, || {
-            kafka
-                .committed(&pipeline.group, &pipeline.input)
-                .values()
-                .sum::<i64>()
-                == sent.len() as i64
-        })
-        .await;
+        kafka.wait_committed(&pipeline, sent.len(), LONG).await;
         let waits = worker.status.producer_waits();
         worker.stop().await;
         common::announce(&format!(

@@ -432,6 +432,18 @@ impl TestKafka {
         }
     }
 
+    /// Waits until the pipeline's group has committed `records` records of
+    /// its input (the committed offsets summed over its partitions).
+    pub async fn wait_committed(&self, pipeline: &Pipeline, records: usize, within: Duration) {
+        wait_until("every offset committed", within, || {
+            self.committed(&pipeline.group, &pipeline.input)
+                .values()
+                .sum::<i64>()
+                == records as i64
+        })
+        .await;
+    }
+
     /// Settings with one processor reading `pipeline` with `tasks`.
     pub fn worker_settings(
         &self,
