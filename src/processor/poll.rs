@@ -89,6 +89,11 @@ fn consumer_error(shared: &Shared, e: &KafkaError) -> Polled {
 /// Serves the main queue (rebalances, statistics, commit callbacks, errors,
 /// and records fetched before their partition's queue was split off) until
 /// it is empty. Returns whether it held anything.
+///
+/// Unlike a partition's queue, read in batches in `poll_loop`, each record
+/// here is admitted before the next poll: a poll of the main queue may run
+/// a rebalance callback, and a record read before a revocation must not be
+/// admitted into the assignment that follows it.
 fn serve_main(shared: &Arc<Shared>, consumer: &Engine) -> Result<bool, ProcessorError> {
     let mut any = false;
     let mut starts = Vec::new();
