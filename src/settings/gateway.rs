@@ -94,24 +94,21 @@ impl Settings {
                 );
             }
         }
-        for (key, value) in [
-            ("gateway.max_payload_bytes", g.max_payload_bytes),
-            ("gateway.max_body_bytes", g.max_body_bytes),
-            ("gateway.max_batch", g.max_batch),
-            ("gateway.view_max_tasks", g.view_max_tasks),
-            ("gateway.view_max_bytes", g.view_max_bytes),
+        for (key, zero) in [
+            ("gateway.max_payload_bytes", g.max_payload_bytes == 0),
+            ("gateway.max_body_bytes", g.max_body_bytes == 0),
+            ("gateway.max_batch", g.max_batch == 0),
+            ("gateway.view_max_tasks", g.view_max_tasks == 0),
+            ("gateway.view_max_bytes", g.view_max_bytes == 0),
+            ("gateway.request_timeout_ms", g.request_timeout_ms == 0),
+            ("gateway.produce_timeout_ms", g.produce_timeout_ms == 0),
+            (
+                "gateway.idempotency_window_ms",
+                g.idempotency_window_ms == 0,
+            ),
+            ("gateway.view_max_age_ms", g.view_max_age_ms == 0),
         ] {
-            if value == 0 {
-                bad(key.into(), "must be > 0");
-            }
-        }
-        for (key, value) in [
-            ("gateway.request_timeout_ms", g.request_timeout_ms),
-            ("gateway.produce_timeout_ms", g.produce_timeout_ms),
-            ("gateway.idempotency_window_ms", g.idempotency_window_ms),
-            ("gateway.view_max_age_ms", g.view_max_age_ms),
-        ] {
-            if value == 0 {
+            if zero {
                 bad(key.into(), "must be > 0");
             }
         }
