@@ -896,15 +896,13 @@ fn rss_mib(pid: u32) -> f64 {
 
 /// `conveyor_tasks_in_flight` as the worker's metrics endpoint on `port`
 /// reports it (None while it does not answer).
-fn in_flight_on(port: u16) -> Option<f64> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+async fn in_flight_on(port: u16) -> Option<f64> {
+    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
         .ok()?;
-    let mut text = String::new();
-    stream.read_to_string(&mut text).ok()?;
     text.lines()
         .find(|l| l.starts_with(conveyor::metrics::TASKS_IN_FLIGHT))
         .and_then(|l| l.split_whitespace().last())
@@ -945,7 +943,7 @@ async fn waiting_run(
     let pid = child.id();
     // In the group, reading its (empty) partitions, then settled.
     let deadline = Instant::now() + Duration::from_secs(60);
-    while in_flight_on(port).is_none() && Instant::now() < deadline {
+    while in_flight_on(port).await.is_none() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -957,7 +955,7 @@ async fn waiting_run(
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut in_flight = 0.0;
     while Instant::now() < deadline {
-        in_flight = in_flight_on(port).unwrap_or(0.0);
+        in_flight = in_flight_on(port).await.unwrap_or(0.0);
         if in_flight >= n as f64 {
             break;
         }
