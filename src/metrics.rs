@@ -33,8 +33,9 @@ pub const ERRORS: &str = "conveyor_errors_total";
 /// The engine's error kinds in [`ERRORS`]: `produce` (a delivery failed
 /// and is produced again), `commit` (an offset commit failed), `consumer`
 /// (a consumer error librdkafka recovers from), `fatal` (the processor
-/// stopped on an error retrying cannot fix).
-pub const ENGINE_ERRORS: [&str; 4] = ["produce", "commit", "consumer", "fatal"];
+/// stopped on an error retrying cannot fix), `split` (a partition's queue
+/// could not be split off the main queue; once per assignment).
+pub const ENGINE_ERRORS: [&str; 5] = ["produce", "commit", "consumer", "fatal", "split"];
 /// `conveyor_handler_duration_seconds{processor,task_type,outcome}`: one
 /// observation per attempt; outcome `success`, `retryable`, `permanent`,
 /// `timeout` or `panic`.
@@ -80,6 +81,15 @@ pub const PARTITIONS_ASSIGNED: &str = "conveyor_partitions_assigned";
 /// (at their in-flight bound, or all of them while the processor is at its
 /// bound, the producer queue is full or the breaker is open).
 pub const PARTITIONS_PAUSED: &str = "conveyor_partitions_paused";
+/// `conveyor_partitions_unsplit{processor}`: owned partitions whose queue
+/// could not be split off the consumer's main queue (read through it, under
+/// the same bounds; see `ENGINE_ERRORS`' `split`).
+pub const PARTITIONS_UNSPLIT: &str = "conveyor_partitions_unsplit";
+/// `conveyor_commit_metadata_refused_total{processor}`: commits whose
+/// progress metadata the broker refused as too large; each halves that
+/// partition's metadata budget (`kafka.commit_metadata_bytes`), down to
+/// none.
+pub const COMMIT_METADATA_REFUSED: &str = "conveyor_commit_metadata_refused_total";
 /// `conveyor_rebalance_events_total{processor,event}`: `assigned`,
 /// `revoked` or `lost` partitions.
 pub const REBALANCE_EVENTS: &str = "conveyor_rebalance_events_total";
@@ -154,6 +164,10 @@ pub struct Metrics {
     pub partitions_assigned: IntGaugeVec,
     /// See [`PARTITIONS_PAUSED`].
     pub partitions_paused: IntGaugeVec,
+    /// See [`PARTITIONS_UNSPLIT`].
+    pub partitions_unsplit: IntGaugeVec,
+    /// See [`COMMIT_METADATA_REFUSED`].
+    pub commit_metadata_refused: IntCounterVec,
     /// See [`REBALANCE_EVENTS`].
     pub rebalance_events: IntCounterVec,
     /// See [`BREAKER_OPEN`].
@@ -323,6 +337,18 @@ impl Metrics {
                 &r,
                 PARTITIONS_PAUSED,
                 "Owned partitions not being read: at the in-flight bounds, a full producer queue or the breaker.",
+                p,
+            ),
+            partitions_unsplit: gauge(
+                &r,
+                PARTITIONS_UNSPLIT,
+                "Owned partitions whose queue could not be split off the main queue.",
+                p,
+            ),
+            commit_metadata_refused: counter(
+                &r,
+                COMMIT_METADATA_REFUSED,
+                "Commits whose progress metadata the broker refused as too large.",
                 p,
             ),
             rebalance_events: counter(

@@ -9,9 +9,17 @@
 //!
 //! Offsets are those actually dispatched, which need not be contiguous
 //! numbers (compaction and transaction markers leave gaps), so the tracker
-//! never assumes `n + 1` follows `n`.
+//! never assumes `n + 1` follows `n`. It remembers the gaps it was shown
+//! (the last [`MAX_GAPS`] of them), so that an offset arriving below the
+//! highest one dispatched can be told apart: dispatched before (a true
+//! redelivery, harmless) or never (a record read out of order, which must
+//! not be dropped, since the watermark would pass it unseen).
 
 use std::collections::VecDeque;
+
+/// Gaps between dispatched offsets remembered per partition (16 bytes
+/// each); an offset below the oldest one forgotten counts as never seen.
+pub const MAX_GAPS: usize = 256;
 
 /// Tracks dispatched and finished offsets of one partition.
 #[derive(Debug, Default, Clone)]
@@ -24,6 +32,12 @@ pub struct OffsetTracker {
     reported: Option<i64>,
     /// Dispatched offsets not finished.
     unfinished: usize,
+    /// The first offset dispatched.
+    first: Option<i64>,
+    /// Half-open ranges skipped between dispatched offsets, increasing.
+    gaps: VecDeque<(i64, i64)>,
+    /// Below this, gaps were forgotten ([`MAX_GAPS`]).
+    forgotten_below: Option<i64>,
 }
 
 /// One dispatched offset: 16 bytes.
@@ -43,6 +57,10 @@ pub struct NotIncreasing {
     pub offset: i64,
     /// The highest offset dispatched so far.
     pub last: i64,
+    /// Whether `offset` was dispatched before (a true redelivery). When
+    /// false it never was: the record arrived out of order, and dropping
+    /// it would let the watermark pass a record that never ran.
+    pub seen: bool,
 }
 
 impl OffsetTracker {
@@ -62,14 +80,18 @@ impl OffsetTracker {
     /// caller keeps, e.g. seconds since it started) for
     /// [`OffsetTracker::oldest_unfinished_tick`].
     pub fn dispatched_at(&mut self, offset: i64, tick: u32) -> Result<(), NotIncreasing> {
+        self.check(offset)?;
         if let Some(next) = self.next {
-            if offset < next {
-                return Err(NotIncreasing {
-                    offset,
-                    last: next - 1,
-                });
+            if offset > next {
+                self.gaps.push_back((next, offset));
+                if self.gaps.len() > MAX_GAPS {
+                    if let Some((_, end)) = self.gaps.pop_front() {
+                        self.forgotten_below = Some(end);
+                    }
+                }
             }
         }
+        self.first.get_or_insert(offset);
         // Until something finishes, the committable offset is the first one
         // dispatched: nothing to report yet.
         self.reported.get_or_insert(offset);
@@ -81,6 +103,51 @@ impl OffsetTracker {
         self.next = Some(offset + 1);
         self.unfinished += 1;
         Ok(())
+    }
+
+    /// Whether `offset` may be dispatched next (changes nothing): an
+    /// offset not above the last one dispatched is refused, saying whether
+    /// it was dispatched before.
+    pub fn check(&self, offset: i64) -> Result<(), NotIncreasing> {
+        match self.next {
+            Some(next) if offset < next => Err(NotIncreasing {
+                offset,
+                last: next - 1,
+                seen: self.seen(offset),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether `offset`, below the next one expected, was dispatched:
+    /// it is not below the first, nor in a gap this tracker was shown
+    /// (an offset below a forgotten gap counts as never dispatched).
+    fn seen(&self, offset: i64) -> bool {
+        if self
+            .pending
+            .binary_search_by_key(&offset, |e| e.offset)
+            .is_ok()
+        {
+            return true;
+        }
+        if self.first.is_none_or(|first| offset < first)
+            || self.forgotten_below.is_some_and(|below| offset < below)
+        {
+            return false;
+        }
+        let in_gap = self
+            .gaps
+            .binary_search_by(|&(start, end)| {
+                if end <= offset {
+                    std::cmp::Ordering::Less
+                } else if start > offset {
+                    std::cmp::Ordering::Greater
+                } else {
+                    std::cmp::Ordering::Equal
+                }
+            })
+            .is_ok();
+        !in_gap
     }
 
     /// Records that `offset` finished (its outputs are acknowledged).
@@ -203,8 +270,23 @@ mod tests {
         let mut t = OffsetTracker::new();
         t.dispatched(5).unwrap();
         t.dispatched(6).unwrap();
-        assert_eq!(t.dispatched(6), Err(NotIncreasing { offset: 6, last: 6 }));
-        assert_eq!(t.dispatched(2), Err(NotIncreasing { offset: 2, last: 6 }));
+        assert_eq!(
+            t.dispatched(6),
+            Err(NotIncreasing {
+                offset: 6,
+                last: 6,
+                seen: true
+            })
+        );
+        assert_eq!(
+            t.dispatched(2),
+            Err(NotIncreasing {
+                offset: 2,
+                last: 6,
+                seen: false
+            }),
+            "below the first dispatched: never seen"
+        );
         assert_eq!(t.finished(99), None);
         assert_eq!(t.finished(5), Some(6));
         assert_eq!(t.finished(5), None, "finishing twice is harmless");
@@ -241,6 +323,44 @@ mod tests {
         assert_eq!(t.oldest_unfinished_tick(), Some(5));
         assert_eq!(t.finished_ranges().collect::<Vec<_>>(), vec![(16, 21)]);
         assert_eq!(t.uncommitted(), 3);
+    }
+
+    #[test]
+    fn an_offset_arriving_late_is_told_apart_from_a_redelivery() {
+        let mut t = OffsetTracker::new();
+        for o in [10, 11, 15, 16, 30] {
+            t.dispatched(o).unwrap();
+        }
+        for o in [10, 11, 15, 16] {
+            t.finished(o);
+        }
+        assert_eq!(t.watermark(), Some(30));
+        let seen = |t: &mut OffsetTracker, o| t.dispatched(o).map_err(|e| e.seen);
+        // Finished and below the watermark, or still tracked: redeliveries.
+        assert_eq!(seen(&mut t, 11), Err(true));
+        assert_eq!(seen(&mut t, 16), Err(true));
+        assert_eq!(seen(&mut t, 30), Err(true));
+        // Never dispatched: below the first, or in a gap the watermark
+        // passed over.
+        assert_eq!(seen(&mut t, 9), Err(false));
+        assert_eq!(seen(&mut t, 12), Err(false));
+        assert_eq!(seen(&mut t, 14), Err(false));
+        assert_eq!(seen(&mut t, 20), Err(false));
+        assert_eq!(seen(&mut t, 29), Err(false));
+        // Only the last MAX_GAPS gaps are kept; below them, never seen.
+        let mut many = OffsetTracker::new();
+        for i in 0..=i64::try_from(MAX_GAPS).unwrap() + 1 {
+            many.dispatched(i * 2).unwrap();
+        }
+        assert_eq!(seen(&mut many, 0), Err(true), "still tracked");
+        for i in 0..=i64::try_from(MAX_GAPS).unwrap() + 1 {
+            many.finished(i * 2);
+        }
+        assert_eq!(seen(&mut many, 0), Err(false), "forgotten: not trusted");
+        assert_eq!(seen(&mut many, 1), Err(false));
+        let last = i64::try_from(MAX_GAPS).unwrap() * 2;
+        assert_eq!(seen(&mut many, last), Err(true));
+        assert_eq!(seen(&mut many, last - 1), Err(false));
     }
 
     #[test]

@@ -43,10 +43,10 @@ pub type Range = (i64, i64);
 /// An encoded progress record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Encoded {
-    /// The metadata string.
+    /// The metadata string (empty when no budget was given).
     pub metadata: String,
-    /// Finished ranges that did not fit and were left out.
-    pub left_out: usize,
+    /// Whether finished ranges were left out (they did not fit).
+    pub left_out: bool,
 }
 
 /// Why a metadata string is not used.
@@ -60,28 +60,43 @@ pub enum Unusable {
     Invalid(&'static str),
 }
 
-/// Encodes the finished `ranges` above the first unfinished offset `base`.
-/// Ranges must be increasing, non-empty, disjoint and above `base`; those
-/// that are not, and those past `max_len` characters, are left out.
+/// The shortest budget written: below it, nothing is written (an empty
+/// string, which readers take as "no progress"). The longest metadata
+/// without a range (prefix, a ten-byte base, checksum) takes 23.
+pub const MIN_METADATA: usize = 24;
+
+/// Encodes the finished `ranges` above the first unfinished offset `base`
+/// in at most `max_len` characters. Ranges must be increasing, non-empty,
+/// disjoint and above `base`; encoding stops at the first one that is not,
+/// or that does not fit (what is written is always a prefix of the set:
+/// a record left out runs again, never the reverse). Below
+/// [`MIN_METADATA`] the metadata is empty.
 pub fn encode(base: i64, ranges: impl IntoIterator<Item = Range>, max_len: usize) -> Encoded {
+    let mut ranges = ranges.into_iter().peekable();
+    if max_len < MIN_METADATA {
+        return Encoded {
+            metadata: String::new(),
+            left_out: ranges.peek().is_some(),
+        };
+    }
     let mut body = Vec::with_capacity(64);
     put_varint(&mut body, base as u64);
     // Base64 of n bytes is ceil(4n / 3) characters.
     let fits = |raw: usize| PREFIX.len() + (4 * (raw + CHECKSUM)).div_ceil(3) <= max_len;
     let mut previous_end = base.saturating_add(1);
-    let mut left_out = 0;
+    let mut left_out = false;
     let mut scratch = Vec::with_capacity(20);
     for (start, end) in ranges {
-        if left_out > 0 || start < previous_end || end <= start {
-            left_out += 1;
-            continue;
+        if start < previous_end || end <= start {
+            left_out = true;
+            break;
         }
         scratch.clear();
         put_varint(&mut scratch, (start - previous_end) as u64);
         put_varint(&mut scratch, (end - start) as u64);
         if !fits(body.len() + scratch.len()) {
-            left_out += 1;
-            continue;
+            left_out = true;
+            break;
         }
         body.extend_from_slice(&scratch);
         previous_end = end;
@@ -94,6 +109,13 @@ pub fn encode(base: i64, ranges: impl IntoIterator<Item = Range>, max_len: usize
     Encoded { metadata, left_out }
 }
 
+/// The most ranges [`encode`] can write in `max_len` characters (each
+/// takes at least two bytes, hence more than two characters): a caller
+/// copying ranges to encode later need copy no more.
+pub fn most_ranges(max_len: usize) -> usize {
+    max_len / 2
+}
+
 /// The finished ranges `metadata` records above `committed`, when this
 /// module wrote it for exactly that offset.
 pub fn decode(committed: i64, metadata: &str) -> Result<Vec<Range>, Unusable> {
@@ -103,7 +125,7 @@ pub fn decode(committed: i64, metadata: &str) -> Result<Vec<Range>, Unusable> {
     let encoded = metadata
         .strip_prefix(PREFIX)
         .ok_or(Unusable::Invalid("unknown format"))?;
-    if encoded.len() > MAX_METADATA * 2 {
+    if encoded.len() > MAX_METADATA * 256 {
         return Err(Unusable::Invalid("too long"));
     }
     let bytes = URL_SAFE_NO_PAD
@@ -218,7 +240,7 @@ mod tests {
     fn round_trips_ranges_above_the_base() {
         let ranges = vec![(12, 15), (20, 21), (1_000_000, 1_000_500)];
         let e = encode(10, ranges.clone(), MAX_METADATA);
-        assert_eq!(e.left_out, 0);
+        assert!(!e.left_out);
         assert!(e.metadata.starts_with("cv1."));
         assert_eq!(decode(10, &e.metadata), Ok(ranges));
         let empty = encode(7, [], MAX_METADATA);
@@ -259,9 +281,9 @@ mod tests {
         let ranges: Vec<Range> = (0..5_000).map(|i| (2 * i + 1, 2 * i + 2)).collect();
         let e = encode(0, ranges.clone(), MAX_METADATA);
         assert!(e.metadata.len() <= MAX_METADATA);
-        assert!(e.left_out > 0);
+        assert!(e.left_out);
         let kept = decode(0, &e.metadata).unwrap();
-        assert_eq!(kept.len() + e.left_out, ranges.len());
+        assert!(kept.len() > 1_000 && kept.len() < ranges.len());
         assert_eq!(
             kept[..],
             ranges[..kept.len()],
@@ -272,7 +294,7 @@ mod tests {
     #[test]
     fn malformed_ranges_are_left_out_not_written() {
         let e = encode(10, [(5, 8), (12, 12), (20, 25)], MAX_METADATA);
-        assert_eq!(e.left_out, 3, "everything after a bad range is left out");
+        assert!(e.left_out, "everything after a bad range is left out");
         assert_eq!(decode(10, &e.metadata), Ok(vec![]));
     }
 
@@ -296,7 +318,7 @@ mod tests {
         fn decoding_never_claims_more_than_was_encoded(
             base in 0i64..1_000_000,
             spans in proptest::collection::vec((1i64..50, 1i64..50), 0..400),
-            limit in 8usize..MAX_METADATA,
+            limit in 0usize..MAX_METADATA,
         ) {
             let mut ranges = Vec::new();
             let mut at = base + 1;
@@ -306,10 +328,15 @@ mod tests {
                 at += len + 1;
             }
             let e = encode(base, ranges.clone(), limit);
+            prop_assert!(e.metadata.len() <= limit);
+            if limit < MIN_METADATA {
+                prop_assert!(e.metadata.is_empty());
+                prop_assert_eq!(e.left_out, !ranges.is_empty());
+                return Ok(());
+            }
             let decoded = decode(base, &e.metadata).unwrap();
-            prop_assert!(e.metadata.len() <= limit.max(PREFIX.len() + 16));
             prop_assert_eq!(&decoded[..], &ranges[..decoded.len()]);
-            prop_assert_eq!(decoded.len() + e.left_out, ranges.len());
+            prop_assert_eq!(e.left_out, decoded.len() < ranges.len());
             prop_assert!(decode(base + 1, &e.metadata).is_err());
         }
 

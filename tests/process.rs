@@ -806,3 +806,91 @@ async fn dlq_list_over_200_000_dead_letters_runs_in_bounded_memory() {
     let _ = std::fs::remove_file(&config);
     let _ = std::fs::remove_file(&out);
 }
+
+/// The rebalance stress test (#25): a backlog of 100,000 keyed tasks over
+/// 8 partitions, preloaded before any worker starts, drains while real
+/// `conveyor worker` processes join, leave with SIGTERM and die with
+/// SIGKILL (twelve membership changes, each a rebalance); every task has a
+/// result, compared as an exact set, and the counts are printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_drains_through_a_dozen_rebalances_of_real_workers_losing_nothing() {
+    const TASKS: usize = 100_000;
+    const EVENTS: usize = 12;
+    for kafka in
+        TestKafka::all("a_backlog_drains_through_a_dozen_rebalances_of_real_workers_losing_nothing")
+    {
+        let pipeline = kafka.pipeline(8).await;
+        let mut settings =
+            kafka.worker_settings(&pipeline, Ordering::Key, &[("sleep", HandlerKind::Sleep)]);
+        let p = &mut settings.processors[0];
+        // Slow enough that the backlog outlasts the membership changes.
+        p.max_in_flight = 16;
+        p.max_in_flight_per_partition = 4;
+        p.retry_topic_threshold_ms = 0;
+        let config = common::config_file(&settings);
+        let mut sent = requests("sleep", r#"{"ms":20}"#, TASKS);
+        for (i, request) in sent.iter_mut().enumerate() {
+            request.key = Some(format!("key-{}", i % 1_000));
+        }
+        kafka.produce_requests(&pipeline.input, &sent).await;
+
+        let mut workers = vec![Worker::start(&config), Worker::start(&config)];
+        let (mut joined, mut stopped, mut killed) = (0, 0, 0);
+        for event in 0..EVENTS {
+            tokio::time::sleep(Duration::from_millis(1_500)).await;
+            // join, join, SIGTERM, SIGKILL: two to four members at a time.
+            match event % 4 {
+                0 | 1 => {
+                    workers.push(Worker::start(&config));
+                    joined += 1;
+                }
+                2 => {
+                    let mut worker = workers.remove(0);
+                    worker.stop_cleanly();
+                    stopped += 1;
+                }
+                _ => {
+                    let mut worker = workers.remove(0);
+                    worker.signal("KILL");
+                    worker.wait(Duration::from_secs(10));
+                    killed += 1;
+                }
+            }
+        }
+        let written_during = results_written(&kafka, &pipeline);
+        assert!(
+            written_during < TASKS as i64,
+            "the backlog drained before the last membership change; slow it down"
+        );
+        let expected = ids(&sent);
+        let results = kafka
+            .collect_results(&pipeline.output, &expected, Duration::from_secs(600))
+            .await;
+        for worker in &mut workers {
+            worker.stop_cleanly();
+        }
+        let stray = results
+            .by_id
+            .keys()
+            .filter(|id| !expected.contains(id))
+            .count();
+        let failed = results
+            .all()
+            .filter(|r| r.status != TaskStatus::Succeeded)
+            .count();
+        common::announce(&format!(
+            "rebalance stress on {}: {TASKS} tasks, {} with a result, {} results in all \
+             ({} duplicates), {stray} stray, {failed} failed; {joined} joined, {stopped} \
+             stopped with SIGTERM, {killed} killed with SIGKILL; {written_during} results \
+             written by the last change",
+            kafka.describe(),
+            results.by_id.len(),
+            results.all().count(),
+            results.duplicates(),
+        ));
+        assert_eq!(results.by_id.len(), TASKS, "every task has a result");
+        assert_eq!(stray, 0, "no result for a task never sent");
+        assert_eq!(failed, 0, "every result is a success");
+        let _ = std::fs::remove_file(&config);
+    }
+}

@@ -23,6 +23,9 @@
 //!   to fit (header `conveyor.original.size`); any other record (a retry,
 //!   a workflow's next request) becomes a dead letter saying so, with a
 //!   FAILED result for its task. The task then finishes as usual.
+//! - **unknown topic or partition** (retriable in Kafka: a leader moving,
+//!   metadata lagging): produced again like a passing failure while the
+//!   cluster's metadata still lists the topic; fatal once it does not.
 //! - **fatal** (not authorized, the topic does not exist, the idempotent
 //!   producer failed for good): the processor stops with the error, exit
 //!   status 1. The task's offset is never stored: its outputs were not all
@@ -135,7 +138,7 @@ impl ProducerContext for Deliveries {
                 let runtime = shared.runtime.clone();
                 let again = shared.clone();
                 runtime.spawn(async move {
-                    if let Some(records) = recover(&again, &error, record).await {
+                    if let Some(records) = recover(&again, &error, record, Some(&delivery)).await {
                         let _ = send_all(&again, records, delivery).await;
                     }
                 });
@@ -353,7 +356,7 @@ async fn send_after(
     let records = if is_queue_full(&refused) {
         vec![record]
     } else {
-        match recover(shared, &refused, record).await {
+        match recover(shared, &refused, record, Some(&delivery)).await {
             Some(records) => records,
             None => return false,
         }
@@ -387,7 +390,7 @@ pub(crate) async fn produce(shared: &Shared, record: Outgoing) {
             },
             Err(e) => e,
         };
-        match Box::pin(recover(shared, &failure, record)).await {
+        match Box::pin(recover(shared, &failure, record, None)).await {
             Some(records) => queue.extend(records),
             None => std::future::pending::<()>().await,
         }
@@ -403,7 +406,7 @@ async fn send_all(shared: &Shared, records: Vec<Outgoing>, delivery: Arc<Deliver
     let mut queue = records;
     while let Some(record) = queue.pop() {
         if let Err(failure) = hand_over(shared, &record, delivery.clone()).await {
-            match Box::pin(recover(shared, &failure, record)).await {
+            match Box::pin(recover(shared, &failure, record, Some(&delivery))).await {
                 Some(records) => {
                     delivery.expect(records.len().saturating_sub(1));
                     queue.extend(records);
@@ -477,8 +480,14 @@ fn is_queue_full(error: &KafkaError) -> bool {
 
 /// What to produce instead of `record`, which the broker did not take
 /// with `failure` (see the module's documentation); `None` after a fatal
-/// failure, once the processor has been told to stop.
-async fn recover(shared: &Shared, failure: &KafkaError, record: Outgoing) -> Option<Vec<Outgoing>> {
+/// failure, once the processor has been told to stop. `delivery`: what the
+/// record was for (a task's outputs name the task a dead letter is about).
+async fn recover(
+    shared: &Shared,
+    failure: &KafkaError,
+    record: Outgoing,
+    delivery: Option<&Delivery>,
+) -> Option<Vec<Outgoing>> {
     match classify(failure) {
         Class::Fatal(advice) => {
             shared.fail(format!(
@@ -487,7 +496,7 @@ async fn recover(shared: &Shared, failure: &KafkaError, record: Outgoing) -> Opt
             ));
             None
         }
-        Class::TooLarge => match replace_too_large(shared, failure, record) {
+        Class::TooLarge => match replace_too_large(shared, failure, record, delivery) {
             Ok(records) => {
                 shared.count_error(OUTPUT_TOO_LARGE);
                 Some(records)
@@ -497,7 +506,14 @@ async fn recover(shared: &Shared, failure: &KafkaError, record: Outgoing) -> Opt
                 None
             }
         },
-        Class::Passing => {
+        Class::Unknown if topic_exists(shared, &record.topic).await == Some(false) => {
+            shared.fail(format!(
+                "cannot produce to topic `{}`: {failure}; {TOPIC_GONE}",
+                record.topic
+            ));
+            None
+        }
+        Class::Passing | Class::Unknown => {
             if let Some(retries) = &shared.hot.produce_retries {
                 retries.inc();
             }
@@ -532,6 +548,39 @@ enum Class {
     TooLarge,
     /// Produce it again after a backoff.
     Passing,
+    /// The topic or partition is not known to the broker now: passing
+    /// while the cluster's metadata still has the topic, else fatal.
+    Unknown,
+}
+
+const TOPIC_GONE: &str = "the topic does not exist (was it deleted?): create it";
+
+/// Longest wait for the cluster's metadata when a topic is said unknown.
+const TOPIC_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Whether the cluster's metadata has `topic`: `None` when it cannot be
+/// read (the broker is unreachable: a passing failure too).
+async fn topic_exists(shared: &Shared, topic: &str) -> Option<bool> {
+    use rdkafka::producer::Producer as _;
+    let shared = shared
+        .producer
+        .context()
+        .shared
+        .get()
+        .and_then(Weak::upgrade)?;
+    let topic = topic.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let metadata = shared
+            .producer
+            .client()
+            .fetch_metadata(Some(&topic), TOPIC_CHECK_TIMEOUT)
+            .ok()?;
+        let found = metadata.topics().iter().find(|t| t.name() == topic)?;
+        Some(found.error().is_none() && !found.partitions().is_empty())
+    })
+    .await
+    .ok()
+    .flatten()
 }
 
 fn classify(error: &KafkaError) -> Class {
@@ -540,9 +589,10 @@ fn classify(error: &KafkaError) -> Class {
         Some(E::TopicAuthorizationFailed | E::ClusterAuthorizationFailed) => {
             Class::Fatal("grant WRITE on the topic to this principal")
         }
-        Some(E::UnknownTopicOrPartition | E::UnknownTopic | E::InvalidTopic) => {
-            Class::Fatal("the topic does not exist (was it deleted?): create it")
-        }
+        // Kafka marks these retriable: a leader moving, metadata not yet
+        // propagated. Only the cluster's metadata can say the topic is gone.
+        Some(E::UnknownTopicOrPartition | E::UnknownTopic) => Class::Unknown,
+        Some(E::InvalidTopic) => Class::Fatal(TOPIC_GONE),
         Some(E::SaslAuthenticationFailed | E::Authentication) => {
             Class::Fatal("authentication failed: check the security settings in [kafka.options]")
         }
@@ -562,6 +612,7 @@ fn replace_too_large(
     shared: &Shared,
     failure: &KafkaError,
     mut record: Outgoing,
+    delivery: Option<&Delivery>,
 ) -> Result<Vec<Outgoing>, String> {
     let size = record.value.as_ref().map_or(0, Vec::len);
     let topic = record.topic.clone();
@@ -615,6 +666,7 @@ fn replace_too_large(
         .value
         .as_ref()
         .and_then(|v| shared.codec.decode_request(v).ok());
+    let attempts = request.as_ref().map_or(0, |r| r.attempt.saturating_sub(1));
     if let Some(request) = request {
         let now = now_millis();
         let result = crate::codec::TaskResult {
@@ -643,20 +695,22 @@ fn replace_too_large(
             headers: None,
         });
     }
-    let headers = super::headers::build([
-        (
-            super::headers::ERROR_KIND,
-            Some(OUTPUT_TOO_LARGE.to_owned()),
-        ),
-        (super::headers::ERROR_MESSAGE, Some(message)),
-        (super::headers::ORIGINAL_TOPIC, Some(topic.to_string())),
-        (super::headers::PROCESSOR, Some(shared.name.clone())),
-        (super::headers::WORKER, Some(shared.worker.clone())),
-        (
-            super::headers::LAST_FAILURE_AT,
-            Some(now_millis().to_string()),
-        ),
-    ]);
+    // The same headers as every dead letter, about the task whose output
+    // this was (its record's origin, its trace context).
+    // (The job cannot finish meanwhile: this record is not acknowledged.)
+    let job = match delivery {
+        Some(Delivery::Task(task)) => Some(task.job.lock().unwrap_or_else(|p| p.into_inner())),
+        _ => None,
+    };
+    let headers = super::task::dead_letter_headers(
+        shared,
+        job.as_ref().and_then(|j| j.as_ref()),
+        OUTPUT_TOO_LARGE,
+        &message,
+        attempts,
+        None,
+    );
+    drop(job);
     records.push(Outgoing {
         topic: shared.dead_letter_topic.clone(),
         partition: None,
@@ -701,9 +755,19 @@ mod tests {
             Class::Fatal(advice) if advice.contains("grant WRITE")
         ));
         assert!(matches!(
-            classify(&produce(RDKafkaErrorCode::UnknownTopic)),
+            classify(&produce(RDKafkaErrorCode::InvalidTopic)),
             Class::Fatal(advice) if advice.contains("does not exist")
         ));
+        for unknown in [
+            RDKafkaErrorCode::UnknownTopicOrPartition,
+            RDKafkaErrorCode::UnknownTopic,
+        ] {
+            assert_eq!(
+                classify(&produce(unknown)),
+                Class::Unknown,
+                "retried while the topic exists"
+            );
+        }
         assert!(matches!(
             classify(&produce(RDKafkaErrorCode::Fatal)),
             Class::Fatal(_)

@@ -1,7 +1,7 @@
 //! What the engine reads from a record's headers (their names, and the
 //! helpers for header lists, are `codec::wire`'s, re-exported here).
 
-use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::message::{Headers, Message};
 
 pub use crate::codec::wire::*;
 
@@ -31,7 +31,7 @@ pub struct Incoming {
     pub first_failure_at: Option<i64>,
 }
 
-fn text<'a>(message: &'a BorrowedMessage<'_>, name: &str) -> Option<&'a str> {
+fn text<'a, M: Message>(message: &'a M, name: &str) -> Option<&'a str> {
     let headers = message.headers()?;
     headers
         .iter()
@@ -40,12 +40,12 @@ fn text<'a>(message: &'a BorrowedMessage<'_>, name: &str) -> Option<&'a str> {
         .and_then(|v| std::str::from_utf8(v).ok())
 }
 
-fn number<T: std::str::FromStr>(message: &BorrowedMessage<'_>, name: &str) -> Option<T> {
+fn number<T: std::str::FromStr, M: Message>(message: &M, name: &str) -> Option<T> {
     text(message, name).and_then(|t| t.trim().parse().ok())
 }
 
 /// Reads conveyor's headers; malformed ones are ignored, never an error.
-pub fn read(message: &BorrowedMessage<'_>) -> Incoming {
+pub fn read<M: Message>(message: &M) -> Incoming {
     if message.headers().is_none() {
         return Incoming::default();
     }

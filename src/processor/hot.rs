@@ -14,6 +14,8 @@ use crate::settings::ProcessorSettings;
 pub(super) struct Hot {
     pub(super) in_flight: Option<prometheus::IntGauge>,
     pub(super) paused: Option<prometheus::IntGauge>,
+    pub(super) unsplit: Option<prometheus::IntGauge>,
+    pub(super) metadata_refused: Option<prometheus::IntCounter>,
     pub(super) breaker_open: Option<prometheus::IntGauge>,
     /// By [`delivery::Record`].
     pub(super) produced: Option<[prometheus::IntCounter; 4]>,
@@ -59,6 +61,8 @@ impl Hot {
         Hot {
             in_flight: Some(m.tasks_in_flight.with_label_values(&[name])),
             paused: Some(m.partitions_paused.with_label_values(&[name])),
+            unsplit: Some(m.partitions_unsplit.with_label_values(&[name])),
+            metadata_refused: Some(m.commit_metadata_refused.with_label_values(&[name])),
             breaker_open: Some(m.breaker_open.with_label_values(&[name])),
             produced: Some(
                 delivery::RECORD_LABELS.map(|r| m.records_produced.with_label_values(&[name, r])),
@@ -80,6 +84,7 @@ pub(super) fn zero_series(m: &Metrics, name: &str, settings: &ProcessorSettings)
         &m.progress_overflow,
         &m.offset_commits,
         &m.offset_commit_failures,
+        &m.commit_metadata_refused,
     ] {
         counter.with_label_values(&[name]);
     }
@@ -87,6 +92,7 @@ pub(super) fn zero_series(m: &Metrics, name: &str, settings: &ProcessorSettings)
         &m.tasks_in_flight,
         &m.partitions_assigned,
         &m.partitions_paused,
+        &m.partitions_unsplit,
         &m.breaker_open,
     ] {
         gauge.with_label_values(&[name]);

@@ -105,7 +105,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::message::Message;
 use rdkafka::producer::Producer as _;
 use tracing::{debug, error, info, warn};
 
@@ -156,7 +156,10 @@ pub struct ProcessorStatus {
     /// Owned partitions read through a queue of their own (split off by
     /// the poll thread after each assignment).
     reading: AtomicUsize,
+    /// Owned partitions whose queue could not be split off.
+    unsplit: AtomicUsize,
     in_flight: AtomicUsize,
+    parked: AtomicUsize,
     finished: AtomicUsize,
     breaker_open: AtomicBool,
     drain_commit_failures: AtomicUsize,
@@ -168,6 +171,7 @@ pub struct ProcessorStatus {
     /// The processor stopped on an error that retrying cannot fix.
     failed: AtomicBool,
     /// Test hook: the poll loop waits while this is set.
+    #[cfg(feature = "test-hooks")]
     held: AtomicBool,
 }
 
@@ -187,14 +191,16 @@ impl ProcessorStatus {
         self.failed.load(AtomicOrdering::Relaxed)
     }
 
-    /// Test hook: while `held`, the poll loop waits without going round,
-    /// as a blocked one would. Not for production use.
-    #[doc(hidden)]
+    /// Test hook (cargo feature `test-hooks`, which only the tests turn
+    /// on): while `held`, the poll loop waits without going round, as a
+    /// blocked one would.
+    #[cfg(feature = "test-hooks")]
     pub fn hold_poll_loop(&self, held: bool) {
         self.held.store(held, AtomicOrdering::Relaxed);
     }
 
     fn poll_loop_alive(&self) {
+        #[cfg(feature = "test-hooks")]
         while self.held.load(AtomicOrdering::Relaxed) {
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -214,9 +220,22 @@ impl ProcessorStatus {
         self.reading.load(AtomicOrdering::Relaxed)
     }
 
+    /// Owned partitions whose queue could not be split off: their records
+    /// come through the consumer's main queue, under the same bounds (the
+    /// partition is paused while any of its records wait for room).
+    pub fn unsplit_partitions(&self) -> usize {
+        self.unsplit.load(AtomicOrdering::Relaxed)
+    }
+
     /// Records dispatched and not finished.
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(AtomicOrdering::Relaxed)
+    }
+
+    /// Records from a retry topic dispatched and waiting until they are
+    /// due (not counted in [`ProcessorStatus::in_flight`]).
+    pub fn parked(&self) -> usize {
+        self.parked.load(AtomicOrdering::Relaxed)
     }
 
     /// Records finished (result acknowledged) since start.
@@ -295,6 +314,9 @@ struct State {
     ledger: Ledger<Job>,
     /// A drain waits for tasks to finish: finishing ones signal it.
     draining: bool,
+    /// The drain's deadline passed: tasks of the draining partitions still
+    /// running their handlers are let go of.
+    cancelling: bool,
 }
 
 /// State shared by the poll thread, the rebalance callbacks and the tasks.
@@ -310,6 +332,12 @@ pub(crate) struct Shared {
     state: Mutex<State>,
     /// Signalled whenever a task finishes, for drains.
     finished: Condvar,
+    /// Bumped when a drain begins: tasks that only wait check whether
+    /// their partition is being let go of.
+    drain_begun: tokio::sync::watch::Sender<u64>,
+    /// Bumped when a drain's deadline passes: tasks running a handler
+    /// check whether their partition is being let go of.
+    drain_deadline: tokio::sync::watch::Sender<u64>,
     /// Tasks waiting for room in the producer queue: intake stops meanwhile.
     producer_blocked: AtomicUsize,
     status: Arc<ProcessorStatus>,
@@ -397,6 +425,9 @@ impl Shared {
         self.status
             .in_flight
             .store(in_flight, AtomicOrdering::Relaxed);
+        self.status
+            .parked
+            .store(state.ledger.parked(), AtomicOrdering::Relaxed);
         if let Some(gauge) = &self.hot.in_flight {
             gauge.set(i64::try_from(in_flight).unwrap_or(i64::MAX));
         }
@@ -411,15 +442,21 @@ impl Shared {
     }
 
     /// Takes records (read from `from`, when known) into their lanes, under
-    /// one lock for them all; a job to start now goes to `starts`.
-    fn dispatch(
+    /// one lock for them all; a job to start now goes to `starts`. Returns
+    /// how many were dealt with: the records from there on found no room (their
+    /// partition, or the processor, is at a bound) and must be offered
+    /// again, before anything later of their partition. An error when a
+    /// record arrived below offsets already dispatched without having been
+    /// dispatched itself (taking it late would break its lane's order,
+    /// dropping it would let the commit pass a record that never ran).
+    fn dispatch<M: Message>(
         &self,
-        messages: &[BorrowedMessage<'_>],
+        messages: &[M],
         from: Option<&TopicPartition>,
         starts: &mut Vec<Job>,
-    ) {
+    ) -> Result<usize, ProcessorError> {
         if messages.is_empty() {
-            return;
+            return Ok(0);
         }
         // Everything but the admission is done before the lock, which the
         // producer's delivery thread waits for to finish tasks (the copies
@@ -442,8 +479,9 @@ impl Shared {
             .collect();
         let tick = self.tick();
         let mut state = self.lock();
-        let mut taken = false;
-        for (message, record) in messages.iter().zip(prepared) {
+        let mut taken = 0;
+        let mut outcome = Ok(messages.len());
+        for (index, (message, record)) in messages.iter().zip(prepared).enumerate() {
             let Prepared {
                 tp,
                 headers,
@@ -455,7 +493,7 @@ impl Shared {
                 partition: &tp,
                 offset,
                 key: message.key(),
-                bytes: message.payload_len(),
+                bytes: message.payload().map_or(0, <[u8]>::len),
                 parked: headers.not_before.is_some(),
             };
             let admission = state.ledger.admit(arrival, tick, |ticket| Job {
@@ -468,9 +506,9 @@ impl Shared {
             match admission {
                 Admission::Start(job) => {
                     starts.push(job);
-                    taken = true;
+                    taken += 1;
                 }
-                Admission::Queued => taken = true,
+                Admission::Queued => taken += 1,
                 Admission::Skipped => {
                     // Finished before a crash or rebalance, as the last
                     // commit's metadata records: not run again, not produced
@@ -480,7 +518,24 @@ impl Shared {
                     }
                 }
                 Admission::Again(e) => {
-                    debug!(topic = %tp.0, partition = tp.1, %e, "record delivered again; the first copy is in flight");
+                    debug!(topic = %tp.0, partition = tp.1, %e, "record delivered again; the first copy was taken");
+                }
+                Admission::OutOfOrder(e) => {
+                    let message = format!(
+                        "record {}/{} offset {} arrived after offset {} of its partition without having been read before; \
+                         stopping rather than skipping it (its partition's next owner reads it from the last commit)",
+                        tp.0, tp.1, e.offset, e.last
+                    );
+                    self.count_error("fatal");
+                    outcome = Err(ProcessorError::Fatal {
+                        processor: self.name.clone(),
+                        message,
+                    });
+                    break;
+                }
+                Admission::NoRoom => {
+                    outcome = Ok(index);
+                    break;
                 }
                 Admission::NotOwned => {
                     debug!(
@@ -493,9 +548,10 @@ impl Shared {
                 Admission::Closed => {}
             }
         }
-        if taken {
+        if taken > 0 {
             self.publish_in_flight(&state);
         }
+        outcome
     }
 
     /// Records that `job` finished (its result is acknowledged) and returns
@@ -516,6 +572,45 @@ impl Shared {
         next
     }
 
+    /// Lets go of `job` unfinished (see `task.rs`): it no longer counts as
+    /// in flight, and its offset stays unfinished for the partition's next
+    /// owner.
+    pub(crate) fn abandon(&self, job: Job) {
+        let mut state = self.lock();
+        state.ledger.abandon(&job.ticket);
+        self.publish_in_flight(&state);
+        let draining = state.draining;
+        drop(state);
+        if draining {
+            self.finished.notify_all();
+        }
+        if self.starved.swap(false, AtomicOrdering::AcqRel) {
+            self.wake();
+        }
+    }
+
+    /// What a task at `stage` watches for drains.
+    pub(super) fn drains(&self, stage: task::Stage) -> tokio::sync::watch::Receiver<u64> {
+        match stage {
+            task::Stage::Waiting => self.drain_begun.subscribe(),
+            task::Stage::Running => self.drain_deadline.subscribe(),
+        }
+    }
+
+    /// Whether a drain lets go of `job` at `stage`: a waiting one as soon
+    /// as its partition drains; a running one once the drain's deadline
+    /// passed, or when its partition is gone.
+    pub(super) fn letting_go(&self, job: &Job, stage: task::Stage) -> bool {
+        let state = self.lock();
+        let ledger = &state.ledger;
+        match stage {
+            task::Stage::Waiting => ledger.letting_go(&job.ticket),
+            task::Stage::Running => {
+                ledger.letting_go(&job.ticket) && (state.cancelling || !ledger.holds(&job.ticket))
+            }
+        }
+    }
+
     /// Takes `job` out of its lane (its outputs are with the producer) and
     /// returns the lane's next record, if one waits. The job still counts
     /// as in flight until [`Shared::finish`].
@@ -529,6 +624,21 @@ impl Shared {
     pub(crate) fn finish(self: &Arc<Self>, job: Job) {
         if let Some(next) = self.complete(&job) {
             task::start(self, vec![next]);
+        }
+    }
+
+    /// The generation of `tp`'s assignment, when owned.
+    fn generation_of(&self, tp: &TopicPartition) -> Option<u64> {
+        self.lock().ledger.generation(tp)
+    }
+
+    /// Publishes how many owned partitions are read through a queue of
+    /// their own, and how many could not be split off.
+    fn publish_queues(&self, reading: usize, unsplit: usize) {
+        self.status.reading.store(reading, AtomicOrdering::Relaxed);
+        self.status.unsplit.store(unsplit, AtomicOrdering::Relaxed);
+        if let Some(gauge) = &self.hot.unsplit {
+            gauge.set(i64::try_from(unsplit).unwrap_or(i64::MAX));
         }
     }
 
@@ -600,10 +710,16 @@ async fn run_processor(spec: ProcessorSpec, stop: CancellationToken) -> Result<(
         producer,
         runtime: tokio::runtime::Handle::current(),
         state: Mutex::new(State {
-            ledger: Ledger::new(Bounds::of(&spec.settings)),
+            ledger: Ledger::new(Bounds {
+                commit_metadata_bytes: spec.kafka.commit_metadata_bytes,
+                ..Bounds::of(&spec.settings)
+            }),
             draining: false,
+            cancelling: false,
         }),
         finished: Condvar::new(),
+        drain_begun: tokio::sync::watch::Sender::new(0),
+        drain_deadline: tokio::sync::watch::Sender::new(0),
         producer_blocked: AtomicUsize::new(0),
         status: spec.status.clone(),
         dead_letter_topic: spec.settings.dead_letters_topic().into(),

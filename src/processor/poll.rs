@@ -4,21 +4,22 @@
 //! ledger's room allows, dispatches them and sends the periodic commits;
 //! on stop, drains and commits what finished.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering as AtomicOrdering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::base_consumer::PartitionQueue;
-use rdkafka::consumer::{BaseConsumer, CommitMode};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::BorrowedMessage;
+use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::TopicPartitionList;
 use tracing::{debug, error, warn};
 
 use super::ledger::TopicPartition;
 use super::rebalance::EngineContext;
-use super::{task, Job, ProcessorError, Shared};
+use super::{task, ProcessorError, Shared};
 use crate::shutdown::CancellationToken;
 
 /// Longest the poll thread sleeps when nothing arrives: the main queue's
@@ -38,42 +39,14 @@ const MAIN_BATCH: usize = 1024;
 
 pub(super) type Engine = BaseConsumer<EngineContext>;
 
-/// What one read of a queue found.
-enum Polled {
-    /// Nothing there.
-    Empty,
-    /// A record, dispatched.
-    Record,
-    /// An error that ends the processor.
-    Fatal(ProcessorError),
-}
-
-/// Dispatches what `polled` holds (read from `from`, when known); a job
-/// to start now goes to `starts`.
-fn take(
-    shared: &Arc<Shared>,
-    polled: Option<rdkafka::error::KafkaResult<BorrowedMessage<'_>>>,
-    from: Option<&TopicPartition>,
-    starts: &mut Vec<Job>,
-) -> Polled {
-    match polled {
-        None => Polled::Empty,
-        Some(Ok(message)) => {
-            shared.dispatch(std::slice::from_ref(&message), from, starts);
-            Polled::Record
-        }
-        Some(Err(e)) => consumer_error(shared, &e),
-    }
-}
-
-/// A consumer error: ends the processor when nothing fixes it, else it
-/// is logged and counted and librdkafka recovers.
-fn consumer_error(shared: &Shared, e: &KafkaError) -> Polled {
+/// A consumer error: the error that ends the processor when nothing
+/// fixes it; else it is logged and counted and librdkafka recovers.
+fn consumer_error(shared: &Shared, e: &KafkaError) -> Option<ProcessorError> {
     match fatal_message(e) {
         Some(message) => {
             error!(processor = %shared.name, %message, "stopping");
             shared.count_error("fatal");
-            Polled::Fatal(ProcessorError::Fatal {
+            Some(ProcessorError::Fatal {
                 processor: shared.name.clone(),
                 message,
             })
@@ -81,35 +54,158 @@ fn consumer_error(shared: &Shared, e: &KafkaError) -> Polled {
         None => {
             warn!(processor = %shared.name, error = %e, "consumer error; continuing");
             shared.count_error("consumer");
-            Polled::Record
+            None
         }
     }
 }
 
+/// Records read but not taken for want of room, of one partition, in
+/// offset order: offered again before anything later of the partition is
+/// read. What is held is bounded by what librdkafka had fetched into the
+/// main queue before the partition's queue was split off (its prefetch
+/// limits), or by one batch of a partition queue; a partition whose queue
+/// could not be split off is paused while it holds records.
+struct Held {
+    generation: u64,
+    records: VecDeque<OwnedMessage>,
+    /// Paused (its records come through the main queue).
+    paused: bool,
+}
+
+/// A partition's own queue, split off the main queue.
+struct Split {
+    generation: u64,
+    queue: PartitionQueue<EngineContext>,
+    /// The main queue has been seen empty since the split: every record of
+    /// the partition fetched before it was dispatched or held, so the
+    /// partition's queue may be read without overtaking them.
+    main_clear: bool,
+}
+
+/// What a pass over the main queue found.
+struct Served {
+    /// It held anything.
+    any: bool,
+    /// It was read to its end (not cut off after [`MAIN_BATCH`] records).
+    emptied: bool,
+}
+
 /// Serves the main queue (rebalances, statistics, commit callbacks, errors,
-/// and records fetched before their partition's queue was split off) until
-/// it is empty. Returns whether it held anything.
+/// and records fetched before their partition's queue was split off) for
+/// up to [`MAIN_BATCH`] events. A record without room is held (see
+/// [`Held`]), as is every later record of its partition.
 ///
 /// Unlike a partition's queue, read in batches in `poll_loop`, each record
 /// here is admitted before the next poll: a poll of the main queue may run
 /// a rebalance callback, and a record read before a revocation must not be
 /// admitted into the assignment that follows it.
-fn serve_main(shared: &Arc<Shared>, consumer: &Engine) -> Result<bool, ProcessorError> {
-    let mut any = false;
+fn serve_main(
+    shared: &Arc<Shared>,
+    consumer: &Engine,
+    held: &mut HashMap<TopicPartition, Held>,
+) -> Result<Served, ProcessorError> {
+    let mut served = Served {
+        any: false,
+        emptied: false,
+    };
     let mut starts = Vec::new();
     let mut outcome = Ok(());
     for _ in 0..MAIN_BATCH {
-        match take(shared, consumer.poll(Duration::ZERO), None, &mut starts) {
-            Polled::Empty => break,
-            Polled::Record => any = true,
-            Polled::Fatal(e) => {
+        let message = match consumer.poll(Duration::ZERO) {
+            None => {
+                served.emptied = true;
+                break;
+            }
+            Some(Ok(message)) => message,
+            Some(Err(e)) => {
+                served.any = true;
+                if let Some(e) = consumer_error(shared, &e) {
+                    outcome = Err(e);
+                    break;
+                }
+                continue;
+            }
+        };
+        served.any = true;
+        if !held.is_empty() {
+            let tp: TopicPartition = (Arc::from(message.topic()), message.partition());
+            if let Some(h) = held.get_mut(&tp) {
+                if shared.generation_of(&tp) == Some(h.generation) {
+                    h.records.push_back(message.detach());
+                    continue;
+                }
+                // Held in an earlier assignment: not this one's to run.
+                if held.remove(&tp).is_some_and(|h| h.paused) {
+                    let mut list = TopicPartitionList::new();
+                    list.add_partition(&tp.0, tp.1);
+                    let _ = consumer.resume(&list);
+                }
+            }
+        }
+        match shared.dispatch(std::slice::from_ref(&message), None, &mut starts) {
+            Ok(0) => {
+                let tp: TopicPartition = (Arc::from(message.topic()), message.partition());
+                if let Some(generation) = shared.generation_of(&tp) {
+                    let mut records = VecDeque::new();
+                    records.push_back(message.detach());
+                    held.insert(
+                        tp,
+                        Held {
+                            generation,
+                            records,
+                            paused: false,
+                        },
+                    );
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
                 outcome = Err(e);
                 break;
             }
         }
     }
     task::start(shared, starts);
-    outcome.map(|()| any)
+    outcome.map(|()| served)
+}
+
+/// Offers each partition's held records again, in order, as far as there
+/// is room; resumes a paused partition whose held records are all taken.
+fn offer_held(
+    shared: &Arc<Shared>,
+    consumer: &Engine,
+    held: &mut HashMap<TopicPartition, Held>,
+) -> Result<(), ProcessorError> {
+    let mut starts = Vec::new();
+    let mut outcome = Ok(());
+    let mut resume = TopicPartitionList::new();
+    held.retain(|tp, h| {
+        if outcome.is_err() {
+            return true;
+        }
+        let taken = match shared.dispatch(h.records.make_contiguous(), Some(tp), &mut starts) {
+            Ok(taken) => taken,
+            Err(e) => {
+                outcome = Err(e);
+                return true;
+            }
+        };
+        h.records.drain(..taken.min(h.records.len()));
+        if !h.records.is_empty() {
+            return true;
+        }
+        if h.paused {
+            resume.add_partition(&tp.0, tp.1);
+        }
+        false
+    });
+    task::start(shared, starts);
+    if resume.count() > 0 {
+        if let Err(e) = consumer.resume(&resume) {
+            warn!(processor = %shared.name, error = %e, "cannot resume partitions paused while holding records");
+        }
+    }
+    outcome
 }
 
 pub(super) fn poll_loop(
@@ -124,7 +220,11 @@ pub(super) fn poll_loop(
     // split off in: a partition revoked and assigned again (both can happen
     // within one poll under the eager protocol) has its queue re-forwarded
     // to the main queue by librdkafka, so it is split off again.
-    let mut queues: HashMap<TopicPartition, (u64, PartitionQueue<EngineContext>)> = HashMap::new();
+    let mut queues: HashMap<TopicPartition, Split> = HashMap::new();
+    let mut held: HashMap<TopicPartition, Held> = HashMap::new();
+    // Partitions whose queue could not be split off, with the generation
+    // it was tried in (said once per assignment).
+    let mut unsplit: HashMap<TopicPartition, u64> = HashMap::new();
     let mut owned = Vec::new();
     let mut turn = 0usize;
     let mut result = Ok(());
@@ -140,8 +240,13 @@ pub(super) fn poll_loop(
             });
             break;
         }
-        let mut any = match serve_main(shared, &consumer) {
-            Ok(any) => any,
+        let mut any = match serve_main(shared, &consumer, &mut held) {
+            Ok(served) => {
+                if served.emptied {
+                    queues.values_mut().for_each(|q| q.main_clear = true);
+                }
+                served.any
+            }
             Err(e) => {
                 result = Err(e);
                 break;
@@ -164,14 +269,31 @@ pub(super) fn poll_loop(
             shared.starved.store(false, AtomicOrdering::Release);
         }
 
+        // Forget what belongs to partitions gone or assigned again.
+        let current = |tp: &TopicPartition, generation: u64| {
+            owned
+                .iter()
+                .any(|(o, _, current)| o == tp && *current == generation)
+        };
+        queues.retain(|tp, split| current(tp, split.generation));
+        let mut resume = TopicPartitionList::new();
+        held.retain(|tp, h| {
+            let keep = current(tp, h.generation);
+            if !keep && h.paused {
+                // librdkafka keeps an application's pause across
+                // assignments: this one's records are not held any more.
+                resume.add_partition(&tp.0, tp.1);
+            }
+            keep
+        });
+        if resume.count() > 0 {
+            let _ = consumer.resume(&resume);
+        }
+        unsplit.retain(|tp, generation| current(tp, *generation));
+
         // Split off the queues of newly assigned partitions, then empty the
         // main queue once more: records fetched before a split are there,
         // and must be dispatched before the partition queue's.
-        queues.retain(|tp, (generation, _)| {
-            owned
-                .iter()
-                .any(|(o, _, current)| o == tp && current == generation)
-        });
         let mut split = false;
         for (tp, _, generation) in &owned {
             if queues.contains_key(tp) {
@@ -181,33 +303,73 @@ pub(super) fn poll_loop(
                 Some(mut queue) => {
                     let thread = this_thread.clone();
                     queue.set_nonempty_callback(move || thread.unpark());
-                    queues.insert(tp.clone(), (*generation, queue));
+                    queues.insert(
+                        tp.clone(),
+                        Split {
+                            generation: *generation,
+                            queue,
+                            main_clear: false,
+                        },
+                    );
+                    unsplit.remove(tp);
                     split = true;
                 }
                 None => {
-                    warn!(processor = %shared.name, topic = %tp.0, partition = tp.1,
-                          "cannot split off the partition's queue; its records come through the main queue");
+                    if unsplit.insert(tp.clone(), *generation).is_none() {
+                        shared.count_error("split");
+                        warn!(processor = %shared.name, topic = %tp.0, partition = tp.1,
+                              "cannot split off the partition's queue; its records come through the main queue, \
+                               and the partition is paused while any of them wait for room");
+                    }
                 }
             }
         }
-        shared
-            .status
-            .reading
-            .store(queues.len(), AtomicOrdering::Relaxed);
+        shared.publish_queues(queues.len(), unsplit.len());
         if split {
-            match serve_main(shared, &consumer) {
-                Ok(more) => any |= more,
+            match serve_main(shared, &consumer, &mut held) {
+                Ok(served) => {
+                    any |= served.any;
+                    if served.emptied {
+                        queues.values_mut().for_each(|q| q.main_clear = true);
+                    }
+                }
                 Err(e) => {
                     result = Err(e);
                     break;
                 }
             }
+        }
+        // A partition whose records come through the main queue stops
+        // fetching while it holds records (librdkafka drops what it had
+        // fetched past them and fetches it again on resume).
+        let mut pause = TopicPartitionList::new();
+        for (tp, h) in &mut held {
+            if !h.paused && !queues.contains_key(tp) {
+                h.paused = true;
+                pause.add_partition(&tp.0, tp.1);
+            }
+        }
+        if pause.count() > 0 {
+            if let Err(e) = consumer.pause(&pause) {
+                warn!(processor = %shared.name, error = %e, "cannot pause partitions holding records");
+            }
+        }
+        if !held.is_empty() {
+            any = true;
+            if let Err(e) = offer_held(shared, &consumer, &mut held) {
+                result = Err(e);
+                break;
+            }
+        }
+        if split || !held.is_empty() {
             let granted = shared.apply(&mut owned);
             (room, bytes_room) = (granted.total, granted.bytes);
         }
 
         // Read each partition with room, in turn from a rotating start so
-        // that a small processor-wide room is shared out.
+        // that a small processor-wide room is shared out; not one whose
+        // records fetched before its split may still be in the main queue,
+        // nor one holding records.
         if !owned.is_empty() {
             turn = turn.wrapping_add(1);
             let start = turn % owned.len();
@@ -215,18 +377,21 @@ pub(super) fn poll_loop(
                 if room == 0 {
                     break;
                 }
-                let Some((tp, own_room, _)) = owned.get((start + i) % owned.len()) else {
+                let Some((tp, own_room, generation)) = owned.get((start + i) % owned.len()) else {
                     continue;
                 };
-                let Some((_, queue)) = queues.get(tp) else {
+                let Some(split) = queues.get(tp) else {
                     continue;
                 };
+                if !split.main_clear || held.contains_key(tp) {
+                    continue;
+                }
                 // Read a batch, then take it under one lock.
                 let limit = (*own_room).min(room).min(PARTITION_BATCH);
                 let mut batch = Vec::with_capacity(limit);
                 let mut fatal = None;
                 for _ in 0..limit {
-                    match queue.poll(Duration::ZERO) {
+                    match split.queue.poll(Duration::ZERO) {
                         None => break,
                         Some(Ok(message)) => {
                             any = true;
@@ -241,7 +406,7 @@ pub(super) fn poll_loop(
                         }
                         Some(Err(e)) => {
                             any = true;
-                            if let Polled::Fatal(e) = consumer_error(shared, &e) {
+                            if let Some(e) = consumer_error(shared, &e) {
                                 fatal = Some(e);
                                 break;
                             }
@@ -249,9 +414,29 @@ pub(super) fn poll_loop(
                     }
                 }
                 let mut starts = Vec::new();
-                shared.dispatch(&batch, Some(tp), &mut starts);
-                drop(batch);
+                let taken = shared.dispatch(&batch, Some(tp), &mut starts);
                 task::start(shared, starts);
+                match taken {
+                    Ok(taken) if taken < batch.len() => {
+                        // The bounds moved since they were read: hold the
+                        // rest, in order.
+                        let records = batch.iter().skip(taken).map(|m| m.detach()).collect();
+                        held.insert(
+                            tp.clone(),
+                            Held {
+                                generation: *generation,
+                                records,
+                                paused: false,
+                            },
+                        );
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        result = Err(e);
+                        break 'outer;
+                    }
+                }
+                drop(batch);
                 if let Some(e) = fatal {
                     result = Err(e);
                     break 'outer;
@@ -265,7 +450,8 @@ pub(super) fn poll_loop(
         }
     }
     drop(queues);
-    shared.status.reading.store(0, AtomicOrdering::Relaxed);
+    drop(held);
+    shared.publish_queues(0, 0);
     let consumer = match Arc::try_unwrap(consumer) {
         Ok(consumer) => consumer,
         Err(_) => unreachable!("the partition queues holding the consumer were dropped"),

@@ -14,12 +14,20 @@ use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tracing::{debug, error, info, warn};
 
-use super::ledger::TopicPartition;
+use super::ledger::{Progress, TopicPartition};
 use super::Shared;
 use crate::progress;
 
 /// Longest wait for the committed offsets of newly assigned partitions.
 const PROGRESS_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a drain waits, after its deadline, for the handlers it
+/// cancelled to let go (a cancelled task must be polled once more).
+const CANCEL_GRACE: Duration = Duration::from_millis(250);
+
+/// Synchronous attempts of a commit whose metadata is refused: enough to
+/// halve the largest budget down to none.
+const METADATA_ATTEMPTS: usize = 10;
 
 impl Shared {
     /// Reads the committed offsets of newly assigned `partitions` with
@@ -126,47 +134,172 @@ impl Shared {
         mode: CommitMode,
         all: bool,
     ) -> Result<(), KafkaError> {
-        let mut list = TopicPartitionList::new();
+        let mut chosen: Option<Vec<TopicPartition>> = partitions.map(<[_]>::to_vec);
+        let mut all = all;
+        let mut last = Ok(());
+        // A commit whose metadata is refused is sent again at once with
+        // less (each refusal halves the budget, down to none). librdkafka
+        // reports the outcome of an explicit asynchronous commit to no one
+        // (only auto-commits raise events), so a commit carrying metadata
+        // longer than any taken before for its partition is sent
+        // synchronously: a broker's limit is then found out, and shorter
+        // metadata goes asynchronously after.
+        for _ in 0..METADATA_ATTEMPTS {
+            let (list, lengths, unconfirmed) = self.commit_list(chosen.as_deref(), all);
+            if list.count() == 0 {
+                return last;
+            }
+            let sync = matches!(mode, CommitMode::Sync) || unconfirmed;
+            let outcome = consumer.commit(
+                &list,
+                if sync {
+                    CommitMode::Sync
+                } else {
+                    CommitMode::Async
+                },
+            );
+            let e = match outcome {
+                Ok(()) => {
+                    if sync {
+                        let mut state = self.lock();
+                        for (tp, length) in &lengths {
+                            state.ledger.metadata_accepted(tp, *length);
+                        }
+                    }
+                    return Ok(());
+                }
+                Err(e) => e,
+            };
+            let refused = self.commit_refused(&e, &list);
+            if refused.is_empty() || !sync {
+                return Err(e);
+            }
+            last = Err(e);
+            chosen = Some(refused);
+            all = true;
+        }
+        last
+    }
+
+    /// The commit of the chosen partitions' progress: snapshots taken under
+    /// the engine's lock, metadata encoded outside it (or reused while a
+    /// partition's progress is unchanged). With it, each partition's
+    /// metadata length, and whether any is longer than its partition's
+    /// longest known to be taken.
+    fn commit_list(
+        &self,
+        partitions: Option<&[TopicPartition]>,
+        all: bool,
+    ) -> (TopicPartitionList, Vec<(TopicPartition, usize)>, bool) {
+        let snapshots = self.lock().ledger.progress(partitions, all);
+        let mut list = TopicPartitionList::with_capacity(snapshots.len());
+        let mut lengths = Vec::with_capacity(snapshots.len());
+        let mut unconfirmed = false;
+        if snapshots.is_empty() {
+            return (list, lengths, unconfirmed);
+        }
         let mut overflowed = 0;
-        self.lock()
-            .ledger
-            .progress(partitions, all, |tp, watermark, encoded| {
-                if encoded.left_out > 0 {
-                    overflowed += 1;
+        let mut fresh = Vec::new();
+        let mut failed = Vec::new();
+        for snapshot in &snapshots {
+            let encoded = match &snapshot.progress {
+                Progress::Encoded(encoded) => encoded.clone(),
+                Progress::Ranges(ranges) => {
+                    let encoded = Arc::new(progress::encode(
+                        snapshot.watermark,
+                        ranges.iter().copied(),
+                        snapshot.budget,
+                    ));
+                    fresh.push((snapshot, encoded.clone()));
+                    encoded
                 }
-                if let Err(e) = list.add_partition_offset(&tp.0, tp.1, Offset::Offset(watermark)) {
-                    // Left for the next commit; the others go now.
-                    warn!(processor = %self.name, topic = %tp.0, partition = tp.1, error = %e,
-                          "cannot put the partition's offset in a commit");
-                    return false;
-                }
+            };
+            if encoded.left_out {
+                overflowed += 1;
+            }
+            let tp = &snapshot.partition;
+            if let Err(e) =
+                list.add_partition_offset(&tp.0, tp.1, Offset::Offset(snapshot.watermark))
+            {
+                // Left for the next commit; the others go now.
+                warn!(processor = %self.name, topic = %tp.0, partition = tp.1, error = %e,
+                      "cannot put the partition's offset in a commit");
+                failed.push(tp);
+                continue;
+            }
+            if !encoded.metadata.is_empty() {
                 if let Some(mut element) = list.find_partition(&tp.0, tp.1) {
                     element.set_metadata(&encoded.metadata);
                 }
-                true
-            });
+            }
+            unconfirmed |= encoded.metadata.len() > snapshot.accepted;
+            lengths.push((tp.clone(), encoded.metadata.len()));
+        }
+        if !fresh.is_empty() || !failed.is_empty() {
+            let mut state = self.lock();
+            for (snapshot, encoded) in fresh {
+                state.ledger.encoded(snapshot, encoded);
+            }
+            for tp in failed {
+                state.ledger.commit_failed(tp);
+            }
+        }
         if overflowed > 0 {
             if let Some(counter) = &self.hot.progress_overflow {
                 counter.inc_by(overflowed);
             }
         }
-        if list.count() == 0 {
-            return Ok(());
-        }
-        let outcome = consumer.commit(&list, mode);
-        if outcome.is_err() {
-            self.commit_failed(&list);
-        }
-        outcome
+        (list, lengths, unconfirmed)
     }
 
-    /// Marks the partitions of a failed commit for the next one.
-    pub(super) fn commit_failed(&self, list: &TopicPartitionList) {
+    /// Marks the partitions of a failed commit for the next one. Those
+    /// whose metadata the broker refused as too large get a smaller budget
+    /// (a warning on a partition's first refusal in its assignment); they
+    /// are returned.
+    pub(super) fn commit_refused(
+        &self,
+        error: &KafkaError,
+        list: &TopicPartitionList,
+    ) -> Vec<TopicPartition> {
+        let too_large = |code: Option<RDKafkaErrorCode>| {
+            matches!(
+                code,
+                Some(
+                    RDKafkaErrorCode::OffsetMetadataTooLarge
+                        | RDKafkaErrorCode::InvalidCommitOffsetSize
+                )
+            )
+        };
+        let whole = too_large(error.rdkafka_error_code());
+        let mut refused = Vec::new();
         let mut state = self.lock();
         for element in list.elements() {
             let tp: TopicPartition = (Arc::from(element.topic()), element.partition());
-            state.ledger.commit_failed(&tp);
+            let this = match element.error() {
+                Err(e) => too_large(e.rdkafka_error_code()),
+                Ok(()) => whole && !element.metadata().is_empty(),
+            };
+            if !this {
+                state.ledger.commit_failed(&tp);
+                continue;
+            }
+            if let Some((budget, first)) = state.ledger.metadata_refused(&tp) {
+                if first {
+                    warn!(processor = %self.name, topic = %tp.0, partition = tp.1, %error, budget,
+                          "the broker refused the commit's progress metadata as too large; \
+                           committing with less (raise the broker's offset.metadata.max.bytes, \
+                           or lower kafka.commit_metadata_bytes)");
+                } else {
+                    debug!(processor = %self.name, topic = %tp.0, partition = tp.1, budget,
+                           "progress metadata refused again; committing with less");
+                }
+                if let Some(counter) = &self.hot.metadata_refused {
+                    counter.inc();
+                }
+            }
+            refused.push(tp);
         }
+        refused
     }
 
     /// Stops intake on `partitions` (all when `None`), drops their records
@@ -185,7 +318,7 @@ impl Shared {
             Some(_) => Duration::ZERO,
             None => Duration::from_millis(self.settings.drain_timeout_ms),
         };
-        let deadline = Instant::now() + wait;
+        let mut deadline = Instant::now() + wait;
         let mut state = self.lock();
         state.draining = true;
         let not_started = state.ledger.begin_drain(partitions);
@@ -193,6 +326,9 @@ impl Shared {
         drop(not_started);
         debug!(processor = %self.name, why, running = state.ledger.running(partitions), "draining");
         self.publish_in_flight(&state);
+        // Tasks that only wait (a retry not due, a backoff, the breaker)
+        // are let go of now: they produced nothing, the next owner runs them.
+        self.drain_begun.send_modify(|n| *n = n.wrapping_add(1));
         loop {
             let running = state.ledger.running(partitions);
             let now = Instant::now();
@@ -201,14 +337,30 @@ impl Shared {
                 break;
             }
             if now >= deadline {
+                if state.cancelling {
+                    warn!(
+                        processor = %self.name,
+                        why,
+                        still_running = running,
+                        drain_timeout_ms = self.settings.drain_timeout_ms,
+                        "tasks still running after the drain deadline (handlers that do not yield, or outputs \
+                         not yet acknowledged); their offsets are not committed"
+                    );
+                    break;
+                }
+                // Handlers still running are cancelled (their futures are
+                // dropped, nothing is produced, the next owner runs them):
+                // a key must not run here and at the next owner at once.
                 warn!(
                     processor = %self.name,
                     why,
                     still_running = running,
                     drain_timeout_ms = self.settings.drain_timeout_ms,
-                    "drain deadline passed; tasks still running will produce results but their offsets are not committed"
+                    "drain deadline passed; cancelling the handlers still running"
                 );
-                break;
+                state.cancelling = true;
+                self.drain_deadline.send_modify(|n| *n = n.wrapping_add(1));
+                deadline = now + CANCEL_GRACE;
             }
             state = match self.finished.wait_timeout(state, deadline - now) {
                 Ok((guard, _)) => guard,
@@ -216,6 +368,7 @@ impl Shared {
             };
         }
         state.draining = false;
+        state.cancelling = false;
         drop(state);
         if let Err(e) = self.commit(consumer, partitions, CommitMode::Sync, true) {
             self.status
@@ -340,6 +493,15 @@ impl ConsumerContext for EngineContext {
         offsets: &TopicPartitionList,
     ) {
         let shared = &self.shared;
+        // A commit the broker answered may still have failed for some of
+        // its partitions: their errors are in the list.
+        let result = result.and_then(|()| {
+            offsets
+                .elements()
+                .iter()
+                .find_map(|e| e.error().err())
+                .map_or(Ok(()), Err)
+        });
         match result {
             Ok(()) => {
                 if shared.metrics.enabled() {
@@ -353,7 +515,7 @@ impl ConsumerContext for EngineContext {
             // Nothing was stored since the last commit: not a failure.
             Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
             Err(e) => {
-                shared.commit_failed(offsets);
+                shared.commit_refused(&e, offsets);
                 warn!(processor = %shared.name, error = %e, "offset commit failed");
                 shared.count_error("commit");
                 if shared.metrics.enabled() {

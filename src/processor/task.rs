@@ -12,6 +12,14 @@
 //!
 //! Retryable failures (a retryable error, a timeout, a panic) with a short
 //! backoff are retried here, in place: the lane waits, so ordering holds.
+//!
+//! A task is **let go of** unfinished when its partition drains (a revoke,
+//! or shutdown): at once while it only waits (a retry-topic record not due
+//! yet, an in-place backoff, a breaker hold), and at the drain deadline
+//! while its handler runs (the handler's future is dropped: Rust's
+//! cancellation, which the `Handler` trait documents). It produces nothing
+//! and its offset stays unfinished, so the partition's next owner runs it;
+//! no two copies of a key's task run at once across members.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering as AtomicOrdering;
@@ -142,6 +150,48 @@ enum End {
         due_at: i64,
         first_failure_at: i64,
     },
+    /// Let go of unfinished at a drain: nothing to produce.
+    LetGo,
+}
+
+/// When a drain lets go of a task.
+#[derive(Clone, Copy)]
+pub(crate) enum Stage {
+    /// Only waiting: as soon as its partition drains.
+    Waiting,
+    /// Running its handler: at the drain's deadline.
+    Running,
+}
+
+/// Runs `future` to its end, unless `job`'s partition is drained first
+/// (at the start of the drain for [`Stage::Waiting`], at its deadline for
+/// [`Stage::Running`]): then `None`, and the future is dropped.
+async fn unless_let_go<F: std::future::Future>(
+    shared: &Shared,
+    job: &Job,
+    stage: Stage,
+    future: F,
+) -> Option<F::Output> {
+    let mut drains = shared.drains(stage);
+    // A drain that began before the subscription is seen here.
+    if shared.letting_go(job, stage) {
+        return None;
+    }
+    let mut future = std::pin::pin!(future);
+    loop {
+        tokio::select! {
+            output = &mut future => return Some(output),
+            changed = drains.changed() => {
+                if changed.is_err() {
+                    // The processor is gone: nothing will let go of it.
+                    return Some(future.await);
+                }
+                if shared.letting_go(job, stage) {
+                    return None;
+                }
+            }
+        }
+    }
 }
 
 // Deliberately not an `async fn`: see `run`.
@@ -156,7 +206,14 @@ fn run_job(shared: Arc<Shared>, job: Job) -> impl std::future::Future<Output = O
             let wait = due - now_millis();
             if let Ok(wait) = u64::try_from(wait) {
                 debug!(wait_ms = wait, "retry not due yet");
-                Box::pin(tokio::time::sleep(Duration::from_millis(wait))).await;
+                let sleep = tokio::time::sleep(Duration::from_millis(wait));
+                if unless_let_go(shared, &job, Stage::Waiting, sleep)
+                    .await
+                    .is_none()
+                {
+                    shared.abandon(job);
+                    return None;
+                }
             }
         }
         let mut request = match shared.codec.decode_request(&job.payload) {
@@ -233,6 +290,11 @@ fn run_job(shared: Arc<Shared>, job: Job) -> impl std::future::Future<Output = O
             let end = run_task(shared, &job, &mut request, started_at).await;
             request.attempt = first_attempt;
             match end {
+                End::LetGo => {
+                    debug!(task_id = %request.id, "let go of at a drain; the partition's next owner runs it");
+                    shared.abandon(job);
+                    return None;
+                }
                 End::Succeeded(result) => {
                     let mut records = vec![result_record(shared, &job, &result)];
                     if request.workflow.is_some() {
@@ -266,7 +328,14 @@ fn run_job(shared: Arc<Shared>, job: Job) -> impl std::future::Future<Output = O
                             "poison-pill breaker open: most recent tasks failed for good; \
                              pausing intake and not dead-lettering instead of draining the topic"
                         );
-                        Box::pin(tokio::time::sleep_until(until.into())).await;
+                        let hold = tokio::time::sleep_until(until.into());
+                        if unless_let_go(shared, &job, Stage::Waiting, hold)
+                            .await
+                            .is_none()
+                        {
+                            shared.abandon(job);
+                            return None;
+                        }
                         continue;
                     }
                     let result = failed_result(shared, &request, started_at, &failure);
@@ -377,7 +446,13 @@ async fn run_task(shared: &Shared, job: &Job, request: &mut TaskRequest, started
             // timeout could not have interrupted it anyway.
             match futures::poll!(attempt.as_mut()) {
                 Poll::Ready(answer) => Ok(answer),
-                Poll::Pending => Box::pin(tokio::time::timeout(timeout, attempt)).await,
+                Poll::Pending => {
+                    let timed = tokio::time::timeout(timeout, attempt);
+                    match Box::pin(unless_let_go(shared, job, Stage::Running, timed)).await {
+                        Some(answer) => answer,
+                        None => return End::LetGo,
+                    }
+                }
             }
         };
         let ended = Instant::now();
@@ -440,7 +515,13 @@ async fn run_task(shared: &Shared, job: &Job, request: &mut TaskRequest, started
             Decision::InPlace(delay) => {
                 warn!(task_id = %request.id, attempt = request.attempt, kind = %kind, error = %message, delay_ms = delay.as_millis() as u64, "task failed; retrying in place");
                 retried("in_place", kind);
-                Box::pin(tokio::time::sleep(delay)).await;
+                let backoff = tokio::time::sleep(delay);
+                if Box::pin(unless_let_go(shared, job, Stage::Waiting, backoff))
+                    .await
+                    .is_none()
+                {
+                    return End::LetGo;
+                }
                 request.attempt += 1;
             }
             Decision::RetryTopic(delay) => {
@@ -577,6 +658,42 @@ fn origin_headers(origin: &Origin) -> [(&'static str, Option<String>); 4] {
     ]
 }
 
+/// The headers of every dead letter (one contract, see the README's dead
+/// letters): the failure's kind and message, attempts so far, who met it
+/// and when, and, from `job` (the task whose record or output is
+/// dead-lettered), its trace context and where its record was first read.
+pub(super) fn dead_letter_headers(
+    shared: &Shared,
+    job: Option<&Job>,
+    kind: &str,
+    message: &str,
+    attempts: i32,
+    first_failure_at: Option<i64>,
+) -> OwnedHeaders {
+    let now = now_millis();
+    let origin = job.map(origin);
+    headers::build(
+        [
+            (headers::ERROR_KIND, Some(kind.to_owned())),
+            (headers::ERROR_MESSAGE, Some(message.to_owned())),
+            (headers::ATTEMPTS, Some(attempts.to_string())),
+            (headers::PROCESSOR, Some(shared.name.clone())),
+            (headers::WORKER, Some(shared.worker.clone())),
+            (
+                headers::FIRST_FAILURE_AT,
+                Some(first_failure_at.unwrap_or(now).to_string()),
+            ),
+            (headers::LAST_FAILURE_AT, Some(now.to_string())),
+            (
+                headers::TRACEPARENT,
+                job.and_then(|j| j.headers.traceparent.clone()),
+            ),
+        ]
+        .into_iter()
+        .chain(origin.iter().flat_map(origin_headers)),
+    )
+}
+
 /// Dead-letters the record and produces the FAILED result, if any, and
 /// what the failure means for the workflow `request` is a step of.
 async fn fail(
@@ -587,23 +704,13 @@ async fn fail(
     request: Option<&TaskRequest>,
     latency: Option<(prometheus::Histogram, i64)>,
 ) -> Option<Job> {
-    let origin = origin(&job);
-    let dead_letter_headers = headers::build(
-        [
-            (headers::ERROR_KIND, Some(failure.kind.into())),
-            (headers::ERROR_MESSAGE, Some(failure.message.clone())),
-            (headers::ATTEMPTS, Some(failure.attempts.to_string())),
-            (headers::PROCESSOR, Some(shared.name.clone())),
-            (headers::WORKER, Some(shared.worker.clone())),
-            (
-                headers::FIRST_FAILURE_AT,
-                Some(failure.first_failure_at.to_string()),
-            ),
-            (headers::LAST_FAILURE_AT, Some(now_millis().to_string())),
-            (headers::TRACEPARENT, job.headers.traceparent.clone()),
-        ]
-        .into_iter()
-        .chain(origin_headers(&origin)),
+    let dead_letter_headers = dead_letter_headers(
+        shared,
+        Some(&job),
+        failure.kind.as_str(),
+        &failure.message,
+        failure.attempts,
+        Some(failure.first_failure_at),
     );
     let original = std::mem::take(&mut job.payload);
     let mut records = vec![output(

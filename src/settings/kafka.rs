@@ -55,6 +55,14 @@ pub struct KafkaSettings {
     /// partitions it owns. `[kafka.options]` `queued.max.messages.kbytes`,
     /// `queued.min.messages` or `max.partition.fetch.bytes` override it.
     pub prefetch_bytes: u64,
+    /// Characters of progress metadata each commit may carry per partition
+    /// (the finished offsets above the committed one, so that a restart
+    /// after a crash skips them; 4000 by default, under the brokers'
+    /// default `offset.metadata.max.bytes` of 4096). 0 turns it off (every
+    /// record above the committed offset runs again after a crash). A
+    /// broker that refuses it as too large halves it for that partition,
+    /// down to none, and the commit goes through with less.
+    pub commit_metadata_bytes: usize,
 }
 
 /// Default of `kafka.prefetch_bytes`: 64 MiB.
@@ -68,6 +76,7 @@ impl Default for KafkaSettings {
             options: BTreeMap::new(),
             security: crate::security::SecuritySettings::default(),
             prefetch_bytes: DEFAULT_PREFETCH_BYTES,
+            commit_metadata_bytes: crate::progress::MAX_METADATA,
         }
     }
 }
@@ -148,6 +157,19 @@ impl KafkaSettings {
             bad(
                 "kafka.prefetch_bytes".into(),
                 "must be at least 1048576 (1 MiB)",
+            );
+        }
+        if self.commit_metadata_bytes != 0
+            && !(crate::progress::MIN_METADATA..=crate::progress::MAX_METADATA * 256)
+                .contains(&self.commit_metadata_bytes)
+        {
+            bad(
+                "kafka.commit_metadata_bytes".into(),
+                &format!(
+                    "must be 0 (no progress metadata) or from {} to {}",
+                    crate::progress::MIN_METADATA,
+                    crate::progress::MAX_METADATA * 256
+                ),
             );
         }
         for (option, why) in MANAGED_KAFKA_OPTIONS {

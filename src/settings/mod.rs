@@ -571,7 +571,7 @@ mod tests {
         let found = problems(load_toml_env("", &[("CONVEYOR__KAFKA__BROKER", "b:2")]));
         assert_eq!(
             found,
-            ["kafka.broker: unknown field `broker`, expected one of `brokers`, `client_id`, `options`, `security`, `prefetch_bytes`"]
+            ["kafka.broker: unknown field `broker`, expected one of `brokers`, `client_id`, `options`, `security`, `prefetch_bytes`, `commit_metadata_bytes`"]
         );
     }
 
