@@ -67,10 +67,16 @@
 //! would make librdkafka discard what it prefetched and fetch it again on
 //! resume, which cost ~200 ms per pause here (BENCHMARKS.md).
 //!
-//! A partition's queue is split off right after it is assigned; the few
-//! records fetched before that arrive on the consumer's main queue, which
-//! is therefore always emptied before any partition queue is read, so every
-//! partition is dispatched in offset order.
+//! A partition's queue is split off right after it is assigned; the
+//! records fetched before that arrive on the consumer's main queue. A split
+//! queue is read only once the main queue has been seen empty since the
+//! split (`poll.rs`), so every partition is dispatched in offset order; the
+//! ledger refuses a record that arrives below offsets already dispatched
+//! without having been dispatched itself (`Admission::OutOfOrder`), and the
+//! processor stops rather than let the commit pass it. Every admission,
+//! from either queue, is checked against the bounds by the ledger; a record
+//! without room is held by the poll thread, in order, until there is (see
+//! `poll::Held`).
 //!
 //! # Failures
 //!
@@ -82,11 +88,12 @@
 //! # Rebalance and shutdown
 //!
 //! On revoke: records of the revoked partitions that have not started are
-//! dropped (they were not committed, so the next owner reads them), running
-//! ones are awaited until `drain_timeout_ms`, the progress is committed
-//! synchronously, then the partitions go. A task that finishes after its
-//! partition went still produces its result, but its offset is not
-//! committed. Shutdown does the same for every partition, then closes.
+//! dropped (they were not committed, so the next owner reads them), tasks
+//! that only wait (a retry not due, a backoff, a breaker hold) are let go
+//! of at once, running ones are awaited until `drain_timeout_ms` and then
+//! cancelled (see `task.rs`), the progress is committed synchronously, then
+//! the partitions go. A task let go of produces nothing and its offset is
+//! not committed. Shutdown does the same for every partition, then closes.
 
 mod delivery;
 pub mod headers;
@@ -667,6 +674,98 @@ impl Shared {
     /// Seconds since the processor started: when records were dispatched.
     fn tick(&self) -> u32 {
         u32::try_from(self.started.elapsed().as_secs()).unwrap_or(u32::MAX)
+    }
+}
+
+/// The commit path measured without a broker, for `benches/commit.rs`
+/// (cargo feature `test-hooks`).
+#[cfg(feature = "test-hooks")]
+#[doc(hidden)]
+pub mod bench {
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use super::ledger::{Admission, Arrival, Bounds, Ledger, Progress, Ticket};
+    use crate::settings::Ordering;
+
+    /// Times of one commit of every partition.
+    #[derive(Debug, Clone, Copy)]
+    pub struct CommitPath {
+        /// Under the engine's lock now: the snapshots.
+        pub snapshot: Duration,
+        /// Outside it now: encoding the snapshots.
+        pub encode: Duration,
+        /// Under the lock as it was before snapshots: walking and encoding
+        /// every partition's finished ranges.
+        pub before: Duration,
+        /// Under the lock now, for the next commit of the same progress
+        /// (every partition's encoding kept from the first).
+        pub unchanged: Duration,
+        /// Metadata characters made (now, before).
+        pub characters: (usize, usize),
+    }
+
+    /// `partitions` partitions with `records` dispatched each, the first
+    /// unfinished; behind it every record finished (`alternate`: every
+    /// other one, the most ranges).
+    pub fn commit_path(partitions: i32, records: i64, alternate: bool) -> CommitPath {
+        let mut ledger: Ledger<Ticket> = Ledger::new(Bounds {
+            ordering: Ordering::None,
+            max_in_flight: usize::MAX,
+            max_in_flight_per_partition: usize::MAX,
+            max_uncommitted_per_partition: usize::MAX,
+            max_in_flight_bytes: usize::MAX,
+            commit_metadata_bytes: crate::progress::MAX_METADATA,
+        });
+        let tps: Vec<(Arc<str>, i32)> = (0..partitions).map(|p| (Arc::from("in"), p)).collect();
+        ledger.assign(tps.clone());
+        for tp in &tps {
+            for offset in 0..records {
+                let arrival = Arrival {
+                    partition: tp,
+                    offset,
+                    key: None,
+                    bytes: 200,
+                    parked: false,
+                };
+                if let Admission::Start(ticket) = ledger.admit(arrival, 0, |t| t) {
+                    if offset > 0 && !(alternate && offset % 2 == 0) {
+                        ledger.finish(&ticket);
+                    }
+                }
+            }
+        }
+        let started = Instant::now();
+        let before_made = ledger.encode_all_as_before();
+        let before = started.elapsed();
+        let started = Instant::now();
+        let snapshots = ledger.progress(None, true);
+        let snapshot = started.elapsed();
+        let started = Instant::now();
+        let mut made = 0;
+        let mut encoded = Vec::with_capacity(snapshots.len());
+        for s in &snapshots {
+            if let Progress::Ranges(ranges) = &s.progress {
+                let e = crate::progress::encode(s.watermark, ranges.iter().copied(), s.budget);
+                made += e.metadata.len();
+                encoded.push(Arc::new(e));
+            }
+        }
+        let encode = started.elapsed();
+        for (s, e) in snapshots.iter().zip(encoded) {
+            ledger.encoded(s, e);
+        }
+        let started = Instant::now();
+        let again = ledger.progress(None, true);
+        let unchanged = started.elapsed();
+        drop(again);
+        CommitPath {
+            snapshot,
+            encode,
+            before,
+            unchanged,
+            characters: (made, before_made),
+        }
     }
 }
 

@@ -158,6 +158,7 @@ impl Shared {
                     CommitMode::Async
                 },
             );
+            self.count_commit(&outcome, sync);
             let e = match outcome {
                 Ok(()) => {
                     if sync {
@@ -179,6 +180,24 @@ impl Shared {
             all = true;
         }
         last
+    }
+
+    /// Counts a commit sent (`conveyor_offset_commits_total`) or, when its
+    /// outcome is known to be a failure, a failed one.
+    fn count_commit(&self, outcome: &Result<(), KafkaError>, sync: bool) {
+        let failed = outcome.is_err();
+        if failed {
+            debug!(processor = %self.name, sync, error = ?outcome.as_ref().err(), "offset commit failed");
+            self.count_error("commit");
+        }
+        if self.metrics.enabled() {
+            let counter = if failed {
+                &self.metrics.offset_commit_failures
+            } else {
+                &self.metrics.offset_commits
+            };
+            counter.with_label_values(&[&self.name]).inc();
+        }
     }
 
     /// The commit of the chosen partitions' progress: snapshots taken under
@@ -492,9 +511,8 @@ impl ConsumerContext for EngineContext {
         result: rdkafka::error::KafkaResult<()>,
         offsets: &TopicPartitionList,
     ) {
-        let shared = &self.shared;
-        // A commit the broker answered may still have failed for some of
-        // its partitions: their errors are in the list.
+        // librdkafka raises this for auto-commits only (conveyor's are
+        // explicit, counted in `Shared::commit`); kept for what it says.
         let result = result.and_then(|()| {
             offsets
                 .elements()
@@ -503,28 +521,10 @@ impl ConsumerContext for EngineContext {
                 .map_or(Ok(()), Err)
         });
         match result {
-            Ok(()) => {
-                if shared.metrics.enabled() {
-                    shared
-                        .metrics
-                        .offset_commits
-                        .with_label_values(&[&shared.name])
-                        .inc();
-                }
-            }
-            // Nothing was stored since the last commit: not a failure.
-            Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+            Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
             Err(e) => {
-                shared.commit_refused(&e, offsets);
-                warn!(processor = %shared.name, error = %e, "offset commit failed");
-                shared.count_error("commit");
-                if shared.metrics.enabled() {
-                    shared
-                        .metrics
-                        .offset_commit_failures
-                        .with_label_values(&[&shared.name])
-                        .inc();
-                }
+                self.shared.commit_refused(&e, offsets);
+                warn!(processor = %self.shared.name, error = %e, "offset commit failed");
             }
         }
     }
