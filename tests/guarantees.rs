@@ -143,14 +143,25 @@ async fn a_backlog_far_above_the_bounds_is_taken_in_offset_order_within_them() {
     for kafka in
         TestKafka::all("a_backlog_far_above_the_bounds_is_taken_in_offset_order_within_them")
     {
-        for ordering in [Ordering::Partition, Ordering::None] {
+        // Tight bounds (records from the main queue wait for room), and
+        // bounds the backlog fits in (none waits: only the order in which
+        // the queues are read keeps each partition in order).
+        for (ordering, bound, per_partition) in [
+            (Ordering::Partition, 6, 2),
+            (Ordering::None, 6, 2),
+            (Ordering::Partition, 10_000, 2_500),
+        ] {
             let pipeline = kafka.pipeline(8).await;
             let sent = preload(&kafka, &pipeline, PER_PARTITION).await;
             let mut settings =
                 kafka.worker_settings(&pipeline, ordering, &[("record", HandlerKind::Echo)]);
+            // A small read-ahead: the main queue holds only the first part
+            // of each partition's backlog when its queue is split off, and
+            // the rest arrives on the partition's queue.
+            settings.kafka.prefetch_bytes = 1024 * 1024;
             let p = &mut settings.processors[0];
-            p.max_in_flight = 6;
-            p.max_in_flight_per_partition = 2;
+            p.max_in_flight = bound;
+            p.max_in_flight_per_partition = per_partition;
             p.retry_topic_threshold_ms = 0;
             let recorder = Recorder::new();
             let worker = InProcessWorker::start(
@@ -159,11 +170,15 @@ async fn a_backlog_far_above_the_bounds_is_taken_in_offset_order_within_them() {
                 Some(registry_with(&settings, "record", recorder.clone())),
             );
             *recorder.status.lock().unwrap() = Some(worker.status.clone());
+            // Records librdkafka fetches before the partitions' queues are
+            // split off come through the main queue: a second's worth.
+            worker.status.delay_splits(Duration::from_secs(1));
             let results = kafka
                 .collect_results(&pipeline.output, &ids(&sent), LONG)
                 .await;
             kafka.wait_committed(&pipeline, sent.len(), LONG).await;
             let unsplit = worker.status.unsplit_partitions();
+            let from_main = worker.status.from_main_queue();
             worker.stop().await;
 
             assert_eq!(results.by_id.len(), sent.len(), "every task has a result");
@@ -181,14 +196,21 @@ async fn a_backlog_far_above_the_bounds_is_taken_in_offset_order_within_them() {
                 .unwrap();
             common::announce(&format!(
                 "{}, {ordering:?}: at most {most_in_flight} in flight, {most_running} running, \
-                 {most_per_partition} running in one partition (bounds 6 and 2); {unsplit} unsplit",
+                 {most_per_partition} running in one partition (bounds {bound} and {per_partition}); {unsplit} unsplit; \
+                 {from_main} records came through the main queue",
                 kafka.describe()
             ));
-            assert!(most_in_flight <= 6, "{most_in_flight} in flight, bound 6");
-            assert!(most_running <= 6, "{most_running} running, bound 6");
             assert!(
-                most_per_partition <= 2,
-                "{most_per_partition} running in one partition, bound 2"
+                most_in_flight <= bound,
+                "{most_in_flight} in flight, bound {bound}"
+            );
+            assert!(
+                most_running <= bound,
+                "{most_running} running, bound {bound}"
+            );
+            assert!(
+                most_per_partition <= per_partition,
+                "{most_per_partition} running in one partition, bound {per_partition}"
             );
             let order = recorder.order.lock().unwrap();
             for p in 0..pipeline.partitions {
@@ -206,6 +228,10 @@ async fn a_backlog_far_above_the_bounds_is_taken_in_offset_order_within_them() {
                 }
             }
             assert_eq!(unsplit, 0, "every partition's queue was split off");
+            assert!(
+                from_main > 100,
+                "only {from_main} records came through the main queue: the path is not exercised"
+            );
         }
     }
 }

@@ -177,9 +177,15 @@ pub struct ProcessorStatus {
     last_poll_ms: AtomicU64,
     /// The processor stopped on an error that retrying cannot fix.
     failed: AtomicBool,
+    /// Records read from the consumer's main queue (fetched before their
+    /// partition's queue was split off, or of a partition that has none).
+    from_main_queue: AtomicUsize,
     /// Test hook: the poll loop waits while this is set.
     #[cfg(feature = "test-hooks")]
     held: AtomicBool,
+    /// Test hook: ms the poll loop waits before splitting off new queues.
+    #[cfg(feature = "test-hooks")]
+    split_delay_ms: AtomicU64,
 }
 
 impl ProcessorStatus {
@@ -204,6 +210,34 @@ impl ProcessorStatus {
     #[cfg(feature = "test-hooks")]
     pub fn hold_poll_loop(&self, held: bool) {
         self.held.store(held, AtomicOrdering::Relaxed);
+    }
+
+    /// Test hook (cargo feature `test-hooks`): the poll loop waits `delay`
+    /// before splitting off the queues of newly assigned partitions, so
+    /// that what librdkafka fetches meanwhile comes through the main queue,
+    /// and `delay` again after, so that the split-off queues fill too.
+    #[cfg(feature = "test-hooks")]
+    pub fn delay_splits(&self, delay: Duration) {
+        let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        self.split_delay_ms.store(ms, AtomicOrdering::Relaxed);
+    }
+
+    /// The delay set by [`ProcessorStatus::delay_splits`].
+    fn split_delay(&self) -> Option<Duration> {
+        #[cfg(feature = "test-hooks")]
+        {
+            let ms = self.split_delay_ms.load(AtomicOrdering::Relaxed);
+            (ms > 0).then(|| Duration::from_millis(ms))
+        }
+        #[cfg(not(feature = "test-hooks"))]
+        None
+    }
+
+    /// Records read from the consumer's main queue since start: fetched
+    /// before their partition's queue was split off, or of a partition
+    /// whose queue could not be split off.
+    pub fn from_main_queue(&self) -> usize {
+        self.from_main_queue.load(AtomicOrdering::Relaxed)
     }
 
     fn poll_loop_alive(&self) {

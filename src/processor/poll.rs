@@ -127,6 +127,10 @@ fn serve_main(
             }
         };
         served.any = true;
+        shared
+            .status
+            .from_main_queue
+            .fetch_add(1, AtomicOrdering::Relaxed);
         if !held.is_empty() {
             let tp: TopicPartition = (Arc::from(message.topic()), message.partition());
             if let Some(h) = held.get_mut(&tp) {
@@ -295,6 +299,11 @@ pub(super) fn poll_loop(
         // main queue once more: records fetched before a split are there,
         // and must be dispatched before the partition queue's.
         let mut split = false;
+        if let Some(delay) = shared.status.split_delay() {
+            if owned.iter().any(|(tp, _, _)| !queues.contains_key(tp)) {
+                std::thread::sleep(delay);
+            }
+        }
         for (tp, _, generation) in &owned {
             if queues.contains_key(tp) {
                 continue;
@@ -326,6 +335,10 @@ pub(super) fn poll_loop(
         }
         shared.publish_queues(queues.len(), unsplit.len());
         if split {
+            if let Some(delay) = shared.status.split_delay() {
+                // (Test hook) the split-off queues fill meanwhile.
+                std::thread::sleep(delay);
+            }
             match serve_main(shared, &consumer, &mut held) {
                 Ok(served) => {
                     any |= served.any;
