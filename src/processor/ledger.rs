@@ -356,6 +356,8 @@ impl<J: AsRef<Ticket>> Ledger<J> {
         if self.stopping {
             return Admission::Closed;
         }
+        let total = self.total_room();
+        let bounds = self.bounds;
         let Some(owned) = self.partitions.get_mut(arrival.partition) else {
             return Admission::NotOwned;
         };
@@ -370,13 +372,8 @@ impl<J: AsRef<Ticket>> Ledger<J> {
                 Admission::OutOfOrder(e)
             };
         }
-        let b = &self.bounds;
-        let full = self.blocked
-            || self.in_flight >= b.max_in_flight
-            || (self.in_flight > 0 && self.in_flight_bytes >= b.max_in_flight_bytes)
-            || owned.in_flight >= b.max_in_flight_per_partition
-            || owned.tracker.uncommitted() >= b.max_uncommitted_per_partition;
-        if full {
+        // The same room `room` hands out: a record offered beyond it waits.
+        if total == 0 || partition_room(&bounds, owned) == 0 {
             return Admission::NoRoom;
         }
         if let Err(e) = owned.tracker.dispatched_at(offset, tick) {
@@ -516,6 +513,17 @@ impl<J: AsRef<Ticket>> Ledger<J> {
         self.in_flight > 0 && self.in_flight_bytes >= self.bounds.max_in_flight_bytes
     }
 
+    /// Records the processor may take now, across partitions: none while
+    /// intake is held from outside, the processor is stopping or its
+    /// records reach `max_in_flight_bytes`.
+    fn total_room(&self) -> usize {
+        if self.blocked || self.stopping || self.over_bytes() {
+            0
+        } else {
+            self.bounds.max_in_flight.saturating_sub(self.in_flight)
+        }
+    }
+
     /// Owned partitions.
     pub(crate) fn owned(&self) -> usize {
         self.partitions.len()
@@ -533,26 +541,13 @@ impl<J: AsRef<Ticket>> Ledger<J> {
         out.clear();
         self.blocked = blocked;
         let b = &self.bounds;
-        let total = if blocked || self.stopping || self.over_bytes() {
-            0
-        } else {
-            b.max_in_flight.saturating_sub(self.in_flight)
-        };
+        let total = self.total_room();
         let mut closed = 0;
         for (tp, o) in &self.partitions {
             let own = if o.revoking || total == 0 {
                 0
             } else {
-                // Unfinished records, and everything dispatched above the
-                // oldest unfinished one: behind a stuck head, finished
-                // records pile up uncommitted (and would run again after a
-                // crash on a broker that drops commit metadata).
-                b.max_in_flight_per_partition
-                    .saturating_sub(o.in_flight)
-                    .min(
-                        b.max_uncommitted_per_partition
-                            .saturating_sub(o.tracker.uncommitted()),
-                    )
+                partition_room(b, o)
             };
             if own == 0 {
                 closed += 1;
@@ -730,6 +725,19 @@ impl<J: AsRef<Ticket>> Ledger<J> {
         }
         made
     }
+}
+
+/// How many more records `o` may take by its own bounds: unfinished
+/// records, and everything dispatched above the oldest unfinished one
+/// (behind a stuck head, finished records pile up uncommitted, and would
+/// run again after a crash on a broker that drops commit metadata).
+fn partition_room<J>(b: &Bounds, o: &Owned<J>) -> usize {
+    b.max_in_flight_per_partition
+        .saturating_sub(o.in_flight)
+        .min(
+            b.max_uncommitted_per_partition
+                .saturating_sub(o.tracker.uncommitted()),
+        )
 }
 
 /// Takes the next record of `lane`, or closes the lane when none waits.

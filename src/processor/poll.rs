@@ -142,7 +142,7 @@ fn serve_main(
                 if held.remove(&tp).is_some_and(|h| h.paused) {
                     let mut list = TopicPartitionList::new();
                     list.add_partition(&tp.0, tp.1);
-                    let _ = consumer.resume(&list);
+                    resume(shared, consumer, &list);
                 }
             }
         }
@@ -173,16 +173,29 @@ fn serve_main(
     outcome.map(|()| served)
 }
 
+/// Resumes `partitions`, paused while they held records (librdkafka keeps
+/// an application's pause across assignments, so this is done also when
+/// the records are dropped with their assignment).
+fn resume(shared: &Shared, consumer: &Engine, partitions: &TopicPartitionList) {
+    if partitions.count() == 0 {
+        return;
+    }
+    if let Err(e) = consumer.resume(partitions) {
+        warn!(processor = %shared.name, error = %e, "cannot resume partitions paused while holding records");
+    }
+}
+
 /// Offers each partition's held records again, in order, as far as there
 /// is room; resumes a paused partition whose held records are all taken.
+/// Returns whether any record was taken.
 fn offer_held(
     shared: &Arc<Shared>,
     consumer: &Engine,
     held: &mut HashMap<TopicPartition, Held>,
-) -> Result<(), ProcessorError> {
+) -> Result<bool, ProcessorError> {
     let mut starts = Vec::new();
-    let mut outcome = Ok(());
-    let mut resume = TopicPartitionList::new();
+    let mut outcome = Ok(false);
+    let mut resumed = TopicPartitionList::new();
     held.retain(|tp, h| {
         if outcome.is_err() {
             return true;
@@ -194,21 +207,20 @@ fn offer_held(
                 return true;
             }
         };
+        if taken > 0 {
+            outcome = Ok(true);
+        }
         h.records.drain(..taken.min(h.records.len()));
         if !h.records.is_empty() {
             return true;
         }
         if h.paused {
-            resume.add_partition(&tp.0, tp.1);
+            resumed.add_partition(&tp.0, tp.1);
         }
         false
     });
     task::start(shared, starts);
-    if resume.count() > 0 {
-        if let Err(e) = consumer.resume(&resume) {
-            warn!(processor = %shared.name, error = %e, "cannot resume partitions paused while holding records");
-        }
-    }
+    resume(shared, consumer, &resumed);
     outcome
 }
 
@@ -280,19 +292,15 @@ pub(super) fn poll_loop(
                 .any(|(o, _, current)| o == tp && *current == generation)
         };
         queues.retain(|tp, split| current(tp, split.generation));
-        let mut resume = TopicPartitionList::new();
+        let mut resumed = TopicPartitionList::new();
         held.retain(|tp, h| {
             let keep = current(tp, h.generation);
             if !keep && h.paused {
-                // librdkafka keeps an application's pause across
-                // assignments: this one's records are not held any more.
-                resume.add_partition(&tp.0, tp.1);
+                resumed.add_partition(&tp.0, tp.1);
             }
             keep
         });
-        if resume.count() > 0 {
-            let _ = consumer.resume(&resume);
-        }
+        resume(shared, &consumer, &resumed);
         unsplit.retain(|tp, generation| current(tp, *generation));
 
         // Split off the queues of newly assigned partitions, then empty the
@@ -368,10 +376,15 @@ pub(super) fn poll_loop(
             }
         }
         if !held.is_empty() {
-            any = true;
-            if let Err(e) = offer_held(shared, &consumer, &mut held) {
-                result = Err(e);
-                break;
+            // Only records taken count as progress: held records without
+            // room wait, like an unread queue, for a finishing task to wake
+            // this thread (`starved`), not in a busy loop.
+            match offer_held(shared, &consumer, &mut held) {
+                Ok(took) => any |= took,
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
             }
         }
         if split || !held.is_empty() {

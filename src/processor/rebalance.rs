@@ -140,7 +140,8 @@ impl Shared {
         // A commit whose metadata is refused is sent again at once with
         // less (each refusal halves the budget, down to none). librdkafka
         // reports the outcome of an explicit asynchronous commit to no one
-        // (only auto-commits raise events), so a commit carrying metadata
+        // (only auto-commits raise commit events, and conveyor turns those
+        // off: hence no `commit_callback`), so a commit carrying metadata
         // longer than any taken before for its partition is sent
         // synchronously: a broker's limit is then found out, and shorter
         // metadata goes asynchronously after.
@@ -275,11 +276,7 @@ impl Shared {
     /// whose metadata the broker refused as too large get a smaller budget
     /// (a warning on a partition's first refusal in its assignment); they
     /// are returned.
-    pub(super) fn commit_refused(
-        &self,
-        error: &KafkaError,
-        list: &TopicPartitionList,
-    ) -> Vec<TopicPartition> {
+    fn commit_refused(&self, error: &KafkaError, list: &TopicPartitionList) -> Vec<TopicPartition> {
         let too_large = |code: Option<RDKafkaErrorCode>| {
             matches!(
                 code,
@@ -502,29 +499,6 @@ impl ConsumerContext for EngineContext {
             Rebalance::Assign(_) => {}
             Rebalance::Error(e) => {
                 error!(processor = %self.shared.name, error = %e, "rebalance failed");
-            }
-        }
-    }
-
-    fn commit_callback(
-        &self,
-        result: rdkafka::error::KafkaResult<()>,
-        offsets: &TopicPartitionList,
-    ) {
-        // librdkafka raises this for auto-commits only (conveyor's are
-        // explicit, counted in `Shared::commit`); kept for what it says.
-        let result = result.and_then(|()| {
-            offsets
-                .elements()
-                .iter()
-                .find_map(|e| e.error().err())
-                .map_or(Ok(()), Err)
-        });
-        match result {
-            Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
-            Err(e) => {
-                self.shared.commit_refused(&e, offsets);
-                warn!(processor = %self.shared.name, error = %e, "offset commit failed");
             }
         }
     }
