@@ -100,28 +100,34 @@ impl Handler for Recorder {
 }
 
 /// Produces `per_partition` tasks of type `record` to each partition of
-/// `pipeline`'s input, payload `"<partition>:<seq>"`.
+/// `pipeline`'s input, payload `"<partition>:<seq>"`, in rounds of 100 per
+/// partition waited for in turn: each round is a record batch of its own,
+/// so that a fetch can bring part of a partition's backlog (a broker sends
+/// whole batches).
 async fn preload(kafka: &TestKafka, pipeline: &Pipeline, per_partition: u64) -> Vec<TaskRequest> {
+    const ROUND: u64 = 100;
     let codec = Codec::default();
     let producer = kafka.producer();
     let mut sent = Vec::new();
-    let mut pending = Vec::new();
-    for p in 0..pipeline.partitions {
-        for seq in 0..per_partition {
-            let mut request = requests("record", "", 1).pop().unwrap();
-            request.payload = format!("{p}:{seq}").into_bytes();
-            let mut value = Vec::new();
-            codec.encode_request(&request, &mut value);
-            pending.push(
-                kafka
-                    .send(&producer, &pipeline.input, b"k", &value, Some(p))
-                    .await,
-            );
-            sent.push(request);
+    for first in (0..per_partition).step_by(ROUND as usize) {
+        let mut pending = Vec::new();
+        for p in 0..pipeline.partitions {
+            for seq in first..(first + ROUND).min(per_partition) {
+                let mut request = requests("record", "", 1).pop().unwrap();
+                request.payload = format!("{p}:{seq}").into_bytes();
+                let mut value = Vec::new();
+                codec.encode_request(&request, &mut value);
+                pending.push(
+                    kafka
+                        .send(&producer, &pipeline.input, b"k", &value, Some(p))
+                        .await,
+                );
+                sent.push(request);
+            }
         }
-    }
-    for delivery in pending {
-        delivery.await.unwrap().unwrap();
+        for delivery in pending {
+            delivery.await.unwrap().unwrap();
+        }
     }
     sent
 }
@@ -145,11 +151,14 @@ async fn a_backlog_far_above_the_bounds_is_taken_in_offset_order_within_them() {
     {
         // Tight bounds (records from the main queue wait for room), and
         // bounds the backlog fits in (none waits: only the order in which
-        // the queues are read keeps each partition in order).
-        for (ordering, bound, per_partition) in [
-            (Ordering::Partition, 6, 2),
-            (Ordering::None, 6, 2),
-            (Ordering::Partition, 10_000, 2_500),
+        // the queues are read keeps each partition in order), the last
+        // with the main queue served a record per pass, so that partition
+        // queues are looked at while it still holds their older records.
+        for (ordering, bound, per_partition, main_batch) in [
+            (Ordering::Partition, 6, 2, None),
+            (Ordering::None, 6, 2, None),
+            (Ordering::Partition, 10_000, 2_500, None),
+            (Ordering::Partition, 10_000, 2_500, Some(1)),
         ] {
             let pipeline = kafka.pipeline(8).await;
             let sent = preload(&kafka, &pipeline, PER_PARTITION).await;
@@ -159,12 +168,23 @@ async fn a_backlog_far_above_the_bounds_is_taken_in_offset_order_within_them() {
             // of each partition's backlog when its queue is split off, and
             // the rest arrives on the partition's queue.
             settings.kafka.prefetch_bytes = 1024 * 1024;
+            // Each fetch brings a partition's next ~190 records, not its
+            // whole backlog, and librdkafka fetches again soon after a
+            // queue over its limits drains (1 s later by default): a
+            // split-off queue refills with a partition's later records
+            // while the main queue still holds its older ones.
+            for (option, value) in [
+                ("max.partition.fetch.bytes", "16384"),
+                ("fetch.queue.backoff.ms", "10"),
+            ] {
+                settings.kafka.options.insert(option.into(), value.into());
+            }
             let p = &mut settings.processors[0];
             p.max_in_flight = bound;
             p.max_in_flight_per_partition = per_partition;
             p.retry_topic_threshold_ms = 0;
             let recorder = Recorder::new();
-            let worker = InProcessWorker::start(
+            let mut worker = InProcessWorker::start(
                 &settings,
                 "worker",
                 Some(registry_with(&settings, "record", recorder.clone())),
@@ -173,8 +193,11 @@ async fn a_backlog_far_above_the_bounds_is_taken_in_offset_order_within_them() {
             // Records librdkafka fetches before the partitions' queues are
             // split off come through the main queue: a second's worth.
             worker.status.delay_splits(Duration::from_secs(1));
-            let results = kafka
-                .collect_results(&pipeline.output, &ids(&sent), LONG)
+            if let Some(records) = main_batch {
+                worker.status.serve_main_by(records);
+            }
+            let results = worker
+                .alongside(kafka.collect_results(&pipeline.output, &ids(&sent), LONG))
                 .await;
             kafka.wait_committed(&pipeline, sent.len(), LONG).await;
             let unsplit = worker.status.unsplit_partitions();
@@ -195,7 +218,7 @@ async fn a_backlog_far_above_the_bounds_is_taken_in_offset_order_within_them() {
                 .max()
                 .unwrap();
             common::announce(&format!(
-                "{}, {ordering:?}: at most {most_in_flight} in flight, {most_running} running, \
+                "{}, {ordering:?}, main queue served by {main_batch:?}: at most {most_in_flight} in flight, {most_running} running, \
                  {most_per_partition} running in one partition (bounds {bound} and {per_partition}); {unsplit} unsplit; \
                  {from_main} records came through the main queue",
                 kafka.describe()

@@ -70,7 +70,9 @@
 //! A partition's queue is split off right after it is assigned; the
 //! records fetched before that arrive on the consumer's main queue. A split
 //! queue is read only once the main queue has been seen empty since the
-//! split (`poll.rs`), so every partition is dispatched in offset order; the
+//! split (`poll.rs`; empty by its length: rust-rdkafka's poll answers
+//! `None` also after serving a rebalance, statistics, a log line or a
+//! commit's result), so every partition is dispatched in offset order; the
 //! ledger refuses a record that arrives below offsets already dispatched
 //! without having been dispatched itself (`Admission::OutOfOrder`), and the
 //! processor stops rather than let the commit pass it. Every admission,
@@ -186,6 +188,10 @@ pub struct ProcessorStatus {
     /// Test hook: ms the poll loop waits before splitting off new queues.
     #[cfg(feature = "test-hooks")]
     split_delay_ms: AtomicU64,
+    /// Test hook: most records the poll loop takes from the main queue per
+    /// pass (0: the built-in batch).
+    #[cfg(feature = "test-hooks")]
+    main_batch: AtomicUsize,
 }
 
 impl ProcessorStatus {
@@ -231,6 +237,29 @@ impl ProcessorStatus {
         }
         #[cfg(not(feature = "test-hooks"))]
         None
+    }
+
+    /// Test hook (cargo feature `test-hooks`): the poll loop takes at most
+    /// `records` from the main queue per pass, so that a partition's queue
+    /// could be read while the main queue still holds its older records
+    /// (the engine must not: it waits until the main queue is empty).
+    #[cfg(feature = "test-hooks")]
+    pub fn serve_main_by(&self, records: usize) {
+        self.main_batch.store(records, AtomicOrdering::Relaxed);
+    }
+
+    /// Most records a pass takes from the main queue: `built_in`, or what
+    /// [`ProcessorStatus::serve_main_by`] set.
+    fn main_batch(&self, built_in: usize) -> usize {
+        #[cfg(feature = "test-hooks")]
+        {
+            match self.main_batch.load(AtomicOrdering::Relaxed) {
+                0 => built_in,
+                records => records,
+            }
+        }
+        #[cfg(not(feature = "test-hooks"))]
+        built_in
     }
 
     /// Records read from the consumer's main queue since start: fetched

@@ -110,12 +110,16 @@ fn serve_main(
     };
     let mut starts = Vec::new();
     let mut outcome = Ok(());
-    for _ in 0..MAIN_BATCH {
+    for _ in 0..shared.status.main_batch(MAIN_BATCH) {
         let message = match consumer.poll(Duration::ZERO) {
-            None => {
+            // rust-rdkafka's poll answers `None` also after serving a
+            // rebalance, a commit's result, statistics or a log line, with
+            // records possibly queued behind it.
+            None if main_queue_len(consumer) == 0 => {
                 served.emptied = true;
                 break;
             }
+            None => continue,
             Some(Ok(message)) => message,
             Some(Err(e)) => {
                 served.any = true;
@@ -171,6 +175,28 @@ fn serve_main(
     }
     task::start(shared, starts);
     outcome.map(|()| served)
+}
+
+/// Events (records, callbacks) waiting in the consumer's main queue: the
+/// one way to tell an empty queue from a poll that served an event, which
+/// rust-rdkafka does not expose.
+#[allow(unsafe_code)]
+fn main_queue_len(consumer: &Engine) -> usize {
+    let client = consumer.client().native_ptr();
+    // SAFETY: `client` is the live handle `consumer` owns, borrowed for
+    // this call. `rd_kafka_queue_get_consumer` returns a new reference to
+    // the consumer queue (NULL if there is none); `rd_kafka_queue_length`
+    // reads its length under the queue's lock; `rd_kafka_queue_destroy`
+    // releases the reference taken here and leaves the queue itself alone.
+    unsafe {
+        let queue = rdkafka::bindings::rd_kafka_queue_get_consumer(client);
+        if queue.is_null() {
+            return 0;
+        }
+        let len = rdkafka::bindings::rd_kafka_queue_length(queue);
+        rdkafka::bindings::rd_kafka_queue_destroy(queue);
+        len
+    }
 }
 
 /// Resumes `partitions`, paused while they held records (librdkafka keeps

@@ -516,6 +516,16 @@ impl InProcessWorker {
         }
     }
 
+    /// Awaits `work` while the worker runs: a worker that ends first (a
+    /// processor stopped with an error) fails the test at once, naming the
+    /// error, instead of leaving it to time out waiting for results.
+    pub async fn alongside<T>(&mut self, work: impl std::future::Future<Output = T>) -> T {
+        tokio::select! {
+            value = work => value,
+            ended = &mut self.handle => panic!("the worker ended while the test waited on it: {ended:?}"),
+        }
+    }
+
     /// Asks the worker to stop and waits until it drained and committed.
     pub async fn stop(mut self) {
         self.stop.cancel();
