@@ -143,8 +143,45 @@ impl App {
             .await
             .map_err(AppError::Failed)?;
         serve_probes(&settings, &specs).await?;
-        worker::run(specs, stop).await?;
-        Ok(())
+        // The delay mover runs beside the processors: a failure of either
+        // stops both, and so does `stop`.
+        let worker_stop = stop.child_token();
+        let mover = match specs.first() {
+            Some(spec) if settings.delays.enabled => {
+                let mover_spec = crate::delay::MoverSpec {
+                    settings: settings.clone(),
+                    metrics: spec.metrics.clone(),
+                };
+                let mover_stop = stop.child_token();
+                let on_failure = worker_stop.clone();
+                let task = tokio::spawn({
+                    let mover_stop = mover_stop.clone();
+                    async move {
+                        let outcome = crate::delay::run(mover_spec, mover_stop).await;
+                        if outcome.is_err() {
+                            on_failure.cancel();
+                        }
+                        outcome
+                    }
+                });
+                Some((task, mover_stop))
+            }
+            _ => None,
+        };
+        let worked = worker::run(specs, worker_stop).await;
+        let moved = match mover {
+            Some((task, mover_stop)) => {
+                mover_stop.cancel();
+                task.await
+                    .map_err(|e| AppError::Failed(format!("the delay mover crashed: {e}")))?
+            }
+            None => Ok(()),
+        };
+        worked?;
+        moved.map_err(|e| match e {
+            crate::delay::MoverError::Setup(_) => AppError::Config(e.to_string()),
+            crate::delay::MoverError::Move { .. } => AppError::Failed(e.to_string()),
+        })
     }
 
     /// Sets up logging from the configuration, runs the worker until

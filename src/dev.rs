@@ -125,6 +125,7 @@ async fn check_round_trip(settings: &Settings) -> anyhow::Result<()> {
         key: None,
         count: 1,
         topic: None,
+        run_at: None,
     };
     let started = Instant::now();
     let ids = tools::submit(settings, &submission).await?;

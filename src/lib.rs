@@ -67,6 +67,7 @@
 pub mod app;
 pub mod breaker;
 pub mod codec;
+pub mod delay;
 pub mod dev;
 pub mod dlq;
 pub mod gateway;

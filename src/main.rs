@@ -163,6 +163,14 @@ struct SubmitArgs {
     /// Topic to produce to instead of the task type's.
     #[arg(long)]
     topic: Option<String>,
+    /// Start the tasks this long from now (90s, 10m, 1h, 30d; at most
+    /// delays.max_delay_s): they wait in a delay tier, not in memory.
+    #[arg(long, value_name = "DURATION", conflicts_with = "run_at")]
+    delay: Option<String>,
+    /// Start the tasks at this time, RFC 3339 with its UTC offset
+    /// (2026-12-24T18:00:00+01:00).
+    #[arg(long, value_name = "TIME")]
+    run_at: Option<String>,
     /// Brokers (host:port,…); overrides kafka.brokers.
     #[arg(long)]
     brokers: Option<String>,
@@ -457,6 +465,13 @@ fn gateway_error(error: conveyor::gateway::GatewayError) -> CommandError {
 
 async fn run_submit(settings: Settings, args: SubmitArgs) -> Result<(), CommandError> {
     json_payload(&args.payload)?;
+    let run_at = conveyor::delay::start_time(
+        args.delay.as_deref(),
+        args.run_at.as_deref(),
+        &settings.delays,
+        conveyor::codec::now_millis(),
+    )
+    .map_err(CommandError::Usage)?;
     connect(&settings).await?;
     let submission = Submission {
         task_type: args.task_type,
@@ -464,6 +479,7 @@ async fn run_submit(settings: Settings, args: SubmitArgs) -> Result<(), CommandE
         key: args.key,
         count: args.count,
         topic: args.topic,
+        run_at,
     };
     for id in tools::submit(&settings, &submission).await? {
         println!("{id}");

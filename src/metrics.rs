@@ -117,6 +117,14 @@ pub const GATEWAY_VIEW_TASKS: &str = "conveyor_gateway_view_tasks";
 /// task or run to end.
 pub const GATEWAY_LONG_POLLS: &str = "conveyor_gateway_long_polls";
 
+/// `conveyor_delay_moves_total{to}`: delayed tasks moved by the workers'
+/// movers, `to` being `tier` (a shorter tier), `task` (due: to its task
+/// topic) or `dead_letter` (a tier record conveyor did not write).
+pub const DELAY_MOVES: &str = "conveyor_delay_moves_total";
+/// `conveyor_delay_partitions_waiting`: tier partitions this worker's
+/// mover has paused until their first record is due.
+pub const DELAY_PARTITIONS_WAITING: &str = "conveyor_delay_partitions_waiting";
+
 /// Label value for task types no handler is configured for.
 pub const UNKNOWN_TYPE: &str = "_unknown";
 
@@ -186,6 +194,10 @@ pub struct Metrics {
     pub gateway_view_tasks: IntGaugeVec,
     /// See [`GATEWAY_LONG_POLLS`].
     pub gateway_long_polls: IntGaugeVec,
+    /// See [`DELAY_MOVES`].
+    pub delay_moves: IntCounterVec,
+    /// See [`DELAY_PARTITIONS_WAITING`].
+    pub delay_partitions_waiting: IntGaugeVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -403,6 +415,18 @@ impl Metrics {
                 &r,
                 GATEWAY_LONG_POLLS,
                 "Status requests waiting (?wait=) for a task or workflow run to end.",
+                &[],
+            ),
+            delay_moves: counter(
+                &r,
+                DELAY_MOVES,
+                "Delayed tasks moved: to a shorter tier, to their task topic when due, or to the dead letters.",
+                &["to"],
+            ),
+            delay_partitions_waiting: gauge(
+                &r,
+                DELAY_PARTITIONS_WAITING,
+                "Delay tier partitions paused until their first record is due.",
                 &[],
             ),
             registry: r,

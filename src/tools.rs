@@ -37,6 +37,9 @@ pub struct Submission {
     pub count: u32,
     /// Topic; default: the task type's topic.
     pub topic: Option<String>,
+    /// Not to start before (ms since the epoch): the tasks wait in a delay
+    /// tier (see [`crate::delay::start_time`]).
+    pub run_at: Option<i64>,
 }
 
 /// Produces the submission's tasks with `acks=all` and returns their ids
@@ -61,6 +64,7 @@ pub async fn submit(settings: &Settings, submission: &Submission) -> Result<Vec<
     let producer: FutureProducer = kafka::producer_config(&settings.kafka)
         .create()
         .map_err(kafka_error("creating the producer"))?;
+    let tiers = crate::delay::Tiers::new(&settings.delays);
     let mut pending = std::collections::VecDeque::new();
     let mut ids = Vec::with_capacity(submission.count as usize);
     for _ in 0..submission.count {
@@ -72,8 +76,27 @@ pub async fn submit(settings: &Settings, submission: &Submission) -> Result<Vec<
             .key
             .clone()
             .unwrap_or_else(|| request.id.to_string());
+        // A delayed task waits in a tier, which knows where it goes.
+        let tier = submission.run_at.and_then(|at| {
+            match tiers.route(at.saturating_sub(crate::codec::now_millis())) {
+                crate::delay::Route::Tier(i) => tiers.topic(i),
+                crate::delay::Route::Due => None,
+            }
+        });
         loop {
-            let record = FutureRecord::to(&topic).key(&key).payload(&value);
+            let record = FutureRecord::to(tier.unwrap_or(&topic))
+                .key(&key)
+                .payload(&value)
+                .headers(crate::codec::wire::build([
+                    (
+                        crate::codec::wire::RUN_AT,
+                        submission.run_at.map(|at| at.to_string()),
+                    ),
+                    (
+                        crate::codec::wire::DELAY_DESTINATION,
+                        tier.map(|_| topic.clone()),
+                    ),
+                ]));
             match producer.send_result(record) {
                 Ok(delivery) => {
                     pending.push_back(delivery);

@@ -7,7 +7,8 @@
 //! dead-letter topics, the task topics the gateway accepts and workflows
 //! write, and for each workflow join the compacted changelog
 //! `<join topic>.joins` with as many partitions as its join topic (each
-//! partition's join state lives in the same partition of the changelog).
+//! partition's join state lives in the same partition of the changelog),
+//! and the delay tier topics when `[delays]` is on.
 
 use std::collections::BTreeMap;
 
@@ -27,6 +28,8 @@ pub enum TopicKind {
     DeadLetter,
     /// A join's state; compacted, partitioned like its join topic.
     JoinChangelog,
+    /// Delayed tasks waiting out one tier.
+    Delay,
 }
 
 impl TopicKind {
@@ -38,6 +41,7 @@ impl TopicKind {
             TopicKind::Results => "results",
             TopicKind::DeadLetter => "dead-letter",
             TopicKind::JoinChangelog => "join changelog",
+            TopicKind::Delay => "delay tier",
         }
     }
 
@@ -176,6 +180,11 @@ impl Settings {
             let changelog = format!("{topic}{JOINS_SUFFIX}");
             add(&changelog, TopicKind::JoinChangelog, Some(topic));
         }
+        if self.delays.enabled {
+            for (_, tier) in self.delays.tier_topics() {
+                add(&tier, TopicKind::Delay, None);
+            }
+        }
         topics
             .into_iter()
             .map(|(name, (kind, partitions_of))| NeededTopic {
@@ -237,22 +246,37 @@ mod tests {
             .map(|t| (t.name, t.kind, t.partitions_of))
             .collect();
         let t = |n: &str, k, of: Option<&str>| (n.to_owned(), k, of.map(str::to_owned));
+        let tiers = ["1s", "10s", "1m", "10m", "1h", "10h"];
+        let mut expected: Vec<_> = tiers
+            .iter()
+            .map(|tier| t(&format!("conveyor.delay.{tier}"), TopicKind::Delay, None))
+            .collect();
+        expected.sort();
         assert_eq!(
             needed,
-            vec![
-                t("conveyor.dlq", TopicKind::DeadLetter, None),
-                t("conveyor.results", TopicKind::Results, None),
-                t("conveyor.tasks.count", TopicKind::Tasks, None),
-                t("conveyor.tasks.count.retry", TopicKind::Retry, None),
-                t("conveyor.tasks.split", TopicKind::Tasks, None),
-                t("conveyor.tasks.split.retry", TopicKind::Retry, None),
-                t("conveyor.tasks.sum", TopicKind::Tasks, None),
-                t(
-                    "conveyor.tasks.sum.joins",
-                    TopicKind::JoinChangelog,
-                    Some("conveyor.tasks.sum")
-                ),
+            [
+                expected,
+                vec![
+                    t("conveyor.dlq", TopicKind::DeadLetter, None),
+                    t("conveyor.results", TopicKind::Results, None),
+                    t("conveyor.tasks.count", TopicKind::Tasks, None),
+                    t("conveyor.tasks.count.retry", TopicKind::Retry, None),
+                    t("conveyor.tasks.split", TopicKind::Tasks, None),
+                    t("conveyor.tasks.split.retry", TopicKind::Retry, None),
+                    t("conveyor.tasks.sum", TopicKind::Tasks, None),
+                    t(
+                        "conveyor.tasks.sum.joins",
+                        TopicKind::JoinChangelog,
+                        Some("conveyor.tasks.sum")
+                    ),
+                ]
             ]
+            .concat()
+        );
+        s.delays.enabled = false;
+        assert!(
+            s.topology().iter().all(|t| t.kind != TopicKind::Delay),
+            "delays off: no tiers"
         );
     }
 }

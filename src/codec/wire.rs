@@ -39,6 +39,11 @@ pub const LAST_FAILURE_AT: &str = "conveyor.failure.last_at";
 pub const ORIGINAL_SIZE: &str = "conveyor.original.size";
 /// Retry-topic records: not to run before this time (ms since the epoch).
 pub const NOT_BEFORE: &str = "conveyor.retry.not_before";
+/// Delayed tasks (in a delay tier, and on their task topic once moved):
+/// not to start before this time (ms since the epoch).
+pub const RUN_AT: &str = "conveyor.run_at";
+/// Delayed tasks in a delay tier: the task topic they go to when due.
+pub const DELAY_DESTINATION: &str = "conveyor.delay.topic";
 
 /// Request metadata: the idempotency key a submission gave (the gateway
 /// writes it; a workflow's later steps do not inherit it).

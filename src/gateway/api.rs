@@ -89,6 +89,9 @@ pub struct NewTask {
     pub idempotency_key: Option<String>,
     /// Deadline, ms since the epoch.
     pub deadline: Option<i64>,
+    /// Not to start before this time (ms since the epoch): from `delay` or
+    /// `run_at`; `None` runs it now.
+    pub run_at: Option<i64>,
 }
 
 /// What submitted tasks are checked against.
@@ -100,9 +103,87 @@ pub struct Rules {
     pub max_payload_bytes: usize,
     /// Most tasks in one batch.
     pub max_batch: usize,
+    /// The longest delay accepted (ms); `None` when delays are off.
+    pub max_delay_ms: Option<i64>,
 }
 
-const TASK_FIELDS: &[&str] = &["type", "payload", "key", "idempotency_key", "deadline"];
+const TASK_FIELDS: &[&str] = &[
+    "type",
+    "payload",
+    "key",
+    "idempotency_key",
+    "deadline",
+    "delay",
+    "run_at",
+];
+
+/// When a task asks to start, from its `delay` or `run_at` (at most one),
+/// as ms since the epoch; `None` to start now. `path` names the fields.
+pub fn parse_start(
+    map: &Map<String, Value>,
+    path: &dyn Fn(&str) -> String,
+    max_delay_ms: Option<i64>,
+    now: i64,
+) -> Result<Option<i64>, ApiError> {
+    let given = |name: &str| map.get(name).filter(|v| !v.is_null());
+    let (field, at) = match (given("delay"), given("run_at")) {
+        (None, None) => return Ok(None),
+        (Some(_), Some(_)) => {
+            return Err(ApiError::field(
+                path("run_at"),
+                "give delay or run_at, not both",
+            ))
+        }
+        (Some(delay), None) => {
+            let Value::String(text) = delay else {
+                return Err(ApiError::field(
+                    path("delay"),
+                    format!(
+                        "must be a duration such as \"90s\", \"10m\" or \"1h\", not {}",
+                        kind_of(delay)
+                    ),
+                ));
+            };
+            let after = crate::delay::parse_delay(text)
+                .map_err(|why| ApiError::field(path("delay"), why))?;
+            let ms = i64::try_from(after.as_millis()).unwrap_or(i64::MAX);
+            ("delay", now.saturating_add(ms))
+        }
+        (None, Some(run_at)) => {
+            let Value::String(text) = run_at else {
+                return Err(ApiError::field(
+                    path("run_at"),
+                    format!(
+                        "must be an RFC 3339 time with its UTC offset, such as \"2026-12-24T18:00:00+01:00\", not {}",
+                        kind_of(run_at)
+                    ),
+                ));
+            };
+            (
+                "run_at",
+                crate::delay::parse_run_at(text)
+                    .map_err(|why| ApiError::field(path("run_at"), why))?,
+            )
+        }
+    };
+    let Some(max) = max_delay_ms else {
+        return Err(ApiError::field(
+            path(field),
+            "delayed tasks are off on this gateway ([delays] enabled = false)",
+        ));
+    };
+    if at.saturating_sub(now) > max {
+        return Err(ApiError::field(
+            path(field),
+            format!(
+                "is more than {} from now, the longest delay accepted (delays.max_delay_s)",
+                crate::settings::tier_label(u64::try_from(max / 1000).unwrap_or(0))
+            ),
+        ));
+    }
+    // A time already past, or a delay of 0, starts it now.
+    Ok((at > now).then_some(at))
+}
 
 /// Parses a request body as JSON (400 naming the line and column if it is
 /// not).
@@ -163,7 +244,7 @@ fn optional_string<'a>(
 }
 
 /// The fields of a workflow start.
-const WORKFLOW_FIELDS: &[&str] = &["payload", "idempotency_key"];
+const WORKFLOW_FIELDS: &[&str] = &["payload", "idempotency_key", "delay", "run_at"];
 
 /// What `POST /v1/workflows/{name}` asks for: the first step's payload
 /// (JSON text) and an optional idempotency key.
@@ -173,10 +254,13 @@ pub struct NewRun {
     pub payload: Vec<u8>,
     /// Idempotency key.
     pub idempotency_key: Option<String>,
+    /// Not to start before (ms since the epoch).
+    pub run_at: Option<i64>,
 }
 
 /// Checks the body of a workflow start.
-pub fn parse_run(value: &Value, max_payload_bytes: usize) -> Result<NewRun, ApiError> {
+pub fn parse_run(value: &Value, rules: &Rules, now: i64) -> Result<NewRun, ApiError> {
+    let max_payload_bytes = rules.max_payload_bytes;
     let map = object(value, "")?;
     if let Some(unknown) = map.keys().find(|k| !WORKFLOW_FIELDS.contains(&k.as_str())) {
         return Err(ApiError::field(
@@ -212,9 +296,11 @@ pub fn parse_run(value: &Value, max_payload_bytes: usize) -> Result<NewRun, ApiE
         "idempotency_key",
         MAX_IDEMPOTENCY_KEY_CHARS,
     )?;
+    let run_at = parse_start(map, &|name: &str| name.to_owned(), rules.max_delay_ms, now)?;
     Ok(NewRun {
         payload,
         idempotency_key: idempotency_key.map(str::to_owned),
+        run_at,
     })
 }
 
@@ -326,6 +412,7 @@ pub fn parse_task(
             ))
         }
     };
+    let run_at = parse_start(map, &path, rules.max_delay_ms, now)?;
     Ok(NewTask {
         task_type: task_type.clone(),
         topic: topic.clone(),
@@ -333,6 +420,7 @@ pub fn parse_task(
         key: key.map(str::to_owned),
         idempotency_key: idempotency_key.map(str::to_owned),
         deadline,
+        run_at,
     })
 }
 
@@ -433,6 +521,7 @@ mod tests {
                 .collect(),
             max_payload_bytes: 16,
             max_batch: 2,
+            max_delay_ms: Some(30 * 86_400_000),
         }
     }
 
@@ -591,13 +680,130 @@ mod tests {
         }
     }
 
+    /// Parses `body` as one task at `now`, to its start time or the
+    /// refusal's field and message.
+    fn start_of(
+        body: serde_json::Value,
+        rules: &Rules,
+        now: i64,
+    ) -> Result<Option<i64>, (String, String)> {
+        parse_task(&body, "", rules, now)
+            .map(|t| t.run_at)
+            .map_err(|e| (e.field.unwrap_or_default(), e.message))
+    }
+
+    #[test]
+    fn a_delay_or_a_run_at_sets_the_start_and_bad_ones_are_refused_by_name() {
+        let rules = rules();
+        let now = 1_767_225_600_000; // 2026-01-01T00:00:00Z
+        let task = |extra: serde_json::Value| {
+            let mut body = json!({"type": "echo", "payload": 1});
+            if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+                b.extend(e.clone());
+            }
+            body
+        };
+        assert_eq!(start_of(task(json!({})), &rules, now), Ok(None));
+        assert_eq!(
+            start_of(task(json!({"delay": "90s"})), &rules, now),
+            Ok(Some(now + 90_000))
+        );
+        assert_eq!(
+            start_of(task(json!({"delay": "1h"})), &rules, now),
+            Ok(Some(now + 3_600_000))
+        );
+        assert_eq!(
+            start_of(task(json!({"delay": "0s"})), &rules, now),
+            Ok(None)
+        );
+        assert_eq!(
+            start_of(task(json!({"delay": null})), &rules, now),
+            Ok(None)
+        );
+        assert_eq!(
+            start_of(
+                task(json!({"run_at": "2026-01-01T01:00:00+01:00"})),
+                &rules,
+                now
+            ),
+            Ok(None),
+            "an hour ahead of UTC: now, so it starts now"
+        );
+        assert_eq!(
+            start_of(
+                task(json!({"run_at": "2026-01-01T00:00:02.5Z"})),
+                &rules,
+                now
+            ),
+            Ok(Some(now + 2_500))
+        );
+        assert_eq!(
+            start_of(task(json!({"delay": "30d"})), &rules, now),
+            Ok(Some(now + 30 * 86_400_000))
+        );
+        let refused = |extra, field: &str, words: &str| {
+            let (f, message) = start_of(task(extra), &rules, now).expect_err("refused");
+            assert_eq!(f, field, "{message}");
+            assert!(message.contains(words), "{field}: {message}");
+        };
+        refused(
+            json!({"delay": "1h", "run_at": "2026-01-01T00:00:00Z"}),
+            "run_at",
+            "not both",
+        );
+        refused(json!({"delay": "-5s"}), "delay", "is not a duration");
+        refused(json!({"delay": 5}), "delay", "not a number");
+        refused(json!({"delay": "31d"}), "delay", "more than 30d from now");
+        refused(
+            json!({"run_at": "2026-03-01T00:00:00Z"}),
+            "run_at",
+            "more than 30d from now",
+        );
+        refused(
+            json!({"run_at": "2026-01-01T10:00:00"}),
+            "run_at",
+            "no UTC offset",
+        );
+        refused(
+            json!({"run_at": "tomorrow"}),
+            "run_at",
+            "not an RFC 3339 time",
+        );
+        let off = Rules {
+            max_delay_ms: None,
+            ..rules.clone()
+        };
+        let (field, message) = start_of(task(json!({"delay": "1s"})), &off, now).expect_err("off");
+        assert_eq!(
+            (field.as_str(), message.as_str()),
+            (
+                "delay",
+                "delayed tasks are off on this gateway ([delays] enabled = false)"
+            )
+        );
+        // In a batch, the path names the task.
+        let e = parse_batch(
+            &json!({"tasks": [{"type": "echo", "payload": 1}, {"type": "echo", "payload": 1, "delay": "1y"}]}),
+            &rules,
+            now,
+        )
+        .expect_err("refused");
+        assert_eq!(e.field.as_deref(), Some("tasks[1].delay"));
+    }
+
     #[test]
     fn workflow_starts_are_checked() {
+        let rules = Rules {
+            max_payload_bytes: 100,
+            ..rules()
+        };
         let run = parse_run(
-            &json!({"payload": {"text": "a b"}, "idempotency_key": "k1"}),
-            100,
+            &json!({"payload": {"text": "a b"}, "idempotency_key": "k1", "delay": "1m"}),
+            &rules,
+            1_000,
         )
         .unwrap();
+        assert_eq!(run.run_at, Some(61_000));
         assert_eq!(run.payload, br#"{"text":"a b"}"#);
         assert_eq!(run.idempotency_key.as_deref(), Some("k1"));
         let cases = [
@@ -610,9 +816,14 @@ mod tests {
             ),
             (json!({"payload": "x".repeat(200)}), "payload", 413),
             (json!([1]), "body", 422),
+            (
+                json!({"payload": 1, "delay": "1h", "run_at": "2026-01-01T00:00:00Z"}),
+                "run_at",
+                422,
+            ),
         ];
         for (body, field, status) in cases {
-            let e = parse_run(&body, 100).unwrap_err();
+            let e = parse_run(&body, &rules, 1_000).unwrap_err();
             assert_eq!(e.field.as_deref(), Some(field), "{body}: {e:?}");
             assert_eq!(e.status.as_u16(), status, "{body}: {e:?}");
         }

@@ -21,6 +21,8 @@ pub(super) struct Spec {
     pub kafka: KafkaSettings,
     pub codec: Codec,
     pub task_topics: Vec<String>,
+    /// Delay tiers: their records are tasks scheduled for later.
+    pub delay_topics: Vec<String>,
     pub result_topics: Vec<String>,
     pub lookback_ms: u64,
     /// The view's capacity: how far back to read a partition whose
@@ -34,6 +36,9 @@ pub(super) enum Event {
     Request {
         request: TaskRequest,
         traceparent: Option<String>,
+        /// Read from a delay tier: when it is to start (ms since the
+        /// epoch).
+        scheduled: Option<i64>,
     },
     /// A task result.
     Result(TaskResult),
@@ -47,6 +52,7 @@ pub(super) struct Follower {
     reader: Reader,
     codec: Codec,
     result_topics: HashSet<String>,
+    delay_topics: HashSet<String>,
     /// Records older than this (ms since the epoch) are skipped.
     start: i64,
     /// Partitions not yet read up to the high watermark they had at start,
@@ -67,7 +73,12 @@ impl Follower {
         let metadata = consumer
             .fetch_metadata(None, Duration::from_secs(10))
             .map_err(kafka_error("reading the cluster's metadata"))?;
-        let mut wanted: Vec<&String> = spec.result_topics.iter().chain(&spec.task_topics).collect();
+        let mut wanted: Vec<&String> = spec
+            .result_topics
+            .iter()
+            .chain(&spec.task_topics)
+            .chain(&spec.delay_topics)
+            .collect();
         wanted.sort();
         wanted.dedup();
         let mut missing = Vec::new();
@@ -150,6 +161,7 @@ impl Follower {
             reader,
             codec: spec.codec,
             result_topics: spec.result_topics.iter().cloned().collect(),
+            delay_topics: spec.delay_topics.iter().cloned().collect(),
             start,
             behind,
         })
@@ -221,9 +233,24 @@ impl Follower {
                         .and_then(|v| std::str::from_utf8(v).ok())
                         .map(str::to_owned)
                 });
+                let scheduled = if self.delay_topics.contains(topic) {
+                    let run_at = message.headers().and_then(|h| {
+                        h.iter()
+                            .find(|h| h.key == headers::RUN_AT)
+                            .and_then(|h| h.value)
+                            .and_then(|v| std::str::from_utf8(v).ok())
+                            .and_then(|v| v.parse::<i64>().ok())
+                    });
+                    // A tier record always says when; one that does not is
+                    // at least not queued yet.
+                    Some(run_at.unwrap_or(0))
+                } else {
+                    None
+                };
                 Some(Event::Request {
                     request,
                     traceparent,
+                    scheduled,
                 })
             }
             Err(error) => {

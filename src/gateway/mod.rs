@@ -31,6 +31,7 @@ use rdkafka::producer::{FutureProducer, Producer};
 use serde_json::{json, Value};
 
 use crate::codec::{now_millis, Codec};
+use crate::delay::Tiers;
 use crate::metrics::Metrics;
 use crate::settings::{GatewaySettings, Settings};
 use crate::shutdown::CancellationToken;
@@ -102,6 +103,8 @@ struct Shared {
     /// workflows and batch size filled in ([`openapi_for`]).
     openapi: String,
     rules: Rules,
+    /// The delay tiers, when delays are on.
+    tiers: Option<Tiers>,
     workflows: Workflows,
     codec: Codec,
     producer: FutureProducer,
@@ -178,13 +181,19 @@ pub async fn start(
         &workflow_names,
         g.max_batch,
     );
+    let tiers = settings
+        .delays
+        .enabled
+        .then(|| Tiers::new(&settings.delays));
     let shared = Arc::new(Shared {
         openapi,
         rules: Rules {
             task_topics: task_topics.clone(),
             max_payload_bytes: g.max_payload_bytes,
             max_batch: g.max_batch,
+            max_delay_ms: tiers.as_ref().map(Tiers::max_delay_ms),
         },
+        tiers: tiers.clone(),
         workflows: Workflows::from_settings(settings),
         codec,
         producer,
@@ -206,6 +215,10 @@ pub async fn start(
         kafka: settings.kafka.clone(),
         codec,
         task_topics: task_topics.values().cloned().collect(),
+        delay_topics: tiers
+            .as_ref()
+            .map(|t| t.topics().map(str::to_owned).collect())
+            .unwrap_or_default(),
         result_topics,
         lookback_ms: g.view_lookback_ms,
         max_tasks: g.view_max_tasks,
@@ -298,7 +311,10 @@ fn apply(shared: &Shared, event: follow::Event) {
         follow::Event::Request {
             request,
             traceparent,
-        } => shared.view().apply_request(&request, traceparent, now),
+            scheduled,
+        } => shared
+            .view()
+            .apply_request(&request, traceparent, scheduled, now),
         follow::Event::Result(result) => shared.view().apply_result(result, now),
         follow::Event::CaughtUp => {
             tracing::info!("gateway status view caught up with the results and task topics");
@@ -351,6 +367,7 @@ mod tests {
             content_type: None,
             error: None,
             traceparent: None,
+            run_at: None,
             workflow: Some(WorkflowRef {
                 id: run,
                 name: "w".into(),

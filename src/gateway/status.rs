@@ -55,13 +55,16 @@ pub(super) async fn get_run(
 }
 
 /// `succeeded` or `failed` once the run's own result is known, `running`
-/// once any of its steps finished, else `queued`.
+/// once any of its steps finished, `scheduled` while its first step waits
+/// for its time, else `queued`.
 pub(super) fn run_status(tasks: &[&TaskView], run: Uuid) -> &'static str {
     if let Some(result) = tasks.iter().find(|t| t.id == run) {
         return result.phase.name();
     }
     if tasks.iter().any(|t| t.phase.is_terminal()) {
         "running"
+    } else if !tasks.is_empty() && tasks.iter().all(|t| t.phase == view::Phase::Scheduled) {
+        "scheduled"
     } else {
         "queued"
     }
@@ -161,7 +164,7 @@ pub(super) fn render_step(index: i32, task_type: &str, tasks: &[&TaskView]) -> V
                         }
                     }
                     view::Phase::Failed => failed += 1,
-                    view::Phase::Queued => {}
+                    view::Phase::Queued | view::Phase::Scheduled => {}
                 }
             }
             let status = if failed > 0 {
@@ -318,6 +321,9 @@ pub(super) fn render(task: &TaskView) -> Value {
             map.insert("content_type".into(), json!(content_type_of(task)));
         }
         insert_outcome(map, task, "result");
+        if let Some(run_at) = task.run_at {
+            map.insert("run_at".into(), json!(run_at));
+        }
         if let Some(traceparent) = &task.traceparent {
             map.insert("traceparent".into(), json!(traceparent));
         }

@@ -23,6 +23,7 @@ use super::view::{View, IDEMPOTENCY_METADATA};
 use super::*;
 use crate::codec::wire as headers;
 use crate::codec::{now_millis, TaskRequest, WorkflowRef};
+use crate::delay::Route;
 
 /// The trace context of a submission: the caller's `traceparent` when it
 /// is well-formed, else a new one.
@@ -138,6 +139,8 @@ pub(super) struct Submission {
     topic: String,
     request: TaskRequest,
     idempotency_key: Option<String>,
+    /// Not to start before (ms since the epoch): produced to a delay tier.
+    run_at: Option<i64>,
 }
 
 impl Submission {
@@ -154,6 +157,7 @@ impl Submission {
             topic: task.topic,
             request,
             idempotency_key: task.idempotency_key,
+            run_at: task.run_at,
         }
     }
 }
@@ -261,15 +265,25 @@ pub(super) async fn submit(
             .key
             .clone()
             .unwrap_or_else(|| request.id.to_string());
-        let record = FutureRecord::to(&task.topic)
+        // A delayed task waits in a tier, which knows where it goes.
+        let tier = match (task.run_at, &shared.tiers) {
+            (Some(at), Some(tiers)) => match tiers.route(at.saturating_sub(now_millis())) {
+                Route::Tier(i) => tiers.topic(i),
+                Route::Due => None,
+            },
+            _ => None,
+        };
+        let record = FutureRecord::to(tier.unwrap_or(&task.topic))
             .key(&record_key)
             .payload(&value)
-            .headers(headers::build([(
-                headers::TRACEPARENT,
-                Some(traceparent.to_owned()),
-            )]));
+            .headers(headers::build([
+                (headers::TRACEPARENT, Some(traceparent.to_owned())),
+                (headers::RUN_AT, task.run_at.map(|at| at.to_string())),
+                (headers::DELAY_DESTINATION, tier.map(|_| task.topic.clone())),
+            ]));
+        let scheduled = tier.and(task.run_at);
         match shared.producer.send_result(record) {
-            Ok(delivery) => pending.push((i, request, delivery)),
+            Ok(delivery) => pending.push((i, request, scheduled, delivery)),
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                 failure = Some("the gateway's producer queue is full; retry shortly".to_owned());
                 break;
@@ -284,7 +298,7 @@ pub(super) async fn submit(
     // Tasks already handed to the producer are awaited even after a
     // failure, so the answer says which of them were written.
     let mut acknowledged = Vec::new();
-    for (i, request, delivery) in pending {
+    for (i, request, scheduled, delivery) in pending {
         match delivery.await {
             Ok(Ok(_)) => {
                 shared
@@ -293,7 +307,12 @@ pub(super) async fn submit(
                     .with_label_values(&[request.task_type.as_str()])
                     .inc();
                 let mut view = shared.view();
-                view.apply_request(&request, Some(traceparent.to_owned()), now_millis());
+                view.apply_request(
+                    &request,
+                    Some(traceparent.to_owned()),
+                    scheduled,
+                    now_millis(),
+                );
                 answers[i] = Some(accepted(
                     &view,
                     request.id,
@@ -391,7 +410,7 @@ pub(super) async fn start_run(
             .with(StatusCode::NOT_FOUND, "unknown_workflow"));
         }
         let value = json_body(&shared, body)?;
-        let run = api::parse_run(&value, shared.settings.max_payload_bytes)?;
+        let run = api::parse_run(&value, &shared.rules, now_millis())?;
         // A run's key lives in a namespace of its own (per workflow), so
         // that a task submitted with the same key is not taken for it.
         let idempotency_key = run
@@ -414,6 +433,7 @@ pub(super) async fn start_run(
             topic,
             request,
             idempotency_key,
+            run_at: run.run_at,
         };
         submit_one_of(&shared, submission, &traceparent).await
     }

@@ -23,6 +23,8 @@ pub use crate::codec::wire::IDEMPOTENCY_KEY as IDEMPOTENCY_METADATA;
 /// Where a task stands, as the view knows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
+    /// Delayed: waiting in a delay tier until `run_at`.
+    Scheduled,
     /// Its request is known, its result not yet.
     Queued,
     /// Its result says it succeeded.
@@ -35,6 +37,7 @@ impl Phase {
     /// The API's name for the phase.
     pub fn name(self) -> &'static str {
         match self {
+            Phase::Scheduled => "scheduled",
             Phase::Queued => "queued",
             Phase::Succeeded => "succeeded",
             Phase::Failed => "failed",
@@ -43,7 +46,7 @@ impl Phase {
 
     /// Whether the task will not change any more.
     pub fn is_terminal(self) -> bool {
-        self != Phase::Queued
+        matches!(self, Phase::Succeeded | Phase::Failed)
     }
 }
 
@@ -73,6 +76,8 @@ pub struct TaskView {
     /// Where it stands in a workflow run, if it is a step of one (a run's
     /// own result has the run id and `step` = the number of steps).
     pub workflow: Option<WorkflowRef>,
+    /// When a delayed task is to start (ms since the epoch).
+    pub run_at: Option<i64>,
 }
 
 impl TaskView {
@@ -200,7 +205,17 @@ impl View {
 
     /// A request was seen (or submitted here): the task is queued unless
     /// the view already has its result.
-    pub fn apply_request(&mut self, request: &TaskRequest, traceparent: Option<String>, now: i64) {
+    /// `scheduled`: the request was seen waiting in a delay tier, to start
+    /// then (ms since the epoch); `None`: seen on its task topic. A task
+    /// seen on its task topic is queued from then on, whatever order the
+    /// topics are read in.
+    pub fn apply_request(
+        &mut self,
+        request: &TaskRequest,
+        traceparent: Option<String>,
+        scheduled: Option<i64>,
+        now: i64,
+    ) {
         if let Some(key) = request.metadata.get(IDEMPOTENCY_METADATA) {
             self.remember_idempotency(key, request.id, request.submitted_at);
         }
@@ -209,12 +224,22 @@ impl View {
             if slot.task.traceparent.is_none() {
                 slot.task.traceparent = traceparent;
             }
+            if let Some(at) = scheduled {
+                slot.task.run_at.get_or_insert(at);
+            } else if slot.task.phase == Phase::Scheduled {
+                slot.task.phase = Phase::Queued;
+            }
             return;
         }
         let task = TaskView {
             id: request.id,
             task_type: request.task_type.clone(),
-            phase: Phase::Queued,
+            phase: if scheduled.is_some() {
+                Phase::Scheduled
+            } else {
+                Phase::Queued
+            },
+            run_at: scheduled,
             submitted_at: Some(request.submitted_at),
             finished_at: None,
             attempts: None,
@@ -260,6 +285,7 @@ impl View {
             error: result.error,
             traceparent,
             workflow: result.workflow,
+            run_at: None,
         };
         self.insert(task, finished_at, now);
         if let Some(waiting) = self.waiters.remove(&id) {
@@ -396,7 +422,7 @@ mod tests {
     fn request_then_result_goes_queued_then_terminal_and_stays() {
         let mut view = View::new(limits());
         let r = request(10);
-        view.apply_request(&r, Some("tp".into()), 10);
+        view.apply_request(&r, Some("tp".into()), None, 10);
         assert_eq!(view.get(&r.id).map(|t| t.phase), Some(Phase::Queued));
         view.apply_result(result(r.id, TaskStatus::Succeeded, b"1", 20), 20);
         let task = view.get(&r.id).cloned();
@@ -408,7 +434,7 @@ mod tests {
         );
         // A duplicate result or a late request changes nothing.
         view.apply_result(result(r.id, TaskStatus::Failed, b"2", 30), 30);
-        view.apply_request(&r, None, 30);
+        view.apply_request(&r, None, None, 30);
         assert_eq!(view.get(&r.id), task.as_ref());
         assert_eq!(view.len(), 1);
         assert_eq!(view.bytes(), 1);
@@ -419,7 +445,7 @@ mod tests {
         let mut view = View::new(limits());
         let r = request(10);
         view.apply_result(result(r.id, TaskStatus::Failed, b"", 20), 20);
-        view.apply_request(&r, None, 21);
+        view.apply_request(&r, None, None, 21);
         let task = view.get(&r.id);
         assert_eq!(task.map(|t| t.phase), Some(Phase::Failed));
         assert_eq!(task.and_then(|t| t.submitted_at), Some(10));
@@ -431,7 +457,7 @@ mod tests {
         let ids: Vec<Uuid> = (0..4)
             .map(|i| {
                 let r = request(100 + i);
-                view.apply_request(&r, None, 100 + i);
+                view.apply_request(&r, None, None, 100 + i);
                 r.id
             })
             .collect();
@@ -457,7 +483,7 @@ mod tests {
         first
             .metadata
             .insert(IDEMPOTENCY_METADATA.into(), "k".into());
-        view.apply_request(&first, None, 1_000);
+        view.apply_request(&first, None, None, 1_000);
         assert_eq!(view.idempotent("k", 1_499), Some(first.id));
         // A second request with the same key (another replica raced) does
         // not take the key over.
@@ -465,7 +491,7 @@ mod tests {
         second
             .metadata
             .insert(IDEMPOTENCY_METADATA.into(), "k".into());
-        view.apply_request(&second, None, 1_100);
+        view.apply_request(&second, None, None, 1_100);
         assert_eq!(view.idempotent("k", 1_200), Some(first.id));
         assert_eq!(view.idempotent("k", 1_500), None);
         view.forget_idempotency("k", first.id);
@@ -476,7 +502,7 @@ mod tests {
     async fn a_result_wakes_its_waiter() {
         let mut view = View::new(limits());
         let r = request(10);
-        view.apply_request(&r, None, 10);
+        view.apply_request(&r, None, None, 10);
         let waiter = view.waiter(r.id);
         let woken = waiter.notified();
         tokio::pin!(woken);

@@ -31,6 +31,7 @@ use crate::breaker::BreakerConfig;
 use crate::codec::WireFormat;
 use crate::retry::RetryPolicy;
 
+mod delays;
 mod gateway;
 mod kafka;
 mod observe;
@@ -38,6 +39,7 @@ mod processor;
 mod topics;
 mod workflow;
 
+pub use delays::*;
 pub use gateway::*;
 pub use kafka::*;
 pub use observe::*;
@@ -73,6 +75,8 @@ pub struct Settings {
     /// Workflow definitions: named sequences of steps (task types), with
     /// fan-out and join.
     pub workflows: Vec<WorkflowSettings>,
+    /// Delayed tasks: the tier topics they wait in.
+    pub delays: DelaySettings,
 }
 
 impl Settings {
@@ -264,6 +268,7 @@ impl Settings {
         self.validate_telemetry(&mut bad);
         self.validate_gateway(&mut bad);
         self.validate_topics(&mut bad);
+        self.delays.validate(&mut bad);
         self.validate_workflows(&mut bad);
         let mut names = BTreeMap::new();
         for (i, p) in self.processors.iter().enumerate() {

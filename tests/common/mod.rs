@@ -111,6 +111,9 @@ impl TestKafka {
         settings.kafka.security = self.security.clone();
         // Tests run workers side by side: each takes any free port.
         settings.metrics.listen = "127.0.0.1:0".into();
+        // Delays need their tier topics: a test that uses them makes its
+        // own (`TestKafka::delay_tiers`).
+        settings.delays.enabled = false;
         settings
     }
 
