@@ -47,9 +47,11 @@ use crate::shutdown::CancellationToken;
 
 /// Most moves produced and not yet acknowledged: the mover reads no more
 /// records while this many wait.
-pub const MAX_MOVES_IN_FLIGHT: usize = 10_000;
+pub const MAX_MOVES_IN_FLIGHT: usize = 2_000;
 /// Bytes of tier records librdkafka may fetch ahead, for all partitions.
 const PREFETCH_BYTES: u64 = 8 * 1024 * 1024;
+/// How often the mover commits the offsets of acknowledged moves.
+const MOVER_COMMIT_INTERVAL_MS: u64 = 250;
 /// How long a stopping mover waits for its moves to be acknowledged.
 const STOP_GRACE: Duration = Duration::from_secs(10);
 
@@ -298,14 +300,24 @@ pub async fn run(spec: MoverSpec, stop: CancellationToken) -> Result<(), MoverEr
     let settings = &spec.settings;
     let tiers = Tiers::new(&settings.delays);
     let topics: Vec<&str> = tiers.topics().collect();
-    let mut config =
-        crate::kafka::consumer_config(&settings.kafka, &settings.delays.group_id, 30_000);
+    let mut config = crate::kafka::consumer_config(
+        &settings.kafka,
+        &settings.delays.group_id,
+        settings.delays.session_timeout_ms,
+    );
     for (key, value) in crate::kafka::prefetch_limits(PREFETCH_BYTES, topics.len() * 8) {
         if !settings.kafka.options.contains_key(key) {
             config.set(key, value);
         }
     }
+    // Stored offsets (only of acknowledged moves) are committed every
+    // quarter second: a crash repeats the moves of about its last quarter
+    // second, and those in flight.
     config.set("enable.auto.commit", "true");
+    config.set(
+        "auto.commit.interval.ms",
+        MOVER_COMMIT_INTERVAL_MS.to_string(),
+    );
     config.set("auto.offset.reset", "earliest");
     let consumer: StreamConsumer<MoverContext> = config
         .create_with_context(MoverContext {

@@ -29,13 +29,6 @@ impl Drop for App {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
 /// Starts the app and waits until it says it listens.
 fn start_app(port: u16, gateway: &str) -> App {
     let mut child = Command::new("python3")
@@ -72,7 +65,7 @@ async fn bottle_round_trip() {
         return;
     }
     for kafka in TestKafka::all("bottle_round_trip") {
-        let port = free_port();
+        let port = common::free_port();
         let pipeline = kafka.pipeline(2).await;
         let mut settings =
             kafka.worker_settings(&pipeline, Ordering::None, &[("echo", HandlerKind::Echo)]);

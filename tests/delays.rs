@@ -12,7 +12,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{unique, InProcessWorker, Pipeline, TestGateway, TestKafka};
+use common::{InProcessWorker, Pipeline, TestGateway, TestKafka};
 use conveyor::codec::{now_millis, TaskRequest};
 use conveyor::delay::MoverSpec;
 use conveyor::handlers::{Handler, HandlerError, Output, Registry, TaskContext};
@@ -48,17 +48,6 @@ impl Handler for Starts {
             })
         }
         .boxed()
-    }
-}
-
-/// Turns delays on in `settings` with tier topics of their own (two
-/// partitions each), created on `kafka`.
-async fn with_tiers(kafka: &TestKafka, settings: &mut Settings) {
-    settings.delays.enabled = true;
-    settings.delays.topic_prefix = format!("{}.", unique("delay"));
-    settings.delays.group_id = unique("delays");
-    for (_, topic) in settings.delays.tier_topics() {
-        kafka.create_named_topic(&topic, 2).await;
     }
 }
 
@@ -142,7 +131,7 @@ async fn a_delayed_task_waits_its_time_and_a_long_delay_holds_up_no_short_one() 
             Ordering::Partition,
             &[("record", HandlerKind::Echo)],
         );
-        with_tiers(&kafka, &mut settings).await;
+        common::with_delay_tiers(&kafka, &mut settings, 2).await;
         let starts = Arc::new(Starts::default());
         let mut running = start(&settings, &starts);
         let gateway = TestGateway::start(&settings, running.worker.metrics.clone()).await;

@@ -895,3 +895,120 @@ async fn a_backlog_drains_through_a_dozen_rebalances_of_real_workers_losing_noth
         let _ = std::fs::remove_file(&config);
     }
 }
+
+/// Delayed tasks wait in the tier topics, not in the worker: 100,000
+/// delayed an hour leave its memory where it was idle; 20,000 delayed a
+/// few seconds survive a SIGKILL while they wait and each runs once when
+/// due; none of the hour's runs early. (A kill in the midst of moves
+/// repeats the moves not yet committed: duplicates, measured in
+/// BENCHMARKS.md.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delayed_tasks_wait_in_the_tiers_not_in_memory_and_a_sigkill_loses_none() {
+    const WAITING: u32 = 100_000;
+    const SHORT: u32 = 20_000;
+    const GROWTH_CEILING: u64 = 16 * 1024 * 1024;
+    for kafka in
+        TestKafka::all("delayed_tasks_wait_in_the_tiers_not_in_memory_and_a_sigkill_loses_none")
+    {
+        let pipeline = kafka.pipeline(4).await;
+        let mut settings =
+            kafka.worker_settings(&pipeline, Ordering::None, &[("echo", HandlerKind::Echo)]);
+        // The mock cluster keeps at most 5 MiB per partition.
+        common::with_delay_tiers(&kafka, &mut settings, 8).await;
+        let port = common::free_port();
+        settings.metrics.listen = format!("127.0.0.1:{port}");
+        let config = common::config_file(&settings);
+        let mut worker = Worker::start(&config);
+        wait_until("the worker serves its metrics", LONG, || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        })
+        .await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let idle = worker.rss_bytes();
+
+        let submission = |count, run_at| conveyor::tools::Submission {
+            task_type: "echo".into(),
+            payload: "{}".into(),
+            key: None,
+            count,
+            topic: Some(pipeline.input.clone()),
+            run_at: Some(run_at),
+        };
+        let hour =
+            conveyor::tools::submit(&settings, &submission(WAITING, now_millis() + 3_600_000))
+                .await
+                .expect("submitted");
+        // Every 1 h tier partition holding records is paused on its first.
+        let deadline = Instant::now() + LONG;
+        while common::metric(port, "conveyor_delay_partitions_waiting").await < Some(8.0) {
+            assert!(
+                Instant::now() < deadline,
+                "the mover did not take up the hour's tier; log:\n{}",
+                worker.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let mut waiting = 0;
+        for _ in 0..20 {
+            waiting = waiting.max(worker.rss_bytes());
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+
+        // Delayed 12 s, they wait in the 10 s tier: killed while they wait
+        // there, before any of them moves on.
+        let submitted = Instant::now();
+        let due_at = now_millis() + 12_000;
+        let short = conveyor::tools::submit(&settings, &submission(SHORT, due_at))
+            .await
+            .expect("submitted");
+        tokio::time::sleep(Duration::from_millis(4_000).saturating_sub(submitted.elapsed())).await;
+        let moves_before_kill = common::metric_sum(port, "conveyor_delay_moves_total").await;
+        worker.signal("KILL");
+        worker.wait(Duration::from_secs(10));
+        let mut worker = Worker::start(&config);
+        let expected = short.iter().copied().collect();
+        let results = kafka
+            .collect_results(&pipeline.output, &expected, LONG)
+            .await;
+        worker.stop_cleanly();
+        let ran_early = hour
+            .iter()
+            .filter(|id| results.by_id.contains_key(id))
+            .count();
+        let earliest = results
+            .all()
+            .map(|r| r.started_at)
+            .min()
+            .unwrap_or_default();
+        common::announce(&format!(
+            "delays on {}: RSS idle {:.1} MiB, with {WAITING} tasks waiting an hour {:.1} MiB; \
+             {SHORT} tasks delayed 12 s, SIGKILL 4 s in ({} moves made): {} results, {} duplicates, first started {} ms after due",
+            kafka.describe(),
+            idle as f64 / 1048576.0,
+            waiting as f64 / 1048576.0,
+            moves_before_kill as u64,
+            results.by_id.len(),
+            results.duplicates(),
+            earliest - due_at
+        ));
+        assert_eq!(
+            results.by_id.len(),
+            SHORT as usize,
+            "every short task ran, none of the hour's"
+        );
+        assert_eq!(moves_before_kill, 0.0, "killed before any task moved");
+        assert_eq!(results.duplicates(), 0, "nothing had moved: each ran once");
+        assert_eq!(ran_early, 0, "no task delayed an hour ran");
+        assert!(
+            earliest >= due_at,
+            "a task started {} ms before its time",
+            due_at - earliest
+        );
+        assert!(
+            waiting.saturating_sub(idle) < GROWTH_CEILING,
+            "{WAITING} waiting tasks grew the worker by {} bytes",
+            waiting.saturating_sub(idle)
+        );
+        let _ = std::fs::remove_file(&config);
+    }
+}

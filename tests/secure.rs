@@ -132,13 +132,6 @@ fn broker_certificate(dir: &Path, ca: &str, name: &str, host: &str) -> (PathBuf,
     )
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
 /// A nisshi broker started by the test, stopped when dropped.
 struct Nisshi {
     child: Child,
@@ -205,7 +198,7 @@ impl Secured {
         {
             let setup = Nisshi::start(
                 &sasl_dir,
-                free_port(),
+                common::free_port(),
                 "127.0.0.1",
                 &["--storage-engine", storage],
             );
@@ -242,7 +235,7 @@ impl Secured {
         let (cert, key) = (cert.display().to_string(), key.display().to_string());
         let sasl = Nisshi::start(
             &sasl_dir,
-            free_port(),
+            common::free_port(),
             "localhost",
             &[
                 "--storage-engine",
@@ -258,7 +251,7 @@ impl Secured {
         std::fs::create_dir_all(&tls_dir).expect("broker dir");
         let tls = Nisshi::start(
             &tls_dir,
-            free_port(),
+            common::free_port(),
             "localhost",
             &["--cert", &cert, "--key", &key],
         );

@@ -22,6 +22,10 @@ pub struct DelaySettings {
     pub max_delay_s: u64,
     /// The consumer group of the workers' movers.
     pub group_id: String,
+    /// The movers' session timeout: how long a crashed worker's tier
+    /// partitions wait before another mover takes them (10 s, as the
+    /// processors' default).
+    pub session_timeout_ms: u64,
 }
 
 /// Longest tier: a week.
@@ -39,6 +43,7 @@ impl Default for DelaySettings {
             tiers_s: vec![1, 10, 60, 600, 3600, 36_000],
             max_delay_s: 30 * 24 * 3600,
             group_id: "conveyor.delays".into(),
+            session_timeout_ms: 10_000,
         }
     }
 }
@@ -92,6 +97,12 @@ impl DelaySettings {
                     "must be longer than the tier before it (tiers ascend)",
                 );
             }
+        }
+        if !(1_000..=3_600_000).contains(&self.session_timeout_ms) {
+            bad(
+                "delays.session_timeout_ms".into(),
+                "must be between 1000 and 3600000",
+            );
         }
         if self.max_delay_s == 0 || self.max_delay_s > MAX_DELAY_S {
             bad(

@@ -481,6 +481,58 @@ impl TestKafka {
     }
 }
 
+/// A loopback port free at the time of asking.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// The value of the unlabelled metric `name` a worker's `/metrics` at
+/// `port` shows, if it shows it.
+pub async fn metric(port: u16, name: &str) -> Option<f64> {
+    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines().find_map(|line| {
+        line.strip_prefix(name)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+/// The sum of every series of metric `name` a worker's `/metrics` at
+/// `port` shows (0 when it shows none).
+pub async fn metric_sum(port: u16, name: &str) -> f64 {
+    let Ok(response) = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await else {
+        return 0.0;
+    };
+    let text = response.text().await.unwrap_or_default();
+    text.lines()
+        .filter(|line| line.starts_with(name) && line[name.len()..].starts_with(['{', ' ']))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Turns delays on in `settings` with tier topics of their own
+/// (`partitions` each), created on this broker.
+pub async fn with_delay_tiers(kafka: &TestKafka, settings: &mut Settings, partitions: i32) {
+    settings.delays.enabled = true;
+    settings.delays.topic_prefix = format!("{}.", unique("delay"));
+    settings.delays.group_id = unique("delays");
+    // As the test processors': a killed worker's tiers move on quickly.
+    settings.delays.session_timeout_ms = 6_000;
+    for (_, topic) in settings.delays.tier_topics() {
+        kafka.create_named_topic(&topic, partitions).await;
+    }
+}
+
 /// A worker running in this process.
 pub struct InProcessWorker {
     stop: CancellationToken,
