@@ -50,6 +50,8 @@ use crate::shutdown::CancellationToken;
 pub const MAX_MOVES_IN_FLIGHT: usize = 2_000;
 /// Bytes of tier records librdkafka may fetch ahead, for all partitions.
 const PREFETCH_BYTES: u64 = 8 * 1024 * 1024;
+/// How often the mover measures the tiers' lag.
+const LAG_EVERY: Duration = Duration::from_secs(5);
 /// How often the mover commits the offsets of acknowledged moves.
 const MOVER_COMMIT_INTERVAL_MS: u64 = 250;
 /// How long a stopping mover waits for its moves to be acknowledged.
@@ -334,6 +336,8 @@ pub async fn run(spec: MoverSpec, stop: CancellationToken) -> Result<(), MoverEr
     info!(tiers = ?topics, group = %settings.delays.group_id, "delay mover started");
 
     let generation = || consumer.context().generation.load(Ordering::Acquire);
+    let mut lag_check = tokio::time::interval(LAG_EVERY);
+    let mut lag_task: Option<tokio::task::JoinHandle<()>> = None;
     let mut waiting: HashMap<(String, i32), Waiting> = HashMap::new();
     let mut sent = FuturesOrdered::new();
     let dead_letters = settings.topics.dead_letter.clone();
@@ -394,6 +398,12 @@ pub async fn run(spec: MoverSpec, stop: CancellationToken) -> Result<(), MoverEr
             .values()
             .filter_map(|w| w.records.front().map(|(at, _)| *at))
             .min();
+        // Due and not moved (the moves in flight are at their bound).
+        let overdue_ms = next_due.map_or(0, |at| now.saturating_sub(at).max(0));
+        spec.metrics
+            .delay_overdue
+            .with_label_values::<&str>(&[])
+            .set(overdue_ms / 1000);
         let sleep = next_due.map_or(Duration::from_secs(1), |at| {
             Duration::from_millis(u64::try_from(at.saturating_sub(now)).unwrap_or(0).min(1000))
         });
@@ -427,6 +437,11 @@ pub async fn run(spec: MoverSpec, stop: CancellationToken) -> Result<(), MoverEr
                     w.records.push_back((at, message));
                 }
             },
+            _ = lag_check.tick() => {
+                if lag_task.as_ref().is_none_or(|t| t.is_finished()) {
+                    lag_task = measure_lag(&consumer, &producer, &tiers, &spec.metrics);
+                }
+            }
             _ = tokio::time::sleep(sleep) => {}
         }
     };
@@ -451,6 +466,54 @@ pub async fn run(spec: MoverSpec, stop: CancellationToken) -> Result<(), MoverEr
         debug!(error = %e, "delay mover: final commit");
     }
     outcome
+}
+
+/// Sets `conveyor_delay_tier_lag_messages{tier}` in the background: per
+/// tier partition this mover owns, its high watermark (asked of the
+/// broker: a paused partition is not fetched, so librdkafka's own figure
+/// goes stale) less the mover's position, the offset after the last record
+/// it read — the records waiting behind the one it holds.
+fn measure_lag(
+    consumer: &StreamConsumer<MoverContext>,
+    producer: &FutureProducer,
+    tiers: &Tiers,
+    metrics: &Arc<Metrics>,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let positions = consumer.position().ok()?;
+    let owned: Vec<(String, i32, i64)> = positions
+        .elements()
+        .iter()
+        .map(|e| {
+            let at = match e.offset() {
+                Offset::Offset(at) => at,
+                _ => -1,
+            };
+            (e.topic().to_owned(), e.partition(), at)
+        })
+        .collect();
+    let topics: Vec<String> = tiers.topics().map(str::to_owned).collect();
+    let (producer, metrics) = (producer.clone(), metrics.clone());
+    Some(tokio::task::spawn_blocking(move || {
+        let mut lag: HashMap<&str, i64> = topics.iter().map(|t| (t.as_str(), 0)).collect();
+        for (topic, partition, at) in &owned {
+            let Some(sum) = lag.get_mut(topic.as_str()) else {
+                continue;
+            };
+            if *at < 0 {
+                continue;
+            }
+            match producer
+                .client()
+                .fetch_watermarks(topic, *partition, Duration::from_secs(2))
+            {
+                Ok((_, high)) => *sum += (high - at).max(0),
+                Err(e) => debug!(error = %e, %topic, partition, "delay mover: no high watermark"),
+            }
+        }
+        for (topic, sum) in lag {
+            metrics.delay_tier_lag.with_label_values(&[topic]).set(sum);
+        }
+    }))
 }
 
 /// Every tier topic exists, or the error naming the missing ones.

@@ -125,6 +125,16 @@ pub const DELAY_MOVES: &str = "conveyor_delay_moves_total";
 /// mover has paused until their first record is due.
 pub const DELAY_PARTITIONS_WAITING: &str = "conveyor_delay_partitions_waiting";
 
+/// `conveyor_delay_tier_lag_messages{tier}`: delayed tasks waiting in a
+/// tier topic's partitions this worker's mover owns (`tier`: the topic),
+/// each partition's high watermark less the mover's position, every 5 s.
+/// Summed over the workers: the tasks waiting in each tier.
+pub const DELAY_TIER_LAG: &str = "conveyor_delay_tier_lag_messages";
+/// `conveyor_delay_overdue_seconds`: how long (whole seconds) the most overdue tier record
+/// this worker's mover holds has been due without being moved (0 when
+/// none is): a tier falling behind.
+pub const DELAY_OVERDUE: &str = "conveyor_delay_overdue_seconds";
+
 /// Label value for task types no handler is configured for.
 pub const UNKNOWN_TYPE: &str = "_unknown";
 
@@ -198,6 +208,10 @@ pub struct Metrics {
     pub delay_moves: IntCounterVec,
     /// See [`DELAY_PARTITIONS_WAITING`].
     pub delay_partitions_waiting: IntGaugeVec,
+    /// See [`DELAY_TIER_LAG`].
+    pub delay_tier_lag: IntGaugeVec,
+    /// See [`DELAY_OVERDUE`].
+    pub delay_overdue: IntGaugeVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -427,6 +441,18 @@ impl Metrics {
                 &r,
                 DELAY_PARTITIONS_WAITING,
                 "Delay tier partitions paused until their first record is due.",
+                &[],
+            ),
+            delay_tier_lag: gauge(
+                &r,
+                DELAY_TIER_LAG,
+                "Delayed tasks waiting in the tier partitions this worker's mover owns, by tier topic.",
+                &["tier"],
+            ),
+            delay_overdue: gauge(
+                &r,
+                DELAY_OVERDUE,
+                "Seconds the most overdue tier record held by this worker's mover has been due without being moved.",
                 &[],
             ),
             registry: r,

@@ -953,6 +953,22 @@ async fn delayed_tasks_wait_in_the_tiers_not_in_memory_and_a_sigkill_loses_none(
             waiting = waiting.max(worker.rss_bytes());
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
+        // The tiers' lag counts them: all but the first of each partition,
+        // which the mover holds.
+        let deadline = Instant::now() + LONG;
+        let mut lag = 0.0;
+        while lag < f64::from(WAITING - 8) {
+            assert!(
+                Instant::now() < deadline,
+                "tier lag {lag}, {WAITING} waiting"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            lag = common::metric_sum(port, "conveyor_delay_tier_lag_messages").await;
+        }
+        assert!(
+            lag <= f64::from(WAITING),
+            "tier lag {lag}, {WAITING} waiting"
+        );
 
         // Delayed 12 s, they wait in the 10 s tier: killed while they wait
         // there, before any of them moves on.
