@@ -249,7 +249,6 @@ struct Sent {
     topic: String,
     partition: i32,
     offset: i64,
-    generation: u64,
 }
 
 /// The mover's failure: it cannot go on without losing a task.
@@ -373,7 +372,6 @@ pub async fn run(spec: MoverSpec, stop: CancellationToken) -> Result<(), MoverEr
                     topic: topic.clone(),
                     partition: *partition,
                     offset: message.offset(),
-                    generation: w.generation,
                 };
                 sent.push_back(async move { (record, delivery.await) });
             }
@@ -408,10 +406,13 @@ pub async fn run(spec: MoverSpec, stop: CancellationToken) -> Result<(), MoverEr
             Duration::from_millis(u64::try_from(at.saturating_sub(now)).unwrap_or(0).min(1000))
         });
         let room = sent.len() < MAX_MOVES_IN_FLIGHT;
+        // At the bound, only an acknowledgement makes progress: no spinning
+        // on records already due.
+        let sleep = if room { sleep } else { Duration::from_secs(1) };
         tokio::select! {
             _ = stop.cancelled() => break Ok(()),
             Some((record, result)) = sent.next(), if !sent.is_empty() => {
-                if let Err(e) = acknowledged(&consumer, record, result, generation()) {
+                if let Err(e) = acknowledged(&consumer, record, result) {
                     break Err(e);
                 }
             }
@@ -422,11 +423,18 @@ pub async fn run(spec: MoverSpec, stop: CancellationToken) -> Result<(), MoverEr
                     let key = (message.topic().to_owned(), message.partition());
                     let tier_ms = tiers.length_of(&key.0).unwrap_or(0);
                     let at = leaves_at(&message, tier_ms, now_millis());
+                    // A rebalance may have run inside `recv`: what is held
+                    // of an earlier assignment is read again from the
+                    // committed offset, after this record if not before.
                     let current = generation();
                     let w = waiting.entry(key.clone()).or_insert_with(|| Waiting {
                         generation: current,
                         records: VecDeque::new(),
                     });
+                    if w.generation != current {
+                        w.generation = current;
+                        w.records.clear();
+                    }
                     if w.records.is_empty() && at > now_millis() {
                         let mut list = TopicPartitionList::new();
                         list.add_partition(&key.0, key.1);
@@ -451,7 +459,7 @@ pub async fn run(spec: MoverSpec, stop: CancellationToken) -> Result<(), MoverEr
     while !sent.is_empty() {
         tokio::select! {
             Some((record, result)) = sent.next() => {
-                if let Err(e) = acknowledged(&consumer, record, result, generation()) {
+                if let Err(e) = acknowledged(&consumer, record, result) {
                     error!(%e, "delay mover: stopping");
                     break;
                 }
@@ -542,13 +550,16 @@ fn check_tiers(producer: &FutureProducer, topics: &[&str]) -> Result<(), MoverEr
     }
 }
 
-/// Stores the offset after a tier record whose move was acknowledged, if
-/// its partition is still this assignment's.
+/// Stores the offset after a tier record whose move was acknowledged.
+/// Moves are acknowledged in the order they were sent, so every earlier
+/// record of the partition has moved too; a partition no longer owned
+/// refuses the store, and one revoked and assigned again since has its
+/// earlier moves repeated from the committed offset (duplicates, not a
+/// gap).
 fn acknowledged(
     consumer: &StreamConsumer<MoverContext>,
     record: Sent,
     result: Result<OwnedDeliveryResult, Canceled>,
-    generation: u64,
 ) -> Result<(), MoverError> {
     let error = match result {
         Ok(Ok(_)) => None,
@@ -562,9 +573,6 @@ fn acknowledged(
             offset: record.offset,
             error,
         });
-    }
-    if record.generation != generation {
-        return Ok(());
     }
     let mut list = TopicPartitionList::new();
     if let Err(e) = list
