@@ -265,7 +265,7 @@ impl Metrics {
         let pt = &["processor", "task_type"];
         let ptk = &["processor", "task_type", "kind"];
         let lag = &["processor", "topic", "partition"];
-        Metrics {
+        let metrics = Metrics {
             tasks_consumed: counter(
                 &r,
                 TASKS_CONSUMED,
@@ -457,7 +457,16 @@ impl Metrics {
             ),
             registry: r,
             enabled: true,
+        };
+        // The delay movers' series exist (at 0) from the start, so that the
+        // alert and the dashboards see them on every worker, moving or not.
+        for gauge in [&metrics.delay_overdue, &metrics.delay_partitions_waiting] {
+            gauge.with_label_values::<&str>(&[]).set(0);
         }
+        for to in ["tier", "task", "dead_letter"] {
+            metrics.delay_moves.with_label_values(&[to]).inc_by(0);
+        }
+        metrics
     }
 
     /// Metrics the processor engine does not record into

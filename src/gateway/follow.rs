@@ -102,7 +102,8 @@ impl Follower {
         }
         if !missing.is_empty() {
             return Err(GatewayError::Config(format!(
-                "these topics do not exist: {} (create them, or fix [topics] and [[processors]])",
+                "these topics do not exist: {} (`conveyor topics create` makes them; or fix [topics], \
+                 [[processors]] or [delays]: with enabled = false no delay tier topic is needed)",
                 missing.join(", ")
             )));
         }
