@@ -110,6 +110,15 @@ impl Tiers {
             .map(|(ms, _)| *ms)
     }
 
+    /// The tier a task to start at `run_at` (ms since the epoch) waits in
+    /// when submitted at `now`; `None` when it is due already.
+    pub fn tier_for(&self, run_at: i64, now: i64) -> Option<&str> {
+        match self.route(run_at.saturating_sub(now)) {
+            Route::Tier(i) => self.topic(i),
+            Route::Due => None,
+        }
+    }
+
     /// Where a task with `remaining_ms` of its delay left goes: its task
     /// topic when nothing is left, else the longest tier not longer than
     /// what is left, or the shortest when every tier is longer.
@@ -202,10 +211,17 @@ pub fn start_time(
         ));
     }
     let max = i64::try_from(settings.max_delay_s.saturating_mul(1000)).unwrap_or(i64::MAX);
-    if at.saturating_sub(now) > max {
+    within_max(at, max, now).map_err(|why| format!("{option}: {why}"))
+}
+
+/// `at` (ms since the epoch) as a start time: `None` (now) when it is not
+/// after `now`, refused when it is more than `max_delay_ms` ahead. Shared
+/// by the gateway and the command line.
+pub fn within_max(at: i64, max_delay_ms: i64, now: i64) -> Result<Option<i64>, String> {
+    if at.saturating_sub(now) > max_delay_ms {
         return Err(format!(
-            "{option}: is more than {} from now, the longest delay accepted (delays.max_delay_s)",
-            crate::settings::tier_label(settings.max_delay_s)
+            "is more than {} from now, the longest delay accepted (delays.max_delay_s)",
+            crate::settings::tier_label(u64::try_from(max_delay_ms / 1000).unwrap_or(0))
         ));
     }
     Ok((at > now).then_some(at))

@@ -77,12 +77,9 @@ pub async fn submit(settings: &Settings, submission: &Submission) -> Result<Vec<
             .clone()
             .unwrap_or_else(|| request.id.to_string());
         // A delayed task waits in a tier, which knows where it goes.
-        let tier = submission.run_at.and_then(|at| {
-            match tiers.route(at.saturating_sub(crate::codec::now_millis())) {
-                crate::delay::Route::Tier(i) => tiers.topic(i),
-                crate::delay::Route::Due => None,
-            }
-        });
+        let tier = submission
+            .run_at
+            .and_then(|at| tiers.tier_for(at, crate::codec::now_millis()));
         loop {
             let record = FutureRecord::to(tier.unwrap_or(&topic))
                 .key(&key)

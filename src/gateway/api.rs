@@ -172,17 +172,8 @@ pub fn parse_start(
             "delayed tasks are off on this gateway ([delays] enabled = false)",
         ));
     };
-    if at.saturating_sub(now) > max {
-        return Err(ApiError::field(
-            path(field),
-            format!(
-                "is more than {} from now, the longest delay accepted (delays.max_delay_s)",
-                crate::settings::tier_label(u64::try_from(max / 1000).unwrap_or(0))
-            ),
-        ));
-    }
     // A time already past, or a delay of 0, starts it now.
-    Ok((at > now).then_some(at))
+    crate::delay::within_max(at, max, now).map_err(|why| ApiError::field(path(field), why))
 }
 
 /// Parses a request body as JSON (400 naming the line and column if it is

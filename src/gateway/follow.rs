@@ -227,21 +227,10 @@ impl Follower {
         }
         match self.codec.decode_request(bytes) {
             Ok(request) => {
-                let traceparent = message.headers().and_then(|h| {
-                    h.iter()
-                        .find(|h| h.key == headers::TRACEPARENT)
-                        .and_then(|h| h.value)
-                        .and_then(|v| std::str::from_utf8(v).ok())
-                        .map(str::to_owned)
-                });
+                let traceparent = header_text(message, headers::TRACEPARENT).map(str::to_owned);
                 let scheduled = if self.delay_topics.contains(topic) {
-                    let run_at = message.headers().and_then(|h| {
-                        h.iter()
-                            .find(|h| h.key == headers::RUN_AT)
-                            .and_then(|h| h.value)
-                            .and_then(|v| std::str::from_utf8(v).ok())
-                            .and_then(|v| v.parse::<i64>().ok())
-                    });
+                    let run_at =
+                        header_text(message, headers::RUN_AT).and_then(|v| v.parse::<i64>().ok());
                     // A tier record always says when; one that does not is
                     // at least not queued yet.
                     Some(run_at.unwrap_or(0))
@@ -284,4 +273,14 @@ impl Follower {
             }
         }
     }
+}
+
+/// The value of header `key` of `message`, if it is UTF-8 text.
+fn header_text<'a>(message: &'a BorrowedMessage<'_>, key: &str) -> Option<&'a str> {
+    message
+        .headers()?
+        .iter()
+        .find(|h| h.key == key)
+        .and_then(|h| h.value)
+        .and_then(|v| std::str::from_utf8(v).ok())
 }

@@ -23,7 +23,6 @@ use super::view::{View, IDEMPOTENCY_METADATA};
 use super::*;
 use crate::codec::wire as headers;
 use crate::codec::{now_millis, TaskRequest, WorkflowRef};
-use crate::delay::Route;
 
 /// The trace context of a submission: the caller's `traceparent` when it
 /// is well-formed, else a new one.
@@ -267,10 +266,7 @@ pub(super) async fn submit(
             .unwrap_or_else(|| request.id.to_string());
         // A delayed task waits in a tier, which knows where it goes.
         let tier = match (task.run_at, &shared.tiers) {
-            (Some(at), Some(tiers)) => match tiers.route(at.saturating_sub(now_millis())) {
-                Route::Tier(i) => tiers.topic(i),
-                Route::Due => None,
-            },
+            (Some(at), Some(tiers)) => tiers.tier_for(at, now_millis()),
             _ => None,
         };
         let record = FutureRecord::to(tier.unwrap_or(&task.topic))
