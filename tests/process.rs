@@ -574,11 +574,15 @@ async fn sigkill_behind_a_stuck_head_reruns_only_unfinished_work_where_the_broke
         let mut second = Worker::start(&config);
         let mut all = ids(&head);
         all.extend(ids(&behind));
-        let results = kafka.collect_results(&pipeline.output, &all, LONG).await;
+        // Results are written before their offset is committed, so once the
+        // whole partition is committed every re-run's result is in the topic
+        // (reading them at the first sight of every id could stop before
+        // re-runs that waited behind the head's window were written).
         wait_until("everything committed", LONG, || {
             kafka.committed(&pipeline.group, &pipeline.input).get(&0) == Some(&(BEHIND as i64 + 1))
         })
         .await;
+        let results = kafka.collect_results(&pipeline.output, &all, LONG).await;
         second.stop_cleanly();
         let log = std::fs::read_to_string(&second.log).unwrap_or_default();
         let rerun = behind
