@@ -564,6 +564,7 @@ fn start_processor(
         metrics: Arc::new(metrics),
         lag_interval_ms: 5_000,
         workflows: Default::default(),
+        delay_tiers: None,
     };
     let stop = CancellationToken::new();
     let running = tokio::spawn(processor::run(spec, stop.clone()));

@@ -9,10 +9,13 @@
 //! with a short delay never waits behind one with a long delay, which is
 //! in another tier.
 //!
-//! A task delayed by `d` enters the longest tier not longer than `d` (or
-//! the shortest, when `d` is shorter than every tier). When it leaves a
-//! tier, what is left of its delay decides again: another tier, or, once
-//! its time has come, its task topic. The move is produced (`acks=all`,
+//! A task delayed by `d` enters the longest tier not longer than `d` plus
+//! the shortest tier (the precision the shortest tier sets anyway): a
+//! delay just under a tier's length, such as a 60 s retry backoff that
+//! reaches the tiers a few ms after it was decided, takes that one tier
+//! rather than a dozen shorter ones, and comes out a few ms late. When it
+//! leaves a tier, what is left of its delay decides again: another tier,
+//! or, once its time has come, its task topic. The move is produced (`acks=all`,
 //! idempotent) and acknowledged before the tier record's offset is stored
 //! for the next commit, so a crash repeats a move and never loses one; a
 //! repeated move is a duplicate task record with the same id.
@@ -110,6 +113,20 @@ impl Tiers {
             .map(|(ms, _)| *ms)
     }
 
+    /// The tier a wait of `remaining_ms` waits in, when it is at least the
+    /// shortest tier (a shorter one would come out late by up to that
+    /// tier's length).
+    pub fn holding(&self, remaining_ms: i64) -> Option<&str> {
+        let shortest = self.tiers.first().map(|(ms, _)| *ms)?;
+        if remaining_ms < shortest {
+            return None;
+        }
+        match self.route(remaining_ms) {
+            Route::Tier(i) => self.topic(i),
+            Route::Due => None,
+        }
+    }
+
     /// The tier a task to start at `run_at` (ms since the epoch) waits in
     /// when submitted at `now`; `None` when it is due already.
     pub fn tier_for(&self, run_at: i64, now: i64) -> Option<&str> {
@@ -121,15 +138,20 @@ impl Tiers {
 
     /// Where a task with `remaining_ms` of its delay left goes: its task
     /// topic when nothing is left, else the longest tier not longer than
-    /// what is left, or the shortest when every tier is longer.
+    /// what is left plus the shortest tier (see the module's notes), or
+    /// the shortest when every tier is longer.
     pub fn route(&self, remaining_ms: i64) -> Route {
-        if remaining_ms <= 0 || self.tiers.is_empty() {
+        let Some(shortest) = self.tiers.first().map(|(ms, _)| *ms) else {
+            return Route::Due;
+        };
+        if remaining_ms <= 0 {
             return Route::Due;
         }
+        let within = remaining_ms.saturating_add(shortest);
         let longest_within = self
             .tiers
             .iter()
-            .rposition(|(ms, _)| *ms <= remaining_ms)
+            .rposition(|(ms, _)| *ms <= within)
             .unwrap_or(0);
         Route::Tier(longest_within)
     }
@@ -684,14 +706,25 @@ mod tests {
         // Shorter than every tier: the shortest (late by under a second).
         assert_eq!(tiers.route(400), Route::Tier(0));
         assert_eq!(tiers.route(1_000), Route::Tier(0));
-        assert_eq!(tiers.route(9_999), Route::Tier(0));
+        assert_eq!(tiers.route(8_999), Route::Tier(0));
+        // Within the shortest tier of a tier's length: that tier, at most
+        // the shortest tier late.
+        assert_eq!(tiers.route(9_000), Route::Tier(1));
         assert_eq!(tiers.route(10_000), Route::Tier(1));
-        assert_eq!(tiers.route(3_599_999), Route::Tier(3));
+        assert_eq!(tiers.route(59_999), Route::Tier(2));
+        assert_eq!(tiers.route(3_598_999), Route::Tier(3));
+        assert_eq!(tiers.route(3_599_999), Route::Tier(4));
         assert_eq!(tiers.route(3_600_000), Route::Tier(4));
         assert_eq!(tiers.route(30 * 24 * 3_600_000), Route::Tier(5));
         assert_eq!(tiers.topic(4), Some("conveyor.delay.1h"));
         assert_eq!(tiers.length_of("conveyor.delay.10m"), Some(600_000));
         assert_eq!(tiers.length_of("conveyor.tasks.x"), None);
+        // A retry's backoff shorter than every tier waits in memory.
+        assert_eq!(tiers.holding(999), None);
+        assert_eq!(tiers.holding(1_000), Some("conveyor.delay.1s"));
+        assert_eq!(tiers.holding(60_000), Some("conveyor.delay.1m"));
+        // A minute's backoff, a few ms after it was decided: one tier.
+        assert_eq!(tiers.holding(59_990), Some("conveyor.delay.1m"));
     }
 
     #[test]

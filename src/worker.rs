@@ -83,6 +83,10 @@ pub fn processor_specs_with(
                 metrics: metrics.clone(),
                 lag_interval_ms: settings.metrics.lag_interval_ms,
                 workflows: workflows.clone(),
+                delay_tiers: settings
+                    .delays
+                    .enabled
+                    .then(|| crate::delay::Tiers::new(&settings.delays)),
             })
         })
         .collect()

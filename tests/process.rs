@@ -1033,3 +1033,161 @@ async fn delayed_tasks_wait_in_the_tiers_not_in_memory_and_a_sigkill_loses_none(
         let _ = std::fs::remove_file(&config);
     }
 }
+
+/// An HTTP endpoint for the `http` handler that fails every first attempt
+/// (503: retryable) and answers every later one with the payload; a
+/// payload of `warm up` succeeds at once.
+async fn fail_first_attempts() -> String {
+    use axum::http::{HeaderMap, StatusCode};
+    let app = axum::Router::new().route(
+        "/",
+        axum::routing::post(|headers: HeaderMap, body: axum::body::Bytes| async move {
+            let attempt = headers
+                .get("conveyor-attempt")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            if attempt == "1" && &body[..] != b"warm up" {
+                (StatusCode::SERVICE_UNAVAILABLE, Vec::new())
+            } else {
+                (StatusCode::OK, body.to_vec())
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the test endpoint");
+    let url = format!("http://{}/", listener.local_addr().expect("address"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    url
+}
+
+/// Retries with a long backoff wait in the delay tiers, not in a worker's
+/// memory, and a SIGKILL while they wait loses none of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_backing_off_a_minute_wait_in_the_tiers_and_a_sigkill_loses_none() {
+    const TASKS: usize = 20_000;
+    const BACKOFF_MS: u64 = 60_000;
+    const GROWTH_CEILING: u64 = 16 * 1024 * 1024;
+    for kafka in
+        TestKafka::all("retries_backing_off_a_minute_wait_in_the_tiers_and_a_sigkill_loses_none")
+    {
+        let url = fail_first_attempts().await;
+        let pipeline = kafka.pipeline(4).await;
+        let mut settings =
+            kafka.worker_settings(&pipeline, Ordering::None, &[("web", HandlerKind::Echo)]);
+        common::with_delay_tiers(&kafka, &mut settings, 4).await;
+        let p = &mut settings.processors[0];
+        p.initial_backoff_ms = BACKOFF_MS;
+        p.max_backoff_ms = BACKOFF_MS;
+        p.backoff_jitter = 0.0;
+        p.retry_topic_threshold_ms = 1_000;
+        p.tasks.insert(
+            "web".into(),
+            conveyor::settings::TaskSettings {
+                url: Some(url),
+                ..conveyor::settings::TaskSettings::new(HandlerKind::Http)
+            },
+        );
+        let port = common::free_port();
+        settings.metrics.listen = format!("127.0.0.1:{port}");
+        let config = common::config_file(&settings);
+        let mut worker = Worker::start(&config);
+        wait_until("the worker serves its metrics", LONG, || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        })
+        .await;
+        // As many tasks as below, succeeding at once: the worker's idle
+        // size after it, against which the waiting retries are measured,
+        // includes what running that many tasks leaves behind.
+        let warm = requests("web", "warm up", TASKS);
+        kafka.produce_requests(&pipeline.input, &warm).await;
+        kafka
+            .collect_results(&pipeline.output, &ids(&warm), LONG)
+            .await;
+        kafka.wait_committed(&pipeline, TASKS, LONG).await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let idle = worker.rss_bytes();
+
+        let sent = requests("web", "retry me", TASKS);
+        let first_attempts_from = now_millis();
+        kafka.produce_requests(&pipeline.input, &sent).await;
+        // Every first attempt failed and was handed on: the input is
+        // committed to its end, with no result yet.
+        kafka.wait_committed(&pipeline, 2 * TASKS, LONG).await;
+        let deadline = Instant::now() + LONG;
+        let mut waiting_in_tiers = 0.0;
+        while waiting_in_tiers < (TASKS - TASKS / 100) as f64 {
+            assert!(
+                Instant::now() < deadline,
+                "{waiting_in_tiers} of {TASKS} retries waiting in the tiers; log:\n{}",
+                worker.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            waiting_in_tiers = common::metric_sum(port, "conveyor_delay_tier_lag_messages").await;
+        }
+        let mut waiting = 0;
+        for _ in 0..20 {
+            waiting = waiting.max(worker.rss_bytes());
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        // None went straight to the retry topic (whose records wait in
+        // the worker's memory).
+        let in_retry_topic: i64 = kafka
+            .end_offsets(&format!("{}.retry", pipeline.input))
+            .values()
+            .sum();
+        let moves_before_kill = common::metric_sum(port, "conveyor_delay_moves_total").await;
+        let killed_after = now_millis() - first_attempts_from;
+        worker.signal("KILL");
+        worker.wait(Duration::from_secs(10));
+
+        let mut worker = Worker::start(&config);
+        let results = kafka
+            .collect_results(&pipeline.output, &ids(&sent), LONG + LONG)
+            .await;
+        worker.stop_cleanly();
+        let retried: Vec<_> = results
+            .all()
+            .filter(|r| r.output.as_deref() != Some(&b"warm up"[..]))
+            .collect();
+        let earliest = retried
+            .iter()
+            .map(|r| r.started_at)
+            .min()
+            .unwrap_or_default();
+        common::announce(&format!(
+            "retries through the tiers on {}: RSS idle {:.1} MiB, with {TASKS} retries waiting {} s {:.1} MiB \
+             ({waiting_in_tiers} in the tiers, {in_retry_topic} in the retry topic); SIGKILL {killed_after} ms after the first attempts began, while they waited \
+             ({moves_before_kill} moves made): {} results, {} duplicates, the first retry started {} ms after the first attempts began",
+            kafka.describe(),
+            idle as f64 / 1048576.0,
+            BACKOFF_MS / 1000,
+            waiting as f64 / 1048576.0,
+            results.by_id.len(),
+            results.duplicates(),
+            earliest - first_attempts_from
+        ));
+        assert_eq!(results.by_id.len(), 2 * TASKS, "every task ran");
+        assert_eq!(results.duplicates(), 0, "nothing had moved: each ran once");
+        assert_eq!(moves_before_kill, 0.0, "killed before any retry moved");
+        assert_eq!(in_retry_topic, 0, "every retry waited in a tier");
+        assert_eq!(retried.len(), TASKS);
+        assert!(
+            retried
+                .iter()
+                .all(|r| r.status == TaskStatus::Succeeded && r.attempts == 2),
+            "every retried task succeeded at its second attempt"
+        );
+        assert!(
+            earliest >= first_attempts_from + BACKOFF_MS as i64,
+            "a retry started {} ms before its backoff ended",
+            first_attempts_from + BACKOFF_MS as i64 - earliest
+        );
+        assert!(
+            waiting.saturating_sub(idle) < GROWTH_CEILING,
+            "{TASKS} waiting retries grew the worker by {} bytes",
+            waiting.saturating_sub(idle)
+        );
+        let _ = std::fs::remove_file(&config);
+    }
+}

@@ -353,6 +353,9 @@ pub struct ProcessorSpec {
     pub lag_interval_ms: u64,
     /// The workflow definitions, for the steps this processor runs.
     pub workflows: Arc<Workflows>,
+    /// The delay tiers, when on: a retry's backoff waits in them rather
+    /// than in this processor's memory.
+    pub delay_tiers: Option<crate::delay::Tiers>,
 }
 
 /// One record handed to a task.
@@ -436,6 +439,8 @@ pub(crate) struct Shared {
     /// An error retrying cannot fix, met off the poll thread (producing):
     /// the poll thread stops the processor with it.
     fatal: Mutex<Option<String>>,
+    /// The delay tiers, when on (see [`ProcessorSpec::delay_tiers`]).
+    delay_tiers: Option<crate::delay::Tiers>,
 }
 
 impl Shared {
@@ -896,6 +901,7 @@ async fn run_processor(spec: ProcessorSpec, stop: CancellationToken) -> Result<(
         failures_in_a_row: AtomicU32::new(0),
         started: Instant::now(),
         fatal: Mutex::new(None),
+        delay_tiers: spec.delay_tiers.clone(),
     });
     shared.producer.context().connect(&shared);
     hot::zero_series(&spec.metrics, &name, &spec.settings);

@@ -733,7 +733,11 @@ async fn fail(
     deliver(shared, job, records, latency).await
 }
 
-/// Hands the next attempt to the retry topic, due at `due_at`.
+/// Hands the next attempt to the retry topic, due at `due_at`: through the
+/// delay tiers when they are on and the backoff is at least the shortest
+/// tier (their mover hands it to the retry topic when due, so it waits in
+/// Kafka, not here), else straight to the retry topic, where it waits in
+/// memory for what is left.
 async fn park(
     shared: &Arc<Shared>,
     job: Job,
@@ -754,12 +758,27 @@ async fn park(
         .into_iter()
         .chain(origin_headers(&origin)),
     );
+    let retry_topic = shared.settings.retry_topic(&origin.topic);
+    let tier = shared
+        .delay_tiers
+        .as_ref()
+        .and_then(|tiers| tiers.holding(due_at.saturating_sub(now_millis())));
+    let (topic, park_headers) = match tier {
+        Some(tier) => {
+            let through = headers::replace(park_headers, headers::RUN_AT, &due_at.to_string());
+            (
+                tier.to_owned(),
+                headers::replace(through, headers::DELAY_DESTINATION, &retry_topic),
+            )
+        }
+        None => (retry_topic, park_headers),
+    };
     let mut value = Vec::new();
     shared.codec.encode_request(request, &mut value);
     let parked = output(
         &job,
         Record::Retry,
-        Arc::from(shared.settings.retry_topic(&origin.topic)),
+        Arc::from(topic),
         job.key.clone(),
         value,
         Some(park_headers),
