@@ -143,44 +143,42 @@ impl App {
             .await
             .map_err(AppError::Failed)?;
         serve_probes(&settings, &specs).await?;
-        // The delay mover runs beside the processors: a failure of either
-        // stops both, and so does `stop`.
+        // The delay mover and the scheduler run beside the processors: a
+        // failure of any stops them all, and so does `stop`.
         let worker_stop = stop.child_token();
-        let mover = match specs.first() {
-            Some(spec) if settings.delays.enabled => {
+        let metrics = specs.first().map(|spec| spec.metrics.clone());
+        let mover = match &metrics {
+            Some(metrics) if settings.delays.enabled => {
                 let mover_spec = crate::delay::MoverSpec {
                     settings: settings.clone(),
-                    metrics: spec.metrics.clone(),
+                    metrics: metrics.clone(),
                 };
-                let mover_stop = stop.child_token();
-                let on_failure = worker_stop.clone();
-                let task = tokio::spawn({
-                    let mover_stop = mover_stop.clone();
-                    async move {
-                        let outcome = crate::delay::run(mover_spec, mover_stop).await;
-                        if outcome.is_err() {
-                            on_failure.cancel();
-                        }
-                        outcome
-                    }
-                });
-                Some((task, mover_stop))
+                Some(Beside::spawn(&stop, &worker_stop, move |mover_stop| {
+                    crate::delay::run(mover_spec, mover_stop)
+                }))
+            }
+            _ => None,
+        };
+        let scheduler = match &metrics {
+            Some(metrics) if !settings.schedules.is_empty() => {
+                let (settings, metrics) = (settings.clone(), metrics.clone());
+                Some(Beside::spawn(&stop, &worker_stop, move |scheduler_stop| {
+                    crate::schedule::run(settings, metrics, scheduler_stop)
+                }))
             }
             _ => None,
         };
         let worked = worker::run(specs, worker_stop).await;
-        let moved = match mover {
-            Some((task, mover_stop)) => {
-                mover_stop.cancel();
-                task.await
-                    .map_err(|e| AppError::Failed(format!("the delay mover crashed: {e}")))?
-            }
-            None => Ok(()),
-        };
+        let moved = Beside::finish(mover, "the delay mover").await?;
+        let scheduled = Beside::finish(scheduler, "the scheduler").await?;
         worked?;
         moved.map_err(|e| match e {
             crate::delay::MoverError::Setup(_) => AppError::Config(e.to_string()),
             crate::delay::MoverError::Move { .. } => AppError::Failed(e.to_string()),
+        })?;
+        scheduled.map_err(|e| match e {
+            crate::schedule::SchedulerError::Setup(_) => AppError::Config(e.to_string()),
+            crate::schedule::SchedulerError::Fire(_) => AppError::Failed(e.to_string()),
         })
     }
 
@@ -267,5 +265,47 @@ where
         _context: &'a TaskContext,
     ) -> BoxFuture<'a, Result<Output, HandlerError>> {
         (self.0)(task.clone()).boxed()
+    }
+}
+
+/// A task run beside the processors (the delay mover, the scheduler): its
+/// failure stops the processors; it stops with them.
+struct Beside<E> {
+    task: tokio::task::JoinHandle<Result<(), E>>,
+    stop: CancellationToken,
+}
+
+impl<E: Send + 'static> Beside<E> {
+    fn spawn<F, Fut>(stop: &CancellationToken, worker_stop: &CancellationToken, run: F) -> Self
+    where
+        F: FnOnce(CancellationToken) -> Fut,
+        Fut: Future<Output = Result<(), E>> + Send + 'static,
+    {
+        let own_stop = stop.child_token();
+        let on_failure = worker_stop.clone();
+        let running = run(own_stop.clone());
+        let task = tokio::spawn(async move {
+            let outcome = running.await;
+            if outcome.is_err() {
+                on_failure.cancel();
+            }
+            outcome
+        });
+        Beside {
+            task,
+            stop: own_stop,
+        }
+    }
+
+    /// Stops it (the processors have stopped) and returns how it ended.
+    async fn finish(beside: Option<Self>, what: &str) -> Result<Result<(), E>, AppError> {
+        let Some(beside) = beside else {
+            return Ok(Ok(()));
+        };
+        beside.stop.cancel();
+        beside
+            .task
+            .await
+            .map_err(|e| AppError::Failed(format!("{what} crashed: {e}")))
     }
 }

@@ -79,6 +79,7 @@ pub mod offsets;
 pub mod processor;
 pub mod progress;
 pub mod retry;
+pub mod schedule;
 pub mod security;
 pub mod settings;
 pub mod shutdown;

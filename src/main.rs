@@ -120,6 +120,24 @@ enum Command {
     /// mock cluster: `conveyor dev` creates its topics itself).
     #[command(subcommand)]
     Topics(TopicsCommand),
+    /// Show the periodic schedules ([[schedules]]).
+    #[command(subcommand)]
+    Schedules(SchedulesCommand),
+}
+
+#[derive(Subcommand)]
+enum SchedulesCommand {
+    /// Print each configured schedule with its next fire time and the last
+    /// tick fired (read from scheduler.topic; null before a worker first
+    /// saw the schedule), one JSON object per line.
+    ///
+    /// A worker fires the schedules when it owns the one-partition schedule
+    /// topic: one worker of any number, the next taking over when it dies.
+    List {
+        /// Brokers (host:port,…); overrides kafka.brokers.
+        #[arg(long)]
+        brokers: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -323,6 +341,16 @@ fn main() -> ExitCode {
             with_settings(cli.config.as_deref(), cli.log_format, brokers, |s| {
                 run_topics(s, command)
             })
+        }
+        Command::Schedules(command) => {
+            let SchedulesCommand::List { brokers } = &command;
+            let brokers = brokers.clone();
+            with_settings(
+                cli.config.as_deref(),
+                cli.log_format,
+                brokers,
+                run_schedules,
+            )
         }
         Command::Results(args) => {
             let brokers = args.brokers.clone();
@@ -611,6 +639,28 @@ async fn run_topics(settings: Settings, command: TopicsCommand) -> Result<(), Co
             "some topics are missing or do not fit (see above)".into(),
         ))
     }
+}
+
+async fn run_schedules(settings: Settings) -> Result<(), CommandError> {
+    if settings.schedules.is_empty() {
+        return Err(CommandError::Usage(
+            "the configuration has no [[schedules]]".into(),
+        ));
+    }
+    let schedules = conveyor::schedule::Schedule::all(&settings).map_err(CommandError::Usage)?;
+    connect(&settings).await?;
+    let reading = settings.clone();
+    let fired = tokio::task::spawn_blocking(move || conveyor::tools::fired_schedules(&reading))
+        .await
+        .map_err(|e| CommandError::Failed(format!("reading the schedule topic: {e}")))??;
+    let now = conveyor::codec::now_millis();
+    for listed in conveyor::schedule::listing(&schedules, &fired, now) {
+        match serde_json::to_string(&listed) {
+            Ok(line) => println!("{line}"),
+            Err(e) => return Err(CommandError::Failed(e.to_string())),
+        }
+    }
+    Ok(())
 }
 
 async fn run_results(settings: Settings, follow: bool) -> Result<(), CommandError> {

@@ -135,6 +135,16 @@ pub const DELAY_TIER_LAG: &str = "conveyor_delay_tier_lag_messages";
 /// none is): a tier falling behind.
 pub const DELAY_OVERDUE: &str = "conveyor_delay_overdue_seconds";
 
+/// `conveyor_schedule_fires_total{schedule}`: tasks fired by `[[schedules]]`
+/// (by this worker, while it owned the schedules).
+pub const SCHEDULE_FIRES: &str = "conveyor_schedule_fires_total";
+/// `conveyor_schedule_misfires_total{schedule}`: ticks not fired on time
+/// and not fired at all, as the schedule's misfire policy said.
+pub const SCHEDULE_MISFIRES: &str = "conveyor_schedule_misfires_total";
+/// `conveyor_schedule_owner`: 1 on the worker that fires the schedules
+/// (owns the schedule topic's partition and has read it), else 0.
+pub const SCHEDULE_OWNER: &str = "conveyor_schedule_owner";
+
 /// Label value for task types no handler is configured for.
 pub const UNKNOWN_TYPE: &str = "_unknown";
 
@@ -212,6 +222,12 @@ pub struct Metrics {
     pub delay_tier_lag: IntGaugeVec,
     /// See [`DELAY_OVERDUE`].
     pub delay_overdue: IntGaugeVec,
+    /// See [`SCHEDULE_FIRES`].
+    pub schedule_fires: IntCounterVec,
+    /// See [`SCHEDULE_MISFIRES`].
+    pub schedule_misfires: IntCounterVec,
+    /// See [`SCHEDULE_OWNER`].
+    pub schedule_owner: IntGaugeVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -455,12 +471,34 @@ impl Metrics {
                 "Seconds the most overdue tier record held by this worker's mover has been due without being moved.",
                 &[],
             ),
+            schedule_fires: counter(
+                &r,
+                SCHEDULE_FIRES,
+                "Tasks fired by [[schedules]], by schedule.",
+                &["schedule"],
+            ),
+            schedule_misfires: counter(
+                &r,
+                SCHEDULE_MISFIRES,
+                "Schedule ticks not fired, as the schedule's misfire policy said, by schedule.",
+                &["schedule"],
+            ),
+            schedule_owner: gauge(
+                &r,
+                SCHEDULE_OWNER,
+                "1 on the worker that fires the schedules, else 0.",
+                &[],
+            ),
             registry: r,
             enabled: true,
         };
         // The delay movers' series exist (at 0) from the start, so that the
         // alert and the dashboards see them on every worker, moving or not.
-        for gauge in [&metrics.delay_overdue, &metrics.delay_partitions_waiting] {
+        for gauge in [
+            &metrics.delay_overdue,
+            &metrics.delay_partitions_waiting,
+            &metrics.schedule_owner,
+        ] {
             gauge.with_label_values::<&str>(&[]).set(0);
         }
         for to in ["tier", "task", "dead_letter"] {

@@ -3,7 +3,7 @@
 //! [`wait_for_result`] follows the results topic until one task's result
 //! arrives (used by `conveyor dev` to prove the whole path works).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use rdkafka::consumer::Consumer;
@@ -223,6 +223,27 @@ pub fn read_topic(
     let never = CancellationToken::new();
     scan(settings, topic, false, &never, |m| records.push(m.detach()))?;
     Ok(records)
+}
+
+/// The last tick recorded for each configured schedule, read from the
+/// whole schedule topic (blocking; records of schedules no longer
+/// configured are left out, so the map is bounded by the configuration).
+pub fn fired_schedules(
+    settings: &Settings,
+) -> Result<HashMap<String, crate::schedule::Fired>, ToolError> {
+    let mut fired: HashMap<String, crate::schedule::Fired> = HashMap::new();
+    let never = CancellationToken::new();
+    let configured: HashSet<&str> = settings.schedules.iter().map(|s| s.name.as_str()).collect();
+    scan(settings, &settings.scheduler.topic, false, &never, |m| {
+        if let Some(f) = crate::schedule::Fired::read(m.payload()) {
+            if configured.contains(f.schedule.as_str())
+                && fired.get(&f.schedule).is_none_or(|seen| seen.tick < f.tick)
+            {
+                fired.insert(f.schedule.clone(), f);
+            }
+        }
+    })?;
+    Ok(fired)
 }
 
 /// Calls `each` with every record of `topic` from the start, until the end

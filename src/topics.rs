@@ -138,11 +138,13 @@ fn partitions_for(
     topic: &NeededTopic,
     existing: &BTreeMap<String, i32>,
 ) -> i32 {
-    topic
-        .partitions_of
-        .as_ref()
-        .and_then(|of| existing.get(of).copied())
-        .unwrap_or(settings.topics.partitions)
+    topic.kind.fixed_partitions().unwrap_or_else(|| {
+        topic
+            .partitions_of
+            .as_ref()
+            .and_then(|of| existing.get(of).copied())
+            .unwrap_or(settings.topics.partitions)
+    })
 }
 
 /// Creates every missing topic of `settings` (or says what it would).
@@ -272,11 +274,18 @@ async fn fit(
             }
         }
     }
+    if let Some(want) = topic.kind.fixed_partitions() {
+        if want != partitions {
+            problems.push(format!(
+                "{partitions} partitions, must have {want} (the worker owning it fires the schedules)"
+            ));
+        }
+    }
     if topic.kind.compacted() {
         match cleanup_policy(admin, &topic.name).await {
             Ok(Some(policy)) if policy.split(',').any(|p| p.trim() == "compact") => {}
             Ok(Some(policy)) => problems.push(format!(
-                "cleanup.policy is {policy}, must be compact (its records would be deleted by retention and the join state lost)"
+                "cleanup.policy is {policy}, must be compact (its records would be deleted by retention: join state, or the ticks schedules fired)"
             )),
             Ok(None) => {
                 note = Some("cleanup.policy not verified: the broker returned no topic configs".into())

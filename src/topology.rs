@@ -8,7 +8,8 @@
 //! write, and for each workflow join the compacted changelog
 //! `<join topic>.joins` with as many partitions as its join topic (each
 //! partition's join state lives in the same partition of the changelog),
-//! and the delay tier topics when `[delays]` is on.
+//! the delay tier topics when `[delays]` is on, and the schedule topic
+//! (one partition, compacted) when there are `[[schedules]]`.
 
 use std::collections::BTreeMap;
 
@@ -30,6 +31,8 @@ pub enum TopicKind {
     JoinChangelog,
     /// Delayed tasks waiting out one tier.
     Delay,
+    /// The last tick each schedule fired; one partition, compacted.
+    Schedules,
 }
 
 impl TopicKind {
@@ -42,12 +45,19 @@ impl TopicKind {
             TopicKind::DeadLetter => "dead-letter",
             TopicKind::JoinChangelog => "join changelog",
             TopicKind::Delay => "delay tier",
+            TopicKind::Schedules => "schedules",
         }
     }
 
     /// Whether the topic must be compacted (`cleanup.policy = compact`).
     pub fn compacted(self) -> bool {
-        self == TopicKind::JoinChangelog
+        matches!(self, TopicKind::JoinChangelog | TopicKind::Schedules)
+    }
+
+    /// The partitions the topic must have whatever `[topics]` says: one
+    /// for the schedule topic (its owner fires the schedules).
+    pub fn fixed_partitions(self) -> Option<i32> {
+        (self == TopicKind::Schedules).then_some(1)
     }
 }
 
@@ -184,6 +194,9 @@ impl Settings {
             for (_, tier) in self.delays.tier_topics() {
                 add(&tier, TopicKind::Delay, None);
             }
+        }
+        if !self.schedules.is_empty() {
+            add(&self.scheduler.topic, TopicKind::Schedules, None);
         }
         topics
             .into_iter()

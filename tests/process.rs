@@ -1191,3 +1191,240 @@ async fn retries_backing_off_a_minute_wait_in_the_tiers_and_a_sigkill_loses_none
         let _ = std::fs::remove_file(&config);
     }
 }
+
+/// A schedule firing every second for `tasks`' type, recorded in its own
+/// schedule topic, with `misfire` and `grace_ms`.
+async fn every_second(
+    kafka: &TestKafka,
+    settings: &mut Settings,
+    misfire: conveyor::settings::Misfire,
+    grace_ms: u64,
+) {
+    settings.scheduler.topic = common::unique("schedules");
+    settings.scheduler.group_id = common::unique("scheduler");
+    // As the test processors': a killed owner is replaced quickly.
+    settings.scheduler.session_timeout_ms = 6_000;
+    kafka.create_named_topic(&settings.scheduler.topic, 1).await;
+    settings
+        .schedules
+        .push(conveyor::settings::ScheduleSettings {
+            name: "every-second".into(),
+            cron: "* * * * * *".into(),
+            timezone: "UTC".into(),
+            task_type: "echo".into(),
+            payload: r#"{"from": "a schedule"}"#.into(),
+            key: None,
+            misfire,
+            misfire_grace_ms: grace_ms,
+            max_catch_up: 100,
+            jitter_ms: 0,
+        });
+    settings.validate().expect("schedule settings are valid");
+}
+
+/// The same settings serving metrics on a port of their own: their file
+/// and the port.
+fn on_own_port(settings: &Settings) -> (PathBuf, u16) {
+    let mut settings = settings.clone();
+    let port = common::free_port();
+    settings.metrics.listen = format!("127.0.0.1:{port}");
+    (common::config_file(&settings), port)
+}
+
+/// The schedule's tasks in `topic`: each tick (from the task's metadata)
+/// with how many records carried it, and whether every id is the one
+/// derived from (schedule, tick).
+fn fired_ticks(settings: &Settings, topic: &str) -> (std::collections::BTreeMap<i64, usize>, bool) {
+    let schedule = conveyor::schedule::Schedule::all(settings)
+        .expect("schedules")
+        .pop()
+        .expect("one schedule");
+    let codec = conveyor::codec::Codec::default();
+    let mut ticks = std::collections::BTreeMap::new();
+    let mut ids_derived = true;
+    for record in conveyor::tools::read_topic(settings, topic).expect("read the task topic") {
+        use rdkafka::Message;
+        let Ok(task) = codec.decode_request(record.payload().unwrap_or_default()) else {
+            continue;
+        };
+        let Some(tick) = task
+            .metadata
+            .get(conveyor::schedule::META_TICK)
+            .and_then(|t| t.parse::<i64>().ok())
+        else {
+            continue;
+        };
+        ids_derived &= task.id == schedule.task_id(tick);
+        *ticks.entry(tick).or_insert(0) += 1;
+    }
+    (ticks, ids_derived)
+}
+
+/// Seconds between consecutive ticks that are not one apart.
+fn gaps(ticks: &std::collections::BTreeMap<i64, usize>) -> Vec<(i64, i64)> {
+    let keys: Vec<i64> = ticks.keys().copied().collect();
+    keys.windows(2)
+        .filter(|w| w[1] - w[0] != 1_000)
+        .map(|w| (w[0], w[1]))
+        .collect()
+}
+
+async fn schedule_owner(ports: &[u16]) -> Option<usize> {
+    for (i, port) in ports.iter().enumerate() {
+        if common::metric(*port, "conveyor_schedule_owner").await == Some(1.0) {
+            return Some(i);
+        }
+    }
+    None
+}
+
+/// A schedule firing every second, two workers, the one firing killed
+/// mid-way: every tick produced once (by task id), none skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schedule_fires_every_tick_once_across_workers_when_the_one_firing_is_killed() {
+    for kafka in TestKafka::all(
+        "a_schedule_fires_every_tick_once_across_workers_when_the_one_firing_is_killed",
+    ) {
+        let pipeline = kafka.pipeline(1).await;
+        let mut settings =
+            kafka.worker_settings(&pipeline, Ordering::None, &[("echo", HandlerKind::Echo)]);
+        every_second(&kafka, &mut settings, Default::default(), 60_000).await;
+        let (config_a, port_a) = on_own_port(&settings);
+        let (config_b, port_b) = on_own_port(&settings);
+        let started = Instant::now();
+        let mut workers = [Worker::start(&config_a), Worker::start(&config_b)];
+        let ports = [port_a, port_b];
+        // Let both join, then kill whichever fires, 15 s in.
+        tokio::time::sleep(Duration::from_secs(15)).await;
+        let mut owner = schedule_owner(&ports).await;
+        let deadline = Instant::now() + LONG;
+        while owner.is_none() {
+            assert!(Instant::now() < deadline, "no worker fires the schedules");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            owner = schedule_owner(&ports).await;
+        }
+        let killed = owner.unwrap_or(0);
+        let fired_before_kill =
+            common::metric_sum(ports[killed], "conveyor_schedule_fires_total").await;
+        workers[killed].signal("KILL");
+        workers[killed].wait(Duration::from_secs(10));
+        let survivor = 1 - killed;
+        let took_over = Instant::now();
+        let deadline = took_over + LONG;
+        while schedule_owner(&ports[survivor..=survivor]).await.is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "the surviving worker did not take the schedules over; log:\n{}",
+                workers[survivor].log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let failover = took_over.elapsed();
+        tokio::time::sleep(Duration::from_secs(30).saturating_sub(started.elapsed())).await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        workers[survivor].stop_cleanly();
+        let (ticks, ids_derived) = fired_ticks(&settings, &pipeline.input);
+        let duplicated: Vec<(&i64, &usize)> = ticks.iter().filter(|(_, n)| **n > 1).collect();
+        let holes = gaps(&ticks);
+        common::announce(&format!(
+            "schedule every second on {}: {} ticks fired over {:.0} s ({} by the killed worker), {} duplicated {duplicated:?}, gaps {holes:?}; \
+             the survivor fired {:.1} s after the kill",
+            kafka.describe(),
+            ticks.len(),
+            started.elapsed().as_secs_f64(),
+            fired_before_kill,
+            duplicated.len(),
+            failover.as_secs_f64(),
+        ));
+        assert!(ticks.len() >= 20, "{} ticks in 30 s", ticks.len());
+        assert!(fired_before_kill >= 1.0, "the killed worker had fired");
+        assert!(holes.is_empty(), "ticks skipped: {holes:?}");
+        assert!(
+            ids_derived,
+            "each task's id is derived from (schedule, tick)"
+        );
+        // A kill between a tick's task and its record fires that tick
+        // again, with the same id: at most the one tick in hand.
+        assert!(
+            duplicated.len() <= 1 && duplicated.iter().all(|(_, n)| **n == 2),
+            "duplicated ticks: {duplicated:?}"
+        );
+        let _ = std::fs::remove_file(&config_a);
+        let _ = std::fs::remove_file(&config_b);
+    }
+}
+
+/// Ticks missed while no worker ran are fired by the misfire policy when
+/// one starts again: `fire_once` fires the latest of them, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_started_after_an_outage_fires_missed_ticks_by_the_misfire_policy() {
+    for kafka in
+        TestKafka::all("a_worker_started_after_an_outage_fires_missed_ticks_by_the_misfire_policy")
+    {
+        let pipeline = kafka.pipeline(1).await;
+        let mut settings =
+            kafka.worker_settings(&pipeline, Ordering::None, &[("echo", HandlerKind::Echo)]);
+        every_second(
+            &kafka,
+            &mut settings,
+            conveyor::settings::Misfire::FireOnce,
+            1_000,
+        )
+        .await;
+        let (config, port) = on_own_port(&settings);
+        let mut worker = Worker::start(&config);
+        let deadline = Instant::now() + LONG;
+        while common::metric_sum(port, "conveyor_schedule_fires_total").await < 3.0 {
+            assert!(
+                Instant::now() < deadline,
+                "no ticks fired; log:\n{}",
+                worker.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        worker.stop_cleanly();
+        let (before, _) = fired_ticks(&settings, &pipeline.input);
+        let last_before = before.keys().last().copied().unwrap_or_default();
+        // The outage.
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        let mut worker = Worker::start(&config);
+        let deadline = Instant::now() + LONG;
+        while common::metric_sum(port, "conveyor_schedule_fires_total").await < 3.0 {
+            assert!(
+                Instant::now() < deadline,
+                "no ticks fired after the restart; log:\n{}",
+                worker.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let misfires = common::metric_sum(port, "conveyor_schedule_misfires_total").await;
+        worker.stop_cleanly();
+        let (ticks, ids_derived) = fired_ticks(&settings, &pipeline.input);
+        let after: Vec<i64> = ticks.range(last_before + 1..).map(|(t, _)| *t).collect();
+        let first_after = after.first().copied().unwrap_or_default();
+        let skipped = (first_after - last_before) / 1_000 - 1;
+        common::announce(&format!(
+            "misfire fire_once on {}: last tick before the outage {}, first after it {} ({skipped} ticks skipped, misfires counted {misfires}); \
+             {} ticks after",
+            kafka.describe(),
+            conveyor::schedule::rfc3339(last_before),
+            conveyor::schedule::rfc3339(first_after),
+            after.len()
+        ));
+        assert!(ids_derived);
+        assert!(ticks.values().all(|n| *n == 1), "no tick fired twice");
+        assert!(
+            skipped >= 5,
+            "an 8 s outage skips at least 5 ticks, not {skipped}"
+        );
+        assert_eq!(
+            skipped as f64, misfires,
+            "each tick skipped is counted as a misfire"
+        );
+        assert!(
+            gaps(&ticks.range(first_after..).map(|(t, n)| (*t, *n)).collect()).is_empty(),
+            "after the missed ticks' one task, every tick fires"
+        );
+        let _ = std::fs::remove_file(&config);
+    }
+}

@@ -16,6 +16,7 @@
 pub mod api;
 mod follow;
 mod routes;
+mod schedules;
 mod status;
 mod submit;
 pub mod view;
@@ -49,6 +50,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/tasks/{id}"),
     ("post", "/v1/workflows/{workflow}"),
     ("get", "/v1/workflows/{workflow}"),
+    ("get", "/v1/schedules"),
     ("get", "/healthz"),
     ("get", "/readyz"),
     ("get", "/metrics"),
@@ -120,6 +122,12 @@ struct Shared {
     /// the probe is asked (it needs no token), the broker is asked at most
     /// once per [`READY_CHECK_EVERY`].
     broker_check: tokio::sync::Mutex<Option<(Instant, Result<(), String>)>>,
+    /// The configured schedules, for `GET /v1/schedules`.
+    schedules: Vec<crate::schedule::Schedule>,
+    /// The whole configuration (reading the schedule topic needs it).
+    config: Settings,
+    /// The last read of the schedule topic.
+    schedule_reads: schedules::LastRead,
 }
 
 /// How long `/readyz` reuses its broker check.
@@ -209,6 +217,9 @@ pub async fn start(
         stopping: AtomicBool::new(false),
         metrics,
         settings: g.clone(),
+        schedules: crate::schedule::Schedule::all(settings).map_err(GatewayError::Config)?,
+        config: settings.clone(),
+        schedule_reads: tokio::sync::Mutex::new(None),
     });
 
     let follow_spec = follow::Spec {

@@ -25,6 +25,7 @@ pub(super) fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/tasks:batch", post(submit_batch))
         .route("/v1/tasks/{id}", get(get_task))
         .route("/v1/workflows/{workflow}", post(start_run).get(get_run))
+        .route("/v1/schedules", get(super::schedules::list_schedules))
         .route_layer(middleware::from_fn_with_state(shared.clone(), authenticate));
     let open = Router::new()
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))

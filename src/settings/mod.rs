@@ -36,6 +36,7 @@ mod gateway;
 mod kafka;
 mod observe;
 mod processor;
+mod schedules;
 mod topics;
 mod workflow;
 
@@ -44,6 +45,7 @@ pub use gateway::*;
 pub use kafka::*;
 pub use observe::*;
 pub use processor::*;
+pub use schedules::*;
 pub use topics::*;
 pub use workflow::*;
 
@@ -77,6 +79,10 @@ pub struct Settings {
     pub workflows: Vec<WorkflowSettings>,
     /// Delayed tasks: the tier topics they wait in.
     pub delays: DelaySettings,
+    /// Periodic tasks, fired on cron schedules (`[[schedules]]`).
+    pub schedules: Vec<ScheduleSettings>,
+    /// How the workers share the firing of the schedules.
+    pub scheduler: SchedulerSettings,
 }
 
 impl Settings {
@@ -269,6 +275,7 @@ impl Settings {
         self.validate_gateway(&mut bad);
         self.validate_topics(&mut bad);
         self.delays.validate(&mut bad);
+        self.validate_schedules(&mut bad);
         self.validate_workflows(&mut bad);
         let mut names = BTreeMap::new();
         for (i, p) in self.processors.iter().enumerate() {
