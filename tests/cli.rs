@@ -122,6 +122,58 @@ steps = [{ task = "split" }, { task = "count", join = true }]
 }
 
 #[test]
+fn bad_schedules_exit_2_naming_the_schedule() {
+    let path = temp_config(
+        r#"
+[[processors]]
+name = "a"
+[processors.tasks.report]
+handler = "echo"
+
+[[schedules]]
+name = "nightly"
+cron = "0 61 2 * *"
+timezone = "Europe/Pariss"
+type = "report"
+
+[[schedules]]
+name = "hourly"
+cron = "every hour"
+type = "report"
+payload = "{not json"
+
+[[schedules]]
+name = "fine"
+cron = "*/10 * * * * *"
+timezone = "America/New_York"
+type = "report"
+misfire = "fire_all"
+"#,
+    );
+    let output = check(&path);
+    let _ = std::fs::remove_file(&path);
+    assert_eq!(output.status.code(), Some(2));
+    assert_eq!(
+        stderr(&output),
+        "configuration has 4 problems:\n  \
+         schedules[0] (nightly).cron: `0 61 2 * *` is not a cron expression: Component error: Number out of bounds.\n  \
+         schedules[0] (nightly).timezone: `Europe/Pariss` is not an IANA time zone name (such as `UTC` or `Europe/Paris`)\n  \
+         schedules[1] (hourly).cron: `every hour` has 2 fields; a cron expression has 5 (minute hour day-of-month month day-of-week) or 6 (seconds first)\n  \
+         schedules[1] (hourly).payload: is not valid JSON: key must be a string at line 1 column 2\n"
+    );
+    let path = temp_config(
+        "[[schedules]]\nname = \"x\"\ncron = \"* * * * *\"\ntype = \"r\"\nmisfire = \"sometimes\"\n",
+    );
+    let output = check(&path);
+    let _ = std::fs::remove_file(&path);
+    assert_eq!(output.status.code(), Some(2));
+    assert_eq!(
+        stderr(&output),
+        "configuration has 1 problem:\n  schedules[0].misfire: `sometimes` is not a misfire policy: use fire_once, skip or fire_all\n"
+    );
+}
+
+#[test]
 fn environment_is_a_layer_of_config_check() {
     let output = Command::new(env!("CARGO_BIN_EXE_conveyor"))
         .args(["config", "check", "--config", EXAMPLE])
@@ -208,6 +260,18 @@ fn example_documents_every_key() {
         .into_iter()
         .collect(),
         ..ProcessorSettings::default()
+    });
+    full.schedules.push(conveyor::settings::ScheduleSettings {
+        name: "s".into(),
+        cron: "* * * * *".into(),
+        timezone: "UTC".into(),
+        task_type: "web".into(),
+        payload: "{}".into(),
+        key: Some("k".into()),
+        misfire: Default::default(),
+        misfire_grace_ms: 1,
+        max_catch_up: 1,
+        jitter_ms: 0,
     });
     full.workflows.push(conveyor::settings::WorkflowSettings {
         name: "w".into(),

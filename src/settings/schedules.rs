@@ -5,7 +5,7 @@ use super::*;
 
 /// What a worker that finds ticks it did not fire in time does with them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "snake_case")]
+#[serde(rename_all = "snake_case", try_from = "String")]
 pub enum Misfire {
     /// One task for all of them (the latest tick).
     #[default]
@@ -15,6 +15,17 @@ pub enum Misfire {
     /// One task each, the latest `max_catch_up` of them; older ones are
     /// counted as misfires.
     FireAll,
+}
+
+impl TryFrom<String> for Misfire {
+    type Error = String;
+
+    fn try_from(name: String) -> Result<Self, String> {
+        [Misfire::FireOnce, Misfire::Skip, Misfire::FireAll]
+            .into_iter()
+            .find(|m| m.name() == name)
+            .ok_or_else(|| format!("`{name}` is not a misfire policy: use fire_once, skip or fire_all"))
+    }
 }
 
 impl Misfire {
