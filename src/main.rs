@@ -113,8 +113,10 @@ enum Command {
     /// The topics: each processor's input topics and their retry topics
     /// (unless retry_topic_threshold_ms = 0 makes them unused), output and
     /// dead-letter topics, topics.results and topics.dead_letter, the task
-    /// topics of gateway.task_types, and each workflow join's changelog
-    /// <join topic>.joins (compacted, with its join topic's partition count).
+    /// topics of gateway.task_types, each workflow join's changelog
+    /// <join topic>.joins (compacted, with its join topic's partition count),
+    /// the delay tier topics when [delays] is on, and scheduler.topic (one
+    /// partition, compacted) when there are [[schedules]].
     /// New topics get topics.partitions, topics.replication_factor and
     /// topics.configs. Needs a broker with the admin API (not librdkafka's
     /// mock cluster: `conveyor dev` creates its topics itself).

@@ -227,6 +227,52 @@ async fn a_delayed_task_waits_its_time_and_a_long_delay_holds_up_no_short_one() 
             .get();
         assert!(moved >= 2, "{moved} moves to the task topic");
 
+        // A retry waiting out its backoff in a tier (bound for the retry
+        // topic) is not a task scheduled for later: the view skips it. A
+        // task scheduled after it in the same tier partition shows that
+        // the view has read that far.
+        let tier = settings.delays.tier_topics()[4].1.clone();
+        let codec = conveyor::codec::Codec::default();
+        let producer = kafka.producer();
+        let mut ids = Vec::new();
+        for destination in [format!("{}.retry", pipeline.input), pipeline.input.clone()] {
+            let task = TaskRequest::new("record", b"{}".to_vec());
+            let mut value = Vec::new();
+            codec.encode_request(&task, &mut value);
+            let headers = conveyor::codec::wire::build([
+                (
+                    conveyor::codec::wire::RUN_AT,
+                    Some((now_millis() + 3_600_000).to_string()),
+                ),
+                (conveyor::codec::wire::DELAY_DESTINATION, Some(destination)),
+            ]);
+            producer
+                .send(
+                    rdkafka::producer::FutureRecord::to(&tier)
+                        .key("same partition")
+                        .payload(&value)
+                        .headers(headers),
+                    Duration::from_secs(10),
+                )
+                .await
+                .expect("produced");
+            ids.push(task.id);
+        }
+        let deadline = std::time::Instant::now() + LONG;
+        loop {
+            let view = get(&http, &base, &format!("/v1/tasks/{}", ids[1])).await;
+            if view["status"] == "scheduled" {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{view}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let retry = get(&http, &base, &format!("/v1/tasks/{}", ids[0])).await;
+        assert_eq!(
+            retry["error"]["code"], "unknown_task",
+            "a retry bound for its retry topic is not shown as scheduled: {retry}"
+        );
+
         gateway.stop().await;
         running.stop().await;
     }

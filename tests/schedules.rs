@@ -37,7 +37,9 @@ async fn record(kafka: &TestKafka, topic: &str, fired: &Fired) {
     kafka
         .producer()
         .send(
-            FutureRecord::to(topic).key(&fired.schedule).payload(&payload),
+            FutureRecord::to(topic)
+                .key(&fired.schedule)
+                .payload(&payload),
             Duration::from_secs(10),
         )
         .await
@@ -51,9 +53,7 @@ async fn schedules_are_listed_with_their_last_tick_and_next_fire_time() {
         let mut settings: Settings =
             kafka.worker_settings(&pipeline, Ordering::None, &[("echo", HandlerKind::Echo)]);
         settings.scheduler.topic = common::unique("schedules");
-        kafka
-            .create_named_topic(&settings.scheduler.topic, 1)
-            .await;
+        kafka.create_named_topic(&settings.scheduler.topic, 1).await;
         settings
             .schedules
             .push(schedule("nightly", "30 2 * * *", Misfire::FireOnce));

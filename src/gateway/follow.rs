@@ -53,6 +53,10 @@ pub(super) struct Follower {
     codec: Codec,
     result_topics: HashSet<String>,
     delay_topics: HashSet<String>,
+    /// The task topics followed: a tier record bound elsewhere (a retry
+    /// waiting out its backoff, bound for a retry topic) is not a task
+    /// scheduled for later, and is skipped.
+    task_topics: HashSet<String>,
     /// Records older than this (ms since the epoch) are skipped.
     start: i64,
     /// Partitions not yet read up to the high watermark they had at start,
@@ -163,6 +167,7 @@ impl Follower {
             codec: spec.codec,
             result_topics: spec.result_topics.iter().cloned().collect(),
             delay_topics: spec.delay_topics.iter().cloned().collect(),
+            task_topics: spec.task_topics.iter().cloned().collect(),
             start,
             behind,
         })
@@ -224,6 +229,12 @@ impl Follower {
                     None
                 }
             };
+        }
+        if self.delay_topics.contains(topic)
+            && header_text(message, headers::DELAY_DESTINATION)
+                .is_some_and(|to| !self.task_topics.contains(to))
+        {
+            return None;
         }
         match self.codec.decode_request(bytes) {
             Ok(request) => {

@@ -24,7 +24,9 @@ impl TryFrom<String> for Misfire {
         [Misfire::FireOnce, Misfire::Skip, Misfire::FireAll]
             .into_iter()
             .find(|m| m.name() == name)
-            .ok_or_else(|| format!("`{name}` is not a misfire policy: use fire_once, skip or fire_all"))
+            .ok_or_else(|| {
+                format!("`{name}` is not a misfire policy: use fire_once, skip or fire_all")
+            })
     }
 }
 

@@ -42,6 +42,23 @@ pub struct TestKafka {
     security: conveyor::security::SecuritySettings,
 }
 
+impl Drop for TestKafka {
+    /// A test that fails while workers run unwinds with the cluster still
+    /// in use: a worker's drain ends with a synchronous commit, which
+    /// waits without end for a cluster that is gone, and the runtime waits
+    /// for that worker's thread, so the failed test would hang instead of
+    /// failing. The cluster is left running (leaked) then; the process ends
+    /// soon after.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            if let Backend::Mock(cluster) = std::mem::replace(&mut self.backend, Backend::External)
+            {
+                std::mem::forget(cluster);
+            }
+        }
+    }
+}
+
 impl TestKafka {
     /// A fresh in-process mock cluster with one broker.
     pub fn mock() -> TestKafka {
