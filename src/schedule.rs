@@ -214,6 +214,12 @@ impl Schedule {
         task.metadata
             .insert(META_SCHEDULE.into(), self.settings.name.clone());
         task.metadata.insert(META_TICK.into(), tick.to_string());
+        // The gateway's status view indexes it: a duplicate of the tick
+        // answers as the first.
+        task.metadata.insert(
+            crate::codec::wire::IDEMPOTENCY_KEY.into(),
+            format!("schedule:{}:{tick}", self.settings.name),
+        );
         task
     }
 }
@@ -489,14 +495,7 @@ async fn fire_due(
             let mut value = Vec::new();
             codec.encode_request(&task, &mut value);
             let key = task.key.clone().unwrap_or_else(|| task.id.to_string());
-            let idempotency = format!("schedule:{name}:{tick}");
-            let record = FutureRecord::to(&schedule.topic)
-                .key(&key)
-                .payload(&value)
-                .headers(crate::codec::wire::build([(
-                    crate::codec::wire::IDEMPOTENCY_KEY,
-                    Some(idempotency),
-                )]));
+            let record = FutureRecord::to(&schedule.topic).key(&key).payload(&value);
             send(producer, record, &schedule.topic).await?;
             metrics.schedule_fires.with_label_values(&[name]).inc();
             info!(schedule = %name, tick = %rfc3339(tick), task_id = %task.id, "schedule fired");
@@ -639,6 +638,10 @@ mod tests {
         let task = s.task(tick);
         assert_eq!(task.id, s.task_id(tick));
         assert_eq!(task.metadata[META_TICK], tick.to_string());
+        assert_eq!(
+            task.metadata[crate::codec::wire::IDEMPOTENCY_KEY],
+            format!("schedule:nightly:{tick}")
+        );
         assert_eq!(s.jitter(tick), 0);
         s.settings.jitter_ms = 5_000;
         let offsets: Vec<i64> = (0..50).map(|i| s.jitter(tick + i * 60_000)).collect();

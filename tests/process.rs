@@ -1247,6 +1247,9 @@ fn fired_ticks(settings: &Settings, topic: &str) -> (std::collections::BTreeMap<
         let Ok(task) = codec.decode_request(record.payload().unwrap_or_default()) else {
             continue;
         };
+        if task.metadata.get(conveyor::schedule::META_SCHEDULE) != Some(&schedule.settings.name) {
+            continue;
+        }
         let Some(tick) = task
             .metadata
             .get(conveyor::schedule::META_TICK)
@@ -1425,6 +1428,33 @@ async fn a_worker_started_after_an_outage_fires_missed_ticks_by_the_misfire_poli
             gaps(&ticks.range(first_after..).map(|(t, n)| (*t, *n)).collect()).is_empty(),
             "after the missed ticks' one task, every tick fires"
         );
+
+        // Removed from the configuration (another schedule in its place),
+        // it fires no more.
+        let mut replaced = settings.clone();
+        replaced.schedules[0].name = "another".into();
+        let (replaced_config, port) = on_own_port(&replaced);
+        let removed_at = now_millis();
+        let mut worker = Worker::start(&replaced_config);
+        let deadline = Instant::now() + LONG;
+        while common::metric_sum(port, "conveyor_schedule_fires_total").await < 3.0 {
+            assert!(
+                Instant::now() < deadline,
+                "the other schedule did not fire; log:\n{}",
+                worker.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        worker.stop_cleanly();
+        let (still, _) = fired_ticks(&settings, &pipeline.input);
+        assert_eq!(
+            still.range(removed_at..).count(),
+            0,
+            "a removed schedule fired"
+        );
+        let (others, _) = fired_ticks(&replaced, &pipeline.input);
+        assert!(others.len() >= 3, "the schedule in its place fired");
+        let _ = std::fs::remove_file(&replaced_config);
         let _ = std::fs::remove_file(&config);
     }
 }

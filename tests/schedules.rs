@@ -88,6 +88,66 @@ async fn schedules_are_listed_with_their_last_tick_and_next_fire_time() {
         assert_eq!(response.status(), 200);
         let body: Value =
             serde_json::from_slice(&response.bytes().await.expect("a body")).expect("JSON");
+
+        // A schedule's task carries the idempotency key of its tick: a
+        // submission with that key (a duplicate of the tick, say) is
+        // answered with the tick's task.
+        let schedules = conveyor::schedule::Schedule::all(&settings).expect("schedules");
+        let tick = yesterday;
+        let task = schedules[0].task(tick);
+        let mut value = Vec::new();
+        conveyor::codec::Codec::default().encode_request(&task, &mut value);
+        kafka
+            .producer()
+            .send(
+                FutureRecord::to(&pipeline.input)
+                    .key(&task.id.to_string())
+                    .payload(&value),
+                Duration::from_secs(10),
+            )
+            .await
+            .expect("produced");
+        let http = reqwest::Client::new();
+        // Once the status view has read it (the gateway follows the task
+        // topic)...
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let status = http
+                .get(format!("{}/v1/tasks/{}", gateway.base, task.id))
+                .send()
+                .await
+                .expect("GET answered")
+                .status();
+            if status == 200 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the view never read the task"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // ... a submission with its tick's key is answered with it.
+        let body_text = serde_json::json!({
+            "type": "echo",
+            "payload": {},
+            "idempotency_key": format!("schedule:nightly:{tick}"),
+        })
+        .to_string();
+        let answer: Value = serde_json::from_slice(
+            &http
+                .post(format!("{}/v1/tasks", gateway.base))
+                .header("content-type", "application/json")
+                .body(body_text)
+                .send()
+                .await
+                .expect("POST answered")
+                .bytes()
+                .await
+                .expect("a body"),
+        )
+        .expect("JSON");
+        assert_eq!(answer["id"], task.id.to_string(), "{answer}");
         gateway.stop().await;
         let listed = body["schedules"].as_array().expect("a list");
         assert_eq!(listed.len(), 2, "{body}");
