@@ -146,40 +146,16 @@ impl App {
         // The delay mover and the scheduler run beside the processors: a
         // failure of any stops them all, and so does `stop`.
         let worker_stop = stop.child_token();
-        let metrics = specs.first().map(|spec| spec.metrics.clone());
-        let mover = match &metrics {
-            Some(metrics) if settings.delays.enabled => {
-                let mover_spec = crate::delay::MoverSpec {
-                    settings: settings.clone(),
-                    metrics: metrics.clone(),
-                };
-                Some(Beside::spawn(&stop, &worker_stop, move |mover_stop| {
-                    crate::delay::run(mover_spec, mover_stop)
-                }))
-            }
-            _ => None,
-        };
-        let scheduler = match &metrics {
-            Some(metrics) if !settings.schedules.is_empty() => {
-                let (settings, metrics) = (settings.clone(), metrics.clone());
-                Some(Beside::spawn(&stop, &worker_stop, move |scheduler_stop| {
-                    crate::schedule::run(settings, metrics, scheduler_stop)
-                }))
-            }
-            _ => None,
-        };
+        let companions = Companions::start(
+            &settings,
+            specs.first().map(|spec| spec.metrics.clone()),
+            &stop,
+            &worker_stop,
+        );
         let worked = worker::run(specs, worker_stop).await;
-        let moved = Beside::finish(mover, "the delay mover").await?;
-        let scheduled = Beside::finish(scheduler, "the scheduler").await?;
+        let companions = companions.finish().await;
         worked?;
-        moved.map_err(|e| match e {
-            crate::delay::MoverError::Setup(_) => AppError::Config(e.to_string()),
-            crate::delay::MoverError::Move { .. } => AppError::Failed(e.to_string()),
-        })?;
-        scheduled.map_err(|e| match e {
-            crate::schedule::SchedulerError::Setup(_) => AppError::Config(e.to_string()),
-            crate::schedule::SchedulerError::Fire(_) => AppError::Failed(e.to_string()),
-        })
+        companions
     }
 
     /// Sets up logging from the configuration, runs the worker until
@@ -265,6 +241,63 @@ where
         _context: &'a TaskContext,
     ) -> BoxFuture<'a, Result<Output, HandlerError>> {
         (self.0)(task.clone()).boxed()
+    }
+}
+
+/// What runs beside a worker's processors: the delay mover (when
+/// `[delays]` is on) and the scheduler (when there are `[[schedules]]`).
+pub(crate) struct Companions {
+    mover: Option<Beside<crate::delay::MoverError>>,
+    scheduler: Option<Beside<crate::schedule::SchedulerError>>,
+}
+
+impl Companions {
+    /// Starts them, each stopping when `stop` is set and setting
+    /// `on_failure` if it fails; `metrics` are the worker's (none: no
+    /// processor, nothing started).
+    pub(crate) fn start(
+        settings: &Settings,
+        metrics: Option<Arc<crate::metrics::Metrics>>,
+        stop: &CancellationToken,
+        on_failure: &CancellationToken,
+    ) -> Self {
+        let mover = match &metrics {
+            Some(metrics) if settings.delays.enabled => {
+                let mover_spec = crate::delay::MoverSpec {
+                    settings: settings.clone(),
+                    metrics: metrics.clone(),
+                };
+                Some(Beside::spawn(stop, on_failure, move |mover_stop| {
+                    crate::delay::run(mover_spec, mover_stop)
+                }))
+            }
+            _ => None,
+        };
+        let scheduler = match &metrics {
+            Some(metrics) if !settings.schedules.is_empty() => {
+                let (settings, metrics) = (settings.clone(), metrics.clone());
+                Some(Beside::spawn(stop, on_failure, move |scheduler_stop| {
+                    crate::schedule::run(settings, metrics, scheduler_stop)
+                }))
+            }
+            _ => None,
+        };
+        Companions { mover, scheduler }
+    }
+
+    /// Stops them and says how they ended: a set-up problem is a
+    /// configuration error (exit 2), anything else a run-time failure.
+    pub(crate) async fn finish(self) -> Result<(), AppError> {
+        let moved = Beside::finish(self.mover, "the delay mover").await?;
+        let scheduled = Beside::finish(self.scheduler, "the scheduler").await?;
+        moved.map_err(|e| match e {
+            crate::delay::MoverError::Setup(_) => AppError::Config(e.to_string()),
+            crate::delay::MoverError::Move { .. } => AppError::Failed(e.to_string()),
+        })?;
+        scheduled.map_err(|e| match e {
+            crate::schedule::SchedulerError::Setup(_) => AppError::Config(e.to_string()),
+            crate::schedule::SchedulerError::Fire(_) => AppError::Failed(e.to_string()),
+        })
     }
 }
 

@@ -190,6 +190,14 @@ pub async fn run(user_settings: Option<Settings>) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
     crate::shutdown::stop_on_signals(stop.clone());
     let worker_stop = CancellationToken::new();
+    // The delay mover and the scheduler, as `conveyor worker` runs them:
+    // they stop with the processors, and their failure stops everything.
+    let companions = crate::app::Companions::start(
+        &settings,
+        specs.first().map(|s| s.metrics.clone()),
+        &worker_stop,
+        &stop,
+    );
     let metrics = specs.first().map(|s| s.metrics.clone()).unwrap_or_default();
     let running = {
         let (worker_stop, stop) = (worker_stop.clone(), stop.clone());
@@ -213,6 +221,7 @@ pub async fn run(user_settings: Option<Settings>) -> anyhow::Result<()> {
         Err(error) => {
             worker_stop.cancel();
             let _ = running.await;
+            let _ = companions.finish().await;
             return Err(error.into());
         }
     };
@@ -235,6 +244,7 @@ pub async fn run(user_settings: Option<Settings>) -> anyhow::Result<()> {
             let _ = gateway.finished().await;
             worker_stop.cancel();
             let _ = running.await;
+            let _ = companions.finish().await;
             return Err(error);
         }
     } else {
@@ -298,7 +308,9 @@ pub async fn run(user_settings: Option<Settings>) -> anyhow::Result<()> {
     println!("  Ctrl-C stops the gateway, the worker (draining in-flight tasks) and the cluster.");
     let served = gateway.finished().await;
     worker_stop.cancel();
-    running.await??;
+    let ran = running.await;
+    companions.finish().await?;
+    ran??;
     served?;
     if has_workflow {
         let _ = std::fs::remove_file(&dev_config);

@@ -71,18 +71,21 @@ enum Command {
     /// topics of the configuration (the built-in dev configuration, with the
     /// echo, sleep and sha256 handlers, unless --config is given; its
     /// kafka.brokers is replaced by the embedded cluster), runs a worker with
-    /// every processor, sends one echo task through it and waits for its
-    /// result, then prints how to submit tasks and follow results and runs
-    /// until Ctrl-C. The HTTP gateway will run here too once it is built.
+    /// every processor (and the delay mover and the scheduler, as `conveyor
+    /// worker` does) and the HTTP gateway, sends one echo task through them
+    /// and waits for its result, then prints how to submit tasks and follow
+    /// results and runs until Ctrl-C.
     Dev,
     /// Run the configured processors as consumer-group members.
     ///
     /// Each [[processors]] entry joins its consumer group, runs its handlers
     /// and produces results, committing each input offset only after the
     /// result is acknowledged (at least once). Run more copies with the same
-    /// configuration to share the partitions. SIGINT or SIGTERM stops intake,
-    /// drains in-flight tasks (up to drain_timeout_ms), commits and exits 0;
-    /// a second signal exits at once with status 130.
+    /// configuration to share the partitions. Each worker also moves delayed
+    /// tasks through the delay tiers ([delays]) and takes its turn firing
+    /// [[schedules]] (one worker at a time fires them). SIGINT or SIGTERM
+    /// stops intake, drains in-flight tasks (up to drain_timeout_ms), commits
+    /// and exits 0; a second signal exits at once with status 130.
     Worker,
     /// Run the HTTP gateway: submit tasks, look up their status and results.
     ///

@@ -422,7 +422,16 @@ pub async fn run(
                     _ if !owns => Owning::No,
                     Owning::Firing { generation } if generation == current => owning,
                     Owning::CatchingUp { generation, end } if generation == current => {
-                        if read_to.0 == current && read_to.1 >= end || end <= 0 {
+                        // Read to the end it had: by the records seen, or
+                        // by the position (offsets can have gaps).
+                        let position = consumer
+                            .position()
+                            .ok()
+                            .and_then(|p| {
+                                p.find_partition(&topic, 0).and_then(|e| e.offset().to_raw())
+                            })
+                            .unwrap_or(0);
+                        if read_to.0 == current && read_to.1 >= end || position >= end || end <= 0 {
                             info!(schedules = schedules.len(), "scheduler: this worker fires the schedules");
                             Owning::Firing { generation }
                         } else {

@@ -410,6 +410,23 @@ fn dev_runs_a_task_through_the_worker_and_stops_on_sigint() {
             workflow["steps"][1]["outputs"],
             serde_json::json!([2, 3, 1])
         );
+        // A delayed task runs too: dev runs the delay mover as a worker
+        // does.
+        let api = lines
+            .iter()
+            .find_map(|l| l.trim_start().strip_prefix("gateway: "))
+            .and_then(|rest| rest.split_whitespace().next())
+            .expect("the gateway's address is printed");
+        let delayed = run(&format!(
+            "id=$(curl -s -X POST {api}/v1/tasks -H 'content-type: application/json' \
+             -d '{{\"type\": \"echo\", \"payload\": {{\"n\": 1}}, \"delay\": \"2s\"}}' \
+             | sed 's/.*\"id\":\"\\([^\"]*\\)\".*/\\1/')\n\
+             curl -s \"{api}/v1/tasks/$id?wait=25s\""
+        ));
+        assert_eq!(delayed["status"], "succeeded", "{delayed}");
+        let waited = delayed["finished_at"].as_i64().unwrap_or(0)
+            - delayed["submitted_at"].as_i64().unwrap_or(0);
+        assert!(waited >= 2_000, "{delayed}");
     } else {
         eprintln!("conveyor-test: curl is not installed; the printed curl commands were not run");
     }
