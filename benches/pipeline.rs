@@ -565,6 +565,7 @@ fn start_processor(
         lag_interval_ms: 5_000,
         workflows: Default::default(),
         delay_tiers: None,
+        rate_limits: Default::default(),
     };
     let stop = CancellationToken::new();
     let running = tokio::spawn(processor::run(spec, stop.clone()));

@@ -78,6 +78,7 @@ pub mod metrics;
 pub mod offsets;
 pub mod processor;
 pub mod progress;
+pub mod rate;
 pub mod retry;
 pub mod schedule;
 pub mod security;

@@ -145,6 +145,10 @@ pub const SCHEDULE_MISFIRES: &str = "conveyor_schedule_misfires_total";
 /// (owns the schedule topic's partition and has read it), else 0.
 pub const SCHEDULE_OWNER: &str = "conveyor_schedule_owner";
 
+/// `conveyor_rate_limited_tasks{processor,type}`: tasks waiting for their
+/// type's rate limit to let them start.
+pub const RATE_LIMITED: &str = "conveyor_rate_limited_tasks";
+
 /// Label value for task types no handler is configured for.
 pub const UNKNOWN_TYPE: &str = "_unknown";
 
@@ -228,6 +232,8 @@ pub struct Metrics {
     pub schedule_misfires: IntCounterVec,
     /// See [`SCHEDULE_OWNER`].
     pub schedule_owner: IntGaugeVec,
+    /// See [`RATE_LIMITED`].
+    pub rate_limited: IntGaugeVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -488,6 +494,12 @@ impl Metrics {
                 SCHEDULE_OWNER,
                 "1 on the worker that fires the schedules, else 0.",
                 &[],
+            ),
+            rate_limited: gauge(
+                &r,
+                RATE_LIMITED,
+                "Tasks waiting for their type's rate limit to let them start.",
+                &["processor", "type"],
             ),
             registry: r,
             enabled: true,

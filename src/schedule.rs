@@ -183,6 +183,16 @@ impl Schedule {
             walked += 1;
         }
         let last = (walked > 0).then_some(at);
+        if walked == MAX_TICKS_PER_LOOK {
+            // More ticks follow (a long outage of a frequent schedule):
+            // the policy applies to the missed ticks of the last look, so
+            // these late ones are all passed over.
+            return Plan {
+                missed: u64::try_from(late.len()).unwrap_or(u64::MAX),
+                fire: on_time,
+                last,
+            };
+        }
         let (mut fire, missed) = match self.settings.misfire {
             Misfire::FireOnce => {
                 let missed = late.len().saturating_sub(1);
@@ -636,6 +646,30 @@ mod tests {
         assert_eq!(plan.missed, 5);
         // Nothing due.
         assert_eq!(s.plan(at, at + 999), Plan::default());
+    }
+
+    #[test]
+    fn a_long_outage_is_caught_up_over_several_looks_firing_once() {
+        let at = ms("2026-12-03T10:00:00Z");
+        let s = schedule("* * * * * *", "UTC", Misfire::FireOnce);
+        let mut from = at - 150_000_000;
+        let mut fired = Vec::new();
+        let mut missed = 0;
+        let mut looks = 0;
+        loop {
+            let plan = s.plan(from, at);
+            looks += 1;
+            fired.extend(plan.fire);
+            missed += plan.missed;
+            match plan.last {
+                Some(last) if last < at => from = last,
+                _ => break,
+            }
+        }
+        assert_eq!(looks, 2, "150,000 ticks: two looks of at most 100,000");
+        // The latest missed tick once, then the two on time (grace 1 s).
+        assert_eq!(fired, vec![at - 2_000, at - 1_000, at]);
+        assert_eq!(missed, 150_000 - 3);
     }
 
     #[test]

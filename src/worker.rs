@@ -87,6 +87,9 @@ pub fn processor_specs_with(
                     .delays
                     .enabled
                     .then(|| crate::delay::Tiers::new(&settings.delays)),
+                rate_limits: Arc::new(crate::rate::Limits::of(p, |t| {
+                    settings.topics.task_topic(t)
+                })),
             })
         })
         .collect()

@@ -122,6 +122,35 @@ steps = [{ task = "split" }, { task = "count", join = true }]
 }
 
 #[test]
+fn a_bad_rate_limit_exits_2_naming_the_task_type() {
+    let path = temp_config(
+        "[[processors]]\nname = \"a\"\n[processors.tasks.pay]\nhandler = \"echo\"\nrate_limit = \"fifty/s\"\n\
+         [processors.tasks.mail]\nhandler = \"echo\"\nrate_limit = \"0/min\"\nrate_limit_scope = \"cluster\"\n",
+    );
+    let output = check(&path);
+    let _ = std::fs::remove_file(&path);
+    assert_eq!(output.status.code(), Some(2));
+    let err = stderr(&output);
+    assert!(
+        err.contains("processors[0].tasks.mail.rate_limit_scope: `cluster` is not a scope: use group or worker"),
+        "{err}"
+    );
+    let path = temp_config(
+        "[[processors]]\nname = \"a\"\n[processors.tasks.pay]\nhandler = \"echo\"\nrate_limit = \"fifty/s\"\n\
+         [processors.tasks.mail]\nhandler = \"echo\"\nrate_limit = \"0/min\"\n",
+    );
+    let output = check(&path);
+    let _ = std::fs::remove_file(&path);
+    assert_eq!(output.status.code(), Some(2));
+    assert_eq!(
+        stderr(&output),
+        "configuration has 2 problems:\n  \
+         processors[0].tasks.mail.rate_limit: `0/min`: the count must be 1 to 1000000\n  \
+         processors[0].tasks.pay.rate_limit: `fifty/s` is not a rate: write <count>/s, <count>/min or <count>/h, such as 50/s\n"
+    );
+}
+
+#[test]
 fn bad_schedules_exit_2_naming_the_schedule() {
     let path = temp_config(
         r#"
@@ -251,6 +280,7 @@ fn example_documents_every_key() {
             "web".to_owned(),
             TaskSettings {
                 url: Some("http://x".into()),
+                rate_limit: Some("1/s".into()),
                 max_attempts: Some(1),
                 initial_backoff_ms: Some(1),
                 max_backoff_ms: Some(1),

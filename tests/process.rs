@@ -1272,6 +1272,22 @@ fn gaps(ticks: &std::collections::BTreeMap<i64, usize>) -> Vec<(i64, i64)> {
         .collect()
 }
 
+/// A worker started on `config` once it has fired three ticks (its
+/// metrics on `port`).
+async fn firing(config: &Path, port: u16) -> Worker {
+    let worker = Worker::start(config);
+    let deadline = Instant::now() + LONG;
+    while common::metric_sum(port, "conveyor_schedule_fires_total").await < 3.0 {
+        assert!(
+            Instant::now() < deadline,
+            "no ticks fired; log:\n{}",
+            worker.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    worker
+}
+
 async fn schedule_owner(ports: &[u16]) -> Option<usize> {
     for (i, port) in ports.iter().enumerate() {
         if common::metric(*port, "conveyor_schedule_owner").await == Some(1.0) {
@@ -1375,31 +1391,13 @@ async fn a_worker_started_after_an_outage_fires_missed_ticks_by_the_misfire_poli
         )
         .await;
         let (config, port) = on_own_port(&settings);
-        let mut worker = Worker::start(&config);
-        let deadline = Instant::now() + LONG;
-        while common::metric_sum(port, "conveyor_schedule_fires_total").await < 3.0 {
-            assert!(
-                Instant::now() < deadline,
-                "no ticks fired; log:\n{}",
-                worker.log_tail()
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        let mut worker = firing(&config, port).await;
         worker.stop_cleanly();
         let (before, _) = fired_ticks(&settings, &pipeline.input);
         let last_before = before.keys().last().copied().unwrap_or_default();
         // The outage.
         tokio::time::sleep(Duration::from_secs(8)).await;
-        let mut worker = Worker::start(&config);
-        let deadline = Instant::now() + LONG;
-        while common::metric_sum(port, "conveyor_schedule_fires_total").await < 3.0 {
-            assert!(
-                Instant::now() < deadline,
-                "no ticks fired after the restart; log:\n{}",
-                worker.log_tail()
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        let mut worker = firing(&config, port).await;
         let misfires = common::metric_sum(port, "conveyor_schedule_misfires_total").await;
         worker.stop_cleanly();
         let (ticks, ids_derived) = fired_ticks(&settings, &pipeline.input);
@@ -1435,16 +1433,7 @@ async fn a_worker_started_after_an_outage_fires_missed_ticks_by_the_misfire_poli
         replaced.schedules[0].name = "another".into();
         let (replaced_config, port) = on_own_port(&replaced);
         let removed_at = now_millis();
-        let mut worker = Worker::start(&replaced_config);
-        let deadline = Instant::now() + LONG;
-        while common::metric_sum(port, "conveyor_schedule_fires_total").await < 3.0 {
-            assert!(
-                Instant::now() < deadline,
-                "the other schedule did not fire; log:\n{}",
-                worker.log_tail()
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        let mut worker = firing(&replaced_config, port).await;
         worker.stop_cleanly();
         let (still, _) = fired_ticks(&settings, &pipeline.input);
         assert_eq!(

@@ -32,6 +32,19 @@ fn schedule(name: &str, cron: &str, misfire: Misfire) -> ScheduleSettings {
     }
 }
 
+/// `conveyor schedules list` run on `settings`.
+fn schedules_list(settings: &Settings) -> std::process::Output {
+    let config = common::config_file(settings);
+    let output = Command::new(env!("CARGO_BIN_EXE_conveyor"))
+        .args(["schedules", "list", "--config"])
+        .arg(&config)
+        .env_remove("CONVEYOR_CONFIG")
+        .output()
+        .expect("run conveyor schedules list");
+    let _ = std::fs::remove_file(&config);
+    output
+}
+
 async fn record(kafka: &TestKafka, topic: &str, fired: &Fired) {
     let payload = serde_json::to_vec(fired).unwrap();
     kafka
@@ -169,14 +182,7 @@ async fn schedules_are_listed_with_their_last_tick_and_next_fire_time() {
         );
 
         // The command line shows the same, one JSON object per line.
-        let config = common::config_file(&settings);
-        let output = Command::new(env!("CARGO_BIN_EXE_conveyor"))
-            .args(["schedules", "list", "--config"])
-            .arg(&config)
-            .env_remove("CONVEYOR_CONFIG")
-            .output()
-            .expect("run conveyor schedules list");
-        let _ = std::fs::remove_file(&config);
+        let output = schedules_list(&settings);
         assert!(output.status.success(), "{output:?}");
         let lines: Vec<Value> = String::from_utf8_lossy(&output.stdout)
             .lines()
@@ -191,14 +197,7 @@ async fn schedules_are_listed_with_their_last_tick_and_next_fire_time() {
 
 #[test]
 fn schedules_list_without_schedules_says_so() {
-    let config = common::config_file(&Settings::default());
-    let output = Command::new(env!("CARGO_BIN_EXE_conveyor"))
-        .args(["schedules", "list", "--config"])
-        .arg(&config)
-        .env_remove("CONVEYOR_CONFIG")
-        .output()
-        .expect("run conveyor schedules list");
-    let _ = std::fs::remove_file(&config);
+    let output = schedules_list(&Settings::default());
     assert_eq!(output.status.code(), Some(2));
     assert_eq!(
         String::from_utf8_lossy(&output.stderr),

@@ -529,6 +529,15 @@ impl<J: AsRef<Ticket>> Ledger<J> {
         self.partitions.len()
     }
 
+    /// How many partitions of each topic are owned.
+    pub(crate) fn owned_by_topic(&self) -> std::collections::HashMap<String, usize> {
+        let mut by_topic = std::collections::HashMap::new();
+        for (topic, _) in self.partitions.keys() {
+            *by_topic.entry(topic.to_string()).or_insert(0) += 1;
+        }
+        by_topic
+    }
+
     /// Fills `out` with every owned partition, how many records it may
     /// take now (0: must not be read) and its generation; returns the room
     /// processor-wide. `blocked`: intake is stopped from outside (the

@@ -106,6 +106,7 @@ mod poll;
 mod rebalance;
 mod task;
 
+use std::collections::HashMap;
 use std::sync::atomic::{
     AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering as AtomicOrdering,
 };
@@ -356,6 +357,8 @@ pub struct ProcessorSpec {
     /// The delay tiers, when on: a retry's backoff waits in them rather
     /// than in this processor's memory.
     pub delay_tiers: Option<crate::delay::Tiers>,
+    /// The task types' rate limits ([`crate::rate`]).
+    pub rate_limits: Arc<crate::rate::Limits>,
 }
 
 /// One record handed to a task.
@@ -441,6 +444,11 @@ pub(crate) struct Shared {
     fatal: Mutex<Option<String>>,
     /// The delay tiers, when on (see [`ProcessorSpec::delay_tiers`]).
     delay_tiers: Option<crate::delay::Tiers>,
+    /// The task types' rate limits.
+    limits: Arc<crate::rate::Limits>,
+    /// Partitions per topic, for the rate limits' shares (see
+    /// `rescale_limits`).
+    partition_counts: Mutex<HashMap<String, usize>>,
 }
 
 impl Shared {
@@ -902,6 +910,8 @@ async fn run_processor(spec: ProcessorSpec, stop: CancellationToken) -> Result<(
         started: Instant::now(),
         fatal: Mutex::new(None),
         delay_tiers: spec.delay_tiers.clone(),
+        limits: spec.rate_limits.clone(),
+        partition_counts: Mutex::new(HashMap::new()),
     });
     shared.producer.context().connect(&shared);
     hot::zero_series(&spec.metrics, &name, &spec.settings);

@@ -5,7 +5,7 @@
 //! committed is the ledger's to say (`ledger.rs`); this file sends it.
 
 use std::sync::atomic::Ordering as AtomicOrdering;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
@@ -100,6 +100,35 @@ impl Shared {
         for (tp, ranges) in restored {
             state.ledger.skip(&tp, ranges);
         }
+    }
+
+    /// After a rebalance: group-scoped rate limits take this member's
+    /// share of their partitions (see [`crate::rate`]). The partition
+    /// counts come from the cluster's metadata, read here (only when some
+    /// type is limited); when it cannot be read, the last counts known
+    /// serve. Poll thread only.
+    pub(super) fn rescale_limits<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>) {
+        if self.limits.is_empty() {
+            return;
+        }
+        let mut counts = self
+            .partition_counts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match consumer.fetch_metadata(None, Duration::from_secs(5)) {
+            Ok(metadata) => {
+                for topic in metadata.topics() {
+                    if topic.error().is_none() {
+                        counts.insert(topic.name().to_owned(), topic.partitions().len());
+                    }
+                }
+            }
+            Err(e) => {
+                warn!(processor = %self.name, error = %e, "cannot read partition counts for the rate limits' shares; using the last known");
+            }
+        }
+        let owned = self.lock().ledger.owned_by_topic();
+        self.limits.rescale(&owned, &counts);
     }
 
     pub(super) fn publish_assigned(&self, assigned: usize) {
@@ -495,6 +524,13 @@ impl ConsumerContext for EngineContext {
                 }
                 shared.publish_assigned(state.ledger.owned());
                 shared.publish_in_flight(&state);
+                let still_owns = state.ledger.owned() > 0;
+                drop(state);
+                // Some partitions kept (an incremental revoke): a new
+                // share now; none kept: the next assignment sets it.
+                if still_owns {
+                    shared.rescale_limits(consumer);
+                }
             }
             Rebalance::Assign(_) => {}
             Rebalance::Error(e) => {
@@ -513,6 +549,8 @@ impl ConsumerContext for EngineContext {
             self.shared.restore_progress(consumer, &fresh);
             let state = self.shared.lock();
             self.shared.publish_assigned(state.ledger.owned());
+            drop(state);
+            self.shared.rescale_limits(consumer);
             if self.shared.metrics.enabled() {
                 self.shared
                     .metrics

@@ -286,6 +286,12 @@ fn run_job(shared: Arc<Shared>, job: Job) -> impl std::future::Future<Output = O
         };
         let first_attempt = request.attempt;
         loop {
+            // A rate-limited type waits for its turn before the attempt
+            // starts (and is timed from then).
+            if !rate_turn(shared, &job, &request).await {
+                shared.abandon(job);
+                return None;
+            }
             let started_at = now_millis();
             let end = run_task(shared, &job, &mut request, started_at).await;
             request.attempt = first_attempt;
@@ -361,6 +367,39 @@ fn run_job(shared: Arc<Shared>, job: Job) -> impl std::future::Future<Output = O
     }
 }
 
+/// Waits for `request`'s turn under its type's rate limit, if it has one,
+/// holding its lane and its in-flight place and nothing else; `false` when
+/// its partition is let go of meanwhile.
+async fn rate_turn(shared: &Shared, job: &Job, request: &TaskRequest) -> bool {
+    if shared.limits.is_empty() {
+        return true;
+    }
+    let Some(limiter) = shared
+        .limits
+        .get(&request.task_type)
+        .and_then(crate::rate::Limit::limiter)
+    else {
+        return true;
+    };
+    if limiter.check().is_ok() {
+        return true;
+    }
+    let waiting = shared
+        .metrics
+        .rate_limited
+        .with_label_values(&[&shared.name, shared.type_label(&request.task_type)]);
+    waiting.inc();
+    let turn = Box::pin(unless_let_go(
+        shared,
+        job,
+        Stage::Waiting,
+        limiter.until_ready(),
+    ))
+    .await;
+    waiting.dec();
+    turn.is_some()
+}
+
 /// Runs attempts of `request` until it succeeds, fails for good, or is
 /// parked in the retry topic.
 /// `request.attempt` advances with each attempt; the caller puts it back.
@@ -434,9 +473,14 @@ async fn run_task(shared: &Shared, job: &Job, request: &mut TaskRequest, started
     // When the first attempt began: `finished_at` is `started_at` plus the
     // time since, which spares a wall-clock read per task.
     let mut first_began = None;
+    let mut first_of_run = true;
     loop {
         request.attempt = request.attempt.max(1);
         tracing::Span::current().record("attempt", request.attempt);
+        // The first attempt had its turn before `started_at` (run_job).
+        if !std::mem::take(&mut first_of_run) && !rate_turn(shared, job, request).await {
+            return End::LetGo;
+        }
         let began = Instant::now();
         let first_began = *first_began.get_or_insert(began);
         let outcome = {

@@ -221,6 +221,39 @@ pub struct TaskSettings {
     /// Overrides the processor's `max_backoff_ms` for this type.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_backoff_ms: Option<u64>,
+    /// At most this many attempts of this type start per second, minute
+    /// or hour: `"50/s"`, `"100/min"`, `"3600/h"`. Tasks wait for their
+    /// turn without holding up other types. None by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<String>,
+    /// `"group"` (the default): `rate_limit` holds for the whole consumer
+    /// group, each member taking the share of the type's partitions it
+    /// owns. `"worker"`: for each worker.
+    #[serde(default)]
+    pub rate_limit_scope: RateScope,
+}
+
+/// Whom a task type's `rate_limit` holds for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case", try_from = "String")]
+pub enum RateScope {
+    /// The consumer group as a whole.
+    #[default]
+    Group,
+    /// Each worker.
+    Worker,
+}
+
+impl TryFrom<String> for RateScope {
+    type Error = String;
+
+    fn try_from(name: String) -> Result<Self, String> {
+        match name.as_str() {
+            "group" => Ok(RateScope::Group),
+            "worker" => Ok(RateScope::Worker),
+            _ => Err(format!("`{name}` is not a scope: use group or worker")),
+        }
+    }
 }
 
 impl TaskSettings {
@@ -235,6 +268,8 @@ impl TaskSettings {
             max_attempts: None,
             initial_backoff_ms: None,
             max_backoff_ms: None,
+            rate_limit: None,
+            rate_limit_scope: RateScope::default(),
         }
     }
 }
@@ -364,6 +399,9 @@ impl ProcessorSettings {
             }
             if task.max_attempts == Some(0) {
                 bad(key("max_attempts"), "must be > 0");
+            }
+            if let Some(Err(why)) = task.rate_limit.as_deref().map(crate::rate::parse_rate) {
+                bad(key("rate_limit"), &why);
             }
             let initial = task.initial_backoff_ms.unwrap_or(p.initial_backoff_ms);
             let max = task.max_backoff_ms.unwrap_or(p.max_backoff_ms);
