@@ -1168,9 +1168,19 @@ async fn retries_backing_off_a_minute_wait_in_the_tiers_and_a_sigkill_loses_none
             earliest - first_attempts_from
         ));
         assert_eq!(results.by_id.len(), 2 * TASKS, "every task ran");
-        assert_eq!(results.duplicates(), 0, "nothing had moved: each ran once");
-        assert_eq!(moves_before_kill, 0.0, "killed before any retry moved");
-        assert_eq!(in_retry_topic, 0, "every retry waited in a tier");
+        // Killed while they wait (normally before any is due: no move, no
+        // duplicate). On a slow machine the first attempts can take long
+        // enough for the earliest retries to come due before the kill:
+        // then only a move repeated after the kill can make a duplicate.
+        assert!(
+            results.duplicates() as f64 <= moves_before_kill,
+            "{} duplicates, {moves_before_kill} moves made before the kill",
+            results.duplicates()
+        );
+        assert!(
+            in_retry_topic as f64 <= moves_before_kill,
+            "every retry waited in a tier: {in_retry_topic} in the retry topic, {moves_before_kill} moved there"
+        );
         assert_eq!(retried.len(), TASKS);
         assert!(
             retried
