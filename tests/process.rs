@@ -919,14 +919,8 @@ async fn delayed_tasks_wait_in_the_tiers_not_in_memory_and_a_sigkill_loses_none(
             kafka.worker_settings(&pipeline, Ordering::None, &[("echo", HandlerKind::Echo)]);
         // The mock cluster keeps at most 5 MiB per partition.
         common::with_delay_tiers(&kafka, &mut settings, 8).await;
-        let port = common::free_port();
-        settings.metrics.listen = format!("127.0.0.1:{port}");
-        let config = common::config_file(&settings);
-        let mut worker = Worker::start(&config);
-        wait_until("the worker serves its metrics", LONG, || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-        })
-        .await;
+        let (config, port) = on_own_port(&settings);
+        let mut worker = serving(&config, port).await;
         tokio::time::sleep(Duration::from_secs(3)).await;
         let idle = worker.rss_bytes();
 
@@ -1088,14 +1082,8 @@ async fn retries_backing_off_a_minute_wait_in_the_tiers_and_a_sigkill_loses_none
                 ..conveyor::settings::TaskSettings::new(HandlerKind::Http)
             },
         );
-        let port = common::free_port();
-        settings.metrics.listen = format!("127.0.0.1:{port}");
-        let config = common::config_file(&settings);
-        let mut worker = Worker::start(&config);
-        wait_until("the worker serves its metrics", LONG, || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-        })
-        .await;
+        let (config, port) = on_own_port(&settings);
+        let mut worker = serving(&config, port).await;
         // As many tasks as below, succeeding at once: the worker's idle
         // size after it, against which the waiting retries are measured,
         // includes what running that many tasks leaves behind.
@@ -1239,6 +1227,16 @@ fn on_own_port(settings: &Settings) -> (PathBuf, u16) {
     let port = common::free_port();
     settings.metrics.listen = format!("127.0.0.1:{port}");
     (common::config_file(&settings), port)
+}
+
+/// A worker started on `config` once it serves its metrics on `port`.
+async fn serving(config: &Path, port: u16) -> Worker {
+    let worker = Worker::start(config);
+    wait_until("the worker serves its metrics", LONG, || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    })
+    .await;
+    worker
 }
 
 /// The schedule's tasks in `topic`: each tick (from the task's metadata)
