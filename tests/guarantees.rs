@@ -143,6 +143,13 @@ fn registry_with(settings: &Settings, task_type: &str, handler: Arc<dyn Handler>
 /// was split off come through the main queue first, and must not be
 /// overtaken or dropped), never has more in flight than its bounds, and
 /// runs every task exactly once.
+///
+/// Checked by mutation (2026-12-03): with the `main_clear` gate removed
+/// from the poll loop, the fourth shape (main queue served a record per
+/// pass) reads each partition's queue while the main queue still holds
+/// 800 older records, and the test fails with the worker's error "record
+/// …/0 offset 0 arrived after offset 163 of its partition without having
+/// been read before; stopping rather than skipping it".
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_backlog_far_above_the_bounds_is_taken_in_offset_order_within_them() {
     const PER_PARTITION: u64 = 1_500;
