@@ -566,6 +566,11 @@ fn start_processor(
         workflows: Default::default(),
         delay_tiers: None,
         rate_limits: Default::default(),
+        events: conveyor::settings::EventSettings {
+            enabled: false,
+            ..Default::default()
+        },
+        cancels: None,
     };
     let stop = CancellationToken::new();
     let running = tokio::spawn(processor::run(spec, stop.clone()));

@@ -24,7 +24,10 @@
 //!   Inside: `ledger.rs` (lanes, bounds, room, offsets: pure, property-
 //!   tested), `poll.rs` (the poll thread), `rebalance.rs` (callbacks,
 //!   drains, commits, lag), `task.rs` (one record's task), `delivery.rs`
-//!   (producing and acknowledgements), `join.rs`, `hot.rs` (metric handles).
+//!   (producing and acknowledgements), `join.rs`, `hot.rs` (metric handles),
+//!   `lifecycle.rs` (task events and progress reports).
+//! - [`control`]: cancellations, read whole from the control topic by every
+//!   worker, with the tasks they concern watched while they wait or run.
 //! - [`retry`]: backoff and the in-place / retry-topic / give-up decision.
 //!   Pure.
 //! - [`breaker`]: the poison-pill breaker's sliding window. Pure.
@@ -38,7 +41,8 @@
 //!   result); the join state's changelog records. Pure; the processor side
 //!   of joins is `processor::join`.
 //! - [`gateway`]: the HTTP API (axum): submit tasks, status and results
-//!   from a view it materialises from the results and task topics.
+//!   from a view it materialises from the results, task and events topics;
+//!   cancellation, progress reports and event streams (`lifecycle.rs`).
 //! - [`metrics`]: the Prometheus registry, metric names (one
 //!   `conveyor_errors_total{kind}` for every error met), `/metrics`.
 //! - [`kafka`]: librdkafka client configuration shared by every client, and
@@ -67,6 +71,7 @@
 pub mod app;
 pub mod breaker;
 pub mod codec;
+pub mod control;
 pub mod delay;
 pub mod dev;
 pub mod dlq;

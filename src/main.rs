@@ -102,6 +102,18 @@ enum Command {
     Submit(SubmitArgs),
     /// Print task results as JSON lines (from the start of the results topic).
     Results(ResultsArgs),
+    /// Cancel a task or a workflow run, through the gateway.
+    ///
+    /// POSTs /v1/tasks/{ID}:cancel to the gateway (--gateway, else
+    /// http://<gateway.listen>, with the first of gateway.auth_tokens). A
+    /// task not yet started never runs and ends `cancelled`; a running one
+    /// is asked to stop (Rust handlers see it in their context, the http
+    /// handler aborts its request) and its result says how it ended; a
+    /// waiting retry or rate-limited task is cancelled where it waits; a
+    /// workflow run starts no further step. Exits 0 when the cancellation
+    /// was written, 1 when the task had already ended (its status is
+    /// printed) or is unknown, 2 for a malformed id.
+    Cancel(CancelArgs),
     /// Start workflow runs.
     #[command(subcommand)]
     Workflow(WorkflowCommand),
@@ -165,6 +177,16 @@ enum TopicsCommand {
         #[arg(long)]
         brokers: Option<String>,
     },
+}
+
+#[derive(Args)]
+struct CancelArgs {
+    /// Id of the task or workflow run (a UUID).
+    #[arg(value_name = "ID")]
+    id: String,
+    /// The gateway's base URL (default: http://<gateway.listen>).
+    #[arg(long, value_name = "URL")]
+    gateway: Option<String>,
 }
 
 #[derive(Args)]
@@ -357,6 +379,9 @@ fn main() -> ExitCode {
                 run_schedules,
             )
         }
+        Command::Cancel(args) => with_settings(cli.config.as_deref(), cli.log_format, None, |s| {
+            run_cancel(s, args)
+        }),
         Command::Results(args) => {
             let brokers = args.brokers.clone();
             with_settings(cli.config.as_deref(), cli.log_format, brokers, |s| {
@@ -494,6 +519,43 @@ fn gateway_error(error: conveyor::gateway::GatewayError) -> CommandError {
         }
         other => CommandError::Failed(other.to_string()),
     }
+}
+
+async fn run_cancel(settings: Settings, args: CancelArgs) -> Result<(), CommandError> {
+    let id = uuid::Uuid::try_parse(args.id.trim())
+        .map_err(|_| CommandError::Usage(format!("ID `{}`: not a UUID", args.id)))?;
+    let base = args
+        .gateway
+        .unwrap_or_else(|| format!("http://{}", settings.gateway.listen));
+    let url = format!("{}/v1/tasks/{id}:cancel", base.trim_end_matches('/'));
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .map_err(|e| CommandError::Failed(format!("cannot build the HTTP client: {e}")))?;
+    let mut request = client.post(&url);
+    if let Some(token) = settings.gateway.auth_tokens.first() {
+        request = request.bearer_auth(token);
+    }
+    let response = request
+        .send()
+        .await
+        .map_err(|e| CommandError::Failed(format!("POST {url}: {e}")))?;
+    let status = response.status();
+    let body = response.text().await.unwrap_or_default();
+    if status == reqwest::StatusCode::ACCEPTED {
+        println!("{body}");
+        return Ok(());
+    }
+    let message = serde_json::from_str::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| {
+            v.pointer("/error/message")
+                .and_then(|m| m.as_str().map(str::to_owned))
+        })
+        .unwrap_or(body);
+    Err(CommandError::Failed(format!(
+        "POST {url} answered {status}: {message}"
+    )))
 }
 
 async fn run_submit(settings: Settings, args: SubmitArgs) -> Result<(), CommandError> {

@@ -149,6 +149,24 @@ pub const SCHEDULE_OWNER: &str = "conveyor_schedule_owner";
 /// type's rate limit to let them start.
 pub const RATE_LIMITED: &str = "conveyor_rate_limited_tasks";
 
+/// `conveyor_cancellations`: cancellations this worker holds (read from
+/// the control topic, not yet expired or carried out).
+pub const CANCELLATIONS: &str = "conveyor_cancellations";
+/// `conveyor_cancellations_dropped_total`: cancellations forgotten before
+/// they expired because `cancel.max_entries` was reached.
+pub const CANCELLATIONS_DROPPED: &str = "conveyor_cancellations_dropped_total";
+/// `conveyor_tasks_cancelled_total{processor,type,stage}`: tasks that ended
+/// cancelled, by where they stood: `before_start` (never ran), `waiting`
+/// (a retry's backoff, a rate limit), `running` (the handler stopped, or
+/// was dropped after `cancel.grace_ms`).
+pub const TASKS_CANCELLED: &str = "conveyor_tasks_cancelled_total";
+/// `conveyor_task_events_failed_total{kind}`: task events (started,
+/// progress, retrying, cancelled) the broker did not take.
+pub const TASK_EVENTS_FAILED: &str = "conveyor_task_events_failed_total";
+/// `conveyor_gateway_event_streams`: open `GET /v1/tasks/{id}/events`
+/// streams (bounded by `gateway.max_event_streams`).
+pub const GATEWAY_EVENT_STREAMS: &str = "conveyor_gateway_event_streams";
+
 /// Label value for task types no handler is configured for.
 pub const UNKNOWN_TYPE: &str = "_unknown";
 
@@ -234,6 +252,16 @@ pub struct Metrics {
     pub schedule_owner: IntGaugeVec,
     /// See [`RATE_LIMITED`].
     pub rate_limited: IntGaugeVec,
+    /// See [`CANCELLATIONS`].
+    pub cancellations: IntGaugeVec,
+    /// See [`CANCELLATIONS_DROPPED`].
+    pub cancellations_dropped: IntCounterVec,
+    /// See [`TASKS_CANCELLED`].
+    pub tasks_cancelled: IntCounterVec,
+    /// See [`TASK_EVENTS_FAILED`].
+    pub task_events_failed: IntCounterVec,
+    /// See [`GATEWAY_EVENT_STREAMS`].
+    pub gateway_event_streams: IntGaugeVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -501,6 +529,36 @@ impl Metrics {
                 "Tasks waiting for their type's rate limit to let them start.",
                 &["processor", "type"],
             ),
+            cancellations: gauge(
+                &r,
+                CANCELLATIONS,
+                "Cancellations this worker holds, read from the control topic.",
+                &[],
+            ),
+            cancellations_dropped: counter(
+                &r,
+                CANCELLATIONS_DROPPED,
+                "Cancellations forgotten early because cancel.max_entries was reached.",
+                &[],
+            ),
+            tasks_cancelled: counter(
+                &r,
+                TASKS_CANCELLED,
+                "Tasks that ended cancelled, by where they stood (before_start, waiting, running).",
+                &["processor", "type", "stage"],
+            ),
+            task_events_failed: counter(
+                &r,
+                TASK_EVENTS_FAILED,
+                "Task events the broker did not take, by kind.",
+                &["kind"],
+            ),
+            gateway_event_streams: gauge(
+                &r,
+                GATEWAY_EVENT_STREAMS,
+                "Open task event streams (GET /v1/tasks/{id}/events).",
+                &[],
+            ),
             registry: r,
             enabled: true,
         };
@@ -510,9 +568,15 @@ impl Metrics {
             &metrics.delay_overdue,
             &metrics.delay_partitions_waiting,
             &metrics.schedule_owner,
+            &metrics.cancellations,
+            &metrics.gateway_event_streams,
         ] {
             gauge.with_label_values::<&str>(&[]).set(0);
         }
+        metrics
+            .cancellations_dropped
+            .with_label_values::<&str>(&[])
+            .inc_by(0);
         for to in ["tier", "task", "dead_letter"] {
             metrics.delay_moves.with_label_values(&[to]).inc_by(0);
         }

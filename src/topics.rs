@@ -17,7 +17,7 @@ use rdkafka::client::DefaultClientContext;
 
 use crate::settings::Settings;
 use crate::tools::{kafka_error, ToolError};
-use crate::topology::NeededTopic;
+use crate::topology::{NeededTopic, TopicKind};
 
 /// How long the broker may take to answer an admin request.
 const TIMEOUT: Duration = Duration::from_secs(15);
@@ -175,6 +175,8 @@ pub async fn create(settings: &Settings, dry_run: bool) -> Result<Report, ToolEr
         }
     } else if !to_create.is_empty() {
         let replication = settings.topics.replication_factor;
+        // Cancellations expire by age: the control topic forgets them too.
+        let control_retention = settings.cancel.max_age_ms.to_string();
         let new_topics: Vec<NewTopic<'_>> = to_create
             .iter()
             .map(|(topic, partitions)| {
@@ -186,7 +188,11 @@ pub async fn create(settings: &Settings, dry_run: bool) -> Result<Report, ToolEr
                 for (key, value) in &settings.topics.configs {
                     new = new.set(key, value);
                 }
-                if topic.kind.compacted() {
+                if topic.kind == TopicKind::Control {
+                    new = new
+                        .set("cleanup.policy", "compact,delete")
+                        .set("retention.ms", &control_retention);
+                } else if topic.kind.compacted() {
                     new = new.set("cleanup.policy", "compact");
                 }
                 new
@@ -336,7 +342,6 @@ async fn cleanup_policy(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::topology::TopicKind;
 
     #[test]
     fn lines_say_what_happened_and_why() {

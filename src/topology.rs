@@ -8,8 +8,10 @@
 //! write, and for each workflow join the compacted changelog
 //! `<join topic>.joins` with as many partitions as its join topic (each
 //! partition's join state lives in the same partition of the changelog),
-//! the delay tier topics when `[delays]` is on, and the schedule topic
-//! (one partition, compacted) when there are `[[schedules]]`.
+//! the delay tier topics when `[delays]` is on, the schedule topic
+//! (one partition, compacted) when there are `[[schedules]]`, the events
+//! topic when `[events]` is on and the control topic (compacted) when
+//! `[cancel]` is.
 
 use std::collections::BTreeMap;
 
@@ -33,6 +35,10 @@ pub enum TopicKind {
     Delay,
     /// The last tick each schedule fired; one partition, compacted.
     Schedules,
+    /// Task events (started, progress, retrying, cancelled).
+    Events,
+    /// Cancellations; compacted, read whole by every worker.
+    Control,
 }
 
 impl TopicKind {
@@ -46,12 +52,17 @@ impl TopicKind {
             TopicKind::JoinChangelog => "join changelog",
             TopicKind::Delay => "delay tier",
             TopicKind::Schedules => "schedules",
+            TopicKind::Events => "events",
+            TopicKind::Control => "control",
         }
     }
 
     /// Whether the topic must be compacted (`cleanup.policy = compact`).
     pub fn compacted(self) -> bool {
-        matches!(self, TopicKind::JoinChangelog | TopicKind::Schedules)
+        matches!(
+            self,
+            TopicKind::JoinChangelog | TopicKind::Schedules | TopicKind::Control
+        )
     }
 
     /// The partitions the topic must have whatever `[topics]` says: one
@@ -137,6 +148,20 @@ impl ProcessorSettings {
 }
 
 impl Settings {
+    /// The events and control topics, when on: every worker writes the
+    /// first and reads the second, every gateway reads the first and
+    /// writes the second.
+    pub fn lifecycle_topics(&self) -> Vec<(String, TopicKind)> {
+        let mut topics = Vec::new();
+        if self.events.enabled {
+            topics.push((self.events.topic.clone(), TopicKind::Events));
+        }
+        if self.cancel.enabled {
+            topics.push((self.cancel.topic.clone(), TopicKind::Control));
+        }
+        topics
+    }
+
     /// The topics a gateway follows for results: the processors' output
     /// topics, or the default results topic for a configuration that runs
     /// none. (The task topics it writes and follows are
@@ -197,6 +222,9 @@ impl Settings {
         }
         if !self.schedules.is_empty() {
             add(&self.scheduler.topic, TopicKind::Schedules, None);
+        }
+        for (topic, kind) in self.lifecycle_topics() {
+            add(&topic, kind, None);
         }
         topics
             .into_iter()
@@ -265,27 +293,28 @@ mod tests {
             .map(|tier| t(&format!("conveyor.delay.{tier}"), TopicKind::Delay, None))
             .collect();
         expected.sort();
-        assert_eq!(
-            needed,
-            [
-                expected,
-                vec![
-                    t("conveyor.dlq", TopicKind::DeadLetter, None),
-                    t("conveyor.results", TopicKind::Results, None),
-                    t("conveyor.tasks.count", TopicKind::Tasks, None),
-                    t("conveyor.tasks.count.retry", TopicKind::Retry, None),
-                    t("conveyor.tasks.split", TopicKind::Tasks, None),
-                    t("conveyor.tasks.split.retry", TopicKind::Retry, None),
-                    t("conveyor.tasks.sum", TopicKind::Tasks, None),
-                    t(
-                        "conveyor.tasks.sum.joins",
-                        TopicKind::JoinChangelog,
-                        Some("conveyor.tasks.sum")
-                    ),
-                ]
-            ]
-            .concat()
-        );
+        let mut all = [
+            expected,
+            vec![
+                t("conveyor.control", TopicKind::Control, None),
+                t("conveyor.dlq", TopicKind::DeadLetter, None),
+                t("conveyor.events", TopicKind::Events, None),
+                t("conveyor.results", TopicKind::Results, None),
+                t("conveyor.tasks.count", TopicKind::Tasks, None),
+                t("conveyor.tasks.count.retry", TopicKind::Retry, None),
+                t("conveyor.tasks.split", TopicKind::Tasks, None),
+                t("conveyor.tasks.split.retry", TopicKind::Retry, None),
+                t("conveyor.tasks.sum", TopicKind::Tasks, None),
+                t(
+                    "conveyor.tasks.sum.joins",
+                    TopicKind::JoinChangelog,
+                    Some("conveyor.tasks.sum"),
+                ),
+            ],
+        ]
+        .concat();
+        all.sort();
+        assert_eq!(needed, all);
         s.delays.enabled = false;
         assert!(
             s.topology().iter().all(|t| t.kind != TopicKind::Delay),

@@ -63,6 +63,13 @@ pub fn processor_specs_with(
     } else {
         Metrics::disabled()
     });
+    let cancels = settings.cancel.enabled.then(|| {
+        Arc::new(crate::control::Cancels::new(
+            settings.cancel.clone(),
+            settings.kafka.clone(),
+            metrics.clone(),
+        ))
+    });
     // The worker's prefetch budget, shared by its processors.
     let mut kafka = settings.kafka.clone();
     let processors = u64::try_from(settings.processors.len()).unwrap_or(u64::MAX);
@@ -90,6 +97,8 @@ pub fn processor_specs_with(
                 rate_limits: Arc::new(crate::rate::Limits::of(p, |t| {
                     settings.topics.task_topic(t)
                 })),
+                events: settings.events.clone(),
+                cancels: cancels.clone(),
             })
         })
         .collect()

@@ -361,8 +361,14 @@ impl Workflows {
         let Some(definition) = self.get(&w.name) else {
             return vec![self.unknown_definition(w, worker)];
         };
+        // A cancelled step cancels its run; any other failure fails it.
+        let kind = if error.kind == FailureKind::Cancelled.as_str() {
+            FailureKind::Cancelled
+        } else {
+            FailureKind::StepFailed
+        };
         let step_error = TaskError {
-            kind: FailureKind::StepFailed.into(),
+            kind: kind.into(),
             message: format!(
                 "step {} (`{}`){} failed: {}: {}",
                 w.step,

@@ -11,7 +11,13 @@ use apache_avro::reader::datum::GenericDatumReader;
 use apache_avro::types::Value;
 use apache_avro::writer::datum::GenericDatumWriter;
 use apache_avro::Schema;
-use conveyor::codec::schema::{TASK_REQUEST_AVSC, TASK_RESULT_AVSC};
+use conveyor::codec::event::{
+    decode_control, decode_event, encode_control, encode_event, TaskControl, TaskEvent, CANCEL,
+    PROGRESS, STARTED,
+};
+use conveyor::codec::schema::{
+    TASK_CONTROL_AVSC, TASK_EVENT_AVSC, TASK_REQUEST_AVSC, TASK_RESULT_AVSC,
+};
 
 /// `apache-avro` (a dev-dependency) parsing the contracts the codec follows.
 fn task_request_schema() -> Result<apache_avro::Schema, apache_avro::Error> {
@@ -267,4 +273,169 @@ fn defaults_in_the_schema_fill_fields_an_old_writer_did_not_have() {
     assert_eq!(req.attempt, 1);
     assert_eq!(req.key, None);
     assert_eq!(req.metadata, BTreeMap::new());
+}
+
+/// The schemas as round 2 shipped them (before task events and
+/// cancellation), for old readers and writers.
+const PREVIOUS_TASK_RESULT_AVSC: &str = include_str!("fixtures/schemas-round2/task_result.avsc");
+const PREVIOUS_TASK_REQUEST_AVSC: &str = include_str!("fixtures/schemas-round2/task_request.avsc");
+
+/// Reads `bytes` written with `writer` as `reader` sees them (Avro schema
+/// resolution), then re-encodes them with `reader`.
+fn resolve(writer: &Schema, reader: &Schema, bytes: &[u8]) -> Vec<u8> {
+    let value = GenericDatumReader::builder(writer)
+        .reader_schema(reader)
+        .build()
+        .expect("a resolving reader")
+        .read_value(&mut &bytes[..])
+        .expect("the reader's schema reads the writer's record");
+    write_with_apache(reader, value)
+}
+
+#[test]
+fn previous_schema_readers_read_new_records_and_new_readers_read_old_ones() {
+    let previous_result = Schema::parse_str(PREVIOUS_TASK_RESULT_AVSC).unwrap();
+    let previous_request = Schema::parse_str(PREVIOUS_TASK_REQUEST_AVSC).unwrap();
+    let current_result = task_result_schema().unwrap();
+    let current_request = task_request_schema().unwrap();
+    // A cancelled task's result, as a worker writes it now.
+    let cancelled = TaskResult {
+        id: Uuid::new_v4(),
+        task_type: "render".into(),
+        status: TaskStatus::Failed,
+        output: None,
+        content_type: "application/json".into(),
+        error: Some(TaskError {
+            kind: "cancelled".into(),
+            message: "cancelled while running; the handler stopped: bye".into(),
+        }),
+        attempts: 1,
+        started_at: 10,
+        finished_at: 20,
+        worker: "w".into(),
+        workflow: None,
+    };
+    let mut now = Vec::new();
+    Codec::default().encode_result(&cancelled, &mut now);
+    // An old reader reads it: a failure of kind `cancelled`.
+    let old_view = resolve(&current_result, &previous_result, &now);
+    let read = read_with_apache(&previous_result, &old_view);
+    assert_eq!(read, result_value(&cancelled));
+    // A record an old writer wrote reads the same with today's codec.
+    let old_written = write_with_apache(&previous_result, result_value(&cancelled));
+    assert_eq!(Codec::default().decode_result(&old_written), Ok(cancelled));
+    // Requests: unchanged, both ways.
+    let request = TaskRequest::new("render", b"{}".to_vec());
+    let mut now = Vec::new();
+    Codec::default().encode_request(&request, &mut now);
+    let old_view = resolve(&current_request, &previous_request, &now);
+    assert_eq!(
+        Codec::default().decode_request(&old_view),
+        Ok(request.clone())
+    );
+    let old_written = write_with_apache(&previous_request, request_value(&request));
+    assert_eq!(Codec::default().decode_request(&old_written), Ok(request));
+}
+
+fn event_value(e: &TaskEvent) -> Value {
+    record(vec![
+        ("id", Value::Uuid(e.id)),
+        ("type", Value::String(e.task_type.clone())),
+        ("kind", Value::String(e.kind.clone())),
+        ("at", Value::TimestampMillis(e.at)),
+        ("worker", Value::String(e.worker.clone())),
+        ("attempt", Value::Int(e.attempt)),
+        ("progress", optional(e.progress.clone().map(Value::Bytes))),
+        ("due", optional(e.due.map(Value::TimestampMillis))),
+        ("message", optional(e.message.clone().map(Value::String))),
+        ("token", optional(e.token.clone().map(Value::String))),
+    ])
+}
+
+#[test]
+fn events_and_control_records_follow_their_schemas_both_ways() {
+    let schema = Schema::parse_str(TASK_EVENT_AVSC).unwrap();
+    let bare = TaskEvent::new(Uuid::new_v4(), "render", STARTED, "w-1", 1);
+    let full = TaskEvent {
+        progress: Some(br#"{"done":37}"#.to_vec()),
+        due: Some(99),
+        message: Some("timeout".into()),
+        token: Some("0123456789abcdef0123456789abcdef".into()),
+        ..TaskEvent::new(Uuid::new_v4(), "render", PROGRESS, "w-2", 3)
+    };
+    for event in [bare, full] {
+        let mut bytes = Vec::new();
+        encode_event(&event, &mut bytes);
+        assert_eq!(read_with_apache(&schema, &bytes), event_value(&event));
+        let written = write_with_apache(&schema, event_value(&event));
+        assert_eq!(decode_event(&written), Ok(event));
+    }
+    let control_schema = Schema::parse_str(TASK_CONTROL_AVSC).unwrap();
+    let control = TaskControl {
+        id: Uuid::new_v4(),
+        action: CANCEL.into(),
+        at: 1_700_000_000_000,
+        by: "cli".into(),
+    };
+    let mut bytes = Vec::new();
+    encode_control(&control, &mut bytes);
+    let expected = record(vec![
+        ("id", Value::Uuid(control.id)),
+        ("action", Value::String(control.action.clone())),
+        ("at", Value::TimestampMillis(control.at)),
+        ("by", Value::String(control.by.clone())),
+    ]);
+    assert_eq!(read_with_apache(&control_schema, &bytes), expected);
+    assert_eq!(
+        decode_control(&write_with_apache(&control_schema, expected)),
+        Ok(control)
+    );
+}
+
+#[test]
+fn event_readers_take_records_of_older_and_newer_writers() {
+    // An older writer without the optional fields, and a newer one that
+    // appended a field: today's decoder reads both.
+    let older = Schema::parse_str(
+        r#"{"type":"record","name":"TaskEvent","namespace":"conveyor","fields":[
+            {"name":"id","type":{"type":"string","logicalType":"uuid"}},
+            {"name":"type","type":"string"},
+            {"name":"kind","type":"string"},
+            {"name":"at","type":{"type":"long","logicalType":"timestamp-millis"}},
+            {"name":"worker","type":"string"},
+            {"name":"attempt","type":"int"}]}"#,
+    )
+    .unwrap();
+    let id = Uuid::new_v4();
+    let old = write_with_apache(
+        &older,
+        record(vec![
+            ("id", Value::Uuid(id)),
+            ("type", Value::String("t".into())),
+            ("kind", Value::String("started".into())),
+            ("at", Value::TimestampMillis(5)),
+            ("worker", Value::String("w".into())),
+            ("attempt", Value::Int(2)),
+        ]),
+    );
+    let read = decode_event(&old).unwrap();
+    assert_eq!((read.id, read.attempt, read.token), (id, 2, None));
+    let mut newer_json: serde_json::Value = serde_json::from_str(TASK_EVENT_AVSC).unwrap();
+    newer_json["fields"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({"name": "host", "type": "string", "default": ""}));
+    let newer = Schema::parse_str(&newer_json.to_string()).unwrap();
+    let event = TaskEvent::new(id, "t", "paused", "w", 1);
+    let mut fields = match event_value(&event) {
+        Value::Record(fields) => fields,
+        other => panic!("{other:?}"),
+    };
+    fields.push(("host".into(), Value::String("h-1".into())));
+    let written = write_with_apache(&newer, Value::Record(fields));
+    assert_eq!(
+        decode_event(&written),
+        Ok(event),
+        "an unknown kind and an appended field are read, not refused"
+    );
 }

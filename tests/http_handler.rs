@@ -98,9 +98,9 @@ async fn success_sends_the_task_and_returns_the_body() {
     let (addr, seen) = serve().await;
     let handler = Http::new(&format!("http://{addr}/ok"), 2_000, 1 << 20).unwrap();
     let t = task();
-    let context = TaskContext {
-        traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
-    };
+    let context = TaskContext::new(Some(
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
+    ));
     let out = handler
         .handle(&t, &context)
         .await

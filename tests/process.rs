@@ -1455,3 +1455,209 @@ async fn a_worker_started_after_an_outage_fires_missed_ticks_by_the_misfire_poli
         let _ = std::fs::remove_file(&config);
     }
 }
+
+/// An `http` handler endpoint that holds each task's request until the
+/// test releases it, recording every request by task id.
+#[derive(Default)]
+struct Holding {
+    seen: Mutex<Vec<uuid::Uuid>>,
+    released: Mutex<std::collections::HashSet<uuid::Uuid>>,
+    changed: tokio::sync::Notify,
+}
+
+impl Holding {
+    fn times(&self, id: uuid::Uuid) -> usize {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| **s == id)
+            .count()
+    }
+
+    fn release(&self, id: uuid::Uuid) {
+        self.released.lock().unwrap().insert(id);
+        self.changed.notify_waiters();
+    }
+}
+
+async fn holding_endpoint() -> (String, Arc<Holding>) {
+    use axum::extract::State;
+    use axum::http::HeaderMap;
+    let holding = Arc::new(Holding::default());
+    let app = axum::Router::new()
+        .route(
+            "/",
+            axum::routing::post(
+                |State(h): State<Arc<Holding>>, headers: HeaderMap| async move {
+                    let id: uuid::Uuid = headers
+                        .get("conveyor-task-id")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse().ok())
+                        .expect("a task id header");
+                    h.seen.lock().unwrap().push(id);
+                    loop {
+                        let changed = h.changed.notified();
+                        if h.released.lock().unwrap().contains(&id) {
+                            return "{}";
+                        }
+                        changed.await;
+                    }
+                },
+            ),
+        )
+        .with_state(holding.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the test endpoint");
+    let url = format!("http://{}/", listener.local_addr().expect("address"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, holding)
+}
+
+/// Cancellations survive a SIGKILL of the worker: a task cancelled before
+/// it started is not run by the partition's next owner, a task cancelled
+/// while running (the worker killed right after) ends cancelled and runs no
+/// more, and a finished task's cancel answers 409 after the kill too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancellations_survive_a_sigkill_of_the_worker() {
+    for kafka in TestKafka::all("cancellations_survive_a_sigkill_of_the_worker") {
+        let (url, endpoint) = holding_endpoint().await;
+        let pipeline = kafka.pipeline(1).await;
+        let mut settings =
+            kafka.worker_settings(&pipeline, Ordering::Key, &[("held", HandlerKind::Echo)]);
+        common::with_lifecycle(&kafka, &mut settings, 1).await;
+        settings.cancel.grace_ms = 1_000;
+        let mut task = conveyor::settings::TaskSettings::new(HandlerKind::Http);
+        task.url = Some(url);
+        task.timeout_ms = 120_000;
+        settings.processors[0].tasks.insert("held".into(), task);
+        settings.gateway.task_types = vec!["held".into()];
+        settings.fill_derived();
+        settings.validate().expect("valid settings");
+        let gateway =
+            common::TestGateway::start(&settings, Arc::new(conveyor::metrics::Metrics::new()))
+                .await;
+        let client = reqwest::Client::new();
+        let base = gateway.base.clone();
+        let submit = |key: &'static str| {
+            let (client, base) = (client.clone(), base.clone());
+            async move {
+                let answer = client
+                    .post(format!("{base}/v1/tasks"))
+                    .header("content-type", "application/json")
+                    .body(
+                        serde_json::json!({"type": "held", "payload": {}, "key": key}).to_string(),
+                    )
+                    .send()
+                    .await
+                    .unwrap()
+                    .bytes()
+                    .await
+                    .unwrap();
+                let answer: serde_json::Value = serde_json::from_slice(&answer).unwrap();
+                answer["id"]
+                    .as_str()
+                    .unwrap()
+                    .parse::<uuid::Uuid>()
+                    .unwrap()
+            }
+        };
+        let status = |id: uuid::Uuid, wait: &'static str| {
+            let (client, base) = (client.clone(), base.clone());
+            async move {
+                let answer = client
+                    .get(format!("{base}/v1/tasks/{id}?wait={wait}"))
+                    .send()
+                    .await
+                    .unwrap()
+                    .bytes()
+                    .await
+                    .unwrap();
+                serde_json::from_slice::<serde_json::Value>(&answer).unwrap()
+            }
+        };
+        let cancel = |id: uuid::Uuid| {
+            let (client, base) = (client.clone(), base.clone());
+            async move {
+                let response = client
+                    .post(format!("{base}/v1/tasks/{id}:cancel"))
+                    .send()
+                    .await
+                    .unwrap();
+                let code = response.status().as_u16();
+                let body = response.bytes().await.unwrap();
+                (
+                    code,
+                    serde_json::from_slice::<serde_json::Value>(&body).unwrap(),
+                )
+            }
+        };
+        // One key: `head` runs, `queued` waits behind it in the key's lane.
+        let head = submit("k").await;
+        let queued = submit("k").await;
+        let config = common::config_file(&settings);
+        let first = Worker::start(&config);
+        wait_until("the head task reaches the endpoint", LONG, || {
+            endpoint.times(head) == 1
+        })
+        .await;
+        let (code, answer) = cancel(queued).await;
+        assert_eq!(code, 202, "{answer}");
+        let mut first = first;
+        first.signal("KILL");
+        first.wait(Duration::from_secs(10));
+
+        // The next owner runs the head again (at least once), never `queued`.
+        let second = Worker::start(&config);
+        wait_until("the head runs again on the next owner", LONG, || {
+            endpoint.times(head) == 2
+        })
+        .await;
+        endpoint.release(head);
+        let done = status(queued, "60s").await;
+        assert_eq!(done["status"], "cancelled", "{done}");
+        assert_eq!(done["error"]["message"], "cancelled before it started");
+        assert_eq!(endpoint.times(queued), 0, "the cancelled task never ran");
+        assert_eq!(status(head, "60s").await["status"], "succeeded");
+
+        // Cancelled while running, the worker killed at once.
+        let running = submit("k").await;
+        wait_until("the task runs", LONG, || endpoint.times(running) == 1).await;
+        let (code, answer) = cancel(running).await;
+        assert_eq!(code, 202, "{answer}");
+        let mut second = second;
+        second.signal("KILL");
+        second.wait(Duration::from_secs(10));
+        let mut third = Worker::start(&config);
+        let ended = status(running, "60s").await;
+        assert_eq!(ended["status"], "cancelled", "{ended}");
+        let message = ended["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(
+            message == "cancelled before it started"
+                || message.starts_with("cancelled while running"),
+            "{message}"
+        );
+        assert_eq!(
+            endpoint.times(running),
+            1,
+            "not run again by the next owner"
+        );
+
+        // After the end, and after the kills: 409 with the status.
+        let (code, answer) = cancel(head).await;
+        assert_eq!(
+            (code, &answer["status"]),
+            (409, &serde_json::json!("succeeded"))
+        );
+        common::announce(&format!(
+            "{}: cancelled before start: never run across a SIGKILL; cancelled while running then SIGKILL: \"{message}\", ran once",
+            kafka.describe()
+        ));
+        third.stop_cleanly();
+        gateway.stop().await;
+    }
+}

@@ -97,6 +97,11 @@ impl<'a> Reader<'a> {
         self.input.len().saturating_sub(self.pos)
     }
 
+    /// Nothing is left to read.
+    pub(crate) fn at_end(&self) -> bool {
+        self.remaining() == 0
+    }
+
     fn read_varint(&mut self) -> Result<u64, DecodeError> {
         let mut value: u64 = 0;
         for i in 0..MAX_VARINT_BYTES {

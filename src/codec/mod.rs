@@ -27,6 +27,7 @@
 //! A framed record whose schema id is not the configured one is refused.
 
 mod binary;
+pub mod event;
 pub mod render;
 pub mod schema;
 pub mod wire;
@@ -178,11 +179,13 @@ pub enum FailureKind {
     InvalidWorkflowStep,
     /// A workflow run: one of its steps failed.
     StepFailed,
+    /// The task (or its workflow run) was cancelled.
+    Cancelled,
 }
 
 impl FailureKind {
     /// Every kind, in declaration order.
-    pub const ALL: [FailureKind; 12] = [
+    pub const ALL: [FailureKind; 13] = [
         FailureKind::Permanent,
         FailureKind::Retryable,
         FailureKind::Timeout,
@@ -195,6 +198,7 @@ impl FailureKind {
         FailureKind::UnknownWorkflow,
         FailureKind::InvalidWorkflowStep,
         FailureKind::StepFailed,
+        FailureKind::Cancelled,
     ];
 
     /// The kind as written on the wire and in metric labels.
@@ -212,6 +216,7 @@ impl FailureKind {
             FailureKind::UnknownWorkflow => "unknown_workflow",
             FailureKind::InvalidWorkflowStep => "invalid_workflow_step",
             FailureKind::StepFailed => "step_failed",
+            FailureKind::Cancelled => "cancelled",
         }
     }
 

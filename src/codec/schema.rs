@@ -11,6 +11,12 @@ pub const TASK_REQUEST_AVSC: &str = include_str!("../../schemas/task_request.avs
 /// `schemas/task_result.avsc`.
 pub const TASK_RESULT_AVSC: &str = include_str!("../../schemas/task_result.avsc");
 
+/// `schemas/task_event.avsc`.
+pub const TASK_EVENT_AVSC: &str = include_str!("../../schemas/task_event.avsc");
+
+/// `schemas/task_control.avsc`.
+pub const TASK_CONTROL_AVSC: &str = include_str!("../../schemas/task_control.avsc");
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -36,6 +42,8 @@ mod tests {
         for (text, schema) in [
             (TASK_REQUEST_AVSC, task_request_schema()),
             (TASK_RESULT_AVSC, task_result_schema()),
+            (TASK_EVENT_AVSC, Schema::parse_str(TASK_EVENT_AVSC)),
+            (TASK_CONTROL_AVSC, Schema::parse_str(TASK_CONTROL_AVSC)),
         ] {
             let schema = schema.expect("embedded schema parses");
             assert!(!field_names(&schema).is_empty());

@@ -28,6 +28,9 @@ pub struct ApiError {
     pub field: Option<String>,
     /// What is wrong.
     pub message: String,
+    /// The task's status, when the refusal is about it (a cancel of a
+    /// finished task): `status` beside `error` in the body.
+    pub task_status: Option<&'static str>,
 }
 
 impl ApiError {
@@ -38,6 +41,7 @@ impl ApiError {
             code,
             field: None,
             message: message.into(),
+            task_status: None,
         }
     }
 
@@ -48,7 +52,14 @@ impl ApiError {
             code: "invalid_field",
             field: Some(field.into()),
             message: message.into(),
+            task_status: None,
         }
+    }
+
+    /// The same refusal, saying the task's status too.
+    pub fn with_task_status(mut self, status: &'static str) -> Self {
+        self.task_status = Some(status);
+        self
     }
 
     /// The same refusal with another status and code.
@@ -64,7 +75,10 @@ impl ApiError {
         if let (Some(field), Some(map)) = (&self.field, error.as_object_mut()) {
             map.insert("field".into(), json!(field));
         }
-        json!({ "error": error })
+        match self.task_status {
+            Some(status) => json!({ "error": error, "status": status }),
+            None => json!({ "error": error }),
+        }
     }
 }
 
@@ -184,6 +198,7 @@ pub fn parse_json(body: &[u8]) -> Result<Value, ApiError> {
         code: "invalid_json",
         field: Some("body".into()),
         message: format!("the request body is not valid JSON: {e}"),
+        task_status: None,
     })
 }
 

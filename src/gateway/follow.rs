@@ -9,6 +9,7 @@ use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::GatewayError;
+use crate::codec::event::TaskEvent;
 use crate::codec::wire as headers;
 use crate::codec::{now_millis, Codec, TaskRequest, TaskResult};
 use crate::kafka::{Read, Reader};
@@ -24,6 +25,8 @@ pub(super) struct Spec {
     /// Delay tiers: their records are tasks scheduled for later.
     pub delay_topics: Vec<String>,
     pub result_topics: Vec<String>,
+    /// The events topic, when `[events]` is on.
+    pub events_topic: Option<String>,
     pub lookback_ms: u64,
     /// The view's capacity: how far back to read a partition whose
     /// timestamp lookup found nothing.
@@ -42,6 +45,13 @@ pub(super) enum Event {
     },
     /// A task result.
     Result(TaskResult),
+    /// A step of a task (a task event), with where it was read in the
+    /// events topic.
+    Step {
+        event: TaskEvent,
+        partition: i32,
+        offset: i64,
+    },
     /// Every partition has been read to the end it had at start.
     CaughtUp,
     /// About once a second, for housekeeping.
@@ -52,6 +62,7 @@ pub(super) struct Follower {
     reader: Reader,
     codec: Codec,
     result_topics: HashSet<String>,
+    events_topic: Option<String>,
     delay_topics: HashSet<String>,
     /// The task topics followed: a tier record bound elsewhere (a retry
     /// waiting out its backoff, bound for a retry topic) is not a task
@@ -82,6 +93,7 @@ impl Follower {
             .iter()
             .chain(&spec.task_topics)
             .chain(&spec.delay_topics)
+            .chain(&spec.events_topic)
             .collect();
         wanted.sort();
         wanted.dedup();
@@ -166,6 +178,7 @@ impl Follower {
             reader,
             codec: spec.codec,
             result_topics: spec.result_topics.iter().cloned().collect(),
+            events_topic: spec.events_topic.clone(),
             delay_topics: spec.delay_topics.iter().cloned().collect(),
             task_topics: spec.task_topics.iter().cloned().collect(),
             start,
@@ -226,6 +239,19 @@ impl Follower {
                 Ok(result) => Some(Event::Result(result)),
                 Err(error) => {
                     tracing::debug!(%error, topic, "status view: skipping an undecodable result");
+                    None
+                }
+            };
+        }
+        if self.events_topic.as_deref() == Some(topic) {
+            return match crate::codec::event::decode_event(bytes) {
+                Ok(event) => Some(Event::Step {
+                    event,
+                    partition: message.partition(),
+                    offset: message.offset(),
+                }),
+                Err(error) => {
+                    tracing::debug!(%error, topic, "status view: skipping an undecodable event");
                     None
                 }
             };

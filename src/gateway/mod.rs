@@ -15,6 +15,7 @@
 
 pub mod api;
 mod follow;
+mod lifecycle;
 mod routes;
 mod schedules;
 mod status;
@@ -48,6 +49,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/tasks"),
     ("post", "/v1/tasks:batch"),
     ("get", "/v1/tasks/{id}"),
+    ("post", "/v1/tasks/{id}:cancel"),
+    ("post", "/v1/tasks/{id}/progress"),
+    ("get", "/v1/tasks/{id}/events"),
     ("post", "/v1/workflows/{workflow}"),
     ("get", "/v1/workflows/{workflow}"),
     ("get", "/v1/schedules"),
@@ -128,6 +132,14 @@ struct Shared {
     config: Settings,
     /// The last read of the schedule topic.
     schedule_reads: schedules::LastRead,
+    /// The events topic, when `[events]` is on.
+    events_topic: Option<String>,
+    /// The control topic, when `[cancel]` is on.
+    control_topic: Option<String>,
+    /// `events.progress_max_bytes`.
+    progress_max_bytes: usize,
+    /// Open event streams.
+    streams: std::sync::atomic::AtomicUsize,
 }
 
 /// How long `/readyz` reuses its broker check.
@@ -140,6 +152,23 @@ impl Shared {
 
     fn reserved(&self) -> MutexGuard<'_, HashSet<String>> {
         self.reserved.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The high watermark of `partition` of the events topic, if the
+    /// broker answers within a second.
+    async fn events_high(&self, partition: i32) -> Option<i64> {
+        let topic = self.events_topic.clone()?;
+        let producer = self.producer.clone();
+        tokio::task::spawn_blocking(move || {
+            producer
+                .client()
+                .fetch_watermarks(&topic, partition, Duration::from_secs(1))
+                .ok()
+                .map(|(_, high)| high)
+        })
+        .await
+        .ok()
+        .flatten()
     }
 }
 
@@ -220,6 +249,16 @@ pub async fn start(
         schedules: crate::schedule::Schedule::all(settings).map_err(GatewayError::Config)?,
         config: settings.clone(),
         schedule_reads: tokio::sync::Mutex::new(None),
+        events_topic: settings
+            .events
+            .enabled
+            .then(|| settings.events.topic.clone()),
+        control_topic: settings
+            .cancel
+            .enabled
+            .then(|| settings.cancel.topic.clone()),
+        progress_max_bytes: settings.events.progress_max_bytes,
+        streams: std::sync::atomic::AtomicUsize::new(0),
     });
 
     let follow_spec = follow::Spec {
@@ -231,6 +270,10 @@ pub async fn start(
             .map(|t| t.topics().map(str::to_owned).collect())
             .unwrap_or_default(),
         result_topics,
+        events_topic: settings
+            .events
+            .enabled
+            .then(|| settings.events.topic.clone()),
         lookback_ms: g.view_lookback_ms,
         max_tasks: g.view_max_tasks,
     };
@@ -327,6 +370,11 @@ fn apply(shared: &Shared, event: follow::Event) {
             .view()
             .apply_request(&request, traceparent, scheduled, now),
         follow::Event::Result(result) => shared.view().apply_result(result, now),
+        follow::Event::Step {
+            event,
+            partition,
+            offset,
+        } => shared.view().apply_event(event, partition, offset, now),
         follow::Event::CaughtUp => {
             tracing::info!("gateway status view caught up with the results and task topics");
             shared.caught_up.store(true, Ordering::Relaxed);
@@ -358,6 +406,12 @@ mod tests {
         assert_eq!(route_label("/v1/tasks/abc"), "/v1/tasks/:id");
         assert_eq!(route_label("/v1/tasks/"), "unmatched");
         assert_eq!(route_label("/v1/tasks/a/b"), "unmatched");
+        assert_eq!(route_label("/v1/tasks/a/events"), "/v1/tasks/:id/events");
+        assert_eq!(
+            route_label("/v1/tasks/a/progress"),
+            "/v1/tasks/:id/progress"
+        );
+        assert_eq!(route_label("/v1/tasks//events"), "unmatched");
         assert_eq!(route_label("/v1/workflows/wc"), "/v1/workflows/:workflow");
         assert_eq!(route_label("/v1/workflows/"), "unmatched");
         assert_eq!(route_label("/metrics"), "/metrics");
@@ -386,6 +440,11 @@ mod tests {
                 child_index: Some(2),
                 child_count: Some(i32::MAX),
             }),
+            attempt: None,
+            progress: None,
+            retry_at: None,
+            events: Default::default(),
+            events_partition: None,
         };
         let step = render_step(1, "t", &[&child]);
         let outputs = step["outputs"].as_array().expect("outputs");

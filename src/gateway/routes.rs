@@ -23,11 +23,21 @@ pub(super) fn router(shared: Arc<Shared>) -> Router {
     let api = Router::new()
         .route("/v1/tasks", post(submit_one))
         .route("/v1/tasks:batch", post(submit_batch))
-        .route("/v1/tasks/{id}", get(get_task))
+        .route(
+            "/v1/tasks/{id}",
+            get(get_task).post(super::lifecycle::task_action),
+        )
+        .route("/v1/tasks/{id}/events", get(super::lifecycle::task_events))
         .route("/v1/workflows/{workflow}", post(start_run).get(get_run))
         .route("/v1/schedules", get(super::schedules::list_schedules))
         .route_layer(middleware::from_fn_with_state(shared.clone(), authenticate));
+    // Authenticated by the attempt's progress token, not a bearer token:
+    // the user's app reports progress with what conveyor sent it.
     let open = Router::new()
+        .route(
+            "/v1/tasks/{id}/progress",
+            post(super::lifecycle::post_progress),
+        )
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics_text))
@@ -69,7 +79,15 @@ pub(super) fn router(shared: Arc<Shared>) -> Router {
 pub(super) fn route_label(path: &str) -> &'static str {
     if let Some(id) = path.strip_prefix("/v1/tasks/") {
         if !id.is_empty() && !id.contains('/') {
-            return "/v1/tasks/:id";
+            return match id.strip_suffix(":cancel") {
+                Some(id) if !id.is_empty() => "/v1/tasks/:id:cancel",
+                _ => "/v1/tasks/:id",
+            };
+        }
+        match id.split_once('/') {
+            Some((id, "progress")) if !id.is_empty() => return "/v1/tasks/:id/progress",
+            Some((id, "events")) if !id.is_empty() => return "/v1/tasks/:id/events",
+            _ => {}
         }
     }
     if let Some(workflow) = path.strip_prefix("/v1/workflows/") {

@@ -54,14 +54,16 @@ pub(super) async fn get_run(
     }
 }
 
-/// `succeeded` or `failed` once the run's own result is known, `running`
-/// once any of its steps finished, `scheduled` while its first step waits
+/// `succeeded`, `failed` or `cancelled` once the run's own result is
+/// known, `running` once any of its steps started or finished, `scheduled` while its first step waits
 /// for its time, else `queued`.
 pub(super) fn run_status(tasks: &[&TaskView], run: Uuid) -> &'static str {
     if let Some(result) = tasks.iter().find(|t| t.id == run) {
         return result.phase.name();
     }
-    if tasks.iter().any(|t| t.phase.is_terminal()) {
+    if tasks.iter().any(|t| {
+        t.phase.is_terminal() || matches!(t.phase, view::Phase::Running | view::Phase::Retrying)
+    }) {
         "running"
     } else if !tasks.is_empty() && tasks.iter().all(|t| t.phase == view::Phase::Scheduled) {
         "scheduled"
@@ -163,8 +165,11 @@ pub(super) fn render_step(index: i32, task_type: &str, tasks: &[&TaskView]) -> V
                             *slot = crate::workflow::output_as_json(output);
                         }
                     }
-                    view::Phase::Failed => failed += 1,
-                    view::Phase::Queued | view::Phase::Scheduled => {}
+                    view::Phase::Failed | view::Phase::Cancelled => failed += 1,
+                    view::Phase::Queued
+                    | view::Phase::Scheduled
+                    | view::Phase::Running
+                    | view::Phase::Retrying => {}
                 }
             }
             let status = if failed > 0 {
@@ -321,6 +326,18 @@ pub(super) fn render(task: &TaskView) -> Value {
             map.insert("content_type".into(), json!(content_type_of(task)));
         }
         insert_outcome(map, task, "result");
+        if let Some(attempt) = &task.attempt {
+            map.insert("started_at".into(), json!(attempt.started_at));
+            map.insert("attempt".into(), json!(attempt.attempt));
+            map.insert("worker".into(), json!(attempt.worker));
+        }
+        if let Some((progress, at)) = &task.progress {
+            map.insert("progress".into(), crate::workflow::output_as_json(progress));
+            map.insert("progress_at".into(), json!(at));
+        }
+        if let (Some(retry_at), view::Phase::Retrying) = (task.retry_at, task.phase) {
+            map.insert("retry_at".into(), json!(retry_at));
+        }
         if let Some(run_at) = task.run_at {
             map.insert("run_at".into(), json!(run_at));
         }

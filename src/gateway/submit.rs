@@ -46,6 +46,7 @@ pub(super) fn body_bytes(
                 code: "body_too_large",
                 field: Some("body".into()),
                 message: format!("the request body is over {limit} bytes (gateway.max_body_bytes)"),
+                task_status: None,
             }
         } else {
             ApiError::new(rejection.status(), "bad_body", rejection.body_text())

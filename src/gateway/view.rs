@@ -14,6 +14,7 @@ use std::sync::Arc;
 use tokio::sync::Notify;
 use uuid::Uuid;
 
+use crate::codec::event::TaskEvent;
 use crate::codec::{TaskError, TaskRequest, TaskResult, TaskStatus, WorkflowRef};
 
 /// Metadata key under which the gateway records a task's idempotency key,
@@ -27,10 +28,17 @@ pub enum Phase {
     Scheduled,
     /// Its request is known, its result not yet.
     Queued,
+    /// An attempt started (a `started` event) and no result yet.
+    Running,
+    /// An attempt failed and another is due (a `retrying` event).
+    Retrying,
     /// Its result says it succeeded.
     Succeeded,
     /// Its result says it failed for good.
     Failed,
+    /// Its result says it was cancelled (a FAILED result of kind
+    /// `cancelled`).
+    Cancelled,
 }
 
 impl Phase {
@@ -39,15 +47,67 @@ impl Phase {
         match self {
             Phase::Scheduled => "scheduled",
             Phase::Queued => "queued",
+            Phase::Running => "running",
+            Phase::Retrying => "retrying",
             Phase::Succeeded => "succeeded",
             Phase::Failed => "failed",
+            Phase::Cancelled => "cancelled",
         }
     }
 
     /// Whether the task will not change any more.
     pub fn is_terminal(self) -> bool {
-        matches!(self, Phase::Succeeded | Phase::Failed)
+        matches!(self, Phase::Succeeded | Phase::Failed | Phase::Cancelled)
     }
+}
+
+/// Most events of one task the view keeps for its event streams (a
+/// stream resuming from an older one misses those dropped; the latest
+/// progress is kept apart and always shown).
+pub const MAX_TASK_EVENTS: usize = 32;
+
+/// One event of a task, as its event stream shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveEvent {
+    /// Its offset in the events topic: the stream's event id.
+    pub offset: i64,
+    /// The event's kind.
+    pub kind: String,
+    /// When, ms since the epoch.
+    pub at: i64,
+    /// The attempt.
+    pub attempt: i32,
+    /// Who wrote it.
+    pub worker: String,
+    /// A progress value (JSON text).
+    pub progress: Option<Vec<u8>>,
+    /// A retry's due time.
+    pub due: Option<i64>,
+    /// A note.
+    pub message: Option<String>,
+}
+
+impl LiveEvent {
+    fn bytes(&self) -> usize {
+        self.kind.len()
+            + self.worker.len()
+            + self.progress.as_ref().map_or(0, Vec::len)
+            + self.message.as_ref().map_or(0, String::len)
+            + 64
+    }
+}
+
+/// The attempt that is running, from its `started` event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attempt {
+    /// When it started, ms since the epoch.
+    pub started_at: i64,
+    /// Its number, from 1.
+    pub attempt: i32,
+    /// The worker running it.
+    pub worker: String,
+    /// Its progress token.
+    pub token: Option<String>,
 }
 
 /// What the view holds of one task.
@@ -78,6 +138,17 @@ pub struct TaskView {
     pub workflow: Option<WorkflowRef>,
     /// When a delayed task is to start (ms since the epoch).
     pub run_at: Option<i64>,
+    /// The latest attempt that started (from the events topic).
+    pub attempt: Option<Attempt>,
+    /// The latest progress value (JSON text) and when it was reported.
+    pub progress: Option<(Vec<u8>, i64)>,
+    /// When a retry is due, while `retrying`.
+    pub retry_at: Option<i64>,
+    /// Its events, oldest first, at most [`MAX_TASK_EVENTS`] (counted in
+    /// the view's bytes, so `view_max_bytes` bounds them with the outputs).
+    pub events: VecDeque<LiveEvent>,
+    /// The events topic's partition holding its events.
+    pub events_partition: Option<i32>,
 }
 
 impl TaskView {
@@ -86,7 +157,33 @@ impl TaskView {
             .error
             .as_ref()
             .map_or(0, |e| e.kind.len() + e.message.len());
-        self.output.as_ref().map_or(0, Vec::len) + error
+        let progress = self.progress.as_ref().map_or(0, |(p, _)| p.len());
+        let events: usize = self.events.iter().map(LiveEvent::bytes).sum();
+        self.output.as_ref().map_or(0, Vec::len) + error + progress + events
+    }
+
+    /// A task known only by its id and type (an event or a result seen
+    /// before its request).
+    fn bare(id: Uuid, task_type: String) -> TaskView {
+        TaskView {
+            id,
+            task_type,
+            phase: Phase::Queued,
+            submitted_at: None,
+            finished_at: None,
+            attempts: None,
+            output: None,
+            content_type: None,
+            error: None,
+            traceparent: None,
+            workflow: None,
+            run_at: None,
+            attempt: None,
+            progress: None,
+            retry_at: None,
+            events: VecDeque::new(),
+            events_partition: None,
+        }
     }
 }
 
@@ -124,6 +221,8 @@ pub struct View {
     waiters: HashMap<Uuid, Arc<Notify>>,
     /// Workflow runs: run id → the ids of its tasks the view holds.
     runs: HashMap<Uuid, HashSet<Uuid>>,
+    /// Events topic partition → the next offset to read there.
+    events_read: HashMap<i32, i64>,
 }
 
 impl View {
@@ -139,6 +238,7 @@ impl View {
             idempotency_order: VecDeque::new(),
             waiters: HashMap::new(),
             runs: HashMap::new(),
+            events_read: HashMap::new(),
         }
     }
 
@@ -232,8 +332,6 @@ impl View {
             return;
         }
         let task = TaskView {
-            id: request.id,
-            task_type: request.task_type.clone(),
             phase: if scheduled.is_some() {
                 Phase::Scheduled
             } else {
@@ -241,13 +339,9 @@ impl View {
             },
             run_at: scheduled,
             submitted_at: Some(request.submitted_at),
-            finished_at: None,
-            attempts: None,
-            output: None,
-            content_type: None,
-            error: None,
             traceparent,
             workflow: request.workflow.clone(),
+            ..TaskView::bare(request.id, request.task_type.clone())
         };
         self.insert(task, request.submitted_at, now);
     }
@@ -255,12 +349,17 @@ impl View {
     /// A result was seen: the task is terminal. A second result for the
     /// same task (at-least-once can write one twice) changes nothing.
     pub fn apply_result(&mut self, result: TaskResult, now: i64) {
+        let cancelled = result
+            .error
+            .as_ref()
+            .is_some_and(|e| e.kind == crate::codec::FailureKind::Cancelled.as_str());
         let phase = match result.status {
             TaskStatus::Succeeded => Phase::Succeeded,
+            TaskStatus::Failed if cancelled => Phase::Cancelled,
             TaskStatus::Failed => Phase::Failed,
         };
         let id = result.id;
-        let (submitted_at, traceparent) = match self.tasks.remove(&id) {
+        let before = match self.tasks.remove(&id) {
             Some(slot) if slot.task.phase.is_terminal() => {
                 self.tasks.insert(id, slot);
                 return;
@@ -268,32 +367,115 @@ impl View {
             Some(slot) => {
                 self.bytes = self.bytes.saturating_sub(slot.task.bytes());
                 self.unlink(&slot.task);
-                (slot.task.submitted_at, slot.task.traceparent)
+                Some(slot.task)
             }
-            None => (None, None),
+            None => None,
         };
         let finished_at = result.finished_at;
-        let task = TaskView {
-            id,
-            task_type: result.task_type,
+        let mut task = TaskView {
             phase,
-            submitted_at,
             finished_at: Some(finished_at),
             attempts: Some(result.attempts),
             output: result.output,
             content_type: Some(result.content_type),
             error: result.error,
-            traceparent,
             workflow: result.workflow,
-            run_at: None,
+            ..TaskView::bare(id, result.task_type)
         };
+        if let Some(before) = before {
+            task.submitted_at = before.submitted_at;
+            task.traceparent = before.traceparent;
+            task.attempt = before.attempt;
+            task.progress = before.progress;
+            task.events = before.events;
+            task.events_partition = before.events_partition;
+        }
         self.insert(task, finished_at, now);
         if let Some(waiting) = self.waiters.remove(&id) {
             waiting.notify_waiters();
         }
     }
 
-    /// The notifier woken when task `id` becomes terminal. Call
+    /// An event from the events topic (read at `partition`, `offset`):
+    /// folded into its task (which it makes `running` or `retrying` while
+    /// not terminal) and kept for its event streams. An event of a task
+    /// already terminal changes nothing; one of an unknown kind is skipped.
+    pub fn apply_event(&mut self, event: TaskEvent, partition: i32, offset: i64, now: i64) {
+        use crate::codec::event::{CANCELLED, PROGRESS, RETRYING, STARTED};
+        let read = self.events_read.entry(partition).or_insert(0);
+        *read = (*read).max(offset.saturating_add(1));
+        if ![STARTED, PROGRESS, RETRYING, CANCELLED].contains(&event.kind.as_str()) {
+            return;
+        }
+        let id = event.id;
+        // Changed in place: an event does not renew the task's place in
+        // the eviction order (one entry per task, not one per event).
+        let slot = match self.tasks.get_mut(&id) {
+            Some(slot) if slot.task.phase.is_terminal() => return,
+            Some(slot) => slot,
+            None => {
+                let at = event.at;
+                self.insert(TaskView::bare(id, event.task_type.clone()), at, now);
+                match self.tasks.get_mut(&id) {
+                    Some(slot) => slot,
+                    None => return,
+                }
+            }
+        };
+        let task = &mut slot.task;
+        let before = task.bytes();
+        task.events_partition = Some(partition);
+        match event.kind.as_str() {
+            STARTED => {
+                task.phase = Phase::Running;
+                task.retry_at = None;
+                task.attempt = Some(Attempt {
+                    started_at: event.at,
+                    attempt: event.attempt,
+                    worker: event.worker.clone(),
+                    token: event.token.clone(),
+                });
+            }
+            PROGRESS => {
+                if let Some(value) = &event.progress {
+                    task.progress = Some((value.clone(), event.at));
+                }
+            }
+            RETRYING => {
+                task.phase = Phase::Retrying;
+                task.retry_at = event.due;
+            }
+            _ => {}
+        }
+        task.events.push_back(LiveEvent {
+            offset,
+            kind: event.kind,
+            at: event.at,
+            attempt: event.attempt,
+            worker: event.worker,
+            progress: event.progress,
+            due: event.due,
+            message: event.message,
+        });
+        while task.events.len() > MAX_TASK_EVENTS {
+            task.events.pop_front();
+        }
+        let after = task.bytes();
+        self.bytes = self.bytes.saturating_sub(before).saturating_add(after);
+        self.evict(now);
+        if let Some(waiting) = self.waiters.get(&id) {
+            waiting.notify_waiters();
+        }
+    }
+
+    /// The next offset the view will read in partition `partition` of the
+    /// events topic (0 when it has read none there).
+    pub fn events_read(&self, partition: i32) -> i64 {
+        self.events_read.get(&partition).copied().unwrap_or(0)
+    }
+
+    /// The notifier woken when task `id` changes (an event, its result).
+    /// Call
     /// [`View::release_waiter`] when done waiting.
     pub fn waiter(&mut self, id: Uuid) -> Arc<Notify> {
         self.waiters.entry(id).or_default().clone()

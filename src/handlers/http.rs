@@ -3,8 +3,11 @@
 //!
 //! The request body is the task's payload with its `Content-Type`; headers
 //! carry `Conveyor-Task-Id`, `Conveyor-Task-Type`, `Conveyor-Attempt` and,
-//! when the task has one, the W3C `traceparent`. The answer decides the
-//! outcome:
+//! when the task has one, the W3C `traceparent`; with `[events]` on,
+//! `Conveyor-Progress-Token` too, with which the app may report progress
+//! to the gateway (`POST /v1/tasks/{id}/progress`). A task cancelled while
+//! its request is out aborts the request (the connection is closed) and
+//! ends cancelled. The answer decides the outcome:
 //!
 //! | answer | outcome |
 //! |---|---|
@@ -66,7 +69,7 @@ impl Handler for Http {
         task: &'a TaskRequest,
         context: &'a TaskContext,
     ) -> BoxFuture<'a, Result<Output, HandlerError>> {
-        async move {
+        let run = async move {
             let mut request = self
                 .client
                 .post(self.url.clone())
@@ -77,6 +80,9 @@ impl Handler for Http {
                 .body(task.payload.clone());
             if let Some(traceparent) = &context.traceparent {
                 request = request.header("traceparent", traceparent);
+            }
+            if let Some(token) = context.progress_token() {
+                request = request.header("Conveyor-Progress-Token", token);
             }
             let response = request.send().await.map_err(|e| {
                 HandlerError::Retryable(format!("POST {}: {}", self.url, describe(&e)))
@@ -101,6 +107,16 @@ impl Handler for Http {
             } else {
                 HandlerError::Permanent(message)
             })
+        };
+        async move {
+            tokio::select! {
+                biased;
+                () = context.cancelled() => Err(HandlerError::Permanent(format!(
+                    "the request to {} was aborted: the task was cancelled",
+                    self.url
+                ))),
+                answer = run => answer,
+            }
         }
         .boxed()
     }

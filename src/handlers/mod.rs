@@ -15,6 +15,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
+use tokio_util::sync::CancellationToken;
 
 use crate::codec::TaskRequest;
 use crate::settings::{HandlerKind, ProcessorSettings};
@@ -73,11 +74,112 @@ impl HandlerError {
     }
 }
 
-/// Where the task came from and what travels with it, beside the request.
-#[derive(Debug, Clone, Default)]
+/// Where the task came from and what travels with it, beside the request:
+/// its trace context, whether it has been cancelled, and a way to report
+/// progress.
+#[derive(Clone, Default)]
 pub struct TaskContext {
     /// W3C trace context of the request record, if it had one.
     pub traceparent: Option<String>,
+    cancel: Option<CancellationToken>,
+    progress: Option<Arc<dyn ProgressSink>>,
+}
+
+impl std::fmt::Debug for TaskContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TaskContext")
+            .field("traceparent", &self.traceparent)
+            .field("cancelled", &self.is_cancelled())
+            .field("reports_progress", &self.progress.is_some())
+            .finish()
+    }
+}
+
+/// Where a task's progress reports go (the engine's events topic).
+pub trait ProgressSink: Send + Sync {
+    /// Reports `value` (JSON text): written now, or coalesced with the
+    /// next report when reports come faster than the configured interval
+    /// (the last one is always written).
+    fn report(&self, value: Vec<u8>) -> Result<(), ProgressError>;
+    /// The attempt's progress token, which the gateway's
+    /// `POST /v1/tasks/{id}/progress` asks for.
+    fn token(&self) -> &str;
+}
+
+/// A progress report that was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProgressError {
+    /// The value's JSON text is larger than `events.progress_max_bytes`.
+    #[error("progress: the value is {size} bytes of JSON; events.progress_max_bytes allows {max}")]
+    TooLarge {
+        /// Its size.
+        size: usize,
+        /// The bound.
+        max: usize,
+    },
+    /// The task's events are not written (`[events]` is off, or the
+    /// handler runs outside the engine).
+    #[error("progress: this task has no events topic to report to ([events] enabled = false)")]
+    Off,
+}
+
+impl TaskContext {
+    /// A context with this trace context, never cancelled, reporting
+    /// progress nowhere (for running a handler outside the engine).
+    pub fn new(traceparent: Option<String>) -> Self {
+        TaskContext {
+            traceparent,
+            ..TaskContext::default()
+        }
+    }
+
+    /// The engine's context: `cancel` is cancelled when the task is.
+    pub(crate) fn running(
+        traceparent: Option<String>,
+        cancel: Option<CancellationToken>,
+        progress: Option<Arc<dyn ProgressSink>>,
+    ) -> Self {
+        TaskContext {
+            traceparent,
+            cancel,
+            progress,
+        }
+    }
+
+    /// Whether the task has been cancelled (`POST /v1/tasks/{id}:cancel`
+    /// or `conveyor cancel`): a handler that sees it should stop and
+    /// return an error; it is dropped after `cancel.grace_ms` otherwise.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel
+            .as_ref()
+            .is_some_and(CancellationToken::is_cancelled)
+    }
+
+    /// Completes when the task is cancelled (never, when it is not).
+    pub async fn cancelled(&self) {
+        match &self.cancel {
+            Some(token) => token.cancelled().await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Reports how far the task got: any JSON value, such as
+    /// `{"done": 37, "of": 120}`, shown by `GET /v1/tasks/{id}` and the
+    /// task's event stream. Reports closer together than
+    /// `events.progress_interval_ms` are coalesced (the last one always
+    /// lands); a value over `events.progress_max_bytes` is refused.
+    pub fn progress(&self, value: &serde_json::Value) -> Result<(), ProgressError> {
+        let sink = self.progress.as_ref().ok_or(ProgressError::Off)?;
+        sink.report(value.to_string().into_bytes())
+    }
+
+    /// The attempt's progress token, for a handler that reports through
+    /// the gateway instead (the `http` handler sends it to the user's app
+    /// in the `Conveyor-Progress-Token` header).
+    pub fn progress_token(&self) -> Option<&str> {
+        self.progress.as_ref().map(|p| p.token())
+    }
 }
 
 /// Runs tasks of one or more types.

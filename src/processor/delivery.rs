@@ -125,6 +125,19 @@ impl ProducerContext for Deliveries {
         let Some(shared) = self.shared.get().and_then(Weak::upgrade) else {
             return;
         };
+        if let Delivery::Event(kind, in_flight) = &*delivery {
+            // Not part of any task's unit: counted, not produced again.
+            if let Err((error, _)) = &outcome {
+                super::lifecycle::event_failed(&shared, kind, error);
+            }
+            if let Some(in_flight) = in_flight {
+                in_flight.done();
+            }
+            if let Some(last) = Arc::into_inner(shared) {
+                std::thread::spawn(move || drop(last));
+            }
+            return;
+        }
         match outcome {
             Ok(()) => {
                 if shared.failures_in_a_row.load(AtomicOrdering::Relaxed) > 0 {
@@ -160,6 +173,9 @@ pub(crate) enum Delivery {
     Task(TaskOutputs),
     /// A record a task awaits.
     Awaited(Mutex<Option<oneshot::Sender<Result<(), KafkaError>>>>),
+    /// A task event (its kind): written once, counted if refused; the
+    /// count of its task's events in flight, when kept.
+    Event(&'static str, Option<Arc<super::lifecycle::InFlight>>),
 }
 
 /// Kinds of records a task produces, as counted in
@@ -451,6 +467,25 @@ async fn hand_over(
             .fetch_sub(1, AtomicOrdering::Relaxed);
     }
     result
+}
+
+/// Hands a task event to the producer once, without waiting: a full
+/// queue refuses it (the caller counts it), and what the broker refuses
+/// later is counted by the delivery callback.
+pub(super) fn offer_event(
+    shared: &Shared,
+    record: &Outgoing,
+    kind: &str,
+    in_flight: Option<Arc<super::lifecycle::InFlight>>,
+) -> Result<(), KafkaError> {
+    let kind = match kind {
+        crate::codec::event::STARTED => crate::codec::event::STARTED,
+        crate::codec::event::PROGRESS => crate::codec::event::PROGRESS,
+        crate::codec::event::RETRYING => crate::codec::event::RETRYING,
+        crate::codec::event::CANCELLED => crate::codec::event::CANCELLED,
+        _ => "other",
+    };
+    offer(shared, record, Arc::new(Delivery::Event(kind, in_flight)))
 }
 
 /// Hands `record` to the producer once.

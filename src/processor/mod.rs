@@ -102,6 +102,7 @@ pub mod headers;
 mod hot;
 mod join;
 mod ledger;
+mod lifecycle;
 mod poll;
 mod rebalance;
 mod task;
@@ -359,6 +360,11 @@ pub struct ProcessorSpec {
     pub delay_tiers: Option<crate::delay::Tiers>,
     /// The task types' rate limits ([`crate::rate`]).
     pub rate_limits: Arc<crate::rate::Limits>,
+    /// Where task events go (`[events]`).
+    pub events: crate::settings::EventSettings,
+    /// The worker's cancellations, when `[cancel]` is on (shared by its
+    /// processors; the first to start starts its reader).
+    pub cancels: Option<Arc<crate::control::Cancels>>,
 }
 
 /// One record handed to a task.
@@ -449,6 +455,10 @@ pub(crate) struct Shared {
     /// Partitions per topic, for the rate limits' shares (see
     /// `rescale_limits`).
     partition_counts: Mutex<HashMap<String, usize>>,
+    /// Where task events go, when on.
+    events: Option<lifecycle::EventsOut>,
+    /// The worker's cancellations, when on.
+    cancels: Option<Arc<crate::control::Cancels>>,
 }
 
 impl Shared {
@@ -912,7 +922,12 @@ async fn run_processor(spec: ProcessorSpec, stop: CancellationToken) -> Result<(
         delay_tiers: spec.delay_tiers.clone(),
         limits: spec.rate_limits.clone(),
         partition_counts: Mutex::new(HashMap::new()),
+        events: lifecycle::EventsOut::of(&spec.events),
+        cancels: spec.cancels.clone(),
     });
+    if let Some(cancels) = &spec.cancels {
+        cancels.start(&stop);
+    }
     shared.producer.context().connect(&shared);
     hot::zero_series(&spec.metrics, &name, &spec.settings);
     // Every topic this processor reads or writes must exist: a missing
@@ -923,7 +938,13 @@ async fn run_processor(spec: ProcessorSpec, stop: CancellationToken) -> Result<(
     let joins = topology
         .iter()
         .any(|t| t.kind == crate::topology::TopicKind::JoinChangelog);
-    let needed: Vec<String> = topology.into_iter().map(|t| t.name).collect();
+    let mut needed: Vec<String> = topology.into_iter().map(|t| t.name).collect();
+    if spec.events.enabled {
+        needed.push(spec.events.topic.clone());
+    }
+    if let Some(cancels) = &spec.cancels {
+        needed.push(cancels.topic().to_owned());
+    }
     let check = shared.clone();
     let read = topics.clone();
     let checked =

@@ -29,14 +29,16 @@ use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 use rdkafka::message::OwnedHeaders;
-use tracing::{debug, error, info_span, warn, Instrument};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use super::delivery::{deliver, Outgoing, Record};
 use super::headers::{self, Origin};
+use super::lifecycle;
 use super::{Job, Shared};
 use crate::breaker::Verdict;
 use crate::codec::{now_millis, FailureKind, TaskError, TaskRequest, TaskResult, TaskStatus};
-use crate::handlers::{HandlerError, Output, TaskContext};
+use crate::handlers::{HandlerError, Output};
 use crate::retry::Decision;
 use crate::workflow::Next;
 
@@ -152,6 +154,12 @@ enum End {
     },
     /// Let go of unfinished at a drain: nothing to produce.
     LetGo,
+    /// Cancelled while it waited for another attempt or ran.
+    Cancelled {
+        stage: &'static str,
+        message: String,
+        attempts: i32,
+    },
 }
 
 /// When a drain lets go of a task.
@@ -199,23 +207,6 @@ async fn unless_let_go<F: std::future::Future>(
 fn run_job(shared: Arc<Shared>, job: Job) -> impl std::future::Future<Output = Option<Job>> {
     async move {
         let shared = &shared;
-        // A record from the retry topic waits until it is due. Its lane (and,
-        // through the in-flight bound, its partition) waits with it; fresh
-        // tasks in the input topics do not.
-        if let Some(due) = job.headers.not_before {
-            let wait = due - now_millis();
-            if let Ok(wait) = u64::try_from(wait) {
-                debug!(wait_ms = wait, "retry not due yet");
-                let sleep = tokio::time::sleep(Duration::from_millis(wait));
-                if unless_let_go(shared, &job, Stage::Waiting, sleep)
-                    .await
-                    .is_none()
-                {
-                    shared.abandon(job);
-                    return None;
-                }
-            }
-        }
         let mut request = match shared.codec.decode_request(&job.payload) {
             Ok(request) => request,
             Err(e) => {
@@ -261,6 +252,63 @@ fn run_job(shared: Arc<Shared>, job: Job) -> impl std::future::Future<Output = O
             Box::pin(super::join::contribute(shared, &job, &request)).await;
             return shared.complete(&job);
         }
+        // Cancellations: none is missed (the control topic has been read
+        // to its end first), and one read later cancels `token` at once
+        // while the task waits or runs.
+        let token = shared.cancels.as_ref().map(|_| CancellationToken::new());
+        let mut _watch = None;
+        if let (Some(cancels), Some(token)) = (&shared.cancels, &token) {
+            if !cancels.is_ready()
+                && unless_let_go(shared, &job, Stage::Waiting, cancels.ready())
+                    .await
+                    .is_none()
+            {
+                shared.abandon(job);
+                return None;
+            }
+            let run = request.workflow.as_ref().map(|w| w.id);
+            _watch = Some(cancels.watch(request.id, run, token));
+        }
+        let token = token.as_ref();
+        if token.is_some_and(CancellationToken::is_cancelled) {
+            let attempts = request.attempt.saturating_sub(1);
+            let message = "cancelled before it started".to_owned();
+            return Box::pin(cancelled(
+                shared,
+                job,
+                &request,
+                BEFORE_START,
+                message,
+                attempts,
+            ))
+            .await;
+        }
+        // A record from the retry topic waits until it is due. Its lane (and,
+        // through the in-flight bound, its partition) waits with it; fresh
+        // tasks in the input topics do not.
+        if let Some(due) = job.headers.not_before {
+            let wait = due - now_millis();
+            if let Ok(wait) = u64::try_from(wait) {
+                debug!(wait_ms = wait, "retry not due yet");
+                let sleep = tokio::time::sleep(Duration::from_millis(wait));
+                match unless_let_go(shared, &job, Stage::Waiting, or_cancelled(token, sleep)).await
+                {
+                    None => {
+                        shared.abandon(job);
+                        return None;
+                    }
+                    Some(None) => {
+                        let attempts = request.attempt.saturating_sub(1);
+                        let message = "cancelled while its retry waited to be due".to_owned();
+                        return Box::pin(cancelled(
+                            shared, job, &request, WAITING, message, attempts,
+                        ))
+                        .await;
+                    }
+                    Some(Some(())) => {}
+                }
+            }
+        }
         let type_label = shared.type_label(&request.task_type);
         let m = &shared.metrics;
         let hot = shared.hot.types.get(type_label);
@@ -288,14 +336,31 @@ fn run_job(shared: Arc<Shared>, job: Job) -> impl std::future::Future<Output = O
         loop {
             // A rate-limited type waits for its turn before the attempt
             // starts (and is timed from then).
-            if !rate_turn(shared, &job, &request).await {
-                shared.abandon(job);
-                return None;
+            match rate_turn(shared, &job, &request, token).await {
+                Turn::Go => {}
+                Turn::LetGo => {
+                    shared.abandon(job);
+                    return None;
+                }
+                Turn::Cancelled => {
+                    let attempts = request.attempt.saturating_sub(1);
+                    let message = "cancelled while it waited for its rate limit".to_owned();
+                    return Box::pin(cancelled(shared, job, &request, WAITING, message, attempts))
+                        .await;
+                }
             }
             let started_at = now_millis();
-            let end = run_task(shared, &job, &mut request, started_at).await;
+            let end = run_task(shared, &job, &mut request, started_at, token).await;
             request.attempt = first_attempt;
             match end {
+                End::Cancelled {
+                    stage,
+                    message,
+                    attempts,
+                } => {
+                    return Box::pin(cancelled(shared, job, &request, stage, message, attempts))
+                        .await;
+                }
                 End::LetGo => {
                     debug!(task_id = %request.id, "let go of at a drain; the partition's next owner runs it");
                     shared.abandon(job);
@@ -367,22 +432,35 @@ fn run_job(shared: Arc<Shared>, job: Job) -> impl std::future::Future<Output = O
     }
 }
 
+/// What a wait for a rate limit's turn came to.
+enum Turn {
+    Go,
+    /// The partition was let go of.
+    LetGo,
+    /// The task was cancelled.
+    Cancelled,
+}
+
 /// Waits for `request`'s turn under its type's rate limit, if it has one,
-/// holding its lane and its in-flight place and nothing else; `false` when
-/// its partition is let go of meanwhile.
-async fn rate_turn(shared: &Shared, job: &Job, request: &TaskRequest) -> bool {
+/// holding its lane and its in-flight place and nothing else.
+async fn rate_turn(
+    shared: &Shared,
+    job: &Job,
+    request: &TaskRequest,
+    token: Option<&CancellationToken>,
+) -> Turn {
     if shared.limits.is_empty() {
-        return true;
+        return Turn::Go;
     }
     let Some(limiter) = shared
         .limits
         .get(&request.task_type)
         .and_then(crate::rate::Limit::limiter)
     else {
-        return true;
+        return Turn::Go;
     };
     if limiter.check().is_ok() {
-        return true;
+        return Turn::Go;
     }
     let waiting = shared
         .metrics
@@ -393,18 +471,95 @@ async fn rate_turn(shared: &Shared, job: &Job, request: &TaskRequest) -> bool {
         shared,
         job,
         Stage::Waiting,
-        limiter.until_ready(),
+        or_cancelled(token, limiter.until_ready()),
     ))
     .await;
     waiting.dec();
-    turn.is_some()
+    match turn {
+        None => Turn::LetGo,
+        Some(None) => Turn::Cancelled,
+        Some(Some(())) => Turn::Go,
+    }
+}
+
+/// Runs `future` to its end, unless `token` is cancelled first (then
+/// `None`, and the future is dropped).
+async fn or_cancelled<F: std::future::Future>(
+    token: Option<&CancellationToken>,
+    future: F,
+) -> Option<F::Output> {
+    match token {
+        None => Some(future.await),
+        Some(token) => tokio::select! {
+            biased;
+            () = token.cancelled() => None,
+            output = future => Some(output),
+        },
+    }
+}
+
+/// Where a cancelled task stood: never started.
+const BEFORE_START: &str = "before_start";
+/// Waiting (a retry's backoff or due time, a rate limit).
+const WAITING: &str = "waiting";
+/// Running its handler.
+const RUNNING: &str = "running";
+
+/// Ends a cancelled task: its `cancelled` event, a FAILED result of kind
+/// `cancelled` saying where it stood (no dead letter: nothing is wrong
+/// with it), and what that means for its workflow run (cancelled too).
+async fn cancelled(
+    shared: &Arc<Shared>,
+    job: Job,
+    request: &TaskRequest,
+    stage: &'static str,
+    message: String,
+    attempts: i32,
+) -> Option<Job> {
+    info!(task_id = %request.id, stage, "{message}");
+    let type_label = shared.type_label(&request.task_type);
+    shared
+        .metrics
+        .tasks_cancelled
+        .with_label_values(&[&shared.name, type_label, stage])
+        .inc();
+    let mut event = lifecycle::event_of(shared, request, crate::codec::event::CANCELLED);
+    event.attempt = attempts;
+    event.message = Some(message.clone());
+    lifecycle::send_settled(shared, &event).await;
+    let now = now_millis();
+    let failure = Terminal {
+        kind: FailureKind::Cancelled,
+        message,
+        attempts,
+        first_failure_at: now,
+    };
+    let result = failed_result(shared, request, now, &failure);
+    let mut records = Vec::new();
+    if let Some(error) = &result.error {
+        let next = shared
+            .workflows
+            .after_failure(request, error, &shared.worker);
+        records.extend(next.into_iter().map(|n| workflow_record(shared, &job, n)));
+    }
+    records.push(result_record(shared, &job, &result));
+    // The cancellation is not withdrawn here: until this record's offset
+    // is committed, a crash hands the task to a next owner that must still
+    // see it. It expires by age (`cancel.max_age_ms`).
+    deliver(shared, job, records, None).await
 }
 
 /// Runs attempts of `request` until it succeeds, fails for good, or is
 /// parked in the retry topic.
 /// `request.attempt` advances with each attempt; the caller puts it back.
 /// `started_at`: when the caller began, in ms since the epoch.
-async fn run_task(shared: &Shared, job: &Job, request: &mut TaskRequest, started_at: i64) -> End {
+async fn run_task(
+    shared: &Arc<Shared>,
+    job: &Job,
+    request: &mut TaskRequest,
+    started_at: i64,
+    token: Option<&CancellationToken>,
+) -> End {
     let (Some(handler), Some(task)) = (
         shared.registry.get(&request.task_type),
         shared.settings.tasks.get(&request.task_type),
@@ -443,9 +598,6 @@ async fn run_task(shared: &Shared, job: &Job, request: &mut TaskRequest, started
         });
     }
     let policy = shared.settings.retry_policy(&request.task_type);
-    let context = TaskContext {
-        traceparent: job.headers.traceparent.clone(),
-    };
     let timeout = Duration::from_millis(task.timeout_ms);
     let mut first_failure_at = job.headers.first_failure_at;
     let type_label = shared.type_label(&request.task_type);
@@ -478,11 +630,31 @@ async fn run_task(shared: &Shared, job: &Job, request: &mut TaskRequest, started
         request.attempt = request.attempt.max(1);
         tracing::Span::current().record("attempt", request.attempt);
         // The first attempt had its turn before `started_at` (run_job).
-        if !std::mem::take(&mut first_of_run) && !rate_turn(shared, job, request).await {
-            return End::LetGo;
+        if !std::mem::take(&mut first_of_run) {
+            match rate_turn(shared, job, request, token).await {
+                Turn::Go => {}
+                Turn::LetGo => return End::LetGo,
+                Turn::Cancelled => {
+                    return End::Cancelled {
+                        stage: WAITING,
+                        message: "cancelled while it waited for its rate limit".into(),
+                        attempts: request.attempt.saturating_sub(1),
+                    }
+                }
+            }
         }
+        if token.is_some_and(CancellationToken::is_cancelled) {
+            return End::Cancelled {
+                stage: WAITING,
+                message: "cancelled while it waited for another attempt".into(),
+                attempts: request.attempt.saturating_sub(1),
+            };
+        }
+        let progress = lifecycle::Progress::of(shared, request);
+        let context = lifecycle::context(job.headers.traceparent.clone(), token, progress.as_ref());
         let began = Instant::now();
         let first_began = *first_began.get_or_insert(began);
+        let mut stop_asked = false;
         let outcome = {
             let mut attempt =
                 std::pin::pin!(AssertUnwindSafe(handler.handle(request, &context)).catch_unwind());
@@ -491,20 +663,91 @@ async fn run_task(shared: &Shared, job: &Job, request: &mut TaskRequest, started
             match futures::poll!(attempt.as_mut()) {
                 Poll::Ready(answer) => Ok(answer),
                 Poll::Pending => {
-                    let timed = tokio::time::timeout(timeout, attempt);
-                    match Box::pin(unless_let_go(shared, job, Stage::Running, timed)).await {
-                        Some(answer) => answer,
+                    // It runs: now it is worth a `started` event.
+                    if let Some(progress) = &progress {
+                        progress.announce();
+                    }
+                    let deadline = tokio::time::Instant::now() + timeout;
+                    let ran = async {
+                        match tokio::time::timeout_at(
+                            deadline,
+                            or_cancelled(token, attempt.as_mut()),
+                        )
+                        .await
+                        {
+                            Ok(Some(answer)) => Ran::Answered(answer),
+                            Err(_) => Ran::TimedOut,
+                            // Cancelled: the handler has `cancel.grace_ms`
+                            // to answer, then it is dropped.
+                            Ok(None) => {
+                                let grace = shared
+                                    .cancels
+                                    .as_ref()
+                                    .map_or(Duration::ZERO, |c| c.grace());
+                                match tokio::time::timeout(grace, attempt.as_mut()).await {
+                                    Ok(answer) => Ran::StoppedWith(answer),
+                                    Err(_) => Ran::Dropped(grace),
+                                }
+                            }
+                        }
+                    };
+                    match Box::pin(unless_let_go(shared, job, Stage::Running, ran)).await {
                         None => return End::LetGo,
+                        Some(Ran::Answered(answer)) => Ok(answer),
+                        Some(Ran::TimedOut) => Err(()),
+                        Some(Ran::StoppedWith(answer)) => {
+                            stop_asked = true;
+                            Ok(answer)
+                        }
+                        Some(Ran::Dropped(grace)) => {
+                            if let Some(progress) = &progress {
+                                progress.finish().await;
+                            }
+                            return End::Cancelled {
+                                stage: RUNNING,
+                                message: format!(
+                                    "cancelled while running; the handler did not stop within \
+                                     cancel.grace_ms ({} ms) and was dropped",
+                                    grace.as_millis()
+                                ),
+                                attempts: request.attempt,
+                            };
+                        }
                     }
                 }
             }
         };
+        if let Some(progress) = &progress {
+            progress.finish().await;
+        }
+        if stop_asked {
+            // It answered the cancellation: an output means it finished
+            // anyway (a success like any other), else it stopped.
+            match &outcome {
+                Ok(Ok(Ok(_))) => {}
+                Ok(Ok(Err(e))) => {
+                    return End::Cancelled {
+                        stage: RUNNING,
+                        message: format!("cancelled while running; the handler stopped: {e}"),
+                        attempts: request.attempt,
+                    }
+                }
+                _ => {
+                    return End::Cancelled {
+                        stage: RUNNING,
+                        message: "cancelled while running; the handler stopped (it panicked)"
+                            .into(),
+                        attempts: request.attempt,
+                    }
+                }
+            }
+        }
         let ended = Instant::now();
         let outcome_label = match &outcome {
             Ok(Ok(Ok(_))) => "success",
             Ok(Ok(Err(e))) => e.kind().as_str(),
             Ok(Err(_)) => FailureKind::Panic.as_str(),
-            Err(_) => FailureKind::Timeout.as_str(),
+            Err(()) => FailureKind::Timeout.as_str(),
         };
         duration(outcome_label, ended.saturating_duration_since(began));
         let error = match outcome {
@@ -559,21 +802,37 @@ async fn run_task(shared: &Shared, job: &Job, request: &mut TaskRequest, started
             Decision::InPlace(delay) => {
                 warn!(task_id = %request.id, attempt = request.attempt, kind = %kind, error = %message, delay_ms = delay.as_millis() as u64, "task failed; retrying in place");
                 retried("in_place", kind);
+                let due_at =
+                    now.saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX));
+                retrying_event(shared, request, due_at, &message);
                 let backoff = tokio::time::sleep(delay);
-                if Box::pin(unless_let_go(shared, job, Stage::Waiting, backoff))
-                    .await
-                    .is_none()
+                match Box::pin(unless_let_go(
+                    shared,
+                    job,
+                    Stage::Waiting,
+                    or_cancelled(token, backoff),
+                ))
+                .await
                 {
-                    return End::LetGo;
+                    None => return End::LetGo,
+                    Some(None) => {
+                        return End::Cancelled {
+                            stage: WAITING,
+                            message: "cancelled while it waited for another attempt".into(),
+                            attempts: request.attempt,
+                        }
+                    }
+                    Some(Some(())) => {}
                 }
                 request.attempt += 1;
             }
             Decision::RetryTopic(delay) => {
                 warn!(task_id = %request.id, attempt = request.attempt, kind = %kind, error = %message, delay_ms = delay.as_millis() as u64, "task failed; parking it in the retry topic");
                 retried("retry_topic", kind);
-                request.attempt += 1;
                 let due_at =
                     now.saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX));
+                retrying_event(shared, request, due_at, &message);
+                request.attempt += 1;
                 return End::Parked {
                     request: request.clone(),
                     due_at,
@@ -582,6 +841,27 @@ async fn run_task(shared: &Shared, job: &Job, request: &mut TaskRequest, started
             }
         }
     }
+}
+
+/// How a handler's attempt that waited came out.
+enum Ran<T> {
+    Answered(T),
+    TimedOut,
+    /// Asked to stop (cancelled), it answered within the grace.
+    StoppedWith(T),
+    /// Asked to stop, it did not answer within the grace (shown).
+    Dropped(Duration),
+}
+
+/// The `retrying` event of `request`'s failed attempt.
+fn retrying_event(shared: &Shared, request: &TaskRequest, due_at: i64, message: &str) {
+    if shared.events.is_none() {
+        return;
+    }
+    let mut event = lifecycle::event_of(shared, request, crate::codec::event::RETRYING);
+    event.due = Some(due_at);
+    event.message = Some(message.to_owned());
+    lifecycle::send_event(shared, &event);
 }
 
 fn succeeded(

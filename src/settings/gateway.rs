@@ -46,6 +46,9 @@ pub struct GatewaySettings {
     pub view_max_age_ms: u64,
     /// Most bytes of outputs and errors the status view keeps.
     pub view_max_bytes: usize,
+    /// Most open `GET /v1/tasks/{id}/events` streams; beyond it a new one
+    /// is answered 503 naming this limit.
+    pub max_event_streams: usize,
 }
 
 impl Default for GatewaySettings {
@@ -65,6 +68,7 @@ impl Default for GatewaySettings {
             view_max_tasks: 100_000,
             view_max_age_ms: 3_600_000,
             view_max_bytes: 256 << 20,
+            max_event_streams: 1000,
         }
     }
 }
@@ -100,6 +104,7 @@ impl Settings {
             ("gateway.max_batch", g.max_batch == 0),
             ("gateway.view_max_tasks", g.view_max_tasks == 0),
             ("gateway.view_max_bytes", g.view_max_bytes == 0),
+            ("gateway.max_event_streams", g.max_event_streams == 0),
             ("gateway.request_timeout_ms", g.request_timeout_ms == 0),
             ("gateway.produce_timeout_ms", g.produce_timeout_ms == 0),
             (

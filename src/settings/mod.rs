@@ -34,6 +34,7 @@ use crate::retry::RetryPolicy;
 mod delays;
 mod gateway;
 mod kafka;
+mod lifecycle;
 mod observe;
 mod processor;
 mod schedules;
@@ -43,6 +44,7 @@ mod workflow;
 pub use delays::*;
 pub use gateway::*;
 pub use kafka::*;
+pub use lifecycle::*;
 pub use observe::*;
 pub use processor::*;
 pub use schedules::*;
@@ -83,6 +85,10 @@ pub struct Settings {
     pub schedules: Vec<ScheduleSettings>,
     /// How the workers share the firing of the schedules.
     pub scheduler: SchedulerSettings,
+    /// The task events topic (started, progress, retrying, cancelled).
+    pub events: EventSettings,
+    /// Cancellations: the control topic every worker reads.
+    pub cancel: CancelSettings,
 }
 
 impl Settings {
@@ -275,6 +281,8 @@ impl Settings {
         self.validate_gateway(&mut bad);
         self.validate_topics(&mut bad);
         self.delays.validate(&mut bad);
+        self.events.validate(&mut bad);
+        self.cancel.validate(&mut bad);
         self.validate_schedules(&mut bad);
         self.validate_workflows(&mut bad);
         let mut names = BTreeMap::new();

@@ -131,6 +131,9 @@ impl TestKafka {
         // Delays need their tier topics: a test that uses them makes its
         // own (`TestKafka::delay_tiers`).
         settings.delays.enabled = false;
+        // Likewise the events and control topics (`with_lifecycle`).
+        settings.events.enabled = false;
+        settings.cancel.enabled = false;
         settings
     }
 
@@ -548,6 +551,16 @@ pub async fn with_delay_tiers(kafka: &TestKafka, settings: &mut Settings, partit
     for (_, topic) in settings.delays.tier_topics() {
         kafka.create_named_topic(&topic, partitions).await;
     }
+}
+
+/// Turns task events and cancellations on in `settings`, with an events
+/// topic (`partitions` partitions) and a control topic of their own,
+/// created on this broker.
+pub async fn with_lifecycle(kafka: &TestKafka, settings: &mut Settings, partitions: i32) {
+    settings.events.enabled = true;
+    settings.events.topic = kafka.create_topic("events", partitions).await;
+    settings.cancel.enabled = true;
+    settings.cancel.topic = kafka.create_topic("control", 2).await;
 }
 
 /// A worker running in this process.

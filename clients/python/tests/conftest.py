@@ -154,6 +154,20 @@ def kit_handlers(calls: Calls) -> Handlers:
         calls.add("kit_crash", payload, task)
         raise ValueError("the handler broke")
 
+    @handlers.task("kit_progress")
+    def progress(payload: Any, task: TaskInfo) -> Any:
+        calls.add("kit_progress", payload, task)
+        for n in (1, 2, 3):
+            task.progress({"n": n})
+            time.sleep(0.3)
+        return {"reported": 3}
+
+    @handlers.task("kit_block")
+    def block(payload: Any, task: TaskInfo) -> Any:
+        calls.add("kit_block", payload, task)
+        time.sleep(8)
+        return {"finished": True}
+
     @handlers.task("kit_count")
     def count(payload: Any, task: TaskInfo) -> Any:
         calls.add("kit_count", payload, task)
@@ -208,6 +222,8 @@ handler = "sum"
 {http("kit_permanent")}
 {http("kit_crash")}
 {http("kit_count")}
+{http("kit_progress")}
+{http("kit_block")}
 
 [[workflows]]
 name = "wordcount"
@@ -242,8 +258,11 @@ def calls() -> Calls:
 
 @pytest.fixture(scope="session")
 def dev(calls: Calls, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dev]:
-    kit_url, kit_server = serve_wsgi(_mounted(kit_handlers(calls)))
+    handlers = kit_handlers(calls)
+    kit_url, kit_server = serve_wsgi(_mounted(handlers))
     running = Dev(config(kit_url), tmp_path_factory.mktemp("dev"))
+    # Progress reports go to this gateway, known once it listens.
+    handlers.gateway_url = running.api
     yield running
     running.stop()
     kit_server.shutdown()

@@ -130,7 +130,8 @@ def test_result_timeout_is_a_timeout_error(client: Client) -> None:
     with pytest.raises(TimeoutError) as error:
         task.result(timeout=0.2)
     assert isinstance(error.value, ResultTimeout)
-    assert error.value.status == "queued"
+    # Not done yet: queued, or running once its started event is seen.
+    assert error.value.status in ("queued", "running")
     assert task.result(timeout=10) == {"slept_ms": 1500}
 
 

@@ -9,7 +9,17 @@ Standard library only.
 """
 
 from .aio import AsyncClient, AsyncRun, AsyncTask
-from .client import Client, Deadline, ErrorInfo, Run, RunState, StepState, Task, TaskState
+from .client import (
+    Client,
+    Deadline,
+    ErrorInfo,
+    Run,
+    RunState,
+    StepState,
+    Task,
+    TaskEvent,
+    TaskState,
+)
 from .errors import (
     APIError,
     AuthError,
@@ -20,10 +30,20 @@ from .errors import (
     NotFound,
     ResultTimeout,
     RunFailed,
+    TaskCancelled,
     TaskFailed,
     Unavailable,
 )
-from .handler import Handlers, Permanent, Reply, Retry, TaskInfo, run_task, run_task_async
+from .handler import (
+    Handlers,
+    Permanent,
+    ProgressRefused,
+    Reply,
+    Retry,
+    TaskInfo,
+    run_task,
+    run_task_async,
+)
 
 __version__ = "1.0.0"
 #: The gateway API version this client speaks (the /v1 routes; the
@@ -47,6 +67,7 @@ __all__ = [
     "InvalidRequest",
     "NotFound",
     "Permanent",
+    "ProgressRefused",
     "Reply",
     "ResultTimeout",
     "Retry",
@@ -55,6 +76,8 @@ __all__ = [
     "RunState",
     "StepState",
     "Task",
+    "TaskCancelled",
+    "TaskEvent",
     "TaskFailed",
     "TaskInfo",
     "TaskState",

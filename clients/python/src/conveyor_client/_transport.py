@@ -7,7 +7,7 @@ import http.client
 import json
 import threading
 import urllib.parse
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 from .errors import ConnectionFailed, api_error
 
@@ -18,6 +18,14 @@ USER_AGENT = "conveyor-client-python/1"
 MAX_ANSWER_BYTES = 64 * 1024 * 1024
 
 Connection = Union[http.client.HTTPConnection, http.client.HTTPSConnection]
+
+#: Longest line of an event stream read (an event's data is bounded by the
+#: gateway's task view: outputs of about 1 MiB).
+MAX_EVENT_LINE = 8 * 1024 * 1024
+
+
+class NoContent(Exception):
+    """The server answered 204 (an event stream resumed after its end)."""
 
 
 class Transport:
@@ -58,6 +66,77 @@ class Transport:
     def close(self) -> None:
         """Closes the calling thread's connection."""
         self._drop()
+
+    def stream(
+        self, path: str, last_event_id: Optional[str], timeout: float
+    ) -> Iterator[Tuple[str, Optional[str], Any]]:
+        """Reads a ``text/event-stream`` on a connection of its own; yields
+        (event, id, decoded JSON data) per event until the server closes.
+        Raises :class:`NoContent` on 204, the API's error on another
+        non-2xx answer, ``ConnectionFailed`` when the connection breaks."""
+        headers = {"accept": "text/event-stream", "user-agent": USER_AGENT}
+        if self._token:
+            headers["authorization"] = "Bearer " + self._token
+        if last_event_id is not None:
+            headers["last-event-id"] = last_event_id
+        target = self._prefix + path
+        if self._https:
+            conn: Connection = http.client.HTTPSConnection(self._host, self._port, timeout=timeout)
+        else:
+            conn = http.client.HTTPConnection(self._host, self._port, timeout=timeout)
+        try:
+            try:
+                conn.request("GET", target, headers=headers)
+                response = conn.getresponse()
+            except (OSError, http.client.HTTPException) as error:
+                raise ConnectionFailed(f"GET {target}: {type(error).__name__}: {error}") from error
+            if response.status == 204:
+                raise NoContent()
+            if response.status != 200:
+                raw = response.read(MAX_ANSWER_BYTES)
+                text = raw.decode("utf-8", errors="replace")
+                try:
+                    decoded = json.loads(text)
+                except ValueError:
+                    decoded = None
+                raise api_error(response.status, decoded, text)
+            event: str = "message"
+            event_id: Optional[str] = None
+            data: List[str] = []
+            while True:
+                try:
+                    line = response.readline(MAX_EVENT_LINE + 1)
+                except (OSError, http.client.HTTPException) as error:
+                    raise ConnectionFailed(
+                        f"GET {target}: {type(error).__name__}: {error}"
+                    ) from error
+                if not line:
+                    return
+                if len(line) > MAX_EVENT_LINE:
+                    raise ConnectionFailed(f"GET {target}: an event line over {MAX_EVENT_LINE} bytes")
+                text = line.decode("utf-8", errors="replace").rstrip("\r\n")
+                if text == "":
+                    if data:
+                        payload = "\n".join(data)
+                        try:
+                            decoded = json.loads(payload)
+                        except ValueError:
+                            decoded = payload
+                        yield event, event_id, decoded
+                    event, event_id, data = "message", None, []
+                    continue
+                if text.startswith(":"):
+                    continue
+                name, _, value = text.partition(":")
+                value = value[1:] if value.startswith(" ") else value
+                if name == "event":
+                    event = value
+                elif name == "id":
+                    event_id = value
+                elif name == "data":
+                    data.append(value)
+        finally:
+            conn.close()
 
     def request(
         self,

@@ -9,7 +9,7 @@ threads (``asyncio.to_thread``), so an asyncio app never blocks its loop.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Iterable, List, Mapping, Optional
+from typing import Any, Dict, Iterable, List, Mapping, Optional
 
 from .client import Client, Deadline, Run, RunState, Task, TaskState
 
@@ -34,6 +34,9 @@ class AsyncTask:
 
     async def result(self, timeout: float = 10.0) -> Any:
         return await asyncio.to_thread(self._task.result, timeout)
+
+    async def cancel(self) -> Dict[str, Any]:
+        return await asyncio.to_thread(self._task.cancel)
 
 
 class AsyncRun:
@@ -106,6 +109,10 @@ class AsyncClient:
 
     async def run(self, id: str) -> AsyncRun:
         return AsyncRun(await asyncio.to_thread(self.sync.run, id))
+
+    async def cancel(self, id: str) -> Dict[str, Any]:
+        """See :meth:`Client.cancel`."""
+        return await asyncio.to_thread(self.sync.cancel, id)
 
 
 __all__ = ["AsyncClient", "AsyncRun", "AsyncTask"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import datetime
+import http.client
+import json
 import random
 import time
 import urllib.parse
@@ -14,6 +16,7 @@ from typing import (
     Callable,
     Dict,
     Iterable,
+    Iterator,
     List,
     Mapping,
     Optional,
@@ -23,12 +26,13 @@ from typing import (
     Union,
 )
 
-from ._transport import Transport
+from ._transport import NoContent, Transport
 from .errors import (
     ConnectionFailed,
     Conflict,
     ResultTimeout,
     RunFailed,
+    TaskCancelled,
     TaskFailed,
     Unavailable,
 )
@@ -38,7 +42,7 @@ from .errors import (
 #: ``"30s"``), or an aware ``datetime.datetime``.
 Deadline = Union[int, str, datetime.timedelta, datetime.datetime]
 
-TERMINAL = ("succeeded", "failed")
+TERMINAL = ("succeeded", "failed", "cancelled")
 
 _State = TypeVar("_State", "TaskState", "RunState")
 
@@ -74,7 +78,8 @@ class TaskState:
     id: str
     type: str
     status: str
-    """``queued``, ``succeeded`` or ``failed``."""
+    """``scheduled``, ``queued``, ``running``, ``retrying``, then one of
+    ``succeeded``, ``failed`` or ``cancelled``."""
     output: Any
     """The handler's output once succeeded: decoded JSON, text, or bytes."""
     content_type: Optional[str]
@@ -85,6 +90,14 @@ class TaskState:
     traceparent: Optional[str]
     raw: Dict[str, Any] = field(repr=False)
     """The gateway's answer, whole."""
+    started_at: Optional[int] = None
+    """When the latest attempt started (ms since the epoch)."""
+    attempt: Optional[int] = None
+    """The latest attempt that started, from 1."""
+    worker: Optional[str] = None
+    """The worker running (or that ran) it."""
+    progress: Any = None
+    """The latest progress the handler reported (any JSON), if any."""
 
     @property
     def done(self) -> bool:
@@ -104,6 +117,10 @@ class TaskState:
             finished_at=raw.get("finished_at"),
             traceparent=raw.get("traceparent"),
             raw=raw,
+            started_at=raw.get("started_at"),
+            attempt=raw.get("attempt"),
+            worker=raw.get("worker"),
+            progress=raw.get("progress"),
         )
 
 
@@ -188,6 +205,9 @@ def _deadline(value: Deadline) -> Union[int, str]:
 def _output_of(state: Union["TaskState", "RunState"], failed: Type[TaskFailed]) -> Any:
     """A terminal state's output, or ``failed`` (TaskFailed or RunFailed)
     with conveyor's error kind and message."""
+    if state.status == "cancelled":
+        error = state.error or ErrorInfo("cancelled", "cancelled")
+        raise TaskCancelled(state.id, error.kind, error.message)
     if state.status == "failed":
         error = state.error or ErrorInfo("unknown", "no error recorded")
         raise failed(state.id, error.kind, error.message)
@@ -228,9 +248,33 @@ class Task:
     def result(self, timeout: float = 10.0) -> Any:
         """The task's output (decoded JSON, text, or bytes), waiting up to
         ``timeout`` seconds; raises :class:`TaskFailed` with conveyor's error
-        kind and message if it failed, :class:`ResultTimeout` (a
-        ``TimeoutError``) if it is not done in time."""
+        kind and message if it failed (:class:`TaskCancelled` if it was
+        cancelled), :class:`ResultTimeout` (a ``TimeoutError``) if it is not
+        done in time."""
         return _output_of(self.wait(timeout), TaskFailed)
+
+    def cancel(self) -> Dict[str, Any]:
+        """Cancels the task (Celery's ``revoke``): not yet started, it never
+        runs; running, its handler is asked to stop; waiting for a retry, it
+        is cancelled where it waits. Returns the gateway's answer (``status``
+        then, ``cancel_requested``); the task's end says what happened.
+        Raises :class:`Conflict` (``error.status`` = its status) when the
+        task has already ended, :class:`NotFound` when the gateway does not
+        know it."""
+        return self._client.cancel(self.id)
+
+    def events(
+        self, last_event_id: Optional[str] = None, timeout: float = 300.0
+    ) -> Iterator["TaskEvent"]:
+        """The task's life as it happens (``GET /v1/tasks/{id}/events``):
+        ``status`` first (unless resuming), then ``started``, ``progress``,
+        ``retrying``, ``cancelled`` events, then its end (``succeeded``,
+        ``failed`` or ``cancelled``, id ``"end"``), after which the iterator
+        stops. A connection that breaks is opened again after the last event
+        seen (``Last-Event-ID``), so nothing is missed; pass
+        ``last_event_id`` to resume yourself. ``timeout``: longest silence
+        (the gateway sends a keep-alive every 15 s)."""
+        return self._client._events(self.id, last_event_id, timeout)
 
 
 class Run:
@@ -379,6 +423,19 @@ class Client:
             bool(answer.get("idempotent_replay")),
         )
 
+    # -- control ------------------------------------------------------
+
+    def cancel(self, id: str) -> Dict[str, Any]:
+        """Cancels a task or a workflow run by id (see :meth:`Task.cancel`;
+        a run starts no further step)."""
+        _, answer, _ = self._transport.request(
+            "POST", "/v1/tasks/" + _segment(id) + ":cancel", None, self.timeout
+        )
+        return dict(answer)
+
+    #: Celery's name for :meth:`cancel`.
+    revoke = cancel
+
     # -- looking up ---------------------------------------------------
 
     def task(self, id: str) -> Task:
@@ -436,6 +493,33 @@ class Client:
         _, answer, _ = self._get("/v1/workflows/" + _segment(id), wait_ms)
         return RunState.from_json(answer)
 
+    def _events(
+        self, id: str, last_event_id: Optional[str], timeout: float
+    ) -> Iterator["TaskEvent"]:
+        last = last_event_id
+        reconnects = 0
+        while True:
+            stream = self._transport.stream("/v1/tasks/" + _segment(id) + "/events", last, timeout)
+            try:
+                for name, event_id, data in stream:
+                    reconnects = 0
+                    if event_id is not None:
+                        last = event_id
+                    yield TaskEvent(name, event_id, data)
+                    if event_id == "end":
+                        return
+                # Closed without an end: the gateway stopped; resume.
+            except ConnectionFailed:
+                pass
+            except NoContent:
+                return
+            reconnects += 1
+            if reconnects > self.retries:
+                raise ConnectionFailed(
+                    f"the event stream of task {id} broke {reconnects} times in a row"
+                )
+            time.sleep(self.backoff)
+
     def _get(self, path: str, wait_ms: Optional[int]) -> Any:
         timeout = self.timeout
         if wait_ms is not None:
@@ -461,6 +545,25 @@ class Client:
                 raise ResultTimeout(what, timeout, state.status)
 
 
+@dataclass(frozen=True)
+class TaskEvent:
+    """One server-sent event of a task's stream."""
+
+    event: str
+    """``status``, ``started``, ``progress``, ``retrying``, ``cancelled``,
+    or the end: ``succeeded``, ``failed``, ``cancelled`` (with id ``end``)."""
+    id: Optional[str]
+    """The event's id (resume after it with ``last_event_id``)."""
+    data: Any
+    """Its JSON: the task for ``status`` and the end; ``{kind, at,
+    attempt, worker, progress?, due?, message?}`` otherwise."""
+
+    @property
+    def progress(self) -> Any:
+        """A ``progress`` event's value."""
+        return self.data.get("progress") if isinstance(self.data, dict) else None
+
+
 def _segment(value: str) -> str:
     return urllib.parse.quote(value, safe="")
 
@@ -473,5 +576,6 @@ __all__: Sequence[str] = [
     "RunState",
     "StepState",
     "Task",
+    "TaskEvent",
     "TaskState",
 ]

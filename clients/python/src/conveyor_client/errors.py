@@ -34,6 +34,9 @@ class APIError(ConveyorError):
         self.code = code
         self.message = message
         self.field = field
+        #: The task's status, when the refusal is about it (cancelling a task
+        #: that has ended: ``succeeded``, ``failed``, ``cancelled``).
+        self.task_status: Optional[str] = None
         where = f" (field `{field}`)" if field else ""
         super().__init__(f"{status} {code}{where}: {message}")
 
@@ -54,7 +57,9 @@ class NotFound(APIError):
 
 
 class Conflict(APIError):
-    """409: the idempotency key is being used by a submission right now."""
+    """409: the idempotency key is being used by a submission right now
+    (``code`` ``idempotency_key_in_use``), or a cancelled task had already
+    ended (``task_finished``; ``task_status`` says how)."""
 
 
 class Unavailable(APIError):
@@ -85,7 +90,11 @@ def api_error(status: int, body: Any, text: str) -> APIError:
         422: InvalidRequest,
         503: Unavailable,
     }.get(status, APIError)
-    return kind(status, code, message, field)
+    refusal = kind(status, code, message, field)
+    task_status = body.get("status") if isinstance(body, dict) else None
+    if isinstance(task_status, str):
+        refusal.task_status = task_status
+    return refusal
 
 
 class TaskFailed(ConveyorError):
@@ -98,6 +107,12 @@ class TaskFailed(ConveyorError):
         self.kind = kind
         self.message = message
         super().__init__(f"task {task_id} failed ({kind}): {message}")
+
+
+class TaskCancelled(TaskFailed):
+    """The task (or its workflow run) was cancelled; ``message`` says where
+    it stood (``cancelled before it started``, ``cancelled while running;
+    ...``)."""
 
 
 class RunFailed(TaskFailed):

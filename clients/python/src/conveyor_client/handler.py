@@ -16,6 +16,11 @@ This module turns plain functions into such endpoints::
             raise Permanent("payload.text must be a string")
         return {"reversed": payload["text"][::-1]}
 
+A function that takes the :class:`TaskInfo` can report how far it got with
+``task.progress({"done": 37, "of": 120})``: the kit sends it to the gateway
+(``Handlers(gateway_url=...)`` or ``$CONVEYOR_GATEWAY_URL``) with the task's
+progress token, and ``GET /v1/tasks/{id}`` and its event stream show it.
+
 ``handlers`` is a WSGI application serving ``POST /<task type>``: mount it in
 Bottle (``app.mount("/tasks/", handlers)``), Flask (werkzeug's
 ``DispatcherMiddleware``) or any WSGI server, or ``handlers.asgi`` in an ASGI
@@ -27,10 +32,15 @@ fails for good with the message); any other exception a 500 (retried).
 from __future__ import annotations
 
 import asyncio
+import http.client
 import inspect
 import json
 import logging
-from dataclasses import dataclass
+import os
+import threading
+import time
+import urllib.parse
+from dataclasses import dataclass, field
 from typing import (
     Any,
     Awaitable,
@@ -69,6 +79,87 @@ class Permanent(Exception):
         self.message = message
 
 
+#: Shortest time between two progress reports of one task sent to the
+#: gateway, in seconds: reports closer together are coalesced (the last one
+#: is always sent, at the latest when the handler returns).
+PROGRESS_INTERVAL = 0.2
+
+
+class ProgressRefused(Exception):
+    """The gateway refused a progress report (too large, the task has ended,
+    a stale token); ``status`` is its HTTP status."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"progress refused ({status}): {message}")
+        self.status = status
+        self.message = message
+
+
+class _Progress:
+    """One attempt's progress reports to the gateway, coalesced."""
+
+    def __init__(self, gateway_url: str, task_id: str, token: str, interval: float) -> None:
+        parts = urllib.parse.urlsplit(gateway_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"gateway_url must be http(s)://host[:port], not {gateway_url!r}")
+        self._parts = parts
+        self._path = (
+            parts.path.rstrip("/") + "/v1/tasks/" + urllib.parse.quote(task_id, safe="") + "/progress"
+        )
+        self._token = token
+        self._interval = interval
+        self._lock = threading.Lock()
+        self._last: Optional[float] = None
+        self._pending: Optional[bytes] = None
+
+    def report(self, value: Any) -> None:
+        try:
+            body = json.dumps(value).encode()
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"progress: the value is not JSON: {error}") from error
+        with self._lock:
+            now = time.monotonic()
+            if self._last is not None and now - self._last < self._interval:
+                self._pending = body
+                return
+            self._last = now
+            self._pending = None
+        self._send(body)
+
+    def flush(self) -> None:
+        with self._lock:
+            body, self._pending = self._pending, None
+            if body is not None:
+                self._last = time.monotonic()
+        if body is not None:
+            self._send(body)
+
+    def _send(self, body: bytes) -> None:
+        cls = http.client.HTTPSConnection if self._parts.scheme == "https" else http.client.HTTPConnection
+        conn = cls(self._parts.hostname or "", self._parts.port, timeout=10)
+        try:
+            conn.request(
+                "POST",
+                self._path,
+                body=body,
+                headers={
+                    "content-type": "application/json",
+                    "conveyor-progress-token": self._token,
+                },
+            )
+            answer = conn.getresponse()
+            text = answer.read(64 * 1024).decode("utf-8", errors="replace")
+        finally:
+            conn.close()
+        if answer.status >= 300:
+            message = text
+            try:
+                message = json.loads(text)["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                pass
+            raise ProgressRefused(answer.status, message)
+
+
 @dataclass(frozen=True)
 class TaskInfo:
     """What conveyor says about the task being run."""
@@ -80,6 +171,29 @@ class TaskInfo:
     traceparent: Optional[str]
     """The W3C trace context the task was submitted with."""
     content_type: Optional[str]
+    progress_token: Optional[str] = None
+    """The attempt's progress token (``Conveyor-Progress-Token``); None when
+    conveyor's ``[events]`` are off."""
+    _progress: Optional[_Progress] = field(default=None, repr=False, compare=False)
+
+    def progress(self, value: Any) -> None:
+        """Reports how far the task got (any JSON value, such as
+        ``{"done": 37, "of": 120}``): ``GET /v1/tasks/{id}`` shows the latest
+        as ``progress`` and the task's event stream each one. Reports closer
+        together than :data:`PROGRESS_INTERVAL` are coalesced; the last one
+        is sent before the task's answer. Raises :class:`ProgressRefused`
+        when the gateway refuses it (over ``events.progress_max_bytes``: 413)
+        and ``RuntimeError`` when it cannot be sent at all."""
+        if self._progress is None:
+            if not self.progress_token:
+                raise RuntimeError(
+                    "progress: conveyor sent no Conveyor-Progress-Token (its [events] are off)"
+                )
+            raise RuntimeError(
+                "progress: the gateway's URL is unknown; pass Handlers(gateway_url=...) "
+                "or set CONVEYOR_GATEWAY_URL"
+            )
+        self._progress.report(value)
 
 
 @dataclass(frozen=True)
@@ -127,20 +241,38 @@ def _takes_task(func: HandlerFn) -> bool:
     return len(positional) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in positional)
 
 
-def task_info(headers: Mapping[str, str]) -> TaskInfo:
-    """Reads conveyor's headers (names in any case)."""
+def task_info(headers: Mapping[str, str], gateway_url: Optional[str] = None) -> TaskInfo:
+    """Reads conveyor's headers (names in any case). ``gateway_url`` (else
+    ``$CONVEYOR_GATEWAY_URL``) is where :meth:`TaskInfo.progress` reports."""
     lower = {k.lower(): v for k, v in headers.items()}
     try:
         attempt = int(lower.get("conveyor-attempt", "1"))
     except ValueError:
         attempt = 1
+    task_id = lower.get("conveyor-task-id")
+    token = lower.get("conveyor-progress-token")
+    gateway = gateway_url or os.environ.get("CONVEYOR_GATEWAY_URL")
+    progress = None
+    if task_id and token and gateway:
+        progress = _Progress(gateway, task_id, token, PROGRESS_INTERVAL)
     return TaskInfo(
-        id=lower.get("conveyor-task-id"),
+        id=task_id,
         type=lower.get("conveyor-task-type"),
         attempt=attempt,
         traceparent=lower.get("traceparent"),
         content_type=lower.get("content-type"),
+        progress_token=token,
+        _progress=progress,
     )
+
+
+def _flush(info: TaskInfo) -> None:
+    """Sends a progress report still held back (the task ends)."""
+    if info._progress is not None:
+        try:
+            info._progress.flush()
+        except Exception:  # the task's answer matters more than its last report
+            log.warning("task %s: the last progress report was not sent", info.id, exc_info=True)
 
 
 def _decode(body: bytes, info: TaskInfo) -> Any:
@@ -183,17 +315,22 @@ def _failure(error: BaseException, info: TaskInfo) -> Reply:
     return _text(500, f"{type(error).__name__}: {error}")
 
 
-def run_task(func: HandlerFn, body: bytes, headers: Mapping[str, str]) -> Reply:
+def run_task(
+    func: HandlerFn, body: bytes, headers: Mapping[str, str], gateway_url: Optional[str] = None
+) -> Reply:
     """Runs ``func`` for one request of conveyor's ``http`` handler and
-    returns the answer to send: use it from a route of any framework."""
-    info = task_info(headers)
+    returns the answer to send: use it from a route of any framework.
+    ``gateway_url``: where the task's progress goes (see :func:`task_info`)."""
+    info = task_info(headers, gateway_url)
     try:
         payload = _decode(body, info)
         value = func(payload, info) if _takes_task(func) else func(payload)
         if inspect.isawaitable(value):
             value = asyncio.run(_awaited(value))
     except Exception as error:  # every failure becomes an answer conveyor understands
+        _flush(info)
         return _failure(error, info)
+    _flush(info)
     return _encode(value)
 
 
@@ -201,10 +338,12 @@ async def _awaited(value: Awaitable[Any]) -> Any:
     return await value
 
 
-async def run_task_async(func: HandlerFn, body: bytes, headers: Mapping[str, str]) -> Reply:
+async def run_task_async(
+    func: HandlerFn, body: bytes, headers: Mapping[str, str], gateway_url: Optional[str] = None
+) -> Reply:
     """:func:`run_task` for asyncio: coroutine functions are awaited, plain
-    ones run in a worker thread."""
-    info = task_info(headers)
+    ones run in a worker thread. (Progress reports are sent synchronously.)"""
+    info = task_info(headers, gateway_url)
     try:
         payload = _decode(body, info)
         args = (payload, info) if _takes_task(func) else (payload,)
@@ -215,7 +354,9 @@ async def run_task_async(func: HandlerFn, body: bytes, headers: Mapping[str, str
             if inspect.isawaitable(value):
                 value = await value
     except Exception as error:
+        await asyncio.to_thread(_flush, info)
         return _failure(error, info)
+    await asyncio.to_thread(_flush, info)
     return _encode(value)
 
 
@@ -228,9 +369,14 @@ class Handlers:
     """Task functions by type, served as ``POST /<type>`` to WSGI (the
     object itself) and ASGI (:attr:`asgi`) servers."""
 
-    def __init__(self, max_body_bytes: int = MAX_BODY_BYTES) -> None:
+    def __init__(
+        self, max_body_bytes: int = MAX_BODY_BYTES, gateway_url: Optional[str] = None
+    ) -> None:
         self._functions: Dict[str, HandlerFn] = {}
         self.max_body_bytes = max_body_bytes
+        #: The gateway :meth:`TaskInfo.progress` reports to (else
+        #: ``$CONVEYOR_GATEWAY_URL``); may be set after construction.
+        self.gateway_url = gateway_url
 
     def task(self, type: str) -> Callable[[HandlerFn], HandlerFn]:
         """Decorator: ``func`` runs tasks of ``type``."""
@@ -287,7 +433,7 @@ class Handlers:
                 }
                 if environ.get("CONTENT_TYPE"):
                     headers["content-type"] = environ["CONTENT_TYPE"]
-                reply = run_task(routed, body, headers)
+                reply = run_task(routed, body, headers, self.gateway_url)
         headers_out = reply.headers + [("content-length", str(len(reply.body)))]
         start_response(reply.status_line, headers_out)
         return [reply.body]
@@ -320,7 +466,9 @@ class Handlers:
                     k.decode("latin-1"): v.decode("latin-1")
                     for k, v in scope.get("headers", [])
                 }
-                reply = await run_task_async(routed, b"".join(chunks), headers)
+                reply = await run_task_async(
+                    routed, b"".join(chunks), headers, self.gateway_url
+                )
         await send(
             {
                 "type": "http.response.start",
@@ -337,7 +485,9 @@ class Handlers:
 __all__ = [
     "Handlers",
     "MAX_BODY_BYTES",
+    "PROGRESS_INTERVAL",
     "Permanent",
+    "ProgressRefused",
     "Reply",
     "Retry",
     "TaskInfo",

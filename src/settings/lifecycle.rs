@@ -1,0 +1,111 @@
+//! `[events]` (the task events topic: started, progress, retrying,
+//! cancelled) and `[cancel]` (the compacted control topic that carries
+//! cancellations to every worker).
+
+use super::*;
+
+/// `[events]`: workers write each task's life to an events topic, which
+/// the gateway folds into its status view (`running`, progress) and its
+/// event streams.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventSettings {
+    /// Workers write events and gateways read them (on by default). Off:
+    /// no events topic is needed; a task looks `queued` until its result
+    /// and progress is refused.
+    pub enabled: bool,
+    /// The events topic, keyed by task id.
+    pub topic: String,
+    /// Largest progress value (JSON text) a handler may report, in bytes;
+    /// a larger one is refused to the handler with an error.
+    pub progress_max_bytes: usize,
+    /// Shortest time between two progress events of one task, in ms: a
+    /// handler reporting more often has its reports coalesced, the last
+    /// one always written.
+    pub progress_interval_ms: u64,
+}
+
+impl Default for EventSettings {
+    fn default() -> Self {
+        EventSettings {
+            enabled: true,
+            topic: "conveyor.events".into(),
+            progress_max_bytes: 4096,
+            progress_interval_ms: 200,
+        }
+    }
+}
+
+/// Most `progress_max_bytes`: 64 KiB.
+pub const MAX_PROGRESS_BYTES: usize = 64 * 1024;
+
+/// `[cancel]`: cancellations, written to a compacted control topic that
+/// every worker reads whole.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CancelSettings {
+    /// Tasks can be cancelled (on by default). Off: no control topic is
+    /// needed and a cancellation is refused.
+    pub enabled: bool,
+    /// The control topic (compacted), keyed by task or workflow-run id.
+    pub topic: String,
+    /// A cancellation is forgotten this long after it was made, in ms
+    /// (1 day by default); `conveyor topics create` gives the control topic
+    /// this retention.
+    pub max_age_ms: u64,
+    /// Most cancellations a worker keeps; past it the oldest are forgotten
+    /// (counted in `conveyor_cancellations_dropped_total`).
+    pub max_entries: usize,
+    /// How long a running handler asked to stop has to answer before it is
+    /// dropped, in ms.
+    pub grace_ms: u64,
+}
+
+impl Default for CancelSettings {
+    fn default() -> Self {
+        CancelSettings {
+            enabled: true,
+            topic: "conveyor.control".into(),
+            max_age_ms: 24 * 3600 * 1000,
+            max_entries: 100_000,
+            grace_ms: 5_000,
+        }
+    }
+}
+
+impl EventSettings {
+    pub(super) fn validate(&self, bad: &mut impl FnMut(String, &str)) {
+        if let Err(why) = check_topic_name(&self.topic) {
+            bad("events.topic".into(), &why);
+        }
+        if !(1..=MAX_PROGRESS_BYTES).contains(&self.progress_max_bytes) {
+            bad(
+                "events.progress_max_bytes".into(),
+                &format!("must be 1 to {MAX_PROGRESS_BYTES}"),
+            );
+        }
+        if self.progress_interval_ms > 60_000 {
+            bad(
+                "events.progress_interval_ms".into(),
+                "must be at most 60000",
+            );
+        }
+    }
+}
+
+impl CancelSettings {
+    pub(super) fn validate(&self, bad: &mut impl FnMut(String, &str)) {
+        if let Err(why) = check_topic_name(&self.topic) {
+            bad("cancel.topic".into(), &why);
+        }
+        if self.max_age_ms < 1_000 {
+            bad("cancel.max_age_ms".into(), "must be at least 1000");
+        }
+        if !(1..=10_000_000).contains(&self.max_entries) {
+            bad("cancel.max_entries".into(), "must be 1 to 10000000");
+        }
+        if self.grace_ms > 600_000 {
+            bad("cancel.grace_ms".into(), "must be at most 600000");
+        }
+    }
+}
