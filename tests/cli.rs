@@ -362,9 +362,9 @@ fn dev_runs_a_task_through_the_worker_and_stops_on_sigint() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start conveyor dev");
-    let stderr = child.stderr.take().expect("piped stderr");
+    let child_stderr = child.stderr.take().expect("piped stderr");
     let logged = std::thread::spawn(move || {
-        BufReader::new(stderr)
+        BufReader::new(child_stderr)
             .lines()
             .map_while(Result::ok)
             .collect::<Vec<String>>()
@@ -457,6 +457,39 @@ fn dev_runs_a_task_through_the_worker_and_stops_on_sigint() {
         let waited = delayed["finished_at"].as_i64().unwrap_or(0)
             - delayed["submitted_at"].as_i64().unwrap_or(0);
         assert!(waited >= 2_000, "{delayed}");
+        // `conveyor cancel` stops a running task through the gateway; a
+        // second cancel finds it ended.
+        let sleeping = run(&format!(
+            "curl -s -X POST {api}/v1/tasks -H 'content-type: application/json' \
+             -d '{{\"type\": \"sleep\", \"payload\": {{\"ms\": 60000}}}}'"
+        ));
+        let id = sleeping["id"].as_str().expect("an id").to_owned();
+        let base = format!("http://{api}").replace("http://http://", "http://");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while run(&format!("curl -s {base}/v1/tasks/{id}"))["status"] != "running" {
+            assert!(Instant::now() < deadline, "the sleep task never ran");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let cancelled = conveyor(&["cancel", &id, "--gateway", &base]);
+        assert!(cancelled.status.success(), "{}", stderr(&cancelled));
+        let answer = String::from_utf8_lossy(&cancelled.stdout).into_owned();
+        assert!(answer.contains("\"cancel_requested\":true"), "{answer}");
+        let ended = run(&format!("curl -s '{base}/v1/tasks/{id}?wait=20s'"));
+        assert_eq!(ended["status"], "cancelled", "{ended}");
+        assert_eq!(
+            ended["error"]["message"],
+            "cancelled while running; the handler stopped: sleep: cancelled, woke early"
+        );
+        let again = conveyor(&["cancel", &id, "--gateway", &base]);
+        assert_eq!(again.status.code(), Some(1), "{}", stderr(&again));
+        assert!(
+            stderr(&again).contains("409") && stderr(&again).contains("already ended (cancelled)"),
+            "{}",
+            stderr(&again)
+        );
+        let malformed = conveyor(&["cancel", "not-a-uuid", "--gateway", &base]);
+        assert_eq!(malformed.status.code(), Some(2));
+        assert!(stderr(&malformed).contains("ID `not-a-uuid`: not a UUID"));
     } else {
         eprintln!("conveyor-test: curl is not installed; the printed curl commands were not run");
     }

@@ -273,6 +273,38 @@ async fn progress_is_seen_in_order_through_get_and_a_resumed_event_stream() {
             .to_string()
             .contains("events.progress_max_bytes allows 1024"));
 
+        // The gateway's progress route refuses, naming what is wrong: no
+        // token, an oversized value, a token not the running attempt's.
+        let post = |token: Option<&str>, body: String| {
+            let mut request = client
+                .post(format!("{base}/v1/tasks/{id}/progress"))
+                .header("content-type", "application/json")
+                .body(body);
+            if let Some(token) = token {
+                request = request.header("Conveyor-Progress-Token", token);
+            }
+            async move {
+                let response = request.send().await.unwrap();
+                (response.status().as_u16(), body_of(response).await)
+            }
+        };
+        let (code, body) = post(None, "{}".into()).await;
+        assert_eq!(
+            (code, &body["error"]["field"]),
+            (401, &json!("Conveyor-Progress-Token"))
+        );
+        let big = json!({"blob": "x".repeat(2_000)}).to_string();
+        let (code, body) = post(Some("0123"), big).await;
+        assert_eq!(code, 413, "{body}");
+        assert_eq!(body["error"]["field"], "body");
+        assert!(body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("events.progress_max_bytes allows 1024"));
+        let (code, body) = post(Some("not-the-token"), "{\"n\": 9}".into()).await;
+        assert_eq!(code, 403, "{body}");
+        assert_eq!(body["error"]["code"], "wrong_progress_token");
+
         // Progress 2 on the stream; then the client goes away.
         reporter.gate.add_permits(1);
         let second = worker.alongside(stream.next()).await.unwrap();
@@ -448,7 +480,9 @@ async fn cancel_before_start_while_running_and_after_the_end() {
             .send()
             .await
             .unwrap();
-        assert_eq!(response.status(), 404);
+        // Not an action: the path is a task's, which takes GET.
+        assert_eq!(response.status(), 405);
+        assert_eq!(response.headers()["allow"], "GET,HEAD");
         assert_eq!(
             *handler.ran.lock().unwrap(),
             HashMap::from([(running, 1), (done, 1)]),
@@ -663,16 +697,27 @@ async fn cancelling_a_workflow_run_starts_no_further_step() {
             .await;
         assert_eq!(answer.0, 202, "{}", answer.1);
         assert_eq!(answer.1["workflow_run"], true);
+        // The run's result and its step's are read independently: wait
+        // until both are in.
         let ended = worker
             .alongside(async {
-                body_of(
-                    client
-                        .get(format!("{base}/v1/workflows/{run}?wait=20s"))
-                        .send()
-                        .await
-                        .unwrap(),
-                )
-                .await
+                let deadline = tokio::time::Instant::now() + LONG;
+                loop {
+                    let run = body_of(
+                        client
+                            .get(format!("{base}/v1/workflows/{run}?wait=20s"))
+                            .send()
+                            .await
+                            .unwrap(),
+                    )
+                    .await;
+                    if run["steps"][0]["status"] != "running"
+                        || tokio::time::Instant::now() > deadline
+                    {
+                        return run;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
             })
             .await;
         assert_eq!(ended["status"], "cancelled", "{ended}");
@@ -683,6 +728,95 @@ async fn cancelling_a_workflow_run_starts_no_further_step() {
             "no further step: {ended}"
         );
         assert!(handler.saw_cancel.load(AtomicOrdering::SeqCst));
+        gateway.stop().await;
+        worker.stop().await;
+    }
+}
+
+/// Fails every attempt with a retryable error.
+struct AlwaysRetry;
+
+impl Handler for AlwaysRetry {
+    fn handle<'a>(
+        &'a self,
+        _task: &'a TaskRequest,
+        _context: &'a TaskContext,
+    ) -> BoxFuture<'a, Result<Output, HandlerError>> {
+        async move {
+            tokio::task::yield_now().await;
+            Err(HandlerError::Retryable("the provider is down".into()))
+        }
+        .boxed()
+    }
+}
+
+/// A task waiting for another attempt shows `retrying` with its due time,
+/// the `retrying` event on its stream, and a cancel ends it where it waits,
+/// long before the backoff is over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_retrying_task_is_shown_and_cancelled_where_it_waits() {
+    for kafka in TestKafka::all("a_retrying_task_is_shown_and_cancelled_where_it_waits") {
+        let mut settings = lifecycle_settings(&kafka, "flaky").await;
+        let p = &mut settings.processors[0];
+        p.max_attempts = 5;
+        p.initial_backoff_ms = 120_000;
+        p.max_backoff_ms = 120_000;
+        p.retry_topic_threshold_ms = 0; // waits in place
+        let mut registry = Registry::from_settings(&settings.processors[0]).unwrap();
+        registry.register("flaky", Arc::new(AlwaysRetry));
+        let mut worker = InProcessWorker::start(&settings, "worker-a", Some(registry));
+        let gateway = TestGateway::start(&settings, worker.metrics.clone()).await;
+        let client = reqwest::Client::new();
+        let base = gateway.base.clone();
+        let id = submit(&client, &base, "flaky", json!({})).await;
+        let task = worker
+            .alongside(get_until(&client, &base, id, "it retries", |t| {
+                t["status"] == "retrying"
+            }))
+            .await;
+        let retry_at = task["retry_at"].as_i64().expect("retry_at");
+        assert!(retry_at > conveyor::codec::now_millis() + 60_000, "{task}");
+        let mut stream = SseReader::open(&client, &base, id, None).await;
+        let mut kinds = Vec::new();
+        while kinds.last().map(String::as_str) != Some("retrying") {
+            let event = worker.alongside(stream.next()).await.unwrap();
+            if event.event == "retrying" {
+                assert_eq!(event.data["due"], json!(retry_at));
+                assert_eq!(event.data["message"], "the provider is down");
+            }
+            kinds.push(event.event);
+        }
+        assert_eq!(kinds, ["status", "started", "retrying"]);
+        let response = client
+            .post(format!("{base}/v1/tasks/{id}:cancel"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 202);
+        let ended = worker.alongside(get(&client, &base, id, "20s")).await;
+        assert_eq!(ended["status"], "cancelled", "{ended}");
+        assert_eq!(
+            ended["error"]["message"],
+            "cancelled while it waited for another attempt"
+        );
+        assert_eq!(ended["attempts"], 1);
+        let mut rest = Vec::new();
+        while let Some(event) = worker.alongside(stream.next()).await {
+            rest.push(event.event);
+        }
+        assert_eq!(
+            rest,
+            ["cancelled", "cancelled"],
+            "the cancelled event, then the end"
+        );
+        assert_eq!(
+            worker
+                .metrics
+                .tasks_cancelled
+                .with_label_values(&["test", "flaky", "waiting"])
+                .get(),
+            1
+        );
         gateway.stop().await;
         worker.stop().await;
     }

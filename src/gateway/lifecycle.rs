@@ -37,7 +37,7 @@ const PROGRESS_WAIT: Duration = Duration::from_secs(5);
 /// Longest a stream waits, after its task ended, for the task's last
 /// events to be read (they are written before the result, but the two
 /// topics are read independently).
-const STREAM_SETTLE: Duration = Duration::from_secs(2);
+const STREAM_SETTLE: Duration = Duration::from_secs(5);
 
 /// `POST /v1/tasks/{id}:cancel` (the only action of `POST /v1/tasks/{id}`).
 pub(super) async fn task_action(
@@ -279,14 +279,16 @@ fn resume_of(headers: &HeaderMap) -> Result<Resume, ApiError> {
     if text == "end" {
         return Ok(Resume::End);
     }
-    text.parse::<i64>()
-        .ok()
-        .filter(|n| *n >= 0)
+    // Exactly what the document allows: 1 to 18 digits.
+    let digits = (1..=18).contains(&text.len()) && text.bytes().all(|b| b.is_ascii_digit());
+    digits
+        .then(|| text.parse::<i64>().ok())
+        .flatten()
         .map(Resume::After)
         .ok_or_else(|| {
             ApiError::field(
                 "Last-Event-ID",
-                "must be an event id this stream sent: a non-negative integer or `end`",
+                "must be an event id this stream sent: 1 to 18 digits, or `end`",
             )
             .with(StatusCode::BAD_REQUEST, "invalid_parameter")
         })
@@ -463,18 +465,16 @@ impl Stream {
             return true;
         };
         let shared = self.open.0.clone();
-        if self.ended_at.is_none() {
-            self.ended_at = Some(tokio::time::Instant::now());
+        let ended = *self.ended_at.get_or_insert_with(tokio::time::Instant::now);
+        if ended.elapsed() >= STREAM_SETTLE {
+            return true;
+        }
+        // Asked again while the broker does not answer.
+        if self.high.is_none() {
             self.high = shared.events_high(partition).await;
         }
-        if self
-            .ended_at
-            .is_some_and(|at| at.elapsed() >= STREAM_SETTLE)
-        {
-            return true;
-        }
         let Some(high) = self.high else {
-            return true;
+            return false;
         };
         let read = shared.view().events_read(partition);
         read >= high

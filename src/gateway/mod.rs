@@ -155,14 +155,14 @@ impl Shared {
     }
 
     /// The high watermark of `partition` of the events topic, if the
-    /// broker answers within a second.
+    /// broker answers within two seconds.
     async fn events_high(&self, partition: i32) -> Option<i64> {
         let topic = self.events_topic.clone()?;
         let producer = self.producer.clone();
         tokio::task::spawn_blocking(move || {
             producer
                 .client()
-                .fetch_watermarks(&topic, partition, Duration::from_secs(1))
+                .fetch_watermarks(&topic, partition, Duration::from_secs(2))
                 .ok()
                 .map(|(_, high)| high)
         })

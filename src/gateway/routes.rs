@@ -9,7 +9,7 @@ use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 use axum::{Json, Router};
 use rdkafka::producer::Producer;
 use serde_json::json;
@@ -23,10 +23,10 @@ pub(super) fn router(shared: Arc<Shared>) -> Router {
     let api = Router::new()
         .route("/v1/tasks", post(submit_one))
         .route("/v1/tasks:batch", post(submit_batch))
-        .route(
-            "/v1/tasks/{id}",
-            get(get_task).post(super::lifecycle::task_action),
-        )
+        // `/v1/tasks/{id}` (GET) and `/v1/tasks/{id}:cancel` (POST) share
+        // one router path (a parameter cannot carry a suffix there): the
+        // method is chosen here, so each answers 405 with its own `Allow`.
+        .route("/v1/tasks/{id}", any(task_route))
         .route("/v1/tasks/{id}/events", get(super::lifecycle::task_events))
         .route("/v1/workflows/{workflow}", post(start_run).get(get_run))
         .route("/v1/schedules", get(super::schedules::list_schedules))
@@ -69,6 +69,34 @@ pub(super) fn router(shared: Arc<Shared>) -> Router {
         .layer(middleware::from_fn_with_state(shared.clone(), time_limit))
         .layer(middleware::from_fn_with_state(shared.clone(), observe))
         .with_state(shared)
+}
+
+/// `GET /v1/tasks/{id}` and `POST /v1/tasks/{id}:cancel`.
+async fn task_route(
+    state: State<Arc<Shared>>,
+    method: axum::http::Method,
+    id: axum::extract::Path<String>,
+    query: axum::extract::Query<std::collections::BTreeMap<String, String>>,
+) -> Response {
+    use axum::http::Method;
+    let cancel = id.0.ends_with(":cancel");
+    match (cancel, &method) {
+        (false, &Method::GET | &Method::HEAD) => get_task(state, id, query).await,
+        (true, &Method::POST) => super::lifecycle::task_action(state, id).await,
+        _ => {
+            let mut response = ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this route does not take that method; see /openapi.json",
+            )
+            .into_response();
+            let allow = if cancel { "POST" } else { "GET,HEAD" };
+            response
+                .headers_mut()
+                .insert("allow", HeaderValue::from_static(allow));
+            response
+        }
+    }
 }
 
 /// The route a path belongs to, from [`ROUTES`], or `unmatched`: a bounded

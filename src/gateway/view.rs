@@ -399,7 +399,8 @@ impl View {
     /// An event from the events topic (read at `partition`, `offset`):
     /// folded into its task (which it makes `running` or `retrying` while
     /// not terminal) and kept for its event streams. An event of a task
-    /// already terminal changes nothing; one of an unknown kind is skipped.
+    /// already terminal is kept (read after its result) but changes only
+    /// its latest progress; one of an unknown kind is skipped.
     pub fn apply_event(&mut self, event: TaskEvent, partition: i32, offset: i64, now: i64) {
         use crate::codec::event::{CANCELLED, PROGRESS, RETRYING, STARTED};
         let read = self.events_read.entry(partition).or_insert(0);
@@ -411,7 +412,6 @@ impl View {
         // Changed in place: an event does not renew the task's place in
         // the eviction order (one entry per task, not one per event).
         let slot = match self.tasks.get_mut(&id) {
-            Some(slot) if slot.task.phase.is_terminal() => return,
             Some(slot) => slot,
             None => {
                 let at = event.at;
@@ -425,7 +425,13 @@ impl View {
         let task = &mut slot.task;
         let before = task.bytes();
         task.events_partition = Some(partition);
+        // The events and results topics are read independently: an event
+        // written before the result may be read after it. It joins the
+        // task's events (its stream shows it), but an ended task's status
+        // stays what its result says.
+        let ended = task.phase.is_terminal();
         match event.kind.as_str() {
+            _ if ended && event.kind != PROGRESS => {}
             STARTED => {
                 task.phase = Phase::Running;
                 task.retry_at = None;
@@ -678,6 +684,63 @@ mod tests {
         assert_eq!(view.idempotent("k", 1_500), None);
         view.forget_idempotency("k", first.id);
         assert_eq!(view.idempotent("k", 1_200), None);
+    }
+
+    fn event(id: Uuid, kind: &str, at: i64) -> TaskEvent {
+        let mut e = TaskEvent::new(id, "echo", kind, "w-1", 1);
+        e.at = at;
+        e
+    }
+
+    #[test]
+    fn events_make_a_task_running_and_one_read_after_its_result_is_kept_without_reviving_it() {
+        use crate::codec::event::{CANCELLED, PROGRESS, STARTED};
+        let mut view = View::new(Limits {
+            max_tasks: 10,
+            max_age_ms: 10_000,
+            max_bytes: 10_000,
+            idempotency_window_ms: 500,
+        });
+        let r = request(10);
+        view.apply_request(&r, None, None, 10);
+        let mut started = event(r.id, STARTED, 11);
+        started.token = Some("t".into());
+        view.apply_event(started, 3, 40, 11);
+        let mut progress = event(r.id, PROGRESS, 12);
+        progress.progress = Some(b"{\"n\":1}".to_vec());
+        view.apply_event(progress, 3, 41, 12);
+        let task = view.get(&r.id).unwrap();
+        assert_eq!(task.phase, Phase::Running);
+        assert_eq!(
+            task.attempt.as_ref().map(|a| a.worker.as_str()),
+            Some("w-1")
+        );
+        assert_eq!(
+            task.progress.as_ref().map(|p| p.0.clone()),
+            Some(b"{\"n\":1}".to_vec())
+        );
+        assert_eq!(view.events_read(3), 42);
+        // The result, then the cancelled event written before it.
+        let mut done = result(r.id, TaskStatus::Failed, b"", 20);
+        done.error = Some(TaskError {
+            kind: "cancelled".into(),
+            message: "m".into(),
+        });
+        view.apply_result(done, 20);
+        view.apply_event(event(r.id, CANCELLED, 13), 3, 42, 21);
+        view.apply_event(event(r.id, STARTED, 14), 3, 43, 21);
+        let task = view.get(&r.id).unwrap();
+        assert_eq!(task.phase, Phase::Cancelled, "the result decides");
+        let kinds: Vec<&str> = task.events.iter().map(|e| e.kind.as_str()).collect();
+        assert_eq!(kinds, ["started", "progress", "cancelled", "started"]);
+        assert_eq!(task.attempt.as_ref().map(|a| a.started_at), Some(11));
+        // Unknown kinds are skipped; the log is bounded.
+        view.apply_event(event(r.id, "paused", 15), 3, 44, 21);
+        for i in 0..100 {
+            view.apply_event(event(r.id, PROGRESS, 16 + i), 3, 45 + i, 21);
+        }
+        assert_eq!(view.get(&r.id).unwrap().events.len(), MAX_TASK_EVENTS);
+        assert_eq!(view.events_read(3), 145);
     }
 
     #[tokio::test]

@@ -49,7 +49,7 @@ impl Handler for Sleep {
     fn handle<'a>(
         &'a self,
         task: &'a TaskRequest,
-        _context: &'a TaskContext,
+        context: &'a TaskContext,
     ) -> BoxFuture<'a, Result<Output, HandlerError>> {
         async move {
             let payload: SleepPayload = parse_json(&task.payload, "sleep", r#"{"ms": 250}"#)?;
@@ -59,7 +59,13 @@ impl Handler for Sleep {
                     payload.ms
                 )));
             }
-            tokio::time::sleep(Duration::from_millis(payload.ms)).await;
+            // A cancelled task stops sleeping at once.
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(payload.ms)) => {}
+                () = context.cancelled() => {
+                    return Err(HandlerError::Permanent("sleep: cancelled, woke early".into()));
+                }
+            }
             Ok(json_output(&serde_json::json!({ "slept_ms": payload.ms })))
         }
         .boxed()

@@ -44,7 +44,13 @@ def _future(task):
     if isinstance(task, dict):
         _within_max(task)
         deadline = task.get("deadline")
-        if isinstance(deadline, int) and not isinstance(deadline, bool) and deadline >= 0:
+        # Only an instant the schema allows (an int64 at least 0) is moved:
+        # one beyond int64 is the generator's invalid case, left alone.
+        if (
+            isinstance(deadline, int)
+            and not isinstance(deadline, bool)
+            and 0 <= deadline <= 2**63 - 1
+        ):
             now = int(time.time() * 1000)
             task["deadline"] = now + YEAR_MS + deadline % YEAR_MS
 
