@@ -107,31 +107,18 @@ async fn lifecycle_settings(kafka: &TestKafka, task_type: &str) -> Settings {
 }
 
 async fn submit(client: &reqwest::Client, base: &str, task_type: &str, payload: Value) -> Uuid {
-    let response = client
-        .post(format!("{base}/v1/tasks"))
-        .header("content-type", "application/json")
-        .body(json!({"type": task_type, "payload": payload}).to_string())
-        .send()
-        .await
-        .unwrap();
-    let answer = body_of(response).await;
+    let body = json!({"type": task_type, "payload": payload});
+    let (_, answer) = common::post_json(client, &format!("{base}/v1/tasks"), &body).await;
     answer["id"].as_str().unwrap().parse().unwrap()
 }
 
 async fn get(client: &reqwest::Client, base: &str, id: Uuid, wait: &str) -> Value {
-    body_of(
-        client
-            .get(format!("{base}/v1/tasks/{id}?wait={wait}"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await
+    let url = format!("{base}/v1/tasks/{id}?wait={wait}");
+    body_of(client.get(url).send().await.unwrap()).await
 }
 
 async fn body_of(response: reqwest::Response) -> Value {
-    let bytes = response.bytes().await.unwrap();
-    serde_json::from_slice(&bytes).unwrap()
+    common::json_answer(response).await.1
 }
 
 /// Polls the task until `check` holds.
@@ -402,16 +389,10 @@ async fn cancel_before_start_while_running_and_after_the_end() {
         let base = gateway.base.clone();
         let before = submit(&client, &base, "stoppable", json!("quick")).await;
         let cancel = |id: Uuid| {
-            let client = client.clone();
-            let base = base.clone();
+            let (client, base) = (client.clone(), base.clone());
             async move {
-                let response = client
-                    .post(format!("{base}/v1/tasks/{id}:cancel"))
-                    .send()
-                    .await
-                    .unwrap();
-                let status = response.status().as_u16();
-                (status, body_of(response).await)
+                let url = format!("{base}/v1/tasks/{id}:cancel");
+                common::json_answer(client.post(url).send().await.unwrap()).await
             }
         };
         let (status, answer) = cancel(before).await;

@@ -1543,19 +1543,9 @@ async fn cancellations_survive_a_sigkill_of_the_worker() {
         let submit = |key: &'static str| {
             let (client, base) = (client.clone(), base.clone());
             async move {
-                let answer = client
-                    .post(format!("{base}/v1/tasks"))
-                    .header("content-type", "application/json")
-                    .body(
-                        serde_json::json!({"type": "held", "payload": {}, "key": key}).to_string(),
-                    )
-                    .send()
-                    .await
-                    .unwrap()
-                    .bytes()
-                    .await
-                    .unwrap();
-                let answer: serde_json::Value = serde_json::from_slice(&answer).unwrap();
+                let body = serde_json::json!({"type": "held", "payload": {}, "key": key});
+                let (_, answer) =
+                    common::post_json(&client, &format!("{base}/v1/tasks"), &body).await;
                 answer["id"]
                     .as_str()
                     .unwrap()
@@ -1566,31 +1556,17 @@ async fn cancellations_survive_a_sigkill_of_the_worker() {
         let status = |id: uuid::Uuid, wait: &'static str| {
             let (client, base) = (client.clone(), base.clone());
             async move {
-                let answer = client
-                    .get(format!("{base}/v1/tasks/{id}?wait={wait}"))
-                    .send()
+                let url = format!("{base}/v1/tasks/{id}?wait={wait}");
+                common::json_answer(client.get(url).send().await.unwrap())
                     .await
-                    .unwrap()
-                    .bytes()
-                    .await
-                    .unwrap();
-                serde_json::from_slice::<serde_json::Value>(&answer).unwrap()
+                    .1
             }
         };
         let cancel = |id: uuid::Uuid| {
             let (client, base) = (client.clone(), base.clone());
             async move {
-                let response = client
-                    .post(format!("{base}/v1/tasks/{id}:cancel"))
-                    .send()
-                    .await
-                    .unwrap();
-                let code = response.status().as_u16();
-                let body = response.bytes().await.unwrap();
-                (
-                    code,
-                    serde_json::from_slice::<serde_json::Value>(&body).unwrap(),
-                )
+                let url = format!("{base}/v1/tasks/{id}:cancel");
+                common::json_answer(client.post(url).send().await.unwrap()).await
             }
         };
         // One key: `head` runs, `queued` waits behind it in the key's lane.

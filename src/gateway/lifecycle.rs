@@ -105,21 +105,7 @@ async fn cancel(shared: &Shared, id_action: &str) -> Result<Value, ApiError> {
     };
     let mut value = Vec::new();
     encode_control(&control, &mut value);
-    let key = id.to_string();
-    let record = FutureRecord::to(topic).key(&key).payload(&value);
-    shared
-        .producer
-        .send(
-            record,
-            Timeout::After(Duration::from_millis(shared.settings.produce_timeout_ms)),
-        )
-        .await
-        .map_err(|(e, _)| {
-            super::submit::unavailable(
-                &[],
-                format!("cannot write the cancellation to {topic}: {e}"),
-            )
-        })?;
+    write(shared, topic, id, &value, "the cancellation").await?;
     tracing::info!(%id, status, "cancellation written");
     Ok(json!({
         "id": id,
@@ -224,19 +210,30 @@ async fn progress(
     event.progress = Some(value.to_string().into_bytes());
     let mut bytes = Vec::new();
     encode_event(&event, &mut bytes);
+    write(shared, topic, id, &bytes, "progress").await?;
+    Ok(json!({"id": id, "attempt": attempt, "accepted": true}))
+}
+
+/// Produces `value` to `topic` keyed by `id`, acknowledged within
+/// `gateway.produce_timeout_ms`, else a 503 (`what` names it in the log).
+async fn write(
+    shared: &Shared,
+    topic: &str,
+    id: Uuid,
+    value: &[u8],
+    what: &str,
+) -> Result<(), ApiError> {
     let key = id.to_string();
-    let record = FutureRecord::to(topic).key(&key).payload(&bytes);
+    let record = FutureRecord::to(topic).key(&key).payload(value);
+    let timeout = Duration::from_millis(shared.settings.produce_timeout_ms);
     shared
         .producer
-        .send(
-            record,
-            Timeout::After(Duration::from_millis(shared.settings.produce_timeout_ms)),
-        )
+        .send(record, Timeout::After(timeout))
         .await
+        .map(|_| ())
         .map_err(|(e, _)| {
-            super::submit::unavailable(&[], format!("cannot write progress to {topic}: {e}"))
-        })?;
-    Ok(json!({"id": id, "attempt": attempt, "accepted": true}))
+            super::submit::unavailable(&[], format!("cannot write {what} to {topic}: {e}"))
+        })
 }
 
 fn tokens_match(a: &str, b: &str) -> bool {

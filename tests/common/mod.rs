@@ -563,6 +563,31 @@ pub async fn with_lifecycle(kafka: &TestKafka, settings: &mut Settings, partitio
     settings.cancel.topic = kafka.create_topic("control", 2).await;
 }
 
+/// The status and JSON body of a gateway's answer.
+pub async fn json_answer(response: reqwest::Response) -> (u16, serde_json::Value) {
+    let status = response.status().as_u16();
+    let bytes = response.bytes().await.expect("the answer's body");
+    let body = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&bytes)));
+    (status, body)
+}
+
+/// POSTs `body` as JSON to `url`; the answer's status and JSON body.
+pub async fn post_json(
+    client: &reqwest::Client,
+    url: &str,
+    body: &serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let response = client
+        .post(url)
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .expect("the gateway answers");
+    json_answer(response).await
+}
+
 /// A worker running in this process.
 pub struct InProcessWorker {
     stop: CancellationToken,
