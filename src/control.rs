@@ -159,19 +159,6 @@ impl Cancels {
         self.caught_up_notify.notify_waiters();
     }
 
-    /// When `id`, or the workflow run `run`, was cancelled, if it was.
-    pub fn cancelled_at(&self, id: Uuid, run: Option<Uuid>) -> Option<i64> {
-        let inner = self.inner();
-        if inner.cancelled.is_empty() {
-            return None;
-        }
-        inner
-            .cancelled
-            .get(&id)
-            .or_else(|| run.and_then(|r| inner.cancelled.get(&r)))
-            .copied()
-    }
-
     /// Watches task `id` (of workflow run `run`): `token` is cancelled as
     /// soon as either is, at once if one already is. Watches of one id
     /// nest (the same task's waits and attempt).
@@ -444,6 +431,11 @@ impl Cancels {
 mod tests {
     use super::*;
 
+    /// When `id` was cancelled, as `c` holds it.
+    fn held(c: &Cancels, id: Uuid) -> Option<i64> {
+        c.inner().cancelled.get(&id).copied()
+    }
+
     fn cancels(max_entries: usize) -> Arc<Cancels> {
         Arc::new(Cancels::new(
             CancelSettings {
@@ -474,9 +466,9 @@ mod tests {
             t3.is_cancelled(),
             "watching a cancelled run's task cancels at once"
         );
-        assert_eq!(c.cancelled_at(Uuid::new_v4(), Some(run)), Some(1_000));
+        assert_eq!(held(&c, run), Some(1_000));
         c.forget(task);
-        assert_eq!(c.cancelled_at(task, None), None);
+        assert_eq!(held(&c, task), None);
     }
 
     #[test]
@@ -487,8 +479,8 @@ mod tests {
             c.apply_cancel(*id, 1_000 + i as i64, 2_000);
         }
         assert_eq!(c.len(), 3);
-        assert_eq!(c.cancelled_at(ids[0], None), None);
-        assert_eq!(c.cancelled_at(ids[4], None), Some(1_004));
+        assert_eq!(held(&c, ids[0]), None);
+        assert_eq!(held(&c, ids[4]), Some(1_004));
         let dropped = c
             .metrics
             .cancellations_dropped

@@ -39,25 +39,16 @@ const PROGRESS_WAIT: Duration = Duration::from_secs(5);
 /// topics are read independently).
 const STREAM_SETTLE: Duration = Duration::from_secs(5);
 
-/// `POST /v1/tasks/{id}:cancel` (the only action of `POST /v1/tasks/{id}`).
-pub(super) async fn task_action(
-    State(shared): State<Arc<Shared>>,
-    Path(id_action): Path<String>,
-) -> Response {
-    match cancel(&shared, &id_action).await {
+/// `POST /v1/tasks/{id}:cancel`: `id` is the path's id, the suffix taken
+/// off by the router (`routes::task_route`).
+pub(super) async fn cancel_task(shared: &Shared, id: &str) -> Response {
+    match cancel(shared, id).await {
         Ok(answer) => (StatusCode::ACCEPTED, Json(answer)).into_response(),
         Err(error) => error.into_response(),
     }
 }
 
-async fn cancel(shared: &Shared, id_action: &str) -> Result<Value, ApiError> {
-    let Some(id) = id_action.strip_suffix(":cancel") else {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "no_route",
-            "POST /v1/tasks/{id} takes one action: `:cancel` (POST /v1/tasks/{id}:cancel)",
-        ));
-    };
+async fn cancel(shared: &Shared, id: &str) -> Result<Value, ApiError> {
     let id = api::parse_id(id, "task id")?;
     let Some(topic) = &shared.control_topic else {
         return Err(ApiError::new(

@@ -79,10 +79,10 @@ async fn task_route(
     query: axum::extract::Query<std::collections::BTreeMap<String, String>>,
 ) -> Response {
     use axum::http::Method;
-    let cancel = id.0.ends_with(":cancel");
+    let cancel = id.0.strip_suffix(":cancel");
     match (cancel, &method) {
-        (false, &Method::GET | &Method::HEAD) => get_task(state, id, query).await,
-        (true, &Method::POST) => super::lifecycle::task_action(state, id).await,
+        (None, &Method::GET | &Method::HEAD) => get_task(state, id, query).await,
+        (Some(task), &Method::POST) => super::lifecycle::cancel_task(&state.0, task).await,
         _ => {
             let mut response = ApiError::new(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -90,7 +90,7 @@ async fn task_route(
                 "this route does not take that method; see /openapi.json",
             )
             .into_response();
-            let allow = if cancel { "POST" } else { "GET,HEAD" };
+            let allow = if cancel.is_some() { "POST" } else { "GET,HEAD" };
             response
                 .headers_mut()
                 .insert("allow", HeaderValue::from_static(allow));

@@ -469,22 +469,15 @@ async fn hand_over(
     result
 }
 
-/// Hands a task event to the producer once, without waiting: a full
-/// queue refuses it (the caller counts it), and what the broker refuses
-/// later is counted by the delivery callback.
+/// Hands a task event (of metric label `kind`) to the producer once,
+/// without waiting: a full queue refuses it (the caller counts it), and
+/// what the broker refuses later is counted by the delivery callback.
 pub(super) fn offer_event(
     shared: &Shared,
     record: &Outgoing,
-    kind: &str,
+    kind: &'static str,
     in_flight: Option<Arc<super::lifecycle::InFlight>>,
 ) -> Result<(), KafkaError> {
-    let kind = match kind {
-        crate::codec::event::STARTED => crate::codec::event::STARTED,
-        crate::codec::event::PROGRESS => crate::codec::event::PROGRESS,
-        crate::codec::event::RETRYING => crate::codec::event::RETRYING,
-        crate::codec::event::CANCELLED => crate::codec::event::CANCELLED,
-        _ => "other",
-    };
     offer(shared, record, Arc::new(Delivery::Event(kind, in_flight)))
 }
 

@@ -102,11 +102,12 @@ pub(super) fn send_counted(shared: &Shared, event: &TaskEvent, in_flight: Option
     if let Some(in_flight) = in_flight {
         in_flight.start();
     }
-    if let Err(error) = offer_event(shared, &record, &event.kind, in_flight.cloned()) {
+    let kind = known_kind(&event.kind);
+    if let Err(error) = offer_event(shared, &record, kind, in_flight.cloned()) {
         if let Some(in_flight) = in_flight {
             in_flight.done();
         }
-        event_failed(shared, &event.kind, &error);
+        event_failed(shared, kind, &error);
     }
 }
 
@@ -120,17 +121,19 @@ pub(super) async fn send_settled(shared: &Shared, event: &TaskEvent) {
     in_flight.settle().await;
 }
 
-/// Counts (and logs) an event the producer or the broker did not take.
-pub(super) fn event_failed(shared: &Shared, kind: &str, error: &KafkaError) {
+/// Counts (and logs) an event of metric label `kind` that the producer
+/// or the broker did not take.
+pub(super) fn event_failed(shared: &Shared, kind: &'static str, error: &KafkaError) {
     tracing::debug!(%error, kind, "a task event was not written");
     shared
         .metrics
         .task_events_failed
-        .with_label_values(&[known_kind(kind)])
+        .with_label_values(&[kind])
         .inc();
 }
 
-/// A kind for a metric label: one of the four, or `other`.
+/// A kind as a metric label (bounded whatever the event says): one of the
+/// four, or `other`.
 fn known_kind(kind: &str) -> &'static str {
     use crate::codec::event::{CANCELLED, RETRYING};
     [STARTED, PROGRESS, RETRYING, CANCELLED]
@@ -153,7 +156,7 @@ pub(super) fn event_of(shared: &Shared, request: &TaskRequest, kind: &str) -> Ta
 /// One attempt's progress reports: announces the attempt (`started`, with
 /// its token) before its first report or once its handler waits, and
 /// coalesces reports closer together than the interval (the last always
-/// lands: a timer writes it, or [`Progress::flush`] at the attempt's end).
+/// lands: a timer writes it, or [`Progress::finish`] at the attempt's end).
 pub(super) struct Progress {
     me: Weak<Progress>,
     shared: Arc<Shared>,
@@ -195,25 +198,24 @@ impl Progress {
         if self.announced.swap(true, AtomicOrdering::AcqRel) {
             return;
         }
-        let mut event = TaskEvent::new(
-            self.id,
-            &self.task_type,
-            STARTED,
-            &self.shared.worker,
-            self.attempt,
-        );
+        let mut event = self.event(STARTED);
         event.token = Some(self.token.clone());
         send_counted(&self.shared, &event, Some(&self.in_flight));
     }
 
-    fn send(&self, value: Vec<u8>) {
-        let mut event = TaskEvent::new(
+    /// An event of this attempt, of `kind`.
+    fn event(&self, kind: &str) -> TaskEvent {
+        TaskEvent::new(
             self.id,
             &self.task_type,
-            PROGRESS,
+            kind,
             &self.shared.worker,
             self.attempt,
-        );
+        )
+    }
+
+    fn send(&self, value: Vec<u8>) {
+        let mut event = self.event(PROGRESS);
         event.progress = Some(value);
         send_counted(&self.shared, &event, Some(&self.in_flight));
     }
