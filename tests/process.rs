@@ -18,10 +18,14 @@ use conveyor::codec::{now_millis, TaskStatus};
 use conveyor::settings::{HandlerKind, Ordering, Settings, StepSettings, WorkflowSettings};
 
 const LONG: Duration = Duration::from_secs(180);
+/// How many times [`Worker::collect`] restarts a worker whose producer
+/// failed for good.
+const SUPERVISED_RESTARTS: usize = 2;
 
 struct Worker {
     child: Child,
     log: PathBuf,
+    config: PathBuf,
 }
 
 impl Worker {
@@ -42,7 +46,11 @@ impl Worker {
             .stderr(log_file)
             .spawn()
             .expect("start conveyor worker");
-        Worker { child, log }
+        Worker {
+            child,
+            log,
+            config: config.to_owned(),
+        }
     }
 
     fn pid(&self) -> u32 {
@@ -85,6 +93,54 @@ impl Worker {
             "exit after SIGTERM: {status}; log:\n{}",
             self.log_tail()
         );
+    }
+
+    /// Collects the results of `expected` from `topic` like
+    /// [`TestKafka::collect_results`], watching the worker meanwhile.
+    ///
+    /// A worker whose idempotent producer failed for good exits 1 by design
+    /// ("restart the worker"): it is restarted here as its supervisor would,
+    /// at most [`SUPERVISED_RESTARTS`] times, each announced (nisshi has
+    /// answered a connection's produce requests out of order under load,
+    /// which librdkafka treats as fatal). Any other exit fails the test at
+    /// once with the worker's log, rather than as results missing after
+    /// the timeout.
+    async fn collect(
+        &mut self,
+        kafka: &TestKafka,
+        topic: &str,
+        expected: &std::collections::HashSet<uuid::Uuid>,
+        timeout: Duration,
+    ) -> common::Results {
+        let collecting = kafka.collect_results(topic, expected, timeout);
+        tokio::pin!(collecting);
+        let mut restarts = 0;
+        loop {
+            tokio::select! {
+                results = &mut collecting => return results,
+                () = tokio::time::sleep(Duration::from_millis(200)) => {
+                    let Some(status) = self.child.try_wait().expect("try_wait") else {
+                        continue;
+                    };
+                    let log = self.log_tail();
+                    if log.contains("the producer failed for good") && restarts < SUPERVISED_RESTARTS {
+                        restarts += 1;
+                        common::announce(&format!(
+                            "{}: the worker exited ({status}) with its producer failed for good; \
+                             restarting it as a supervisor would ({restarts} of {SUPERVISED_RESTARTS})",
+                            kafka.describe()
+                        ));
+                        let config = self.config.clone();
+                        *self = Worker::start(&config);
+                        continue;
+                    }
+                    panic!(
+                        "{}: the worker exited ({status}) before every result was written; log:\n{log}",
+                        kafka.describe()
+                    );
+                }
+            }
+        }
     }
 
     fn log_tail(&self) -> String {
@@ -149,8 +205,8 @@ async fn sigkill_mid_run_loses_nothing_and_duplicates_stay_bounded() {
         );
 
         let mut second = Worker::start(&config);
-        let results = kafka
-            .collect_results(&pipeline.output, &ids(&sent), LONG)
+        let results = second
+            .collect(&kafka, &pipeline.output, &ids(&sent), LONG)
             .await;
         second.stop_cleanly();
 
@@ -283,8 +339,8 @@ async fn sigkill_mid_fan_out_then_restart_completes_the_workflow_exactly_once() 
         let expected = [run, conveyor::workflow::step_id(run, 2, None)]
             .into_iter()
             .collect();
-        let results = kafka
-            .collect_results(&pipeline.output, &expected, LONG)
+        let results = second
+            .collect(&kafka, &pipeline.output, &expected, LONG)
             .await;
         second.stop_cleanly();
 
@@ -350,8 +406,8 @@ async fn sigterm_mid_run_then_restart_gives_no_duplicates() {
         );
 
         let mut second = Worker::start(&config);
-        let results = kafka
-            .collect_results(&pipeline.output, &ids(&sent), LONG)
+        let results = second
+            .collect(&kafka, &pipeline.output, &ids(&sent), LONG)
             .await;
         second.stop_cleanly();
 
@@ -485,8 +541,8 @@ async fn task_spans_are_exported_over_otlp_as_children_of_the_request_traceparen
         .expect("task request acknowledged");
 
     let mut worker = Worker::start(&config);
-    let results = kafka
-        .collect_results(&pipeline.output, &ids(&sent), LONG)
+    let results = worker
+        .collect(&kafka, &pipeline.output, &ids(&sent), LONG)
         .await;
     assert_eq!(results.by_id.len(), 1);
     // A clean stop sends the spans still buffered.
@@ -982,8 +1038,8 @@ async fn delayed_tasks_wait_in_the_tiers_not_in_memory_and_a_sigkill_loses_none(
         worker.wait(Duration::from_secs(10));
         let mut worker = Worker::start(&config);
         let expected = short.iter().copied().collect();
-        let results = kafka
-            .collect_results(&pipeline.output, &expected, LONG)
+        let results = worker
+            .collect(&kafka, &pipeline.output, &expected, LONG)
             .await;
         worker.stop_cleanly();
         let ran_early = hour
@@ -1130,8 +1186,8 @@ async fn retries_backing_off_a_minute_wait_in_the_tiers_and_a_sigkill_loses_none
         worker.wait(Duration::from_secs(10));
 
         let mut worker = Worker::start(&config);
-        let results = kafka
-            .collect_results(&pipeline.output, &ids(&sent), LONG + LONG)
+        let results = worker
+            .collect(&kafka, &pipeline.output, &ids(&sent), LONG + LONG)
             .await;
         worker.stop_cleanly();
         let retried: Vec<_> = results
