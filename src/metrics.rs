@@ -113,6 +113,29 @@ pub const GATEWAY_REQUEST_DURATION: &str = "conveyor_gateway_request_duration_se
 pub const GATEWAY_TASKS_SUBMITTED: &str = "conveyor_gateway_tasks_submitted_total";
 /// `conveyor_gateway_view_tasks`: tasks held by the gateway's status view.
 pub const GATEWAY_VIEW_TASKS: &str = "conveyor_gateway_view_tasks";
+/// `conveyor_gateway_store_tasks`: tasks kept in the gateway's status
+/// store (counted every 10 s).
+pub const GATEWAY_STORE_TASKS: &str = "conveyor_gateway_store_tasks";
+/// `conveyor_gateway_store_bytes`: bytes of the status store's files on
+/// disk (database and write-ahead log).
+pub const GATEWAY_STORE_BYTES: &str = "conveyor_gateway_store_bytes";
+/// `conveyor_gateway_store_removed_total{reason}`: tasks removed from the
+/// status store, `reason` being `retention` (older than
+/// `gateway.retention_ms`) or `disk_budget` (the oldest, over
+/// `gateway.store_max_bytes`).
+pub const GATEWAY_STORE_REMOVED: &str = "conveyor_gateway_store_removed_total";
+/// `conveyor_gateway_store_behind_messages`: records of the followed topics
+/// the status store has yet to apply before it is caught up (0 once it is).
+pub const GATEWAY_STORE_BEHIND: &str = "conveyor_gateway_store_behind_messages";
+/// `conveyor_gateway_store_applied_total`: records applied to the status
+/// store (written with their offsets).
+pub const GATEWAY_STORE_APPLIED: &str = "conveyor_gateway_store_applied_total";
+/// `conveyor_gateway_store_errors_total`: writes to the status store that
+/// failed (retried; `/readyz` says so meanwhile).
+pub const GATEWAY_STORE_ERRORS: &str = "conveyor_gateway_store_errors_total";
+/// `conveyor_gateway_store_truncated_total`: outputs kept cut to
+/// `gateway.store_max_output_bytes`.
+pub const GATEWAY_STORE_TRUNCATED: &str = "conveyor_gateway_store_truncated_total";
 /// `conveyor_gateway_long_polls`: status requests waiting (`?wait=`) for a
 /// task or run to end.
 pub const GATEWAY_LONG_POLLS: &str = "conveyor_gateway_long_polls";
@@ -236,6 +259,20 @@ pub struct Metrics {
     pub gateway_view_tasks: IntGaugeVec,
     /// See [`GATEWAY_LONG_POLLS`].
     pub gateway_long_polls: IntGaugeVec,
+    /// See [`GATEWAY_STORE_TASKS`].
+    pub gateway_store_tasks: IntGaugeVec,
+    /// See [`GATEWAY_STORE_BYTES`].
+    pub gateway_store_bytes: IntGaugeVec,
+    /// See [`GATEWAY_STORE_REMOVED`].
+    pub gateway_store_removed: IntCounterVec,
+    /// See [`GATEWAY_STORE_BEHIND`].
+    pub gateway_store_behind: IntGaugeVec,
+    /// See [`GATEWAY_STORE_APPLIED`].
+    pub gateway_store_applied: IntCounterVec,
+    /// See [`GATEWAY_STORE_ERRORS`].
+    pub gateway_store_errors: IntCounterVec,
+    /// See [`GATEWAY_STORE_TRUNCATED`].
+    pub gateway_store_truncated: IntCounterVec,
     /// See [`DELAY_MOVES`].
     pub delay_moves: IntCounterVec,
     /// See [`DELAY_PARTITIONS_WAITING`].
@@ -479,6 +516,48 @@ impl Metrics {
                 &r,
                 GATEWAY_LONG_POLLS,
                 "Status requests waiting (?wait=) for a task or workflow run to end.",
+                &[],
+            ),
+            gateway_store_tasks: gauge(
+                &r,
+                GATEWAY_STORE_TASKS,
+                "Tasks kept in the gateway's status store.",
+                &[],
+            ),
+            gateway_store_bytes: gauge(
+                &r,
+                GATEWAY_STORE_BYTES,
+                "Bytes of the gateway's status store files on disk.",
+                &[],
+            ),
+            gateway_store_removed: counter(
+                &r,
+                GATEWAY_STORE_REMOVED,
+                "Tasks removed from the status store: past retention, or the oldest over the disk budget.",
+                &["reason"],
+            ),
+            gateway_store_behind: gauge(
+                &r,
+                GATEWAY_STORE_BEHIND,
+                "Records the status store has yet to apply before it is caught up.",
+                &[],
+            ),
+            gateway_store_applied: counter(
+                &r,
+                GATEWAY_STORE_APPLIED,
+                "Records applied to the status store with their offsets.",
+                &[],
+            ),
+            gateway_store_errors: counter(
+                &r,
+                GATEWAY_STORE_ERRORS,
+                "Writes to the status store that failed (retried).",
+                &[],
+            ),
+            gateway_store_truncated: counter(
+                &r,
+                GATEWAY_STORE_TRUNCATED,
+                "Outputs kept cut to gateway.store_max_output_bytes.",
                 &[],
             ),
             delay_moves: counter(

@@ -1,7 +1,10 @@
 //! The status view's source: a consumer outside any group that reads the
-//! results and task topics from a look-back point and follows them.
+//! results and task topics from where the status store left off (or, for
+//! a new store, from `gateway.retention_ms` ago), the events topic from a
+//! look-back point, and follows them.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::Consumer;
@@ -27,10 +30,24 @@ pub(super) struct Spec {
     pub result_topics: Vec<String>,
     /// The events topic, when `[events]` is on.
     pub events_topic: Option<String>,
+    /// How far back the events topic is read.
     pub lookback_ms: u64,
-    /// The view's capacity: how far back to read a partition whose
+    /// The view's capacity: how far back to read an events partition whose
     /// timestamp lookup found nothing.
     pub max_tasks: usize,
+    /// How far back the task and results topics are read where the store
+    /// has no offset.
+    pub retention_ms: u64,
+    /// The store's offsets: (topic, partition) → the next to read.
+    pub resume: HashMap<(String, i32), i64>,
+}
+
+/// Where a record was read: what the store records as applied.
+#[derive(Debug, Clone)]
+pub(super) struct Position {
+    pub topic: Arc<str>,
+    pub partition: i32,
+    pub offset: i64,
 }
 
 /// What the follower saw.
@@ -42,9 +59,13 @@ pub(super) enum Event {
         /// Read from a delay tier: when it is to start (ms since the
         /// epoch).
         scheduled: Option<i64>,
+        at: Position,
     },
     /// A task result.
-    Result(TaskResult),
+    Result(TaskResult, Position),
+    /// A record of a stored topic that changes nothing (too old, not a
+    /// task, undecodable): read all the same.
+    Skipped(Position),
     /// A step of a task (a task event), with where it was read in the
     /// events topic.
     Step {
@@ -54,8 +75,9 @@ pub(super) enum Event {
     },
     /// Every partition has been read to the end it had at start.
     CaughtUp,
-    /// About once a second, for housekeeping.
-    Tick,
+    /// About once a second, for housekeeping, with how many records are
+    /// left to read before the follower is caught up.
+    Tick { behind: i64 },
 }
 
 pub(super) struct Follower {
@@ -68,11 +90,16 @@ pub(super) struct Follower {
     /// waiting out its backoff, bound for a retry topic) is not a task
     /// scheduled for later, and is skipped.
     task_topics: HashSet<String>,
-    /// Records older than this (ms since the epoch) are skipped.
+    /// Records of the task and results topics older than this (ms since
+    /// the epoch) are skipped.
     start: i64,
-    /// Partitions not yet read up to the high watermark they had at start,
-    /// with that watermark.
-    behind: HashMap<(String, i32), i64>,
+    /// Events older than this are skipped.
+    events_start: i64,
+    /// Partitions not yet read up to the high watermark they had at start:
+    /// (that watermark, the next offset to read).
+    behind: HashMap<(String, i32), (i64, i64)>,
+    /// The followed topics' names, shared by the positions.
+    names: HashMap<String, Arc<str>>,
 }
 
 impl Follower {
@@ -98,9 +125,11 @@ impl Follower {
         wanted.sort();
         wanted.dedup();
         let mut missing = Vec::new();
-        let start =
-            now_millis().saturating_sub(i64::try_from(spec.lookback_ms).unwrap_or(i64::MAX));
+        let ago = |ms: u64| now_millis().saturating_sub(i64::try_from(ms).unwrap_or(i64::MAX));
+        let (start, events_start) = (ago(spec.retention_ms), ago(spec.lookback_ms));
+        let is_events = |topic: &str| spec.events_topic.as_deref() == Some(topic);
         let mut times = TopicPartitionList::new();
+        let mut events_partitions = 0usize;
         for topic in &wanted {
             let found = metadata.topics().iter().find(|t| {
                 t.name() == topic.as_str() && t.error().is_none() && !t.partitions().is_empty()
@@ -108,9 +137,15 @@ impl Follower {
             match found {
                 None => missing.push(topic.as_str()),
                 Some(t) => {
+                    let from = if is_events(topic) {
+                        events_partitions += t.partitions().len();
+                        events_start
+                    } else {
+                        start
+                    };
                     for p in t.partitions() {
                         times
-                            .add_partition_offset(topic, p.id(), Offset::Offset(start))
+                            .add_partition_offset(topic, p.id(), Offset::Offset(from))
                             .map_err(kafka_error("building the assignment"))?;
                     }
                 }
@@ -123,53 +158,45 @@ impl Follower {
                 missing.join(", ")
             )));
         }
-        let partitions = times.count();
-        let assignment = match consumer.offsets_for_times(times.clone(), Duration::from_secs(10)) {
-            Ok(found) => {
-                // No record at or after the time: start at the end.
-                let mut list = TopicPartitionList::new();
-                for e in found.elements() {
-                    let offset = match e.offset() {
-                        Offset::Offset(o) if o >= 0 => Offset::Offset(o),
-                        _ => Offset::End,
-                    };
-                    list.add_partition_offset(e.topic(), e.partition(), offset)
-                        .map_err(kafka_error("building the assignment"))?;
-                }
-                list
-            }
+        let by_time = match consumer.offsets_for_times(times.clone(), Duration::from_secs(10)) {
+            Ok(found) => found,
             Err(error) => {
                 tracing::warn!(%error, "cannot look up offsets by time; the status view reads the topics from their start");
-                let mut list = TopicPartitionList::new();
-                for e in times.elements() {
-                    list.add_partition_offset(e.topic(), e.partition(), Offset::Beginning)
-                        .map_err(kafka_error("building the assignment"))?;
-                }
-                list
+                times.clone()
             }
         };
-        // A lookup that finds no record after the time answers End; some
-        // brokers (librdkafka's mock cluster) answer End whatever the time.
-        // Either way, read back at most this view's share of the partition
-        // and skip what is older than the look-back by record timestamp.
-        let share = i64::try_from(spec.max_tasks / partitions.max(1))
+        // The events topic: at most the view's share of each partition
+        // when the time lookup found nothing (some brokers, librdkafka's
+        // mock cluster among them, answer End whatever the time). The
+        // stored topics: the store's offset, else the time lookup's, else
+        // the start of the partition (records older than the retention are
+        // skipped by their timestamp).
+        let share = i64::try_from(spec.max_tasks / events_partitions.max(1))
             .unwrap_or(i64::MAX)
             .max(1_000);
         let mut behind = HashMap::new();
         let mut from_offsets = TopicPartitionList::new();
-        for e in assignment.elements() {
+        for e in by_time.elements() {
             let (low, high) = consumer
                 .fetch_watermarks(e.topic(), e.partition(), Duration::from_secs(10))
                 .map_err(kafka_error("reading the followed topics' watermarks"))?;
-            let from = match e.offset() {
-                Offset::Offset(o) => o.max(low),
-                _ => high.saturating_sub(share).max(low),
+            let found = match e.offset() {
+                Offset::Offset(o) if o >= 0 => Some(o),
+                _ => None,
+            };
+            let resume = spec.resume.get(&(e.topic().to_owned(), e.partition()));
+            let from = match (is_events(e.topic()), resume, found) {
+                (true, _, Some(o)) => o.max(low),
+                (true, _, None) => high.saturating_sub(share).max(low),
+                (false, Some(next), _) => (*next).clamp(low, high.max(low)),
+                (false, None, Some(o)) => o.max(low),
+                (false, None, None) => low,
             };
             from_offsets
                 .add_partition_offset(e.topic(), e.partition(), Offset::Offset(from))
                 .map_err(kafka_error("building the assignment"))?;
             if from < high {
-                behind.insert((e.topic().to_owned(), e.partition()), high);
+                behind.insert((e.topic().to_owned(), e.partition()), (high, from));
             }
         }
         tracing::debug!(?from_offsets, "status view starts from these offsets");
@@ -182,7 +209,12 @@ impl Follower {
             delay_topics: spec.delay_topics.iter().cloned().collect(),
             task_topics: spec.task_topics.iter().cloned().collect(),
             start,
+            events_start,
             behind,
+            names: wanted
+                .iter()
+                .map(|t| ((*t).clone(), Arc::from(t.as_str())))
+                .collect(),
         })
     }
 
@@ -196,7 +228,12 @@ impl Follower {
                 apply(Event::CaughtUp);
             }
             if last_tick.elapsed() >= Duration::from_secs(1) {
-                apply(Event::Tick);
+                let behind = self
+                    .behind
+                    .values()
+                    .map(|(high, next)| high.saturating_sub(*next).max(0))
+                    .sum();
+                apply(Event::Tick { behind });
                 last_tick = Instant::now();
             }
             match self.reader.read(Duration::from_millis(100)) {
@@ -208,12 +245,13 @@ impl Follower {
                 Read::Record(message) => {
                     if !self.behind.is_empty() {
                         let at = (message.topic().to_owned(), message.partition());
-                        if self
-                            .behind
-                            .get(&at)
-                            .is_some_and(|high| message.offset() + 1 >= *high)
-                        {
-                            self.behind.remove(&at);
+                        let next = message.offset() + 1;
+                        match self.behind.get_mut(&at) {
+                            Some((high, _)) if next >= *high => {
+                                self.behind.remove(&at);
+                            }
+                            Some((_, read)) => *read = next,
+                            None => {}
                         }
                     }
                     if let Some(event) = self.decode(&message) {
@@ -225,6 +263,44 @@ impl Follower {
     }
 
     fn decode(&self, message: &BorrowedMessage<'_>) -> Option<Event> {
+        let topic = message.topic();
+        if self.events_topic.as_deref() == Some(topic) {
+            if message
+                .timestamp()
+                .to_millis()
+                .is_some_and(|t| t < self.events_start)
+            {
+                return None;
+            }
+            return match crate::codec::event::decode_event(message.payload().unwrap_or_default()) {
+                Ok(event) => Some(Event::Step {
+                    event,
+                    partition: message.partition(),
+                    offset: message.offset(),
+                }),
+                Err(error) => {
+                    tracing::debug!(%error, topic, "status view: skipping an undecodable event");
+                    None
+                }
+            };
+        }
+        let at = Position {
+            topic: self
+                .names
+                .get(topic)
+                .cloned()
+                .unwrap_or_else(|| Arc::from(topic)),
+            partition: message.partition(),
+            offset: message.offset(),
+        };
+        Some(
+            self.decode_stored(message, at.clone())
+                .unwrap_or(Event::Skipped(at)),
+        )
+    }
+
+    /// A record of a task, delay or results topic, if it changes anything.
+    fn decode_stored(&self, message: &BorrowedMessage<'_>, at: Position) -> Option<Event> {
         if message
             .timestamp()
             .to_millis()
@@ -236,22 +312,9 @@ impl Follower {
         let topic = message.topic();
         if self.result_topics.contains(topic) {
             return match self.codec.decode_result(bytes) {
-                Ok(result) => Some(Event::Result(result)),
+                Ok(result) => Some(Event::Result(result, at)),
                 Err(error) => {
                     tracing::debug!(%error, topic, "status view: skipping an undecodable result");
-                    None
-                }
-            };
-        }
-        if self.events_topic.as_deref() == Some(topic) {
-            return match crate::codec::event::decode_event(bytes) {
-                Ok(event) => Some(Event::Step {
-                    event,
-                    partition: message.partition(),
-                    offset: message.offset(),
-                }),
-                Err(error) => {
-                    tracing::debug!(%error, topic, "status view: skipping an undecodable event");
                     None
                 }
             };
@@ -278,6 +341,7 @@ impl Follower {
                     request,
                     traceparent,
                     scheduled,
+                    at,
                 })
             }
             Err(error) => {
@@ -303,7 +367,7 @@ impl Follower {
                 continue;
             }
             let at = (e.topic().to_owned(), e.partition());
-            if let (Offset::Offset(o), Some(high)) = (e.offset(), self.behind.get(&at)) {
+            if let (Offset::Offset(o), Some((high, _))) = (e.offset(), self.behind.get(&at)) {
                 if o >= *high {
                     self.behind.remove(&at);
                 }

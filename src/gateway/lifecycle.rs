@@ -57,9 +57,19 @@ async fn cancel(shared: &Shared, id: &str) -> Result<Value, ApiError> {
             "cancellation is off in this configuration ([cancel] enabled = false)",
         ));
     };
+    let stored = super::status::stored_task(shared, &id)?;
+    let stored_run = match &stored {
+        Some(_) => Vec::new(),
+        None => super::status::stored_run(shared, &id)?,
+    };
     let (status, is_run) = {
         let view = shared.view();
-        match view.get(&id) {
+        let task = super::status::merge(view.get(&id), stored.as_ref());
+        let run = match &task {
+            Some(_) => Vec::new(),
+            None => super::status::merge_run(view.run(&id), &stored_run),
+        };
+        match task {
             Some(task) if task.phase.is_terminal() => {
                 return Err(ApiError::new(
                     StatusCode::CONFLICT,
@@ -72,8 +82,8 @@ async fn cancel(shared: &Shared, id: &str) -> Result<Value, ApiError> {
                 .with_task_status(task.phase.name()));
             }
             Some(task) => (task.phase.name(), false),
-            None if !view.run(&id).is_empty() => {
-                let tasks = view.run(&id);
+            None if !run.is_empty() => {
+                let tasks: Vec<&TaskView> = run.iter().collect();
                 (super::status::run_status(&tasks, id), true)
             }
             None => {
@@ -82,7 +92,7 @@ async fn cancel(shared: &Shared, id: &str) -> Result<Value, ApiError> {
                     "unknown_task",
                     format!(
                     "no task or workflow run {id} is known here: never submitted, or older than \
-                         the status view keeps (gateway.view_max_age_ms, view_max_tasks)"
+                         the status store keeps (gateway.retention_ms)"
                 ),
                 ))
             }
@@ -301,19 +311,21 @@ pub(super) async fn task_events(
         Ok(resume) => resume,
         Err(error) => return error.into_response(),
     };
-    let known = shared.view().get(&id).map(|t| t.phase);
-    match (known, resume) {
-        (None, _) => {
-            return ApiError::new(
-                StatusCode::NOT_FOUND,
-                "unknown_task",
-                format!(
-                    "no task {id} is known here: never submitted, or older than the status view \
-                     keeps (gateway.view_max_age_ms, view_max_tasks)"
-                ),
-            )
-            .into_response()
+    let stored = match super::status::stored_task(&shared, &id) {
+        Ok(stored) => stored,
+        Err(error) => return error.into_response(),
+    };
+    let known = {
+        let mut view = shared.view();
+        if let Some(stored) = stored.filter(|_| view.get(&id).is_none()) {
+            // Only the store has it (the view's bounds forgot it, or the
+            // gateway restarted): the view holds it again for the stream.
+            view.recall(stored, crate::codec::now_millis());
         }
+        view.get(&id).map(|t| t.phase)
+    };
+    match (known, resume) {
+        (None, _) => return super::status::unknown_task(id).into_response(),
         // Resuming after the end: nothing more (204 tells an EventSource
         // not to reconnect).
         (Some(phase), Resume::End) if phase.is_terminal() => {

@@ -15,10 +15,13 @@
 
 pub mod api;
 mod follow;
+mod ingest;
 mod lifecycle;
+mod lists;
 mod routes;
 mod schedules;
 mod status;
+pub mod store;
 mod submit;
 pub mod view;
 
@@ -32,7 +35,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureProducer, Producer};
 use serde_json::{json, Value};
 
-use crate::codec::{now_millis, Codec};
+use crate::codec::Codec;
 use crate::delay::Tiers;
 use crate::metrics::Metrics;
 use crate::settings::{GatewaySettings, Settings};
@@ -47,6 +50,7 @@ pub const OPENAPI: &str = include_str!("openapi.json");
 /// Every route the gateway serves: (method, path in OpenAPI's notation).
 pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/tasks"),
+    ("get", "/v1/tasks"),
     ("post", "/v1/tasks:batch"),
     ("get", "/v1/tasks/{id}"),
     ("post", "/v1/tasks/{id}:cancel"),
@@ -54,6 +58,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/tasks/{id}/events"),
     ("post", "/v1/workflows/{workflow}"),
     ("get", "/v1/workflows/{workflow}"),
+    ("get", "/v1/workflows"),
     ("get", "/v1/schedules"),
     ("get", "/healthz"),
     ("get", "/readyz"),
@@ -89,6 +94,9 @@ pub enum GatewayError {
     /// The HTTP server failed.
     #[error("HTTP server: {0}")]
     Serve(String),
+    /// The status store cannot be opened.
+    #[error("{0} (gateway.store_path)")]
+    Store(#[from] store::StoreError),
 }
 
 impl From<crate::kafka::ClientError> for GatewayError {
@@ -140,6 +148,10 @@ struct Shared {
     progress_max_bytes: usize,
     /// Open event streams.
     streams: std::sync::atomic::AtomicUsize,
+    /// The status store (read side; the follower's thread writes).
+    store: Arc<store::Store>,
+    /// Why the store's last write failed, while it fails.
+    store_failing: Mutex<Option<String>>,
 }
 
 /// How long `/readyz` reuses its broker check.
@@ -148,6 +160,12 @@ const READY_CHECK_EVERY: Duration = Duration::from_secs(1);
 impl Shared {
     fn view(&self) -> MutexGuard<'_, View> {
         self.view.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn store_failing(&self) -> MutexGuard<'_, Option<String>> {
+        self.store_failing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     fn reserved(&self) -> MutexGuard<'_, HashSet<String>> {
@@ -222,6 +240,25 @@ pub async fn start(
         .delays
         .enabled
         .then(|| Tiers::new(&settings.delays));
+    let store_limits = store::StoreLimits {
+        retention_ms: i64::try_from(g.retention_ms).unwrap_or(i64::MAX),
+        max_bytes: g.store_max_bytes,
+        max_output_bytes: g.store_max_output_bytes,
+        idempotency_window_ms: i64::try_from(g.idempotency_window_ms).unwrap_or(i64::MAX),
+    };
+    let store_path = g.store_path.clone();
+    let (store, writer, resume) = tokio::task::spawn_blocking(move || {
+        let (store, writer) = store::Store::open(&store_path, store_limits)?;
+        let resume = store.offsets()?;
+        Ok::<_, store::StoreError>((store, writer, resume))
+    })
+    .await
+    .map_err(|e| GatewayError::Serve(e.to_string()))??;
+    if resume.is_empty() {
+        tracing::info!(store = %store.path().display(), "the status store is new: it is built from the topics (gateway.retention_ms back)");
+    } else {
+        tracing::info!(store = %store.path().display(), partitions = resume.len(), "the status store resumes where it left off");
+    }
     let shared = Arc::new(Shared {
         openapi,
         rules: Rules {
@@ -237,7 +274,7 @@ pub async fn start(
         broker_check: tokio::sync::Mutex::new(None),
         view: Mutex::new(View::new(Limits {
             max_tasks: g.view_max_tasks,
-            max_age_ms: i64::try_from(g.view_max_age_ms).unwrap_or(i64::MAX),
+            max_age_ms: i64::try_from(g.view_max_age_ms.min(g.retention_ms)).unwrap_or(i64::MAX),
             max_bytes: g.view_max_bytes,
             idempotency_window_ms: i64::try_from(g.idempotency_window_ms).unwrap_or(i64::MAX),
         })),
@@ -259,6 +296,8 @@ pub async fn start(
             .then(|| settings.cancel.topic.clone()),
         progress_max_bytes: settings.events.progress_max_bytes,
         streams: std::sync::atomic::AtomicUsize::new(0),
+        store,
+        store_failing: Mutex::new(None),
     });
 
     let follow_spec = follow::Spec {
@@ -276,6 +315,8 @@ pub async fn start(
             .then(|| settings.events.topic.clone()),
         lookback_ms: g.view_lookback_ms,
         max_tasks: g.view_max_tasks,
+        retention_ms: g.retention_ms,
+        resume,
     };
     let follower = tokio::task::spawn_blocking(move || follow::Follower::new(&follow_spec))
         .await
@@ -298,7 +339,8 @@ pub async fn start(
         let shared = shared.clone();
         let stop = stop.clone();
         tokio::task::spawn_blocking(move || {
-            follower.run(&stop, |event| apply(&shared, event));
+            let mut ingest = ingest::Ingest::new(writer, stop.clone());
+            follower.run(&stop, |event| ingest.apply(&shared, event));
         })
     };
 
@@ -359,37 +401,6 @@ pub fn openapi_for(task_types: &[String], workflows: &[String], max_batch: usize
     serde_json::to_string_pretty(&doc).unwrap_or_else(|_| OPENAPI.to_owned())
 }
 
-fn apply(shared: &Shared, event: follow::Event) {
-    let now = now_millis();
-    match event {
-        follow::Event::Request {
-            request,
-            traceparent,
-            scheduled,
-        } => shared
-            .view()
-            .apply_request(&request, traceparent, scheduled, now),
-        follow::Event::Result(result) => shared.view().apply_result(result, now),
-        follow::Event::Step {
-            event,
-            partition,
-            offset,
-        } => shared.view().apply_event(event, partition, offset, now),
-        follow::Event::CaughtUp => {
-            tracing::info!("gateway status view caught up with the results and task topics");
-            shared.caught_up.store(true, Ordering::Relaxed);
-        }
-        follow::Event::Tick => {
-            let mut view = shared.view();
-            view.evict(now);
-            let m = &shared.metrics;
-            m.gateway_view_tasks
-                .with_label_values(&[] as &[&str])
-                .set(i64::try_from(view.len()).unwrap_or(i64::MAX));
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::routes::*;
@@ -445,6 +456,8 @@ mod tests {
             retry_at: None,
             events: Default::default(),
             events_partition: None,
+            output_size: None,
+            idempotency_key: None,
         };
         let step = render_step(1, "t", &[&child]);
         let outputs = step["outputs"].as_array().expect("outputs");

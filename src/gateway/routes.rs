@@ -21,7 +21,7 @@ use super::*;
 
 pub(super) fn router(shared: Arc<Shared>) -> Router {
     let api = Router::new()
-        .route("/v1/tasks", post(submit_one))
+        .route("/v1/tasks", post(submit_one).get(super::lists::list_tasks))
         .route("/v1/tasks:batch", post(submit_batch))
         // `/v1/tasks/{id}` (GET) and `/v1/tasks/{id}:cancel` (POST) share
         // one router path (a parameter cannot carry a suffix there): the
@@ -29,6 +29,7 @@ pub(super) fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/tasks/{id}", any(task_route))
         .route("/v1/tasks/{id}/events", get(super::lifecycle::task_events))
         .route("/v1/workflows/{workflow}", post(start_run).get(get_run))
+        .route("/v1/workflows", get(super::lists::list_runs))
         .route("/v1/schedules", get(super::schedules::list_schedules))
         .route_layer(middleware::from_fn_with_state(shared.clone(), authenticate));
     // Authenticated by the attempt's progress token, not a bearer token:
@@ -229,7 +230,18 @@ pub(super) async fn metrics_text(State(shared): State<Arc<Shared>>) -> impl Into
 pub(super) async fn ready(State(shared): State<Arc<Shared>>) -> Response {
     let mut problems = Vec::new();
     if !shared.caught_up.load(Ordering::Relaxed) {
-        problems.push("the status view is still catching up with the results topic".to_owned());
+        let behind = shared
+            .metrics
+            .gateway_store_behind
+            .with_label_values(&[] as &[&str])
+            .get();
+        problems.push(format!(
+            "the status store is still catching up with the results and task topics \
+             ({behind} records behind at the last count)"
+        ));
+    }
+    if let Some(why) = shared.store_failing().clone() {
+        problems.push(format!("the status store cannot write: {why}"));
     }
     // Concurrent probes wait for one check instead of each making one.
     let mut check = shared.broker_check.lock().await;

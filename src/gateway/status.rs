@@ -28,20 +28,21 @@ pub(super) async fn get_run(
     let outcome = async {
         let run = api::parse_id(&id, "workflow run id")?;
         let wait = wait_of(&shared, &params)?;
+        let stored = stored_run(&shared, &run)?;
         // The run's own result has the run's id: it wakes the wait.
         let tasks = long_poll(&shared, run, wait, |view| {
-            let tasks: Vec<TaskView> = view.run(&run).into_iter().cloned().collect();
+            let tasks = merge_run(view.run(&run), &stored);
             if tasks.is_empty() {
                 return Err(ApiError::new(
                     StatusCode::NOT_FOUND,
                     "unknown_workflow_run",
                     format!(
                         "no workflow run {run} is known here: never started, or older than \
-                         the status view keeps (gateway.view_max_age_ms, view_max_tasks)"
+                         the status store keeps (gateway.retention_ms)"
                     ),
                 ));
             }
-            let over = tasks.iter().any(|t| t.id == run);
+            let over = tasks.iter().any(|t| t.id == run && t.phase.is_terminal());
             Ok((tasks, over))
         })
         .await?;
@@ -232,21 +233,98 @@ pub(super) async fn lookup(
 ) -> Result<TaskView, ApiError> {
     let id = api::parse_id(id, "task id")?;
     let wait = wait_of(shared, params)?;
+    let stored = stored_task(shared, &id)?;
     long_poll(shared, id, wait, |view| {
-        let task = view.get(&id).cloned().ok_or_else(|| {
-            ApiError::new(
-                StatusCode::NOT_FOUND,
-                "unknown_task",
-                format!(
-                    "no task {id} is known here: never submitted, or older than the status \
-                     view keeps (gateway.view_max_age_ms, view_max_tasks)"
-                ),
-            )
-        })?;
+        let task = merge(view.get(&id), stored.as_ref()).ok_or_else(|| unknown_task(id))?;
         let over = task.phase.is_terminal();
         Ok((task, over))
     })
     .await
+}
+
+/// The 404 of a task neither the view nor the store knows.
+pub(super) fn unknown_task(id: Uuid) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "unknown_task",
+        format!(
+            "no task {id} is known here: never submitted, or older than the status store \
+             keeps (gateway.retention_ms)"
+        ),
+    )
+}
+
+/// The 503 of a store that cannot be read.
+pub(super) fn store_unavailable(error: &super::store::StoreError) -> ApiError {
+    tracing::warn!(%error, "reading the status store");
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "store_unavailable",
+        format!("the status store cannot be read: {error}"),
+    )
+}
+
+/// Task `id` as the status store has it.
+pub(super) fn stored_task(shared: &Shared, id: &Uuid) -> Result<Option<TaskView>, ApiError> {
+    shared.store.get(id).map_err(|e| store_unavailable(&e))
+}
+
+/// The tasks of workflow run `run` the status store has.
+pub(super) fn stored_run(shared: &Shared, run: &Uuid) -> Result<Vec<TaskView>, ApiError> {
+    shared
+        .store
+        .run(run, MAX_LISTED_OUTPUTS.saturating_mul(2))
+        .map_err(|e| store_unavailable(&e))
+}
+
+/// A task as the in-memory view (`live`, the newest: it is written to the
+/// store in batches) and the store (`stored`, which remembers what the view
+/// forgot) know it together. A result the store has and the view not yet
+/// is kept; so is what the view forgot of the request.
+pub(super) fn merge(live: Option<&TaskView>, stored: Option<&TaskView>) -> Option<TaskView> {
+    match (live, stored) {
+        (None, stored) => stored.cloned(),
+        (Some(live), None) => Some(live.clone()),
+        (Some(live), Some(stored)) if stored.phase.is_terminal() && !live.phase.is_terminal() => {
+            let mut task = stored.clone();
+            task.events = live.events.clone();
+            task.events_partition = live.events_partition;
+            Some(task)
+        }
+        (Some(live), Some(stored)) => {
+            let mut task = live.clone();
+            task.submitted_at = task.submitted_at.or(stored.submitted_at);
+            if task.traceparent.is_none() {
+                task.traceparent = stored.traceparent.clone();
+            }
+            task.run_at = task.run_at.or(stored.run_at);
+            if task.workflow.is_none() {
+                task.workflow = stored.workflow.clone();
+            }
+            if task.attempt.is_none() {
+                task.attempt = stored.attempt.clone();
+            }
+            if task.progress.is_none() {
+                task.progress = stored.progress.clone();
+            }
+            if task.idempotency_key.is_none() {
+                task.idempotency_key = stored.idempotency_key.clone();
+            }
+            Some(task)
+        }
+    }
+}
+
+/// A run's tasks, each merged as [`merge`] does.
+pub(super) fn merge_run(live: Vec<&TaskView>, stored: &[TaskView]) -> Vec<TaskView> {
+    let mut by_id: std::collections::HashMap<Uuid, &TaskView> =
+        stored.iter().map(|t| (t.id, t)).collect();
+    let mut tasks: Vec<TaskView> = live
+        .into_iter()
+        .filter_map(|t| merge(Some(t), by_id.remove(&t.id)))
+        .collect();
+    tasks.extend(by_id.into_values().cloned());
+    tasks
 }
 
 /// The long poll behind `?wait=`: `look` reads the view (locked) and says
@@ -303,6 +381,13 @@ pub(super) fn insert_outcome(
 ) {
     if let Some(output) = &task.output {
         crate::codec::render::embed_bytes(map, name, output, content_type_of(task));
+    }
+    if let Some(size) = task.output_size {
+        // The store kept only the start of it (gateway.store_max_output_bytes).
+        map.insert(
+            format!("{name}_truncated"),
+            json!({"size": size, "kept": task.output.as_ref().map_or(0, Vec::len)}),
+        );
     }
     if let Some(error) = &task.error {
         map.insert(

@@ -19,7 +19,7 @@ use uuid::Uuid;
 
 use super::api::{self, ApiError, NewTask};
 use super::status::run_status;
-use super::view::{View, IDEMPOTENCY_METADATA};
+use super::view::{TaskView, View, IDEMPOTENCY_METADATA};
 use super::*;
 use crate::codec::wire as headers;
 use crate::codec::{now_millis, TaskRequest, WorkflowRef};
@@ -162,22 +162,30 @@ impl Submission {
     }
 }
 
-/// The answer for a submitted (or replayed) task or workflow run.
+/// The answer for a submitted (or replayed) task or workflow run, from
+/// the view and what the status store has of it (`stored`: the task, or
+/// the run's tasks).
 pub(super) fn accepted(
     view: &View,
     id: Uuid,
     workflow: Option<&WorkflowRef>,
+    stored: &[TaskView],
     replay: bool,
 ) -> Value {
     let mut answer = match workflow {
-        Some(w) => json!({
-            "id": w.id, "workflow": w.name,
-            "status": run_status(&view.run(&w.id), w.id),
-            "status_url": run_url(&w.id),
-        }),
+        Some(w) => {
+            let tasks = super::status::merge_run(view.run(&w.id), stored);
+            let tasks: Vec<&TaskView> = tasks.iter().collect();
+            json!({
+                "id": w.id, "workflow": w.name,
+                "status": run_status(&tasks, w.id),
+                "status_url": run_url(&w.id),
+            })
+        }
         None => json!({
             "id": id,
-            "status": view.get(&id).map_or("queued", |t| t.phase.name()),
+            "status": super::status::merge(view.get(&id), stored.iter().find(|t| t.id == id))
+                .map_or("queued", |t| t.phase.name()),
             "status_url": status_url(&id),
         }),
     };
@@ -224,6 +232,23 @@ pub(super) async fn submit(
     // A key used again later in the same batch answers like a key seen
     // before: the first task with it, as a replay (tasks[j] → tasks[i]).
     let mut repeats: Vec<(usize, usize)> = Vec::new();
+    // Keys the status store knows (older than the view remembers), with
+    // what it has of their tasks; read before the view is locked.
+    let mut stored: HashMap<&str, (Uuid, Vec<TaskView>)> = HashMap::new();
+    for key in tasks.iter().filter_map(|t| t.idempotency_key.as_deref()) {
+        let found = shared
+            .store
+            .idempotent(key, now)
+            .map_err(|e| super::status::store_unavailable(&e))?;
+        if let Some(id) = found {
+            let task = super::status::stored_task(shared, &id)?;
+            let known = match task.as_ref().and_then(|t| t.workflow.clone()) {
+                Some(w) => super::status::stored_run(shared, &w.id)?,
+                None => task.into_iter().collect(),
+            };
+            stored.insert(key, (id, known));
+        }
+    }
     {
         let view = shared.view();
         let mut reserved = shared.reserved();
@@ -237,9 +262,15 @@ pub(super) async fn submit(
                 continue;
             }
             first_with.insert(key, i);
-            if let Some(id) = view.idempotent(key, now) {
-                let workflow = view.get(&id).and_then(|t| t.workflow.as_ref());
-                answers[i] = Some(accepted(&view, id, workflow, true));
+            let known = view
+                .idempotent(key, now)
+                .or_else(|| stored.get(key.as_str()).map(|(id, _)| *id));
+            if let Some(id) = known {
+                let from_store = stored.get(key.as_str()).map_or(&[][..], |(_, t)| t);
+                let task =
+                    super::status::merge(view.get(&id), from_store.iter().find(|t| t.id == id));
+                let workflow = task.as_ref().and_then(|t| t.workflow.as_ref());
+                answers[i] = Some(accepted(&view, id, workflow, from_store, true));
             } else if !reserved.insert(key.clone()) {
                 return Err(ApiError::field(
                     field_of(tasks.len(), i, "idempotency_key"),
@@ -314,6 +345,7 @@ pub(super) async fn submit(
                     &view,
                     request.id,
                     request.workflow.as_ref(),
+                    &[],
                     false,
                 ));
                 drop(view);

@@ -125,8 +125,11 @@ pub struct TaskView {
     pub finished_at: Option<i64>,
     /// How many times the handler ran, once terminal.
     pub attempts: Option<i32>,
-    /// The handler's output, if it gave one.
+    /// The handler's output, if it gave one (the status store keeps at
+    /// most `gateway.store_max_output_bytes` of it).
     pub output: Option<Vec<u8>>,
+    /// The output's full size, when `output` holds only its start.
+    pub output_size: Option<usize>,
     /// Media type of `output`.
     pub content_type: Option<String>,
     /// Why it failed.
@@ -149,6 +152,8 @@ pub struct TaskView {
     pub events: VecDeque<LiveEvent>,
     /// The events topic's partition holding its events.
     pub events_partition: Option<i32>,
+    /// The idempotency key it was submitted with.
+    pub idempotency_key: Option<String>,
 }
 
 impl TaskView {
@@ -162,9 +167,34 @@ impl TaskView {
         self.output.as_ref().map_or(0, Vec::len) + error + progress + events
     }
 
+    /// A copy without its events (what the status store keeps).
+    pub fn snapshot(&self) -> TaskView {
+        TaskView {
+            id: self.id,
+            task_type: self.task_type.clone(),
+            phase: self.phase,
+            submitted_at: self.submitted_at,
+            finished_at: self.finished_at,
+            attempts: self.attempts,
+            output: self.output.clone(),
+            output_size: self.output_size,
+            content_type: self.content_type.clone(),
+            error: self.error.clone(),
+            traceparent: self.traceparent.clone(),
+            workflow: self.workflow.clone(),
+            run_at: self.run_at,
+            attempt: self.attempt.clone(),
+            progress: self.progress.clone(),
+            retry_at: self.retry_at,
+            events: VecDeque::new(),
+            events_partition: self.events_partition,
+            idempotency_key: self.idempotency_key.clone(),
+        }
+    }
+
     /// A task known only by its id and type (an event or a result seen
     /// before its request).
-    fn bare(id: Uuid, task_type: String) -> TaskView {
+    pub(crate) fn bare(id: Uuid, task_type: String) -> TaskView {
         TaskView {
             id,
             task_type,
@@ -173,6 +203,7 @@ impl TaskView {
             finished_at: None,
             attempts: None,
             output: None,
+            output_size: None,
             content_type: None,
             error: None,
             traceparent: None,
@@ -183,6 +214,7 @@ impl TaskView {
             retry_at: None,
             events: VecDeque::new(),
             events_partition: None,
+            idempotency_key: None,
         }
     }
 }
@@ -315,7 +347,7 @@ impl View {
         traceparent: Option<String>,
         scheduled: Option<i64>,
         now: i64,
-    ) {
+    ) -> Option<TaskView> {
         if let Some(key) = request.metadata.get(IDEMPOTENCY_METADATA) {
             self.remember_idempotency(key, request.id, request.submitted_at);
         }
@@ -324,12 +356,15 @@ impl View {
             if slot.task.traceparent.is_none() {
                 slot.task.traceparent = traceparent;
             }
+            if slot.task.idempotency_key.is_none() {
+                slot.task.idempotency_key = request.metadata.get(IDEMPOTENCY_METADATA).cloned();
+            }
             if let Some(at) = scheduled {
                 slot.task.run_at.get_or_insert(at);
             } else if slot.task.phase == Phase::Scheduled {
                 slot.task.phase = Phase::Queued;
             }
-            return;
+            return Some(slot.task.snapshot());
         }
         let task = TaskView {
             phase: if scheduled.is_some() {
@@ -341,14 +376,20 @@ impl View {
             submitted_at: Some(request.submitted_at),
             traceparent,
             workflow: request.workflow.clone(),
+            idempotency_key: request.metadata.get(IDEMPOTENCY_METADATA).cloned(),
             ..TaskView::bare(request.id, request.task_type.clone())
         };
-        self.insert(task, request.submitted_at, now);
+        let snapshot = task.snapshot();
+        self.insert(task, request.submitted_at);
+        self.evict(now);
+        Some(snapshot)
     }
 
     /// A result was seen: the task is terminal. A second result for the
     /// same task (at-least-once can write one twice) changes nothing.
-    pub fn apply_result(&mut self, result: TaskResult, now: i64) {
+    /// Returns the task as it now stands (without its events), `None` when
+    /// nothing changed.
+    pub fn apply_result(&mut self, result: TaskResult, now: i64) -> Option<TaskView> {
         let cancelled = result
             .error
             .as_ref()
@@ -362,7 +403,7 @@ impl View {
         let before = match self.tasks.remove(&id) {
             Some(slot) if slot.task.phase.is_terminal() => {
                 self.tasks.insert(id, slot);
-                return;
+                return None;
             }
             Some(slot) => {
                 self.bytes = self.bytes.saturating_sub(slot.task.bytes());
@@ -389,11 +430,15 @@ impl View {
             task.progress = before.progress;
             task.events = before.events;
             task.events_partition = before.events_partition;
+            task.idempotency_key = before.idempotency_key;
         }
-        self.insert(task, finished_at, now);
+        let snapshot = task.snapshot();
+        self.insert(task, finished_at);
         if let Some(waiting) = self.waiters.remove(&id) {
             waiting.notify_waiters();
         }
+        self.evict(now);
+        Some(snapshot)
     }
 
     /// An event from the events topic (read at `partition`, `offset`):
@@ -401,12 +446,20 @@ impl View {
     /// not terminal) and kept for its event streams. An event of a task
     /// already terminal is kept (read after its result) but changes only
     /// its latest progress; one of an unknown kind is skipped.
-    pub fn apply_event(&mut self, event: TaskEvent, partition: i32, offset: i64, now: i64) {
+    ///
+    /// Returns the task as it now stands (without its events).
+    pub fn apply_event(
+        &mut self,
+        event: TaskEvent,
+        partition: i32,
+        offset: i64,
+        now: i64,
+    ) -> Option<TaskView> {
         use crate::codec::event::{CANCELLED, PROGRESS, RETRYING, STARTED};
         let read = self.events_read.entry(partition).or_insert(0);
         *read = (*read).max(offset.saturating_add(1));
         if ![STARTED, PROGRESS, RETRYING, CANCELLED].contains(&event.kind.as_str()) {
-            return;
+            return None;
         }
         let id = event.id;
         // Changed in place: an event does not renew the task's place in
@@ -415,11 +468,8 @@ impl View {
             Some(slot) => slot,
             None => {
                 let at = event.at;
-                self.insert(TaskView::bare(id, event.task_type.clone()), at, now);
-                match self.tasks.get_mut(&id) {
-                    Some(slot) => slot,
-                    None => return,
-                }
+                self.insert(TaskView::bare(id, event.task_type.clone()), at);
+                self.tasks.get_mut(&id)?
             }
         };
         let task = &mut slot.task;
@@ -467,11 +517,23 @@ impl View {
             task.events.pop_front();
         }
         let after = task.bytes();
+        let snapshot = task.snapshot();
         self.bytes = self.bytes.saturating_sub(before).saturating_add(after);
         self.evict(now);
         if let Some(waiting) = self.waiters.get(&id) {
             waiting.notify_waiters();
         }
+        Some(snapshot)
+    }
+
+    /// Holds `task` (read back from the status store) again, unless the
+    /// view already has it; it counts as new for the bounds.
+    pub fn recall(&mut self, task: TaskView, now: i64) {
+        if self.tasks.contains_key(&task.id) {
+            return;
+        }
+        self.insert(task, now);
+        self.evict(now);
     }
 
     /// The next offset the view will read in partition `partition` of the
@@ -510,7 +572,8 @@ impl View {
         self.waiters.len()
     }
 
-    fn insert(&mut self, task: TaskView, at: i64, now: i64) {
+    /// Adds `task` (the caller evicts what is then over the bounds).
+    fn insert(&mut self, task: TaskView, at: i64) {
         let seq = self.next_seq;
         self.next_seq += 1;
         self.bytes += task.bytes();
@@ -519,7 +582,6 @@ impl View {
             self.runs.entry(w.id).or_default().insert(task.id);
         }
         self.tasks.insert(task.id, Slot { task, seq });
-        self.evict(now);
     }
 
     /// Removes `task` from its run's index.

@@ -37,15 +37,31 @@ pub struct GatewaySettings {
     /// How long an `idempotency_key` maps to its first task, in
     /// milliseconds.
     pub idempotency_window_ms: u64,
-    /// At start, how far back the status view reads the results and task
-    /// topics, in milliseconds.
+    /// At start, how far back the status view reads the events topic, in
+    /// milliseconds (the task and results topics resume where the status
+    /// store left off, or go back `retention_ms` for a new store).
     pub view_lookback_ms: u64,
-    /// Most tasks the status view keeps; the oldest are forgotten first.
+    /// Most tasks the in-memory part of the status view keeps (live tasks,
+    /// their events, the latest results); older ones are answered from the
+    /// status store.
     pub view_max_tasks: usize,
-    /// Longest the status view keeps a task, in milliseconds.
+    /// Longest the in-memory view keeps a task, in milliseconds.
     pub view_max_age_ms: u64,
-    /// Most bytes of outputs and errors the status view keeps.
+    /// Most bytes of outputs, errors and events the in-memory view keeps.
     pub view_max_bytes: usize,
+    /// The status store's file (SQLite). Empty: a temporary file removed
+    /// when the gateway stops (`conveyor dev`, tests); a deployed gateway
+    /// sets a path on a volume, so a restart resumes where it left off.
+    pub store_path: String,
+    /// How long the status store keeps a task after its latest record, in
+    /// milliseconds (default 7 days); older tasks answer 404.
+    pub retention_ms: u64,
+    /// Most bytes of the status store in use; beyond it the oldest tasks
+    /// are removed first.
+    pub store_max_bytes: u64,
+    /// Longest output the status store keeps whole, in bytes; a longer one
+    /// is kept cut to it, marked with its full size (`result_truncated`).
+    pub store_max_output_bytes: usize,
     /// Most open `GET /v1/tasks/{id}/events` streams; beyond it a new one
     /// is answered 503 naming this limit.
     pub max_event_streams: usize,
@@ -65,9 +81,13 @@ impl Default for GatewaySettings {
             produce_timeout_ms: 5_000,
             idempotency_window_ms: 3_600_000,
             view_lookback_ms: 3_600_000,
-            view_max_tasks: 100_000,
+            view_max_tasks: 10_000,
             view_max_age_ms: 3_600_000,
-            view_max_bytes: 256 << 20,
+            view_max_bytes: 64 << 20,
+            store_path: String::new(),
+            retention_ms: 7 * 24 * 3_600_000,
+            store_max_bytes: 16 << 30,
+            store_max_output_bytes: 64 << 10,
             max_event_streams: 1000,
         }
     }
@@ -112,10 +132,21 @@ impl Settings {
                 g.idempotency_window_ms == 0,
             ),
             ("gateway.view_max_age_ms", g.view_max_age_ms == 0),
+            ("gateway.retention_ms", g.retention_ms == 0),
+            (
+                "gateway.store_max_output_bytes",
+                g.store_max_output_bytes == 0,
+            ),
         ] {
             if zero {
                 bad(key.into(), "must be > 0");
             }
+        }
+        if g.store_max_bytes < 1 << 20 {
+            bad(
+                "gateway.store_max_bytes".into(),
+                "must be at least 1048576 (1 MiB)",
+            );
         }
         if g.max_wait_ms >= g.request_timeout_ms {
             bad(

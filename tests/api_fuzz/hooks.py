@@ -10,6 +10,7 @@ stay valid when they are sent. Only values the schema allows are moved
 else is adjusted.
 """
 
+import base64
 import datetime
 import re
 import time
@@ -62,3 +63,30 @@ def map_body(ctx, body):
         for task in body.get("tasks") or [] if isinstance(body.get("tasks"), list) else []:
             _future(task)
     return body
+
+
+CURSOR = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool) or (
+        isinstance(value, str) and re.fullmatch(r"-?[0-9]+", value) is not None
+    )
+
+
+@schemathesis.hook
+def map_query(ctx, query):
+    """The list routes: since must not be after until, and a cursor must be
+    one the gateway made, which no schema can say. A schema-valid pair out
+    of order is swapped, and a schema-valid cursor text replaced by a real
+    cursor's form (time.sequence, base64url); malformed values stay."""
+    if not isinstance(query, dict):
+        return query
+    since, until = query.get("since"), query.get("until")
+    if _is_int(since) and _is_int(until) and int(since) > int(until):
+        query["since"], query["until"] = until, since
+    cursor = query.get("cursor")
+    if isinstance(cursor, str) and CURSOR.match(cursor):
+        text = f"{abs(hash(cursor)) % 10**13}.{len(cursor)}".encode()
+        query["cursor"] = base64.urlsafe_b64encode(text).decode().rstrip("=")
+    return query

@@ -256,6 +256,26 @@ impl TestKafka {
         }
     }
 
+    /// Produces `results` to `topic` (keyed by id) and waits for every
+    /// acknowledgement.
+    pub async fn produce_results(&self, topic: &str, results: &[TaskResult]) {
+        let codec = Codec::default();
+        let producer = self.producer();
+        let mut pending = Vec::with_capacity(results.len());
+        for result in results {
+            let mut value = Vec::new();
+            codec.encode_result(result, &mut value);
+            let key = result.id.to_string();
+            pending.push(
+                self.send(&producer, topic, key.as_bytes(), &value, None)
+                    .await,
+            );
+        }
+        for delivery in pending {
+            acked(delivery).await;
+        }
+    }
+
     /// Queues one raw record, waiting while the producer queue is full.
     pub async fn send(
         &self,

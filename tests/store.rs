@@ -1,0 +1,290 @@
+//! The gateway's status store against a real broker: results kept past the
+//! in-memory view's bounds and found by id, list queries paged by cursor
+//! with no task repeated or skipped while results keep arriving, outputs
+//! kept cut with their size, retention removing a task from disk, bad list
+//! queries refused naming the field.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic in a test is a failed test
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{unique, Pipeline, TestGateway, TestKafka};
+use conveyor::codec::{now_millis, TaskError, TaskResult, TaskStatus};
+use conveyor::metrics::Metrics;
+use conveyor::settings::{HandlerKind, Ordering, Settings};
+use serde_json::Value;
+use uuid::Uuid;
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+fn settings(kafka: &TestKafka, pipeline: &Pipeline) -> Settings {
+    let mut settings = kafka.worker_settings(
+        pipeline,
+        Ordering::None,
+        &[("a", HandlerKind::Echo), ("b", HandlerKind::Echo)],
+    );
+    // The in-memory view keeps 50 tasks: every other lookup is the store's.
+    settings.gateway.view_max_tasks = 50;
+    settings.gateway.store_max_output_bytes = 64;
+    settings.gateway.store_path = std::env::temp_dir()
+        .join(format!("{}.db", unique("conveyor-store")))
+        .display()
+        .to_string();
+    settings
+}
+
+fn result(task_type: &str, status: TaskStatus, finished_at: i64, output: &[u8]) -> TaskResult {
+    TaskResult {
+        id: Uuid::new_v4(),
+        task_type: task_type.into(),
+        status,
+        output: (status == TaskStatus::Succeeded).then(|| output.to_vec()),
+        content_type: "application/json".into(),
+        error: (status == TaskStatus::Failed).then(|| TaskError {
+            kind: "handler".into(),
+            message: "no".into(),
+        }),
+        attempts: 1,
+        started_at: finished_at,
+        finished_at,
+        worker: "w".into(),
+        workflow: None,
+    }
+}
+
+async fn get(http: &reqwest::Client, url: &str) -> (u16, Value) {
+    common::json_answer(http.get(url).send().await.expect("answered")).await
+}
+
+async fn ready(http: &reqwest::Client, base: &str) {
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let (status, body) = get(http, &format!("{base}/readyz")).await;
+        if status == 200 {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "not ready: {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until `GET /v1/tasks/{id}` knows `id` as terminal.
+async fn wait_known(http: &reqwest::Client, base: &str, id: Uuid) -> Value {
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let (status, body) = get(http, &format!("{base}/v1/tasks/{id}")).await;
+        if status == 200 && body["status"] != "queued" {
+            return body;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "task {id}: {status} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Every page of `query`, following `next_cursor`, with `between` run
+/// after each page.
+async fn pages(
+    http: &reqwest::Client,
+    base: &str,
+    query: &str,
+    mut between: impl AsyncFnMut(),
+) -> Vec<Uuid> {
+    let mut ids = Vec::new();
+    let mut cursor: Option<String> = None;
+    for _ in 0..1_000 {
+        let url = match &cursor {
+            Some(c) => format!("{base}/v1/tasks?{query}&cursor={c}"),
+            None => format!("{base}/v1/tasks?{query}"),
+        };
+        let (status, body) = get(http, &url).await;
+        assert_eq!(status, 200, "{url}: {body}");
+        ids.extend(
+            body["tasks"]
+                .as_array()
+                .expect("tasks")
+                .iter()
+                .map(|t| t["id"].as_str().unwrap().parse::<Uuid>().unwrap()),
+        );
+        between().await;
+        match body["next_cursor"].as_str() {
+            Some(next) => cursor = Some(next.to_owned()),
+            None => return ids,
+        }
+    }
+    panic!("more than 1000 pages");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_past_the_view_are_found_and_listed_page_by_page_while_more_arrive() {
+    for kafka in TestKafka::all("results_past_the_view_are_found_and_listed_page_by_page") {
+        let pipeline = kafka.pipeline(2).await;
+        let settings = settings(&kafka, &pipeline);
+        let http = reqwest::Client::new();
+        // 400 results, a and b, succeeded and failed, one ms apart, two
+        // hours old (older than the old one-hour view) to now.
+        let start = now_millis() - 2 * 3_600_000;
+        let first: Vec<TaskResult> = (0..400)
+            .map(|i| {
+                let status = if i % 3 == 0 {
+                    TaskStatus::Failed
+                } else {
+                    TaskStatus::Succeeded
+                };
+                let task_type = if i % 2 == 0 { "a" } else { "b" };
+                result(
+                    task_type,
+                    status,
+                    start + i,
+                    format!("{{\"i\":{i}}}").as_bytes(),
+                )
+            })
+            .collect();
+        kafka.produce_results(&pipeline.output, &first).await;
+        let gateway = TestGateway::start(&settings, Arc::new(Metrics::new())).await;
+        let base = gateway.base.clone();
+        ready(&http, &base).await;
+
+        // The oldest, long gone from the 50-task view, is found.
+        let oldest = wait_known(&http, &base, first[0].id).await;
+        assert_eq!(oldest["status"], "failed", "{oldest}");
+        assert_eq!(oldest["finished_at"], first[0].finished_at);
+        let second = wait_known(&http, &base, first[1].id).await;
+        assert_eq!(second["result"]["i"], 1, "{second}");
+
+        // Every succeeded task of type a, newest first, 7 per page, while
+        // newer results keep arriving between the pages.
+        let mut expected: Vec<&TaskResult> = first
+            .iter()
+            .filter(|r| r.task_type == "a" && r.status == TaskStatus::Succeeded)
+            .collect();
+        expected.sort_by_key(|r| std::cmp::Reverse(r.finished_at));
+        let expected: Vec<Uuid> = expected.iter().map(|r| r.id).collect();
+        let mut arrived = Vec::new();
+        let listed = pages(
+            &http,
+            &base,
+            "type=a&status=succeeded&limit=7",
+            async || {
+                let more = result("a", TaskStatus::Succeeded, now_millis(), b"{}");
+                arrived.push(more.id);
+                kafka.produce_results(&pipeline.output, &[more]).await;
+            },
+        )
+        .await;
+        let unique: HashSet<&Uuid> = listed.iter().collect();
+        assert_eq!(unique.len(), listed.len(), "a task listed twice");
+        // The pages began before the new ones: those that were read in
+        // time head the list; everything after is exactly the expected.
+        let tail: Vec<Uuid> = listed
+            .iter()
+            .copied()
+            .filter(|id| !arrived.contains(id))
+            .collect();
+        assert_eq!(tail, expected, "{}", kafka.describe());
+
+        // Time filters, and a page of one: the newest of type b before a
+        // time.
+        let until = start + 101;
+        let (status, body) = get(
+            &http,
+            &format!("{base}/v1/tasks?type=b&since={start}&until={until}&limit=1"),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["tasks"][0]["id"], first[99].id.to_string(), "{body}");
+        assert!(body["next_cursor"].is_string());
+
+        // An output above store_max_output_bytes is kept cut, with its size.
+        let long = result(
+            "a",
+            TaskStatus::Succeeded,
+            now_millis(),
+            format!("\"{}\"", "x".repeat(200)).as_bytes(),
+        );
+        kafka
+            .produce_results(&pipeline.output, std::slice::from_ref(&long))
+            .await;
+        // Past the view's 50 tasks, so the answer is the store's.
+        let filler: Vec<TaskResult> = (0..60)
+            .map(|_| result("b", TaskStatus::Succeeded, now_millis(), b"{}"))
+            .collect();
+        kafka.produce_results(&pipeline.output, &filler).await;
+        wait_known(&http, &base, filler[59].id).await;
+        let cut = wait_known(&http, &base, long.id).await;
+        assert_eq!(cut["result_truncated"]["size"], 202, "{cut}");
+        assert_eq!(cut["result_truncated"]["kept"], 64, "{cut}");
+        assert_eq!(cut["result"].as_str().map(str::len), Some(64), "{cut}");
+
+        // Refusals name the parameter.
+        for (query, field) in [
+            ("limit=0", "limit"),
+            ("limit=1001", "limit"),
+            ("cursor=%21%21", "cursor"),
+            ("since=20&until=10", "since"),
+            ("status=done", "status"),
+        ] {
+            let (status, body) = get(&http, &format!("{base}/v1/tasks?{query}")).await;
+            assert_eq!(status, 400, "{query}: {body}");
+            assert_eq!(body["error"]["field"], field, "{query}: {body}");
+        }
+        gateway.stop().await;
+        let _ = std::fs::remove_file(&settings.gateway.store_path);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_past_retention_answers_404_and_is_gone_from_disk() {
+    for kafka in TestKafka::all("a_task_past_retention_answers_404_and_is_gone_from_disk") {
+        let pipeline = kafka.pipeline(1).await;
+        let mut settings = settings(&kafka, &pipeline);
+        settings.gateway.retention_ms = 4_000;
+        let gateway = TestGateway::start(&settings, Arc::new(Metrics::new())).await;
+        let base = gateway.base.clone();
+        let http = reqwest::Client::new();
+        ready(&http, &base).await;
+        let task = result("a", TaskStatus::Succeeded, now_millis(), b"1");
+        kafka
+            .produce_results(&pipeline.output, std::slice::from_ref(&task))
+            .await;
+        wait_known(&http, &base, task.id).await;
+        let on_disk = |id: Uuid| {
+            let db = rusqlite::Connection::open_with_flags(
+                &settings.gateway.store_path,
+                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+            )
+            .expect("store opens");
+            db.query_row(
+                "SELECT count(*) FROM tasks WHERE id = ?1",
+                [id.as_bytes().as_slice()],
+                |row| row.get::<_, i64>(0),
+            )
+            .expect("count")
+        };
+        common::wait_until("the task written to disk", TIMEOUT, || {
+            on_disk(task.id) == 1
+        })
+        .await;
+        // Retention is counted from the task's latest record (its finish).
+        common::wait_until("the task removed after retention", TIMEOUT, || {
+            on_disk(task.id) == 0
+        })
+        .await;
+        let waited = now_millis() - task.finished_at;
+        assert!(
+            waited >= 4_000,
+            "removed after {waited} ms, before retention"
+        );
+        let (status, body) = get(&http, &format!("{base}/v1/tasks/{}", task.id)).await;
+        assert_eq!(status, 404, "{body}");
+        assert_eq!(body["error"]["code"], "unknown_task");
+        gateway.stop().await;
+        let _ = std::fs::remove_file(&settings.gateway.store_path);
+    }
+}
