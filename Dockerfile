@@ -28,6 +28,9 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked --features static-zlib --bin conveyor \
     && cp target/release/conveyor /conveyor
+# The gateway's status store directory (gateway.store_path), owned by the
+# runtime user so that a fresh named volume mounted there is writable.
+RUN mkdir /conveyor-store
 
 FROM gcr.io/distroless/cc-debian12:nonroot
 ARG VERSION=0.1.0
@@ -39,6 +42,7 @@ LABEL org.opencontainers.image.title="conveyor" \
       org.opencontainers.image.revision="${REVISION}"
 COPY --from=build /conveyor /usr/local/bin/conveyor
 COPY conveyor.example.toml /etc/conveyor/conveyor.example.toml
+COPY --from=build --chown=65532:65532 /conveyor-store /var/lib/conveyor
 # distroless's `nonroot` user (65532); no shell in the image.
 USER 65532:65532
 # Metrics and probes (metrics.listen) and the gateway (gateway.listen).

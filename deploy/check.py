@@ -128,6 +128,15 @@ def static_checks(conveyor):
                 if key.startswith("CONVEYOR__"):
                     env_vars[key] = str(value)
     config_check(conveyor, (COMPOSE / "conveyor.toml").read_text(), env_vars, "compose conveyor.toml")
+    gateway = compose["services"]["gateway"]
+    compose_toml = tomllib.loads((COMPOSE / "conveyor.toml").read_text())
+    store_dir = str(Path(compose_toml.get("gateway", {}).get("store_path", "")).parent)
+    named = {v.split(":")[0] for v in gateway.get("volumes", []) if v.split(":")[1:2] == [store_dir]}
+    check(
+        f"compose gateway: the status store's directory {store_dir} is a named volume",
+        bool(named) and named <= set(compose.get("volumes") or {}),
+        str(gateway.get("volumes")),
+    )
     workers = compose["services"]["worker"]
     check("compose runs two workers", workers.get("deploy", {}).get("replicas") == 2)
 
@@ -166,11 +175,20 @@ def static_checks(conveyor):
     drains = [p.get("drain_timeout_ms", 5000) for p in config.get("processors", [])]
     probes = []
     for _, doc in docs:
-        if doc["kind"] != "Deployment":
+        if doc["kind"] not in ("Deployment", "StatefulSet"):
             continue
         component = doc["metadata"]["labels"]["app.kubernetes.io/component"]
         pod = doc["spec"]["template"]["spec"]
         container = pod["containers"][0]
+        if component == "gateway":
+            store_dir = str(Path(config["gateway"].get("store_path", "")).parent)
+            mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+            claims = {c["metadata"]["name"] for c in doc["spec"].get("volumeClaimTemplates", [])}
+            check(
+                f"gateway: the status store's directory {store_dir} is a mounted claim",
+                config["gateway"].get("store_path", "") != "" and mounts.get(store_dir) in claims,
+                f"mounts {mounts}, claims {sorted(claims)}",
+            )
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
         want = metrics_port if component == "worker" else gateway_port
         for kind in ("livenessProbe", "readinessProbe"):
@@ -240,6 +258,7 @@ def probe_checks(conveyor, toml_text, probes, brokers):
             "CONVEYOR__TOPICS__REPLICATION_FACTOR": "1",
             "CONVEYOR__METRICS__LISTEN": f"127.0.0.1:{ports['worker']}",
             "CONVEYOR__GATEWAY__LISTEN": f"127.0.0.1:{ports['gateway']}",
+            "CONVEYOR__GATEWAY__STORE_PATH": str(Path(tmp) / "gateway.db"),
         })
         # An empty sasl_mechanism is not a mechanism: leave it out instead.
         env.pop("CONVEYOR__KAFKA__SECURITY__SASL_MECHANISM")

@@ -124,8 +124,9 @@ pub const GATEWAY_STORE_BYTES: &str = "conveyor_gateway_store_bytes";
 /// `gateway.retention_ms`) or `disk_budget` (the oldest, over
 /// `gateway.store_max_bytes`).
 pub const GATEWAY_STORE_REMOVED: &str = "conveyor_gateway_store_removed_total";
-/// `conveyor_gateway_store_behind_messages`: records of the followed topics
-/// the status store has yet to apply before it is caught up (0 once it is).
+/// `conveyor_gateway_store_behind_messages`: records of the task and
+/// results topics the status store has yet to apply (while it catches up,
+/// counted each second; after, asked of the broker every 10 s).
 pub const GATEWAY_STORE_BEHIND: &str = "conveyor_gateway_store_behind_messages";
 /// `conveyor_gateway_store_applied_total`: records applied to the status
 /// store (written with their offsets).
@@ -539,7 +540,7 @@ impl Metrics {
             gateway_store_behind: gauge(
                 &r,
                 GATEWAY_STORE_BEHIND,
-                "Records the status store has yet to apply before it is caught up.",
+                "Records of the task and results topics the status store has yet to apply.",
                 &[],
             ),
             gateway_store_applied: counter(

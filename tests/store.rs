@@ -288,3 +288,120 @@ async fn a_task_past_retention_answers_404_and_is_gone_from_disk() {
         let _ = std::fs::remove_file(&settings.gateway.store_path);
     }
 }
+
+/// The store's applied offsets summed, and its tasks, read from the file.
+fn on_disk(path: &str) -> (i64, HashSet<Uuid>) {
+    let db =
+        rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .expect("store opens");
+    let offsets: i64 = db
+        .query_row("SELECT coalesce(sum(next), 0) FROM offsets", [], |row| {
+            row.get(0)
+        })
+        .expect("offsets");
+    let mut statement = db.prepare("SELECT id FROM tasks").expect("select");
+    let ids = statement
+        .query_map([], |row| row.get::<_, Vec<u8>>(0))
+        .expect("ids")
+        .map(|id| Uuid::from_slice(&id.expect("id")).expect("uuid"))
+        .collect();
+    (offsets, ids)
+}
+
+fn start_gateway(config: &std::path::Path) -> std::process::Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(config.with_extension("log"))
+        .expect("log file");
+    std::process::Command::new(env!("CARGO_BIN_EXE_conveyor"))
+        .args(["gateway", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "info")
+        .env_remove("CONVEYOR_CONFIG")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start conveyor gateway")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkill_during_ingest_leaves_a_store_that_resumes_from_its_offsets() {
+    const RESULTS: usize = 100_000;
+    for kafka in
+        TestKafka::all("a_sigkill_during_ingest_leaves_a_store_that_resumes_from_its_offsets")
+    {
+        let pipeline = kafka.pipeline(4).await;
+        let mut settings = settings(&kafka, &pipeline);
+        let port = common::free_port();
+        settings.gateway.listen = format!("127.0.0.1:{port}");
+        let config = common::config_file(&settings);
+        let sent: Vec<TaskResult> = (0..RESULTS)
+            .map(|i| {
+                result(
+                    "a",
+                    TaskStatus::Succeeded,
+                    now_millis(),
+                    format!("{i}").as_bytes(),
+                )
+            })
+            .collect();
+        kafka.produce_results(&pipeline.output, &sent).await;
+        let sent_ids: HashSet<Uuid> = sent.iter().map(|r| r.id).collect();
+
+        // Killed while it applies the backlog.
+        let mut gateway = start_gateway(&config);
+        let applied = "conveyor_gateway_store_applied_total";
+        common::wait_until_async("the gateway applied 10,000 results", TIMEOUT, async || {
+            common::metric(port, applied).await.unwrap_or(0.0) >= 10_000.0
+        })
+        .await;
+        gateway.kill().expect("SIGKILL");
+        gateway.wait().expect("reaped");
+        let (offsets, rows) = on_disk(&settings.gateway.store_path);
+        assert!(
+            (offsets as usize) < RESULTS,
+            "the backlog was applied before the kill ({offsets}); make it longer"
+        );
+        // Every result is one task: rows and offsets move together.
+        assert_eq!(
+            rows.len() as i64,
+            offsets,
+            "{}: rows and offsets differ",
+            kafka.describe()
+        );
+        assert!(rows.is_subset(&sent_ids));
+
+        // The restart reads only what the store had not applied.
+        let restarted = std::time::Instant::now();
+        let mut gateway = start_gateway(&config);
+        common::wait_until_async("the restarted gateway ready", TIMEOUT, async || {
+            reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
+                .await
+                .is_ok_and(|r| r.status() == 200)
+        })
+        .await;
+        let ready_after = restarted.elapsed();
+        let reapplied = common::metric(port, applied).await.unwrap_or(0.0) as i64;
+        gateway.kill().expect("SIGKILL");
+        gateway.wait().expect("reaped");
+        let (offsets_after, rows_after) = on_disk(&settings.gateway.store_path);
+        common::announce(&format!(
+            "{}: SIGKILL after {offsets} of {RESULTS} results applied; the restart applied {reapplied} \
+             more and was ready in {ready_after:?}",
+            kafka.describe()
+        ));
+        assert_eq!(
+            reapplied,
+            RESULTS as i64 - offsets,
+            "the restart re-read what was applied"
+        );
+        assert_eq!(offsets_after, RESULTS as i64);
+        assert_eq!(
+            rows_after, sent_ids,
+            "the store holds exactly the results on the topic"
+        );
+        let _ = std::fs::remove_file(&settings.gateway.store_path);
+    }
+}

@@ -19,6 +19,10 @@ use crate::kafka::{Read, Reader};
 use crate::settings::KafkaSettings;
 use crate::shutdown::CancellationToken;
 
+/// How often the follower asks the broker how far behind it is, once
+/// caught up.
+const LAG_EVERY: Duration = Duration::from_secs(10);
+
 /// What to follow.
 #[derive(Debug)]
 pub(super) struct Spec {
@@ -222,17 +226,26 @@ impl Follower {
     pub fn run(mut self, stop: &CancellationToken, mut apply: impl FnMut(Event)) {
         let mut caught_up = false;
         let mut last_tick = Instant::now();
+        // Once caught up: the lag of the stored topics, asked of the broker
+        // every LAG_EVERY.
+        let mut lag = (0, Instant::now());
         while !stop.is_cancelled() {
             if !caught_up && self.behind.is_empty() {
                 caught_up = true;
                 apply(Event::CaughtUp);
             }
             if last_tick.elapsed() >= Duration::from_secs(1) {
-                let behind = self
-                    .behind
-                    .values()
-                    .map(|(high, next)| high.saturating_sub(*next).max(0))
-                    .sum();
+                let behind = if caught_up {
+                    if lag.1.elapsed() >= LAG_EVERY {
+                        lag = (self.lag(), Instant::now());
+                    }
+                    lag.0
+                } else {
+                    self.behind
+                        .values()
+                        .map(|(high, next)| high.saturating_sub(*next).max(0))
+                        .sum()
+                };
                 apply(Event::Tick { behind });
                 last_tick = Instant::now();
             }
@@ -349,6 +362,31 @@ impl Follower {
                 None
             }
         }
+    }
+
+    /// Records of the task and results topics not read yet: each
+    /// partition's high watermark less the reader's position (a partition
+    /// whose watermark the broker does not give within a second counts 0).
+    fn lag(&self) -> i64 {
+        let Ok(position) = self.reader.client().position() else {
+            return 0;
+        };
+        position
+            .elements()
+            .iter()
+            .filter(|e| self.events_topic.as_deref() != Some(e.topic()))
+            .filter_map(|e| {
+                let Offset::Offset(at) = e.offset() else {
+                    return None;
+                };
+                let (_, high) = self
+                    .reader
+                    .client()
+                    .fetch_watermarks(e.topic(), e.partition(), Duration::from_secs(1))
+                    .ok()?;
+                Some(high.saturating_sub(at).max(0))
+            })
+            .sum()
     }
 
     /// A partition numbered `partition` (of some followed topic) is at its

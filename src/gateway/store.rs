@@ -20,7 +20,9 @@
 //!
 //! One writer (the follower's thread, batching many records per
 //! transaction) and a small pool of readers (the HTTP handlers), which the
-//! write-ahead log lets read while the writer writes. Bounded by age
+//! write-ahead log lets read while the writer writes. Its memory is bounded
+//! whatever the file's size: 2 MiB of page cache per connection and 16 MiB
+//! of SQLite heap in all (`soft_heap_limit`). Bounded by age
 //! (`gateway.retention_ms`, from a task's latest record) and by disk
 //! (`gateway.store_max_bytes`), the oldest going first either way;
 //! outputs above `gateway.store_max_output_bytes` are kept cut, marked
@@ -299,7 +301,8 @@ impl Store {
              PRAGMA journal_mode = WAL;
              PRAGMA synchronous = NORMAL;
              PRAGMA busy_timeout = 5000;
-             PRAGMA cache_size = -16384;",
+             PRAGMA cache_size = -2048;
+             PRAGMA soft_heap_limit = 16777216;",
         )
         .map_err(failed(&path, "setting it up"))?;
         conn.execute_batch(SCHEMA)
@@ -345,7 +348,7 @@ impl Store {
                     OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
                 )
                 .map_err(failed(&self.path, "opening a reader"))?;
-                conn.execute_batch("PRAGMA busy_timeout = 5000; PRAGMA cache_size = -4096;")
+                conn.execute_batch("PRAGMA busy_timeout = 5000; PRAGMA cache_size = -2048;")
                     .map_err(failed(&self.path, "setting up a reader"))?;
                 conn
             }
@@ -845,6 +848,7 @@ VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?
 ON CONFLICT(id) DO UPDATE SET
     status = CASE WHEN tasks.status IN ('succeeded','failed','cancelled') THEN tasks.status
         WHEN excluded.status = 'queued' AND tasks.status IN ('running','retrying') THEN tasks.status
+        WHEN excluded.status = 'scheduled' AND tasks.status <> 'scheduled' THEN tasks.status
         ELSE excluded.status END,
     updated_at = max(tasks.updated_at, excluded.updated_at),
     submitted_at = coalesce(tasks.submitted_at, excluded.submitted_at),

@@ -688,6 +688,22 @@ pub async fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut
     }
 }
 
+/// [`wait_until`] with a condition that awaits (an HTTP probe).
+pub async fn wait_until_async(
+    what: &str,
+    timeout: Duration,
+    mut condition: impl AsyncFnMut() -> bool,
+) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !condition().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Writes `settings` to a temporary TOML file for the `conveyor` binary.
 pub fn config_file(settings: &Settings) -> PathBuf {
     let path = std::env::temp_dir().join(format!("{}.toml", unique("conveyor-test-config")));

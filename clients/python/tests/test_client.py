@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from typing import List
 
 import pytest
 
@@ -18,10 +19,11 @@ from conveyor_client import (
     ResultTimeout,
     RunFailed,
     TaskFailed,
+    TaskState,
     Unavailable,
 )
 
-from conftest import TOKEN, Calls, Dev, FlakyProxy
+from conftest import TOKEN, Calls, Dev, FlakyProxy, wait_until
 
 
 def test_submit_then_result(client: Client) -> None:
@@ -201,3 +203,29 @@ def test_api_version_matches_the_gateway(dev: Dev) -> None:
     with urllib.request.urlopen(f"{dev.api}/openapi.json", timeout=10) as answer:
         document = json.load(answer)
     assert document["info"]["version"] == API_VERSION
+
+
+def test_tasks_lists_every_page_newest_first(client: Client) -> None:
+    """``client.tasks`` pages through the status store: the tasks of one
+    type submitted here come back newest first, none twice, with filters."""
+    key = "list-" + uuid.uuid4().hex
+    submitted = [client.submit("echo", {"n": i}, idempotency_key=f"{key}-{i}") for i in range(7)]
+    for task in submitted:
+        task.wait(10)
+    mine = {t.id for t in submitted}
+
+    def listed() -> List[TaskState]:
+        return [t for t in client.tasks(type="echo", page_size=2) if t.id in mine]
+
+    assert wait_until(lambda: len(listed()) == 7, 10)
+    states = listed()
+    assert {t.id for t in states} == mine
+    times = [t.submitted_at or 0 for t in states]
+    assert times == sorted(times, reverse=True), times
+    assert all(t.status == "succeeded" and t.output is None for t in states)
+    one = list(client.tasks(key=f"{key}-3"))
+    assert [t.id for t in one] == [submitted[3].id]
+    newest = times[0]
+    assert [t.id for t in client.tasks(type="echo", status="failed", since=newest, until=newest + 1)] == []
+    with pytest.raises(ValueError):
+        list(client.tasks(page_size=0))

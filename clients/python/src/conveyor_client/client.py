@@ -55,6 +55,16 @@ class ErrorInfo:
     message: str
 
 
+def _epoch_ms(name: str, at: Union[int, datetime.datetime]) -> int:
+    if isinstance(at, datetime.datetime):
+        if at.tzinfo is None:
+            raise ValueError(f"{name} must be an aware datetime (with a time zone)")
+        return int(at.timestamp() * 1000)
+    if isinstance(at, bool) or not isinstance(at, int):
+        raise TypeError(f"{name} must be ms since the epoch (int) or an aware datetime")
+    return at
+
+
 def _error_info(value: Any) -> Optional[ErrorInfo]:
     if not isinstance(value, dict):
         return None
@@ -449,7 +459,69 @@ class Client:
         state = self._run_state(id, None)
         return Run(self, state.id, state.workflow)
 
+    def tasks(
+        self,
+        type: Optional[str] = None,
+        status: Optional[str] = None,
+        key: Optional[str] = None,
+        since: Optional[Union[int, datetime.datetime]] = None,
+        until: Optional[Union[int, datetime.datetime]] = None,
+        page_size: int = 100,
+    ) -> Iterator[TaskState]:
+        """Tasks the gateway's status store keeps, newest first, filtered
+        by ``type``, ``status``, idempotency ``key`` and creation time
+        (``since`` inclusive, ``until`` exclusive: ms since the epoch or an
+        aware ``datetime``), fetched ``page_size`` (1 to 1000) at a time as
+        the iteration goes. Outputs are not in the list (``client.task(id)``
+        has them)."""
+        query = {"type": type, "status": status, "key": key}
+        return (
+            TaskState.from_json(item)
+            for item in self._pages("/v1/tasks", "tasks", query, since, until, page_size)
+        )
+
+    def runs(
+        self,
+        name: Optional[str] = None,
+        status: Optional[str] = None,
+        since: Optional[Union[int, datetime.datetime]] = None,
+        until: Optional[Union[int, datetime.datetime]] = None,
+        page_size: int = 100,
+    ) -> Iterator[Dict[str, Any]]:
+        """Workflow runs newest first (``id``, ``workflow``, ``status``,
+        ``created_at``, ``finished_at``), filtered like :meth:`tasks`."""
+        query = {"name": name, "status": status}
+        return self._pages("/v1/workflows", "workflows", query, since, until, page_size)
+
     # -- internals ----------------------------------------------------
+
+    def _pages(
+        self,
+        path: str,
+        items: str,
+        filters: Dict[str, Optional[str]],
+        since: Optional[Union[int, datetime.datetime]],
+        until: Optional[Union[int, datetime.datetime]],
+        page_size: int,
+    ) -> Iterator[Dict[str, Any]]:
+        if not 1 <= page_size <= 1000:
+            raise ValueError("page_size must be from 1 to 1000")
+        query: Dict[str, str] = {k: v for k, v in filters.items() if v is not None}
+        for name, at in (("since", since), ("until", until)):
+            if at is not None:
+                query[name] = str(_epoch_ms(name, at))
+        query["limit"] = str(page_size)
+        while True:
+            _, answer, _ = self._transport.request(
+                "GET", path + "?" + urllib.parse.urlencode(query), None, self.timeout
+            )
+            for item in answer.get(items) or []:
+                yield dict(item)
+            cursor = answer.get("next_cursor")
+            if not isinstance(cursor, str):
+                return
+            query["cursor"] = cursor
+
 
     def _new_task(
         self,
