@@ -192,11 +192,37 @@ impl Gateway {
             .unwrap_or(0.0)
     }
 
+    /// Starts it and waits until it is ready: how long that took and how
+    /// many records it applied meanwhile.
+    async fn timed_start(
+        config: &Path,
+        port: u16,
+        http: &reqwest::Client,
+    ) -> (Gateway, Duration, f64) {
+        let started = Instant::now();
+        let gateway = Gateway::start(config, port);
+        gateway.ready(http).await;
+        let took = started.elapsed();
+        let applied = gateway
+            .metric(http, "conveyor_gateway_store_applied_total")
+            .await;
+        (gateway, took, applied)
+    }
+
     fn stop(mut self) {
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status();
         let _ = self.child.wait();
+    }
+}
+
+/// Removes the store's files.
+fn remove_store(store: &Path) {
+    for suffix in ["", "-wal", "-shm"] {
+        let mut name = store.to_path_buf().into_os_string();
+        name.push(suffix);
+        let _ = std::fs::remove_file(name);
     }
 }
 
@@ -413,13 +439,7 @@ fn main() {
         gateway.stop();
 
         // A restart with the store full: ready without re-reading.
-        let restart = Instant::now();
-        let gateway = Gateway::start(&config, port);
-        gateway.ready(&http).await;
-        let took = restart.elapsed();
-        let applied = gateway
-            .metric(&http, "conveyor_gateway_store_applied_total")
-            .await;
+        let (gateway, took, applied) = Gateway::timed_start(&config, port, &http).await;
         println!(
             "restart with {} results kept: ready in {:.2} s, {applied} records read again",
             o.results,
@@ -430,18 +450,8 @@ fn main() {
         // A wiped replica: rebuilt from what the topics still hold (all of
         // it on a real broker; the mock cluster keeps only the latest
         // records of each partition). The ingest rate without a producer.
-        for s in ["", "-wal", "-shm"] {
-            let mut name = store.clone().into_os_string();
-            name.push(s);
-            let _ = std::fs::remove_file(name);
-        }
-        let rebuild = Instant::now();
-        let gateway = Gateway::start(&config, port);
-        gateway.ready(&http).await;
-        let took = rebuild.elapsed();
-        let applied = gateway
-            .metric(&http, "conveyor_gateway_store_applied_total")
-            .await;
+        remove_store(&store);
+        let (gateway, took, applied) = Gateway::timed_start(&config, port, &http).await;
         println!(
             "rebuild of a wiped store: {applied} records applied in {:.1} s from start to ready: \
              {:.0} records/s",
@@ -449,11 +459,7 @@ fn main() {
             applied / took.as_secs_f64()
         );
         gateway.stop();
-        for s in ["", "-wal", "-shm"] {
-            let mut name = store.clone().into_os_string();
-            name.push(s);
-            let _ = std::fs::remove_file(name);
-        }
+        remove_store(&store);
         let _ = std::fs::remove_file(&config);
     });
 }

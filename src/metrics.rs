@@ -657,6 +657,23 @@ impl Metrics {
             .cancellations_dropped
             .with_label_values::<&str>(&[])
             .inc_by(0);
+        for counter in [
+            &metrics.gateway_store_errors,
+            &metrics.gateway_store_applied,
+            &metrics.gateway_store_truncated,
+        ] {
+            counter.with_label_values::<&str>(&[]).inc_by(0);
+        }
+        metrics
+            .gateway_store_behind
+            .with_label_values::<&str>(&[])
+            .set(0);
+        for reason in ["retention", "disk_budget"] {
+            metrics
+                .gateway_store_removed
+                .with_label_values(&[reason])
+                .inc_by(0);
+        }
         for to in ["tier", "task", "dead_letter"] {
             metrics.delay_moves.with_label_values(&[to]).inc_by(0);
         }

@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 
 use super::api::ApiError;
 use super::status::store_unavailable;
-use super::store::{Cursor, Filter};
+use super::store::{Cursor, Filter, Page, StoreError};
 use super::view::{Phase, TaskView};
 use super::Shared;
 
@@ -132,7 +132,7 @@ fn parse_filter(
         Some(text) => Some(Cursor::decode(text).ok_or_else(|| {
             invalid(
                 "cursor",
-                "not a cursor this gateway made; pass next_cursor from the previous page as it is",
+                "not a cursor (time.sequence, as next_cursor gives it); pass next_cursor from the previous page as it is",
             )
         })?),
     };
@@ -150,16 +150,12 @@ fn parse_filter(
 /// A task as a list shows it: no output (a page stays small), the rest
 /// of what `GET /v1/tasks/{id}` shows.
 fn summary(task: &TaskView) -> Value {
-    let mut value = json!({
-        "id": task.id,
-        "type": task.task_type,
-        "status": task.phase.name(),
-        "attempts": task.attempts,
-        "submitted_at": task.submitted_at,
-        "finished_at": task.finished_at,
-        "status_url": super::submit::status_url(&task.id),
-    });
+    let mut value = super::status::head(task);
     if let Some(map) = value.as_object_mut() {
+        map.insert(
+            "status_url".into(),
+            json!(super::submit::status_url(&task.id)),
+        );
         if let Some(error) = &task.error {
             map.insert(
                 "error".into(),
@@ -199,9 +195,18 @@ pub(super) async fn list_tasks(
     };
     let store = shared.store.clone();
     let page = tokio::task::spawn_blocking(move || store.tasks(&filter)).await;
+    answer(page, "tasks", summary)
+}
+
+/// A page as JSON under `name`, with its `next_cursor`; a store error 503.
+fn answer<T>(
+    page: Result<Result<Page<T>, StoreError>, tokio::task::JoinError>,
+    name: &str,
+    item: impl Fn(&T) -> Value,
+) -> Response {
     match page {
         Ok(Ok(page)) => Json(json!({
-            "tasks": page.items.iter().map(summary).collect::<Vec<_>>(),
+            name: page.items.iter().map(item).collect::<Vec<_>>(),
             "next_cursor": page.next.map(Cursor::encode),
         }))
         .into_response(),
@@ -227,27 +232,16 @@ pub(super) async fn list_runs(
     };
     let store = shared.store.clone();
     let page = tokio::task::spawn_blocking(move || store.runs(&filter)).await;
-    match page {
-        Ok(Ok(page)) => Json(json!({
-            "workflows": page.items.iter().map(|run| json!({
-                "id": run.id,
-                "workflow": run.name,
-                "status": run.status,
-                "created_at": run.created_at,
-                "finished_at": run.finished_at,
-                "status_url": super::submit::run_url(&run.id),
-            })).collect::<Vec<_>>(),
-            "next_cursor": page.next.map(Cursor::encode),
-        }))
-        .into_response(),
-        Ok(Err(error)) => store_unavailable(&error).into_response(),
-        Err(error) => ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            error.to_string(),
-        )
-        .into_response(),
-    }
+    answer(page, "workflows", |run| {
+        json!({
+            "id": run.id,
+            "workflow": run.name,
+            "status": run.status,
+            "created_at": run.created_at,
+            "finished_at": run.finished_at,
+            "status_url": super::submit::run_url(&run.id),
+        })
+    })
 }
 
 #[cfg(test)]

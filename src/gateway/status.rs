@@ -397,15 +397,21 @@ pub(super) fn insert_outcome(
     }
 }
 
-pub(super) fn render(task: &TaskView) -> Value {
-    let mut value = json!({
+/// What every view of a task starts with: id, type, status, attempts and
+/// times.
+pub(super) fn head(task: &TaskView) -> Value {
+    json!({
         "id": task.id,
         "type": task.task_type,
         "status": task.phase.name(),
         "attempts": task.attempts,
         "submitted_at": task.submitted_at,
         "finished_at": task.finished_at,
-    });
+    })
+}
+
+pub(super) fn render(task: &TaskView) -> Value {
+    let mut value = head(task);
     if let Some(map) = value.as_object_mut() {
         if task.output.is_some() {
             map.insert("content_type".into(), json!(content_type_of(task)));

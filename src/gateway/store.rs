@@ -33,7 +33,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
-use base64::Engine;
 use rusqlite::{params, params_from_iter, Connection, OpenFlags, OptionalExtension};
 use uuid::Uuid;
 
@@ -192,7 +191,10 @@ pub struct Page<T> {
 }
 
 /// Where a page starts: below this (time, sequence) in the newest-first
-/// order. Opaque to clients (`cursor=`).
+/// order. Clients pass `next_cursor` back as given (`cursor=`); its form,
+/// `<time>.<sequence>` of at most 18 digits each, is in the OpenAPI
+/// document, so any text of that form is a place in the order and
+/// anything else is refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cursor {
     at: i64,
@@ -202,19 +204,18 @@ pub struct Cursor {
 impl Cursor {
     /// The text clients send back.
     pub fn encode(self) -> String {
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{}.{}", self.at, self.seq))
+        format!("{}.{}", self.at, self.seq)
     }
 
-    /// Reads a cursor sent back; `None` when it is not one of ours.
+    /// Reads a cursor sent back; `None` when it is not of the form.
     pub fn decode(text: &str) -> Option<Cursor> {
-        if text.len() > 64 {
+        let (at, seq) = text.split_once('.')?;
+        let digits =
+            |t: &str| !t.is_empty() && t.len() <= 18 && t.bytes().all(|b| b.is_ascii_digit());
+        let at_digits = at.strip_prefix('-').unwrap_or(at);
+        if !digits(at_digits) || !digits(seq) {
             return None;
         }
-        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(text)
-            .ok()?;
-        let text = std::str::from_utf8(&bytes).ok()?;
-        let (at, seq) = text.split_once('.')?;
         Some(Cursor {
             at: at.parse().ok()?,
             seq: seq.parse().ok()?,
@@ -1119,7 +1120,12 @@ mod tests {
             seq: 42,
         };
         assert_eq!(Cursor::decode(&c.encode()), Some(c));
-        for bad in ["", "x", "MTIz", "!!!", &"A".repeat(100)] {
+        assert_eq!(c.encode(), "1700000000000.42");
+        assert_eq!(Cursor::decode("-5.0"), Some(Cursor { at: -5, seq: 0 }));
+        let too_long = format!("{}.1", "9".repeat(19));
+        for bad in [
+            "", "x", "1", "1.", ".1", "1.-1", "+1.1", "1.1.1", "١.1", &too_long,
+        ] {
             assert_eq!(Cursor::decode(bad), None, "{bad}");
         }
     }
