@@ -41,7 +41,9 @@
 //!   result); the join state's changelog records. Pure; the processor side
 //!   of joins is `processor::join`.
 //! - [`gateway`]: the HTTP API (axum): submit tasks, status and results
-//!   from a view it materialises from the results, task and events topics;
+//!   from a view it materialises from the results, task and events topics
+//!   (live tasks in memory, every task in a SQLite store on local disk with
+//!   the offsets applied; list queries);
 //!   cancellation, progress reports and event streams (`lifecycle.rs`).
 //! - [`metrics`]: the Prometheus registry, metric names (one
 //!   `conveyor_errors_total{kind}` for every error met), `/metrics`.

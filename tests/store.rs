@@ -157,6 +157,25 @@ async fn results_past_the_view_are_found_and_listed_page_by_page_while_more_arri
         assert_eq!(oldest["finished_at"], first[0].finished_at);
         let second = wait_known(&http, &base, first[1].id).await;
         assert_eq!(second["result"]["i"], 1, "{second}");
+        // Its event stream: its status, then its end, from the store.
+        let stream = http
+            .get(format!("{base}/v1/tasks/{}/events", first[0].id))
+            .timeout(TIMEOUT)
+            .send()
+            .await
+            .expect("stream answered");
+        assert_eq!(stream.status().as_u16(), 200);
+        let text = stream.text().await.expect("stream read to its end");
+        let events: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("event:"))
+            .map(str::trim)
+            .collect();
+        assert_eq!(events, ["status", "failed"], "{text}");
+        assert!(
+            text.contains("id: end") || text.contains("id:end"),
+            "{text}"
+        );
 
         // Every succeeded task of type a, newest first, 7 per page, while
         // newer results keep arriving between the pages.

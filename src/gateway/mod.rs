@@ -3,11 +3,14 @@
 //! `POST /v1/tasks` checks a task, produces its [`TaskRequest`] with
 //! `acks=all` and answers `202 {"id", "status": "queued", "status_url"}` only
 //! once the broker has acknowledged it; `GET /v1/tasks/{id}` answers from a
-//! status view the gateway materialises itself ([`view`]), optionally
-//! long-polling (`?wait=10s`) until the task is terminal. No database: the
-//! view is built by following the results topic (terminal states) and the
-//! task topics (queued tasks, and the idempotency keys other replicas took),
-//! so every replica sees every task.
+//! status view the gateway materialises itself, optionally long-polling
+//! (`?wait=10s`) until the task is terminal. The view is built by following
+//! the results topic (terminal states), the task topics (queued tasks, and
+//! the idempotency keys other replicas took) and the events topic, so every
+//! replica sees every task: its live part in memory ([`view`]), everything
+//! on local disk with the offsets applied ([`store`], SQLite), both fed by
+//! one reader (`ingest.rs`); `GET /v1/tasks` and `GET /v1/workflows` list
+//! from the store (`lists.rs`).
 //!
 //! The routes are listed in [`ROUTES`]; `openapi.json` beside this file
 //! documents them and is served at `/openapi.json` (a test checks the two

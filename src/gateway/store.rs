@@ -22,7 +22,8 @@
 //! transaction) and a small pool of readers (the HTTP handlers), which the
 //! write-ahead log lets read while the writer writes. Its memory is bounded
 //! whatever the file's size: 2 MiB of page cache per connection and 16 MiB
-//! of SQLite heap in all (`soft_heap_limit`). Bounded by age
+//! of SQLite heap in all (`soft_heap_limit`); temporary tables in memory,
+//! so a read-only root file system needs no writable `/tmp`. Bounded by age
 //! (`gateway.retention_ms`, from a task's latest record) and by disk
 //! (`gateway.store_max_bytes`), the oldest going first either way;
 //! outputs above `gateway.store_max_output_bytes` are kept cut, marked
@@ -303,7 +304,8 @@ impl Store {
              PRAGMA synchronous = NORMAL;
              PRAGMA busy_timeout = 5000;
              PRAGMA cache_size = -2048;
-             PRAGMA soft_heap_limit = 16777216;",
+             PRAGMA soft_heap_limit = 16777216;
+             PRAGMA temp_store = MEMORY;",
         )
         .map_err(failed(&path, "setting it up"))?;
         conn.execute_batch(SCHEMA)
@@ -349,7 +351,9 @@ impl Store {
                     OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
                 )
                 .map_err(failed(&self.path, "opening a reader"))?;
-                conn.execute_batch("PRAGMA busy_timeout = 5000; PRAGMA cache_size = -2048;")
+                conn.execute_batch(
+                    "PRAGMA busy_timeout = 5000; PRAGMA cache_size = -2048; PRAGMA temp_store = MEMORY;",
+                )
                     .map_err(failed(&self.path, "setting up a reader"))?;
                 conn
             }
