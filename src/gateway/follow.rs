@@ -22,6 +22,8 @@ use crate::shutdown::CancellationToken;
 /// How often the follower asks the broker how far behind it is, once
 /// caught up.
 const LAG_EVERY: Duration = Duration::from_secs(10);
+/// Longest the follower spends asking for that lag.
+const LAG_BUDGET: Duration = Duration::from_secs(2);
 
 /// What to follow.
 #[derive(Debug)]
@@ -365,28 +367,35 @@ impl Follower {
     }
 
     /// Records of the task and results topics not read yet: each
-    /// partition's high watermark less the reader's position (a partition
-    /// whose watermark the broker does not give within a second counts 0).
+    /// partition's high watermark less the reader's position. The broker
+    /// is asked for at most [`LAG_BUDGET`] in all (the reading waits
+    /// meanwhile): partitions it did not answer for in time count 0.
     fn lag(&self) -> i64 {
         let Ok(position) = self.reader.client().position() else {
             return 0;
         };
-        position
-            .elements()
-            .iter()
-            .filter(|e| self.events_topic.as_deref() != Some(e.topic()))
-            .filter_map(|e| {
-                let Offset::Offset(at) = e.offset() else {
-                    return None;
-                };
-                let (_, high) = self
-                    .reader
-                    .client()
-                    .fetch_watermarks(e.topic(), e.partition(), Duration::from_secs(1))
-                    .ok()?;
-                Some(high.saturating_sub(at).max(0))
-            })
-            .sum()
+        let started = Instant::now();
+        let mut lag = 0i64;
+        for e in position.elements() {
+            let left = LAG_BUDGET.saturating_sub(started.elapsed());
+            if left.is_zero() {
+                break;
+            }
+            let Offset::Offset(at) = e.offset() else {
+                continue;
+            };
+            if self.events_topic.as_deref() == Some(e.topic()) {
+                continue;
+            }
+            if let Ok((_, high)) = self.reader.client().fetch_watermarks(
+                e.topic(),
+                e.partition(),
+                left.min(Duration::from_secs(1)),
+            ) {
+                lag = lag.saturating_add(high.saturating_sub(at).max(0));
+            }
+        }
+        lag
     }
 
     /// A partition numbered `partition` (of some followed topic) is at its
