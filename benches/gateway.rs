@@ -19,15 +19,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark that cannot run stops
 
+mod common;
+
 use conveyor::shutdown::CancellationToken;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use conveyor::dev::DevCluster;
 use conveyor::metrics::Metrics;
 use conveyor::settings::Settings;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 
 struct Options {
     brokers: Option<String>,
@@ -81,33 +80,8 @@ fn main() {
         let suffix = uuid::Uuid::new_v4().simple().to_string();
         let task_topic = format!("bench-gw-tasks-{suffix}");
         let results = format!("bench-gw-results-{suffix}");
-        let (_cluster, brokers) = match &o.brokers {
-            Some(b) => {
-                let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
-                    .set("bootstrap.servers", b)
-                    .create()
-                    .expect("admin");
-                let topics = [
-                    NewTopic::new(&task_topic, 8, TopicReplication::Fixed(1)),
-                    NewTopic::new(&results, 8, TopicReplication::Fixed(1)),
-                ];
-                for r in admin
-                    .create_topics(&topics, &AdminOptions::new())
-                    .await
-                    .expect("create topics")
-                {
-                    r.expect("topic created");
-                }
-                (None, b.clone())
-            }
-            None => {
-                let cluster = DevCluster::start(1).expect("mock cluster");
-                cluster.create_topic(&task_topic, 8).expect("topic");
-                cluster.create_topic(&results, 8).expect("topic");
-                let brokers = cluster.bootstrap_servers();
-                (Some(cluster), brokers)
-            }
-        };
+        let (_cluster, brokers) =
+            common::broker_with_topics(o.brokers.as_deref(), &[&task_topic, &results], 8).await;
         let mut settings = Settings::default();
         settings.kafka.brokers = brokers.clone();
         if let Ok(extra) = std::env::var("BENCH_OPTS") {

@@ -16,16 +16,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark that cannot run stops
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use conveyor::codec::{now_millis, Codec, TaskError, TaskResult, TaskStatus};
-use conveyor::dev::DevCluster;
 use conveyor::settings::Settings;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use uuid::Uuid;
@@ -217,12 +216,19 @@ impl Gateway {
     }
 }
 
-/// Removes the store's files.
-fn remove_store(store: &Path) {
-    for suffix in ["", "-wal", "-shm"] {
+/// The store's files: the database, its write-ahead log and its index.
+fn store_files(store: &Path) -> impl Iterator<Item = PathBuf> + '_ {
+    ["", "-wal", "-shm"].into_iter().map(move |suffix| {
         let mut name = store.to_path_buf().into_os_string();
         name.push(suffix);
-        let _ = std::fs::remove_file(name);
+        PathBuf::from(name)
+    })
+}
+
+/// Removes the store's files.
+fn remove_store(store: &Path) {
+    for file in store_files(store) {
+        let _ = std::fs::remove_file(file);
     }
 }
 
@@ -277,33 +283,8 @@ fn main() {
         let suffix = Uuid::new_v4().simple().to_string();
         let task_topic = format!("bench-store-tasks-{suffix}");
         let results = format!("bench-store-results-{suffix}");
-        let (_cluster, brokers) = match &o.brokers {
-            Some(b) => {
-                let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
-                    .set("bootstrap.servers", b)
-                    .create()
-                    .expect("admin");
-                let topics = [
-                    NewTopic::new(&task_topic, 8, TopicReplication::Fixed(1)),
-                    NewTopic::new(&results, 8, TopicReplication::Fixed(1)),
-                ];
-                for r in admin
-                    .create_topics(&topics, &AdminOptions::new())
-                    .await
-                    .expect("create topics")
-                {
-                    r.expect("topic created");
-                }
-                (None, b.clone())
-            }
-            None => {
-                let cluster = DevCluster::start(1).expect("mock cluster");
-                cluster.create_topic(&task_topic, 8).expect("topic");
-                cluster.create_topic(&results, 8).expect("topic");
-                let brokers = cluster.bootstrap_servers();
-                (Some(cluster), brokers)
-            }
-        };
+        let (_cluster, brokers) =
+            common::broker_with_topics(o.brokers.as_deref(), &[&task_topic, &results], 8).await;
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .map(|a| a.port())
@@ -375,13 +356,10 @@ fn main() {
         );
         tokio::time::sleep(Duration::from_secs(2)).await;
         let rss_big = gateway.rss_mib();
-        let disk: u64 = ["", "-wal"]
-            .iter()
-            .map(|s| {
-                let mut name = store.clone().into_os_string();
-                name.push(s);
-                std::fs::metadata(name).map(|m| m.len()).unwrap_or(0)
-            })
+        // The database and its write-ahead log (not the shared-memory index).
+        let disk: u64 = store_files(&store)
+            .take(2)
+            .map(|file| std::fs::metadata(file).map(|m| m.len()).unwrap_or(0))
             .sum();
         let list_big = list_timing(&http, port, "type=email&status=succeeded&limit=100").await;
         println!(

@@ -107,7 +107,7 @@ impl Ingest {
 
     fn record(&mut self, shared: &Shared, task: Option<TaskView>, at: i64) {
         if let Some(task) = task {
-            if self.writer.task(&task, at) {
+            if self.writer.task(task, at) {
                 shared
                     .metrics
                     .gateway_store_truncated

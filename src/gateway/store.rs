@@ -637,9 +637,10 @@ pub struct Writer {
 
 impl Writer {
     /// Records `task` as it now stands (its latest record at `at`; its
-    /// events are not kept). Returns whether its output was cut.
-    pub fn task(&mut self, task: &TaskView, at: i64) -> bool {
-        let mut task = task.snapshot();
+    /// events are not kept: give it a [`TaskView::snapshot`]). Returns
+    /// whether its output was cut.
+    pub fn task(&mut self, mut task: TaskView, at: i64) -> bool {
+        task.events = Default::default();
         let mut cut_short = false;
         if let Some(output) = &task.output {
             if output.len() > self.limits.max_output_bytes {
@@ -959,7 +960,6 @@ fn write_run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codec::TaskStatus;
 
     fn limits() -> StoreLimits {
         StoreLimits {
@@ -982,7 +982,7 @@ mod tests {
         let (store, mut writer) = Store::open("", limits()).unwrap();
         let mut task = queued(10, "echo");
         task.traceparent = Some("tp".into());
-        writer.task(&task, 10);
+        writer.task(task.clone(), 10);
         writer.flush().unwrap();
         assert_eq!(store.get(&task.id).unwrap().unwrap().phase, Phase::Queued);
         // The result alone (the view forgot the request): submitted_at and
@@ -992,9 +992,9 @@ mod tests {
         done.finished_at = Some(20);
         done.attempts = Some(1);
         done.output = Some(b"0123456789".to_vec());
-        writer.task(&done, 20);
+        writer.task(done, 20);
         // A duplicate request read after it.
-        writer.task(&task, 21);
+        writer.task(task.clone(), 21);
         writer.flush().unwrap();
         let kept = store.get(&task.id).unwrap().unwrap();
         assert_eq!(kept.phase, Phase::Succeeded);
@@ -1003,14 +1003,13 @@ mod tests {
         assert_eq!(kept.output.as_deref(), Some(b"01234567".as_slice()));
         assert_eq!(kept.output_size, Some(10));
         assert_eq!(kept.finished_at, Some(20));
-        let _ = TaskStatus::Succeeded;
     }
 
     #[test]
     fn offsets_are_written_with_their_rows_and_a_failed_write_keeps_both_pending() {
         let (store, mut writer) = Store::open("", limits()).unwrap();
         let topic: Arc<str> = Arc::from("results");
-        writer.task(&queued(1, "echo"), 1);
+        writer.task(queued(1, "echo"), 1);
         writer.applied(&topic, 2, 41);
         writer.flush().unwrap();
         assert_eq!(store.offsets().unwrap()[&("results".to_owned(), 2)], 42);
@@ -1023,8 +1022,8 @@ mod tests {
                  BEGIN SELECT RAISE(ABORT, 'refused'); END;",
             )
             .unwrap();
-        writer.task(&queued(2, "ok"), 2);
-        writer.task(&queued(3, "bad"), 3);
+        writer.task(queued(2, "ok"), 2);
+        writer.task(queued(3, "bad"), 3);
         writer.applied(&topic, 2, 43);
         assert!(writer.flush().is_err());
         assert_eq!(writer.pending(), 2);
@@ -1038,7 +1037,7 @@ mod tests {
         let mut all = Vec::new();
         for i in 0..25 {
             let t = queued(100 + i / 2, if i % 2 == 0 { "a" } else { "b" });
-            writer.task(&t, 100 + i / 2);
+            writer.task(t.clone(), 100 + i / 2);
             all.push(t.id);
         }
         writer.flush().unwrap();
@@ -1051,7 +1050,7 @@ mod tests {
             let page = store.tasks(&filter).unwrap();
             seen.extend(page.items.iter().map(|t| t.id));
             // More arrive between pages: never in the pages already begun.
-            writer.task(&queued(1_000, "a"), 1_000);
+            writer.task(queued(1_000, "a"), 1_000);
             writer.flush().unwrap();
             match page.next {
                 Some(next) => filter.cursor = Some(next),
@@ -1080,8 +1079,8 @@ mod tests {
         let (store, mut writer) = Store::open("", limits()).unwrap();
         let old = queued(1_000, "echo");
         let new = queued(9_000, "echo");
-        writer.task(&old, 1_000);
-        writer.task(&new, 9_000);
+        writer.task(old.clone(), 1_000);
+        writer.task(new.clone(), 9_000);
         writer.key("k", old.id, 1_000);
         writer.flush().unwrap();
         assert_eq!(store.idempotent("k", 1_500).unwrap(), Some(old.id));
@@ -1096,7 +1095,7 @@ mod tests {
         );
         // A budget below what is in use removes the oldest until within.
         for i in 0..3_000 {
-            writer.task(&queued(10_000 + i, "echo"), 10_000 + i);
+            writer.task(queued(10_000 + i, "echo"), 10_000 + i);
         }
         writer.flush().unwrap();
         let used = writer.usage().unwrap().used_bytes;

@@ -237,35 +237,40 @@ impl TestKafka {
     /// until the broker acknowledged every one.
     pub async fn produce_requests(&self, topic: &str, requests: &[TaskRequest]) {
         let codec = Codec::default();
-        let producer = self.producer();
-        let mut pending = Vec::with_capacity(requests.len());
-        for request in requests {
-            let mut value = Vec::new();
-            codec.encode_request(request, &mut value);
-            let key = request
+        self.produce_all(topic, requests, |request, value| {
+            codec.encode_request(request, value);
+            request
                 .key
                 .clone()
-                .unwrap_or_else(|| request.id.to_string());
-            pending.push(
-                self.send(&producer, topic, key.as_bytes(), &value, None)
-                    .await,
-            );
-        }
-        for delivery in pending {
-            acked(delivery).await;
-        }
+                .unwrap_or_else(|| request.id.to_string())
+        })
+        .await;
     }
 
     /// Produces `results` to `topic` (keyed by id) and waits for every
     /// acknowledgement.
     pub async fn produce_results(&self, topic: &str, results: &[TaskResult]) {
         let codec = Codec::default();
+        self.produce_all(topic, results, |result, value| {
+            codec.encode_result(result, value);
+            result.id.to_string()
+        })
+        .await;
+    }
+
+    /// Produces each of `items`, encoded by `encode` (which writes the
+    /// value and returns the key), then waits for every acknowledgement.
+    async fn produce_all<T>(
+        &self,
+        topic: &str,
+        items: &[T],
+        encode: impl Fn(&T, &mut Vec<u8>) -> String,
+    ) {
         let producer = self.producer();
-        let mut pending = Vec::with_capacity(results.len());
-        for result in results {
+        let mut pending = Vec::with_capacity(items.len());
+        for item in items {
             let mut value = Vec::new();
-            codec.encode_result(result, &mut value);
-            let key = result.id.to_string();
+            let key = encode(item, &mut value);
             pending.push(
                 self.send(&producer, topic, key.as_bytes(), &value, None)
                     .await,
