@@ -95,6 +95,10 @@ fn main() {
         settings.topics.task_prefix = String::new();
         settings.gateway.task_types = vec![task_topic.clone()];
         settings.gateway.listen = "127.0.0.1:0".into();
+        // Submissions only: no delay tiers, events or control topics.
+        settings.delays.enabled = false;
+        settings.events.enabled = false;
+        settings.cancel.enabled = false;
         let stop = CancellationToken::new();
         let gateway = conveyor::gateway::start(&settings, Arc::new(Metrics::new()), stop.clone())
             .await
