@@ -194,8 +194,29 @@ pub(super) async fn list_tasks(
         Err(error) => return error.into_response(),
     };
     let store = shared.store.clone();
+    let status = filter.status.clone();
     let page = tokio::task::spawn_blocking(move || store.tasks(&filter)).await;
+    let page = page.map(|page| page.map(|page| newest(&shared, page, status.as_deref())));
     answer(page, "tasks", summary)
+}
+
+/// A page of the store brought up to the in-memory view, which is ahead
+/// of the store by up to one write batch (~100 ms): a task the caller
+/// saw finish through `GET /v1/tasks/{id}` lists as finished too. A task
+/// that has moved past the `status` filter asked for since the store
+/// wrote it leaves the page (it lists under its new status).
+fn newest(shared: &Shared, mut page: Page<TaskView>, status: Option<&str>) -> Page<TaskView> {
+    let view = shared.view();
+    page.items = page
+        .items
+        .into_iter()
+        .filter_map(|stored| {
+            let live = view.get(&stored.id).map(TaskView::summary);
+            super::status::merge(live.as_ref(), Some(&stored))
+        })
+        .filter(|task| status.is_none_or(|s| task.phase.name() == s))
+        .collect();
+    page
 }
 
 /// A page as JSON under `name`, with its `next_cursor`; a store error 503.

@@ -170,13 +170,21 @@ impl TaskView {
     /// A copy without its events (what the status store keeps).
     pub fn snapshot(&self) -> TaskView {
         TaskView {
+            output: self.output.clone(),
+            ..self.summary()
+        }
+    }
+
+    /// A copy without its events and its output (what a list shows).
+    pub fn summary(&self) -> TaskView {
+        TaskView {
             id: self.id,
             task_type: self.task_type.clone(),
             phase: self.phase,
             submitted_at: self.submitted_at,
             finished_at: self.finished_at,
             attempts: self.attempts,
-            output: self.output.clone(),
+            output: None,
             output_size: self.output_size,
             content_type: self.content_type.clone(),
             error: self.error.clone(),
