@@ -49,12 +49,24 @@ impl RetryPolicy {
     /// What to do after attempt `attempt` failed with a retryable error.
     /// `unit` is a uniform random number in [0, 1) for the jitter.
     pub fn decide(&self, attempt: u32, unit: f64) -> Decision {
+        self.decide_after(attempt, None, unit)
+    }
+
+    /// [`RetryPolicy::decide`] when the handler asked for a wait of its
+    /// own (`asked`, an HTTP `Retry-After`): that wait, capped at
+    /// `max_backoff` and not jittered, replaces the backoff.
+    pub fn decide_after(&self, attempt: u32, asked: Option<Duration>, unit: f64) -> Decision {
         if attempt >= self.max_attempts {
             return Decision::Exhausted;
         }
-        let base = self.base_backoff(attempt).as_secs_f64();
-        let spread = self.jitter.clamp(0.0, 1.0) * (2.0 * unit.clamp(0.0, 1.0) - 1.0);
-        let delay = Duration::from_secs_f64((base * (1.0 + spread)).max(0.0));
+        let delay = match asked {
+            Some(asked) => asked.min(self.max_backoff),
+            None => {
+                let base = self.base_backoff(attempt).as_secs_f64();
+                let spread = self.jitter.clamp(0.0, 1.0) * (2.0 * unit.clamp(0.0, 1.0) - 1.0);
+                Duration::from_secs_f64((base * (1.0 + spread)).max(0.0))
+            }
+        };
         match self.retry_topic_threshold {
             Some(threshold) if delay >= threshold => Decision::RetryTopic(delay),
             _ => Decision::InPlace(delay),
@@ -74,6 +86,22 @@ mod tests {
             jitter: 0.0,
             retry_topic_threshold: Some(Duration::from_millis(800)),
         }
+    }
+
+    #[test]
+    fn a_wait_the_handler_asks_for_replaces_the_backoff_up_to_the_cap() {
+        let p = policy();
+        let asked = |ms| p.decide_after(1, Some(Duration::from_millis(ms)), 0.99);
+        assert_eq!(asked(300), Decision::InPlace(Duration::from_millis(300)));
+        assert_eq!(asked(900), Decision::RetryTopic(Duration::from_millis(900)));
+        assert_eq!(
+            asked(60_000),
+            Decision::RetryTopic(Duration::from_millis(1_000))
+        );
+        assert_eq!(
+            p.decide_after(6, Some(Duration::from_millis(300)), 0.5),
+            Decision::Exhausted
+        );
     }
 
     #[test]

@@ -48,6 +48,33 @@ async fn serve() -> (SocketAddr, Arc<Mutex<Seen>>) {
             post(|| async { StatusCode::TOO_MANY_REQUESTS }),
         )
         .route(
+            "/later",
+            post(|| async {
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    [("retry-after", "7")],
+                    "come back later",
+                )
+            }),
+        )
+        .route(
+            "/later-date",
+            post(|| async {
+                // A date long past: no wait, but still the handler's word.
+                (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    [("retry-after", "Wed, 21 Oct 2015 07:28:00 GMT")],
+                )
+            }),
+        )
+        .route(
+            "/refused-later",
+            post(|| async {
+                // A Retry-After on a permanent answer changes nothing.
+                (StatusCode::BAD_REQUEST, [("retry-after", "5")], "no")
+            }),
+        )
+        .route(
             "/bad",
             post(|| async { (StatusCode::UNPROCESSABLE_ENTITY, "field `w` is missing") }),
         )
@@ -141,6 +168,17 @@ async fn answers_are_classified_retryable_or_permanent() {
         matches!(throttled, HandlerError::Retryable(_)),
         "{throttled:?}"
     );
+    let later = call("/later", 2_000).await.unwrap_err();
+    assert!(
+        matches!(&later, HandlerError::RetryAfter { message, after }
+            if message.contains("503") && message.contains("come back later")
+                && *after == Duration::from_secs(7)),
+        "{later:?}"
+    );
+    let dated = call("/later-date", 2_000).await.unwrap_err();
+    assert_eq!(dated.retry_after(), Some(Duration::ZERO), "{dated:?}");
+    let refused = call("/refused-later", 2_000).await.unwrap_err();
+    assert!(matches!(refused, HandlerError::Permanent(_)), "{refused:?}");
     let bad = call("/bad", 2_000).await.unwrap_err();
     assert!(
         matches!(&bad, HandlerError::Permanent(m) if m.contains("422") && m.contains("field `w` is missing")),
@@ -225,4 +263,49 @@ async fn a_body_over_the_cap_fails_for_good_naming_its_size_and_is_never_held() 
         grown_mib < 64,
         "peak RSS grew by {grown_mib} MiB: the body was buffered"
     );
+}
+
+#[tokio::test]
+async fn signed_requests_carry_an_hmac_of_the_time_and_the_body() {
+    use hmac::Mac;
+    let (addr, seen) = serve().await;
+    let secrets =
+        conveyor::handlers::Secrets::parse("old-secret-0123456789\nnew-secret-0123456789").unwrap();
+    let handler = Http::new(&format!("http://{addr}/ok"), 2_000, 1 << 20)
+        .unwrap()
+        .signed(secrets);
+    let t = task();
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    handler.handle(&t, &TaskContext::default()).await.unwrap();
+    let s = seen.lock().unwrap();
+    let header = s.headers[0]["conveyor-signature"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let mut parts = header.split(',');
+    let at: u64 = parts
+        .next()
+        .and_then(|p| p.strip_prefix("t="))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(at >= before && at <= before + 5, "t={at}, sent at {before}");
+    let signatures: Vec<&str> = parts.map(|p| p.strip_prefix("v1=").unwrap()).collect();
+    for (secret, signature) in ["old-secret-0123456789", "new-secret-0123456789"]
+        .iter()
+        .zip(&signatures)
+    {
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+        mac.update(format!("{at}.").as_bytes());
+        mac.update(&s.bodies[0]);
+        assert_eq!(
+            *signature,
+            hex::encode(mac.finalize().into_bytes()),
+            "{secret}"
+        );
+    }
+    assert_eq!(signatures.len(), 2);
 }

@@ -15,8 +15,20 @@
 //! | 408, 429, 5xx, timeout, connection failure | retryable error |
 //! | any other status (4xx, and 3xx: redirects are not followed) | permanent error |
 //!
+//! A 408, 429 or 503 with a `Retry-After` (seconds, or an HTTP date) is
+//! retried no sooner than it says: the wait replaces the backoff, capped
+//! by the type's `max_backoff_ms` (a long one goes through the retry topic
+//! like any long backoff).
+//!
 //! A 2xx body larger than `max_response_bytes` is a permanent error naming
 //! its size; the body is read in chunks and never held past the limit.
+//!
+//! With signing secrets set (`signing_secret_env` / `signing_secret_file`)
+//! every request carries `Conveyor-Signature: t=<unix seconds>,v1=<hex>`:
+//! HMAC-SHA256, keyed with the secret, of the timestamp, a `.` and the
+//! body — the webhook-signature scheme of Stripe and others. With two
+//! secrets (a rotation) it carries one `v1=` per secret; a receiver takes
+//! the request when any matches one of its own.
 //!
 //! One connection pool per handler is reused across tasks.
 
@@ -32,12 +44,101 @@ use crate::codec::TaskRequest;
 /// Most of an error response's body quoted in the error message.
 const MAX_QUOTED_BODY: usize = 512;
 
+/// Most secrets in force at once (the current one and the next, while
+/// rotating).
+pub const MAX_SECRETS: usize = 2;
+/// Shortest secret taken, in bytes.
+pub const MIN_SECRET_BYTES: usize = 16;
+
+/// The secrets `http` requests are signed with. Never printed: its
+/// `Debug` shows only how many there are.
+#[derive(Clone)]
+pub struct Secrets(Vec<Vec<u8>>);
+
+impl std::fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Secrets({} hidden)", self.0.len())
+    }
+}
+
+impl Secrets {
+    /// Reads one secret, or two separated by a comma or a line break
+    /// (surrounding white space ignored). The error never quotes them.
+    pub fn parse(text: &str) -> Result<Secrets, String> {
+        let secrets: Vec<Vec<u8>> = text
+            .split([',', '\n'])
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| s.as_bytes().to_vec())
+            .collect();
+        if secrets.is_empty() {
+            return Err("holds no secret".into());
+        }
+        if secrets.len() > MAX_SECRETS {
+            return Err(format!(
+                "holds {} secrets; at most {MAX_SECRETS} (the current one and the next)",
+                secrets.len()
+            ));
+        }
+        if let Some(i) = secrets.iter().position(|s| s.len() < MIN_SECRET_BYTES) {
+            return Err(format!(
+                "secret {} is shorter than {MIN_SECRET_BYTES} bytes; make one with \
+                 `openssl rand -hex 32`",
+                i + 1
+            ));
+        }
+        Ok(Secrets(secrets))
+    }
+
+    /// The `Conveyor-Signature` value of `body` sent at `at` (seconds
+    /// since the epoch): `t=<at>,v1=<hex>` with one `v1` per secret.
+    pub fn sign(&self, at: i64, body: &[u8]) -> String {
+        use hmac::Mac;
+        let mut header = format!("t={at}");
+        for secret in &self.0 {
+            // HMAC takes keys of any length; this cannot fail.
+            let Ok(mut mac) = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret) else {
+                continue;
+            };
+            mac.update(at.to_string().as_bytes());
+            mac.update(b".");
+            mac.update(body);
+            header.push_str(",v1=");
+            header.push_str(&hex::encode(mac.finalize().into_bytes()));
+        }
+        header
+    }
+}
+
+/// The signing secrets a task type's settings point to, read now: from
+/// the environment variable `signing_secret_env` or the file
+/// `signing_secret_file`; `None` when neither is set. Errors name the
+/// setting and the problem, never the secret.
+pub fn secrets_of(task: &crate::settings::TaskSettings) -> Result<Option<Secrets>, String> {
+    if let Some(name) = &task.signing_secret_env {
+        let text = std::env::var(name)
+            .map_err(|e| format!("signing_secret_env: the environment variable {name}: {e}"))?;
+        return Secrets::parse(&text)
+            .map(Some)
+            .map_err(|why| format!("signing_secret_env: the environment variable {name} {why}"));
+    }
+    if let Some(path) = &task.signing_secret_file {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("signing_secret_file: cannot read {path}: {e}"))?;
+        return Secrets::parse(&text)
+            .map(Some)
+            .map_err(|why| format!("signing_secret_file: {path} {why}"));
+    }
+    Ok(None)
+}
+
 /// POSTs tasks to one URL.
 #[derive(Debug, Clone)]
 pub struct Http {
     client: reqwest::Client,
     url: reqwest::Url,
     max_body: u64,
+    secrets: Option<Secrets>,
 }
 
 impl Http {
@@ -59,7 +160,14 @@ impl Http {
             client,
             url,
             max_body,
+            secrets: None,
         })
+    }
+
+    /// Signs every request with `secrets` (see the module's docs).
+    pub fn signed(mut self, secrets: Secrets) -> Http {
+        self.secrets = Some(secrets);
+        self
     }
 }
 
@@ -84,6 +192,10 @@ impl Handler for Http {
             if let Some(token) = context.progress_token() {
                 request = request.header("Conveyor-Progress-Token", token);
             }
+            if let Some(secrets) = &self.secrets {
+                let now = crate::codec::now_millis().div_euclid(1000);
+                request = request.header("Conveyor-Signature", secrets.sign(now, &task.payload));
+            }
             let response = request.send().await.map_err(|e| {
                 HandlerError::Retryable(format!("POST {}: {}", self.url, describe(&e)))
             })?;
@@ -94,6 +206,11 @@ impl Handler for Http {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("application/octet-stream")
                 .to_owned();
+            let retry_after = response
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
             let body = self.read_body(response, status).await?;
             if status.is_success() {
                 return Ok(Output {
@@ -102,10 +219,16 @@ impl Handler for Http {
                 });
             }
             let message = format!("POST {} answered {status}: {}", self.url, quote(&body));
-            Err(if is_retryable(status) {
-                HandlerError::Retryable(message)
-            } else {
-                HandlerError::Permanent(message)
+            if !is_retryable(status) {
+                return Err(HandlerError::Permanent(message));
+            }
+            let asked = retry_after
+                .as_deref()
+                .filter(|_| honours_retry_after(status))
+                .and_then(|text| parse_retry_after(text, crate::codec::now_millis()));
+            Err(match asked {
+                Some(after) => HandlerError::RetryAfter { message, after },
+                None => HandlerError::Retryable(message),
             })
         };
         async move {
@@ -184,6 +307,32 @@ fn is_retryable(status: StatusCode) -> bool {
         || status.is_server_error()
 }
 
+/// The answers whose `Retry-After` is a wait for the same request
+/// (RFC 9110 §10.2.3 names 503; RFC 6585 429; 408 closes with it too).
+fn honours_retry_after(status: StatusCode) -> bool {
+    status == StatusCode::SERVICE_UNAVAILABLE
+        || status == StatusCode::TOO_MANY_REQUESTS
+        || status == StatusCode::REQUEST_TIMEOUT
+}
+
+/// Longest `Retry-After` read (a day); past it the processor's
+/// `max_backoff_ms` caps it anyway.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(86_400);
+
+/// A `Retry-After` value (RFC 9110 §10.2.3): whole seconds, or an HTTP date
+/// (a date in the past is no wait). `now_ms`: the time now. Anything else
+/// is ignored (the backoff stands).
+fn parse_retry_after(text: &str, now_ms: i64) -> Option<Duration> {
+    let text = text.trim();
+    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        let seconds = text.parse::<u64>().unwrap_or(u64::MAX);
+        return Some(Duration::from_secs(seconds).min(MAX_RETRY_AFTER));
+    }
+    let at = chrono::DateTime::parse_from_rfc2822(text).ok()?;
+    let wait = at.timestamp_millis().saturating_sub(now_ms).max(0);
+    Some(Duration::from_millis(u64::try_from(wait).unwrap_or(0)).min(MAX_RETRY_AFTER))
+}
+
 fn describe(error: &reqwest::Error) -> String {
     use std::error::Error;
     let mut text = if error.is_timeout() {
@@ -227,6 +376,68 @@ mod tests {
         for code in [301u16, 400, 401, 403, 404, 409, 422] {
             assert!(!is_retryable(StatusCode::from_u16(code).unwrap()), "{code}");
         }
+    }
+
+    #[test]
+    fn retry_after_reads_seconds_and_http_dates() {
+        // 2015-10-21T07:28:00Z
+        let now = 1_445_412_480_000;
+        assert_eq!(
+            parse_retry_after("120", now),
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(parse_retry_after(" 0 ", now), Some(Duration::ZERO));
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:28:03 GMT", now),
+            Some(Duration::from_secs(3))
+        );
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:00:00 GMT", now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(
+            parse_retry_after("99999999999999999999999", now),
+            Some(MAX_RETRY_AFTER)
+        );
+        for bad in ["", "-5", "1.5", "soon", "Wed, 21 Oct"] {
+            assert_eq!(parse_retry_after(bad, now), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn signatures_cover_the_time_and_the_body_with_every_secret() {
+        let one = Secrets::parse("0123456789abcdef-one").unwrap();
+        let header = one.sign(1_700_000_000, b"{}");
+        assert!(header.starts_with("t=1700000000,v1="), "{header}");
+        assert_eq!(header.matches("v1=").count(), 1);
+        assert_ne!(header, one.sign(1_700_000_001, b"{}"));
+        assert_ne!(header, one.sign(1_700_000_000, b"{ }"));
+        let two = Secrets::parse(" 0123456789abcdef-one ,\n0123456789abcdef-two\n").unwrap();
+        let both = two.sign(1_700_000_000, b"{}");
+        assert!(both.starts_with(&header), "{both}");
+        assert_eq!(both.matches("v1=").count(), 2);
+    }
+
+    #[test]
+    fn bad_secrets_are_refused_without_quoting_them() {
+        for (text, says) in [
+            ("", "no secret"),
+            (" , \n", "no secret"),
+            ("short-secret", "shorter than 16"),
+            (
+                "0123456789abcdef,0123456789abcdeg,0123456789abcdeh",
+                "at most 2",
+            ),
+        ] {
+            let error = Secrets::parse(text).unwrap_err();
+            assert!(error.contains(says), "{text:?}: {error}");
+            assert!(
+                !error.contains("short-secret") && !error.contains("0123"),
+                "{error}"
+            );
+        }
+        let debug = format!("{:?}", Secrets::parse("0123456789abcdef-one").unwrap());
+        assert_eq!(debug, "Secrets(1 hidden)");
     }
 
     #[test]

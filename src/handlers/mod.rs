@@ -21,7 +21,7 @@ use crate::codec::TaskRequest;
 use crate::settings::{HandlerKind, ProcessorSettings};
 
 pub use builtin::{Echo, Sha256, Sleep};
-pub use http::Http;
+pub use http::{secrets_of as http_secrets, Http, Secrets};
 
 /// What a successful task produced.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,14 +62,35 @@ pub enum HandlerError {
     /// another attempt would fail the same way.
     #[error("{0}")]
     Permanent(String),
+    /// Worth another attempt, not before `after` (an HTTP `Retry-After`):
+    /// the wait replaces the backoff, capped by the task type's
+    /// `max_backoff_ms`; a long one goes through the retry topic as a
+    /// long backoff would.
+    #[error("{message}")]
+    RetryAfter {
+        /// Why it failed.
+        message: String,
+        /// The shortest wait before the next attempt.
+        after: std::time::Duration,
+    },
 }
 
 impl HandlerError {
     /// The failure class as written in a result's `error.kind`.
     pub fn kind(&self) -> crate::codec::FailureKind {
         match self {
-            HandlerError::Retryable(_) => crate::codec::FailureKind::Retryable,
+            HandlerError::Retryable(_) | HandlerError::RetryAfter { .. } => {
+                crate::codec::FailureKind::Retryable
+            }
             HandlerError::Permanent(_) => crate::codec::FailureKind::Permanent,
+        }
+    }
+
+    /// The wait the handler asked for before another attempt, if any.
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            HandlerError::RetryAfter { after, .. } => Some(*after),
+            _ => None,
         }
     }
 }
@@ -267,14 +288,16 @@ impl Registry {
                         task_type: task_type.clone(),
                         message: "the http handler needs a url".into(),
                     })?;
-                    Arc::new(
-                        Http::new(url, task.timeout_ms, task.max_response_bytes).map_err(
-                            |message| HandlerBuildError {
-                                task_type: task_type.clone(),
-                                message,
-                            },
-                        )?,
-                    )
+                    let failed = |message| HandlerBuildError {
+                        task_type: task_type.clone(),
+                        message,
+                    };
+                    let mut http =
+                        Http::new(url, task.timeout_ms, task.max_response_bytes).map_err(failed)?;
+                    if let Some(secrets) = http_secrets(task).map_err(failed)? {
+                        http = http.signed(secrets);
+                    }
+                    Arc::new(http)
                 }
             };
             registry.register(task_type.clone(), handler);

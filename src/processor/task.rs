@@ -762,25 +762,30 @@ async fn run_task(
             Ok(Ok(Err(e))) => (
                 e.kind(),
                 e.to_string(),
-                matches!(e, HandlerError::Retryable(_)),
+                matches!(
+                    e,
+                    HandlerError::Retryable(_) | HandlerError::RetryAfter { .. }
+                ),
+                e.retry_after(),
             ),
             Ok(Err(panic)) => {
                 let message = format!("handler panicked: {}", panic_message(panic.as_ref()));
                 error!(task_id = %request.id, %message);
-                (FailureKind::Panic, message, true)
+                (FailureKind::Panic, message, true, None)
             }
             Err(_) => (
                 FailureKind::Timeout,
                 format!("no answer within {} ms", task.timeout_ms),
                 true,
+                None,
             ),
         };
-        let (kind, message, retryable) = error;
+        let (kind, message, retryable, asked) = error;
         let now = now_millis();
         let first = *first_failure_at.get_or_insert(now);
         let attempts_so_far = u32::try_from(request.attempt).unwrap_or(1);
         let decision = if retryable {
-            policy.decide(attempts_so_far, fastrand::f64())
+            policy.decide_after(attempts_so_far, asked, fastrand::f64())
         } else {
             Decision::Exhausted
         };

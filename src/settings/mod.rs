@@ -572,6 +572,61 @@ mod tests {
     }
 
     #[test]
+    fn signing_secrets_are_for_http_handlers_from_one_source() {
+        let text = r#"
+            [[processors]]
+            name = "a"
+            [processors.tasks.web]
+            handler = "http"
+            url = "http://127.0.0.1:1/t"
+            signing_secret_env = "HOOK_SECRET"
+            signing_secret_file = "/run/secrets/hook"
+            [processors.tasks.local]
+            handler = "echo"
+            signing_secret_env = "HOOK_SECRET"
+            [processors.tasks.odd]
+            handler = "http"
+            url = "http://127.0.0.1:1/t"
+            signing_secret_env = "A=B"
+        "#;
+        assert_eq!(
+            problems(load_toml(text)),
+            [
+                "processors[0].tasks.local.signing_secret_env: only used by the http handler",
+                "processors[0].tasks.odd.signing_secret_env: must name an environment variable",
+                "processors[0].tasks.web.signing_secret_file: set signing_secret_env or signing_secret_file, not both",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_signing_secret_is_read_when_the_handler_is_built_and_never_quoted() {
+        let dir = std::env::temp_dir().join(format!("conveyor-secret-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("secret");
+        std::fs::write(&path, "tiny\n").unwrap();
+        let mut task = TaskSettings::new(HandlerKind::Http);
+        task.signing_secret_file = Some(path.display().to_string());
+        let error = crate::handlers::http_secrets(&task).unwrap_err();
+        assert!(error.starts_with("signing_secret_file: "), "{error}");
+        assert!(error.contains("shorter than 16 bytes"), "{error}");
+        assert!(!error.contains("tiny"), "{error}");
+        std::fs::write(&path, "a-secret-of-enough-length\n").unwrap();
+        assert!(crate::handlers::http_secrets(&task).unwrap().is_some());
+        task.signing_secret_file = Some(dir.join("absent").display().to_string());
+        std::fs::remove_dir_all(&dir).unwrap();
+        let error = crate::handlers::http_secrets(&task).unwrap_err();
+        assert!(error.contains("cannot read"), "{error}");
+        task.signing_secret_file = None;
+        task.signing_secret_env = Some("CONVEYOR_TEST_NO_SUCH_SECRET_VARIABLE".into());
+        let error = crate::handlers::http_secrets(&task).unwrap_err();
+        assert!(
+            error.contains("CONVEYOR_TEST_NO_SUCH_SECRET_VARIABLE"),
+            "{error}"
+        );
+    }
+
+    #[test]
     fn environment_overrides_the_file() {
         let s = load_toml_env(
             "[kafka]\nbrokers = \"a:1\"\n",

@@ -231,6 +231,16 @@ pub struct TaskSettings {
     /// owns. `"worker"`: for each worker.
     #[serde(default)]
     pub rate_limit_scope: RateScope,
+    /// `http` only: the environment variable holding the secret(s) each
+    /// request is signed with (`Conveyor-Signature`, HMAC-SHA256 over a
+    /// timestamp and the body). One secret, or two separated by a comma or
+    /// a newline while rotating (each request is then signed with both).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_secret_env: Option<String>,
+    /// `http` only: a file holding the secret(s), as `signing_secret_env`
+    /// (a mounted Kubernetes secret, say). Not both.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_secret_file: Option<String>,
 }
 
 /// Whom a task type's `rate_limit` holds for.
@@ -270,6 +280,8 @@ impl TaskSettings {
             max_backoff_ms: None,
             rate_limit: None,
             rate_limit_scope: RateScope::default(),
+            signing_secret_env: None,
+            signing_secret_file: None,
         }
     }
 }
@@ -393,6 +405,28 @@ impl ProcessorSettings {
                 (HandlerKind::Http, Some(_)) => {}
                 (_, Some(_)) => bad(key("url"), "only used by the http handler"),
                 (_, None) => {}
+            }
+            match (&task.signing_secret_env, &task.signing_secret_file) {
+                (Some(_), Some(_)) => bad(
+                    key("signing_secret_file"),
+                    "set signing_secret_env or signing_secret_file, not both",
+                ),
+                (Some(_), None) | (None, Some(_)) if task.handler != HandlerKind::Http => {
+                    let field = if task.signing_secret_env.is_some() {
+                        "signing_secret_env"
+                    } else {
+                        "signing_secret_file"
+                    };
+                    bad(key(field), "only used by the http handler");
+                }
+                (Some(name), None) if name.is_empty() || name.contains('=') => bad(
+                    key("signing_secret_env"),
+                    "must name an environment variable",
+                ),
+                (None, Some(path)) if path.is_empty() => {
+                    bad(key("signing_secret_file"), "must not be empty")
+                }
+                _ => {}
             }
             if task.timeout_ms == 0 {
                 bad(key("timeout_ms"), "must be > 0");
