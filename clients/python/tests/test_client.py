@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import uuid
 from typing import List
@@ -161,7 +162,8 @@ def test_failed_workflow_run_names_the_step(client: Client) -> None:
 
 def test_a_past_deadline_fails_the_task_without_running_it(client: Client, calls: Calls) -> None:
     marker = str(uuid.uuid4())
-    task = client.submit("kit_count", {"marker": marker}, deadline=1)
+    long_ago = datetime.datetime(1970, 1, 1, 0, 0, 1, tzinfo=datetime.timezone.utc)
+    task = client.submit("kit_count", {"marker": marker}, deadline=long_ago)
     with pytest.raises(TaskFailed) as failed:
         task.result(timeout=10)
     assert failed.value.kind == "deadline"

@@ -43,6 +43,8 @@ from .handler import (
     TaskInfo,
     run_task,
     run_task_async,
+    signature,
+    verify_signature,
 )
 
 __version__ = "1.0.0"
@@ -84,4 +86,6 @@ __all__ = [
     "Unavailable",
     "run_task",
     "run_task_async",
+    "signature",
+    "verify_signature",
 ]

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import base64
 import datetime
-import http.client
-import json
-import random
+import math
+import ssl
 import time
 import urllib.parse
 import uuid
@@ -26,21 +25,33 @@ from typing import (
     Union,
 )
 
-from ._transport import NoContent, Transport
+from ._transport import NoContent, Transport, pause, retryable, with_retries
 from .errors import (
+    APIError,
     ConnectionFailed,
     Conflict,
+    ConveyorError,
     ResultTimeout,
     RunFailed,
     TaskCancelled,
     TaskFailed,
-    Unavailable,
 )
 
-#: When a task must have run: milliseconds since the Unix epoch (int), a
-#: duration from now (``datetime.timedelta`` or the API's text such as
-#: ``"30s"``), or an aware ``datetime.datetime``.
-Deadline = Union[int, str, datetime.timedelta, datetime.datetime]
+#: When a task must have run: a duration from now (``datetime.timedelta``,
+#: or the API's text such as ``"30s"``) or an aware ``datetime.datetime``.
+#: (Seconds from now: ``expires_in=``. A bare number is refused: Python
+#: means seconds from now, the API's number is ms since 1970.)
+Deadline = Union[str, datetime.timedelta, datetime.datetime]
+
+#: Longest wait asked of the gateway by one long-poll request, in seconds:
+#: a longer wait is a loop of these, so a connection that died silently is
+#: noticed within ``timeout`` + this, however long the caller waits.
+MAX_POLL_WAIT = 20.0
+
+#: How long a submission whose idempotency key is busy (409: another
+#: submission with it is being written) is tried again, in seconds, by
+#: default: longer than the gateway's ``produce_timeout_ms`` (5 s).
+CONFLICT_BUDGET = 15.0
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 
@@ -200,16 +211,49 @@ class RunState:
         )
 
 
-def _deadline(value: Deadline) -> Union[int, str]:
-    if isinstance(value, bool):
-        raise TypeError("deadline must be an int, str, timedelta or datetime, not bool")
+def _seconds(name: str, value: Union[float, datetime.timedelta]) -> float:
     if isinstance(value, datetime.timedelta):
-        return f"{max(1, int(value.total_seconds() * 1000))}ms"
+        return value.total_seconds()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be seconds (a number) or a timedelta")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be >= 0 seconds")
+    return float(value)
+
+
+def _deadline(value: Optional[Deadline], expires_in: Optional[float]) -> Union[int, str, None]:
+    """The API's ``deadline``: ms since the epoch, or its duration text."""
+    if value is not None and expires_in is not None:
+        raise ValueError("give deadline or expires_in, not both")
+    if expires_in is not None:
+        return f"{max(1, math.ceil(_seconds('expires_in', expires_in) * 1000))}ms"
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, datetime.timedelta):
+        return f"{max(1, math.ceil(value.total_seconds() * 1000))}ms"
     if isinstance(value, datetime.datetime):
         if value.tzinfo is None:
             raise ValueError("deadline: a datetime must carry its time zone")
-        return int(value.timestamp() * 1000)
-    return value
+        return max(0, int(value.timestamp() * 1000))
+    raise TypeError(
+        f"deadline={value!r} is ambiguous: pass expires_in={value!r} for seconds from now, "
+        "a timedelta, or an aware datetime"
+    )
+
+
+def _start(
+    delay: Optional[Union[float, datetime.timedelta]], run_at: Optional[datetime.datetime]
+) -> Dict[str, str]:
+    """The API's ``delay`` or ``run_at``."""
+    if delay is not None and run_at is not None:
+        raise ValueError("give delay or run_at, not both")
+    if delay is not None:
+        return {"delay": f"{math.ceil(_seconds('delay', delay) * 1000)}ms"}
+    if run_at is not None:
+        if not isinstance(run_at, datetime.datetime) or run_at.tzinfo is None:
+            raise ValueError("run_at must be an aware datetime (with a time zone)")
+        return {"run_at": run_at.isoformat()}
+    return {}
 
 
 def _output_of(state: Union["TaskState", "RunState"], failed: Type[TaskFailed]) -> Any:
@@ -248,20 +292,42 @@ class Task:
         """The task's status now, without waiting."""
         return self._client._task_state(self.id, None)
 
-    def wait(self, timeout: float = 10.0) -> TaskState:
-        """Waits up to ``timeout`` seconds for the task to succeed or fail and
-        returns its state; raises :class:`ResultTimeout` if it does not."""
+    def wait(self, timeout: Optional[float] = 10.0) -> TaskState:
+        """Waits up to ``timeout`` seconds (``None``: until it ends) for the
+        task to end and returns its state; raises :class:`ResultTimeout` if
+        it does not."""
         return self._client._wait(
             lambda wait: self._client._task_state(self.id, wait), timeout, f"task {self.id}"
         )
 
-    def result(self, timeout: float = 10.0) -> Any:
+    def result(self, timeout: Optional[float] = 10.0) -> Any:
         """The task's output (decoded JSON, text, or bytes), waiting up to
-        ``timeout`` seconds; raises :class:`TaskFailed` with conveyor's error
-        kind and message if it failed (:class:`TaskCancelled` if it was
-        cancelled), :class:`ResultTimeout` (a ``TimeoutError``) if it is not
-        done in time."""
+        ``timeout`` seconds (``None``: until it ends); raises
+        :class:`TaskFailed` with conveyor's error kind and message if it
+        failed (:class:`TaskCancelled` if it was cancelled),
+        :class:`ResultTimeout` (a ``TimeoutError``) if it is not done in
+        time."""
         return _output_of(self.wait(timeout), TaskFailed)
+
+    def ready(self) -> bool:
+        """Celery's ``ready()``: whether the task has ended (succeeded,
+        failed or cancelled), now."""
+        return self.status().done
+
+    def successful(self) -> bool:
+        """Celery's ``successful()``: whether it has ended and succeeded."""
+        return self.status().status == "succeeded"
+
+    def get(self, timeout: Optional[float] = None, propagate: bool = True) -> Any:
+        """Celery's ``get()``: :meth:`result`, waiting until the task ends
+        by default; with ``propagate=False`` a failure's
+        :class:`TaskFailed` is returned instead of raised."""
+        try:
+            return self.result(timeout)
+        except TaskFailed as failed:
+            if propagate:
+                raise
+            return failed
 
     def cancel(self) -> Dict[str, Any]:
         """Cancels the task (Celery's ``revoke``): not yet started, it never
@@ -309,15 +375,16 @@ class Run:
         """The run and each of its steps now, without waiting."""
         return self._client._run_state(self.id, None)
 
-    def wait(self, timeout: float = 10.0) -> RunState:
-        """Waits up to ``timeout`` seconds for the run to be over."""
+    def wait(self, timeout: Optional[float] = 10.0) -> RunState:
+        """Waits up to ``timeout`` seconds (``None``: until it ends) for the
+        run to be over."""
         return self._client._wait(
             lambda wait: self._client._run_state(self.id, wait),
             timeout,
             f"workflow run {self.id}",
         )
 
-    def result(self, timeout: float = 10.0) -> Any:
+    def result(self, timeout: Optional[float] = 10.0) -> Any:
         """The last step's output; raises :class:`RunFailed` (a
         :class:`TaskFailed`) naming the failed step, or
         :class:`ResultTimeout`."""
@@ -329,15 +396,25 @@ class Client:
 
     ``base_url`` is the gateway (``http://127.0.0.1:8080``); ``token`` the
     bearer token when the gateway sets ``auth_tokens``; ``timeout`` the
-    seconds one HTTP request may take (a result's long poll adds its wait).
+    seconds one HTTP request may take (a long poll adds its wait, at most
+    :data:`MAX_POLL_WAIT` per request: longer waits poll again).
 
     Submissions always carry an idempotency key (yours, or one the client
-    makes), and are sent again up to ``retries`` times, ``backoff`` seconds
-    apart and doubling, when the gateway answers 503, when the key is busy
-    (409) or when the connection fails: the gateway answers a repeated key
-    with the first task, so a retry never makes a second one.
+    makes) and, like every lookup, are sent again up to ``retries`` times,
+    ``backoff`` seconds apart and doubling, when the connection fails or
+    the gateway (or a proxy) answers 502, 503 or 504: the gateway answers a
+    repeated key with the first task, so a retry never makes a second one.
+    A key busy with another submission (409) is tried again for up to
+    ``conflict_budget`` seconds. A submission that fails for good raises
+    with ``idempotency_key`` set, to submit again with.
 
-    A client may be shared by threads: each thread keeps its own connection.
+    ``ca_file`` or ``ssl_context``: how an ``https://`` gateway is checked
+    (default: the system's CAs). ``trust_env``: use ``https_proxy`` /
+    ``http_proxy`` / ``no_proxy`` from the environment.
+
+    A client may be shared by threads, and survives ``fork`` (gunicorn
+    ``--preload``, multiprocessing): each thread of each process keeps its
+    own connection.
     """
 
     def __init__(
@@ -347,15 +424,25 @@ class Client:
         timeout: float = 30.0,
         retries: int = 3,
         backoff: float = 0.2,
+        *,
+        ca_file: Optional[str] = None,
+        ssl_context: Optional[ssl.SSLContext] = None,
+        trust_env: bool = True,
+        conflict_budget: float = CONFLICT_BUDGET,
     ) -> None:
-        if timeout <= 0:
+        if not timeout > 0:
             raise ValueError("timeout must be > 0 seconds")
         if retries < 0:
             raise ValueError("retries must be >= 0")
-        self._transport = Transport(base_url, token)
+        if not backoff >= 0:
+            raise ValueError("backoff must be >= 0 seconds")
+        if not conflict_budget >= 0:
+            raise ValueError("conflict_budget must be >= 0 seconds")
+        self._transport = Transport(base_url, token, ssl_context, ca_file, trust_env)
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
+        self.conflict_budget = conflict_budget
 
     def close(self) -> None:
         """Closes the calling thread's connection (others close with the
@@ -377,55 +464,60 @@ class Client:
         key: Optional[str] = None,
         idempotency_key: Optional[str] = None,
         deadline: Optional[Deadline] = None,
+        *,
+        expires_in: Optional[float] = None,
+        delay: Optional[Union[float, datetime.timedelta]] = None,
+        run_at: Optional[datetime.datetime] = None,
+        traceparent: Optional[str] = None,
     ) -> Task:
         """Submits one task (``POST /v1/tasks``) and returns it once the
         broker has it. ``payload`` is any JSON value; ``key`` orders tasks
-        that share it; ``deadline`` is when the task must have run."""
-        body = self._new_task(type, payload, key, idempotency_key, deadline)
-        answer = self._submit("/v1/tasks", body)
+        that share it; ``deadline`` (a ``timedelta`` or an aware
+        ``datetime``) or ``expires_in`` (seconds) is when the task must have
+        run; ``delay`` (seconds or a ``timedelta``) or ``run_at`` (an aware
+        ``datetime``) when it may start (Celery's ``countdown``/``eta``);
+        ``traceparent`` the W3C trace context it carries."""
+        body = self._new_task(
+            type, payload, key, idempotency_key, deadline, expires_in, delay, run_at
+        )
+        answer = self._submit("/v1/tasks", body, _trace(traceparent))
         return Task(self, str(answer["id"]), type, bool(answer.get("idempotent_replay")))
 
-    def submit_many(self, tasks: Iterable[Mapping[str, Any]]) -> List[Task]:
+    def submit_many(
+        self, tasks: Iterable[Mapping[str, Any]], *, traceparent: Optional[str] = None
+    ) -> List[Task]:
         """Submits a batch (``POST /v1/tasks:batch``): each item a mapping
-        with ``type`` and ``payload`` and optionally ``key``,
-        ``idempotency_key`` and ``deadline``. Every task is checked before
-        any is written; a refusal names the item (``tasks[2].type``)."""
-        bodies: List[Dict[str, Any]] = []
-        for item in tasks:
-            unknown = set(item) - {"type", "payload", "key", "idempotency_key", "deadline"}
-            if unknown or "type" not in item or "payload" not in item:
-                raise ValueError(
-                    f"tasks[{len(bodies)}]: needs `type` and `payload`, "
-                    f"may have `key`, `idempotency_key`, `deadline`; got {sorted(item)}"
-                )
-            bodies.append(
-                self._new_task(
-                    item["type"],
-                    item["payload"],
-                    item.get("key"),
-                    item.get("idempotency_key"),
-                    item.get("deadline"),
-                )
-            )
+        with ``type`` and ``payload`` and optionally the other arguments of
+        :meth:`submit` by name. Every task is checked before any is written;
+        a refusal names the item (``tasks[2].type``)."""
+        bodies = [self._new_item(item) for item in _checked_items(list(tasks))]
         if not bodies:
             return []
-        answer = self._submit("/v1/tasks:batch", {"tasks": bodies})
+        answer = self._submit("/v1/tasks:batch", {"tasks": bodies}, _trace(traceparent))
         return [
             Task(self, str(accepted["id"]), body["type"], bool(accepted.get("idempotent_replay")))
             for accepted, body in zip(answer["tasks"], bodies)
         ]
 
     def start_workflow(
-        self, name: str, payload: Any, idempotency_key: Optional[str] = None
+        self,
+        name: str,
+        payload: Any,
+        idempotency_key: Optional[str] = None,
+        *,
+        delay: Optional[Union[float, datetime.timedelta]] = None,
+        run_at: Optional[datetime.datetime] = None,
+        traceparent: Optional[str] = None,
     ) -> Run:
         """Starts a run of the workflow ``name`` (``POST /v1/workflows/{name}``)
         with ``payload`` as its first step's input; retried like
         :meth:`submit`."""
-        body = {
+        body: Dict[str, Any] = {
             "payload": payload,
             "idempotency_key": idempotency_key or str(uuid.uuid4()),
         }
-        answer = self._submit("/v1/workflows/" + _segment(name), body)
+        body.update(_start(delay, run_at))
+        answer = self._submit("/v1/workflows/" + _segment(name), body, _trace(traceparent))
         return Run(
             self,
             str(answer["id"]),
@@ -438,8 +530,12 @@ class Client:
     def cancel(self, id: str) -> Dict[str, Any]:
         """Cancels a task or a workflow run by id (see :meth:`Task.cancel`;
         a run starts no further step)."""
-        _, answer, _ = self._transport.request(
-            "POST", "/v1/tasks/" + _segment(id) + ":cancel", None, self.timeout
+        path = "/v1/tasks/" + _segment(id) + ":cancel"
+        # Cancelling twice is cancelling once: safe to send again.
+        _, answer, _ = with_retries(
+            lambda: self._transport.request("POST", path, None, self.timeout),
+            self.retries,
+            self.backoff,
         )
         return dict(answer)
 
@@ -512,9 +608,7 @@ class Client:
                 query[name] = str(_epoch_ms(name, at))
         query["limit"] = str(page_size)
         while True:
-            _, answer, _ = self._transport.request(
-                "GET", path + "?" + urllib.parse.urlencode(query), None, self.timeout
-            )
+            _, answer, _ = self._get(path + "?" + urllib.parse.urlencode(query), None)
             for item in answer.get(items) or []:
                 yield dict(item)
             cursor = answer.get("next_cursor")
@@ -530,32 +624,60 @@ class Client:
         key: Optional[str],
         idempotency_key: Optional[str],
         deadline: Optional[Deadline],
+        expires_in: Optional[float] = None,
+        delay: Optional[Union[float, datetime.timedelta]] = None,
+        run_at: Optional[datetime.datetime] = None,
     ) -> Dict[str, Any]:
         body: Dict[str, Any] = {"type": type, "payload": payload}
         if key is not None:
             body["key"] = key
         body["idempotency_key"] = idempotency_key or str(uuid.uuid4())
-        if deadline is not None:
-            body["deadline"] = _deadline(deadline)
+        when = _deadline(deadline, expires_in)
+        if when is not None:
+            body["deadline"] = when
+        body.update(_start(delay, run_at))
         return body
 
-    def _submit(self, path: str, body: Dict[str, Any]) -> Dict[str, Any]:
-        delay = self.backoff
-        for attempt in range(self.retries + 1):
+    def _new_item(self, item: Mapping[str, Any]) -> Dict[str, Any]:
+        """The body of one item of a batch (checked by _checked_items)."""
+        return self._new_task(
+            item["type"],
+            item["payload"],
+            item.get("key"),
+            item.get("idempotency_key"),
+            item.get("deadline"),
+            item.get("expires_in"),
+            item.get("delay"),
+            item.get("run_at"),
+        )
+
+    def _submit(
+        self, path: str, body: Dict[str, Any], headers: Optional[Dict[str, str]]
+    ) -> Dict[str, Any]:
+        """POSTs a submission, sending it again (same idempotency key) on
+        a connection failure or a 502/503/504 up to ``retries`` times, and
+        on a busy key (409) for up to ``conflict_budget`` seconds."""
+        started = time.monotonic()
+        failures = 0
+        conflicts = 0
+        while True:
             try:
-                _, answer, _ = self._transport.request("POST", path, body, self.timeout)
+                _, answer, _ = self._transport.request("POST", path, body, self.timeout, headers)
                 if not isinstance(answer, dict):
                     raise ConnectionFailed(f"POST {path}: answered {answer!r}")
                 return answer
-            except (Unavailable, ConnectionFailed):
-                if attempt == self.retries:
-                    raise
             except Conflict as error:
-                if error.code != "idempotency_key_in_use" or attempt == self.retries:
-                    raise
-            time.sleep(delay * random.uniform(0.8, 1.2))
-            delay = min(delay * 2, 5.0)
-        raise AssertionError("unreachable")  # pragma: no cover
+                wait = pause(min(conflicts, 4), self.backoff or 0.05)
+                conflicts += 1
+                spent = time.monotonic() - started
+                if error.code != "idempotency_key_in_use" or spent + wait > self.conflict_budget:
+                    raise _with_keys(error, body)
+            except (ConnectionFailed, APIError) as error:
+                if not retryable(error) or failures >= self.retries:
+                    raise _with_keys(error, body)
+                wait = pause(failures, self.backoff)
+                failures += 1
+            time.sleep(wait)
 
     def _task_state(self, id: str, wait_ms: Optional[int]) -> TaskState:
         _, answer, _ = self._get("/v1/tasks/" + _segment(id), wait_ms)
@@ -593,27 +715,37 @@ class Client:
             time.sleep(self.backoff)
 
     def _get(self, path: str, wait_ms: Optional[int]) -> Any:
+        """A GET, retried like a submission; ``wait_ms`` is the long poll
+        (at most :data:`MAX_POLL_WAIT`), added to the socket's timeout."""
         timeout = self.timeout
         if wait_ms is not None:
             path += f"?wait={wait_ms}ms"
             timeout += wait_ms / 1000
-        return self._transport.request("GET", path, None, timeout)
+        return with_retries(
+            lambda: self._transport.request("GET", path, None, timeout),
+            self.retries,
+            self.backoff,
+        )
 
-    def _wait(self, fetch: Callable[[int], _State], timeout: float, what: str) -> _State:
-        """Long-polls with ``?wait=`` until the state is terminal and returns
-        it; raises :class:`ResultTimeout` naming ``what`` once ``timeout``
-        seconds have passed."""
-        if timeout < 0:
-            raise ValueError("timeout must be >= 0 seconds")
-        end = time.monotonic() + timeout
+    def _wait(
+        self, fetch: Callable[[int], _State], timeout: Optional[float], what: str
+    ) -> _State:
+        """Long-polls with ``?wait=`` (at most :data:`MAX_POLL_WAIT` a
+        request) until the state is terminal and returns it; raises
+        :class:`ResultTimeout` naming ``what`` once ``timeout`` seconds have
+        passed (``None``: never)."""
+        if timeout is not None and not timeout >= 0:
+            raise ValueError("timeout must be >= 0 seconds, or None to wait until it ends")
+        end = None if timeout is None else time.monotonic() + timeout
         while True:
-            remaining = end - time.monotonic()
+            remaining = MAX_POLL_WAIT if end is None else end - time.monotonic()
             # The gateway shortens waits over its max_wait_ms and answers
             # the current state then: ask again until the time is up.
-            state = fetch(max(0, int(remaining * 1000)))
+            wait = max(0.0, min(remaining, MAX_POLL_WAIT))
+            state = fetch(int(wait * 1000))
             if state.done:
                 return state
-            if end - time.monotonic() <= 0:
+            if end is not None and timeout is not None and end - time.monotonic() <= 0:
                 raise ResultTimeout(what, timeout, state.status)
 
 
@@ -640,9 +772,60 @@ def _segment(value: str) -> str:
     return urllib.parse.quote(value, safe="")
 
 
+#: What an item of :meth:`Client.submit_many` may hold.
+_ITEM_FIELDS = {
+    "type",
+    "payload",
+    "key",
+    "idempotency_key",
+    "deadline",
+    "expires_in",
+    "delay",
+    "run_at",
+}
+
+
+def _checked_items(items: List[Mapping[str, Any]]) -> List[Mapping[str, Any]]:
+    """``items`` of a batch, each refused unless it has ``type`` and
+    ``payload`` and nothing unknown (naming the item)."""
+    for i, item in enumerate(items):
+        unknown = set(item) - _ITEM_FIELDS
+        if unknown or "type" not in item or "payload" not in item:
+            raise ValueError(
+                f"tasks[{i}]: needs `type` and `payload`, "
+                f"may have {', '.join(sorted(_ITEM_FIELDS - {'type', 'payload'}))}; "
+                f"got {sorted(item)}"
+            )
+    return items
+
+
+def _trace(traceparent: Optional[str]) -> Optional[Dict[str, str]]:
+    """The ``traceparent`` header passed through (the gateway checks it)."""
+    if traceparent is None:
+        return None
+    if not isinstance(traceparent, str) or "\n" in traceparent or "\r" in traceparent:
+        raise ValueError("traceparent must be a W3C trace context string")
+    return {"traceparent": traceparent}
+
+
+_E = TypeVar("_E", bound=ConveyorError)
+
+
+def _with_keys(error: _E, body: Dict[str, Any]) -> _E:
+    """``error`` carrying the idempotency key(s) the submission was sent
+    with."""
+    if "tasks" in body:
+        error.idempotency_keys = [str(t.get("idempotency_key")) for t in body["tasks"]]
+    else:
+        error.idempotency_key = body.get("idempotency_key")
+    return error
+
+
 __all__: Sequence[str] = [
+    "CONFLICT_BUDGET",
     "Client",
     "Deadline",
+    "MAX_POLL_WAIT",
     "ErrorInfo",
     "Run",
     "RunState",

@@ -7,11 +7,18 @@ HTTP status.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 
 class ConveyorError(Exception):
     """Base of every exception this package raises."""
+
+    #: The idempotency key a failed submission was sent with (the client's
+    #: own when none was given): submit again with it, and the gateway
+    #: answers with the task if an earlier try did write it.
+    idempotency_key: Optional[str] = None
+    #: The same for each task of a failed batch, in order.
+    idempotency_keys: Optional[List[str]] = None
 
 
 class ConnectionFailed(ConveyorError):
@@ -64,7 +71,7 @@ class Conflict(APIError):
 
 class Unavailable(APIError):
     """503: the gateway could not write to Kafka in time (nothing, or not
-    everything, was written)."""
+    everything, was written); or 502/504 from a proxy in front of it."""
 
 
 def api_error(status: int, body: Any, text: str) -> APIError:
@@ -88,7 +95,9 @@ def api_error(status: int, body: Any, text: str) -> APIError:
         409: Conflict,
         413: InvalidRequest,
         422: InvalidRequest,
+        502: Unavailable,
         503: Unavailable,
+        504: Unavailable,
     }.get(status, APIError)
     refusal = kind(status, code, message, field)
     task_status = body.get("status") if isinstance(body, dict) else None

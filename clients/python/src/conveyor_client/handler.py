@@ -23,19 +23,31 @@ progress token, and ``GET /v1/tasks/{id}`` and its event stream show it.
 
 ``handlers`` is a WSGI application serving ``POST /<task type>``: mount it in
 Bottle (``app.mount("/tasks/", handlers)``), Flask (werkzeug's
-``DispatcherMiddleware``) or any WSGI server, or ``handlers.asgi`` in an ASGI
-server. A function's return value becomes a 200 answer with its JSON;
-:class:`Retry` a 503 (conveyor retries); :class:`Permanent` a 422 (the task
-fails for good with the message); any other exception a 500 (retried).
+``DispatcherMiddleware``) or any WSGI server, ``handlers.asgi`` in an ASGI
+app (FastAPI/Starlette ``app.mount("/tasks", handlers.asgi)``), or
+:func:`conveyor_client.django.task_view` in Django's URLconf. A function's
+return value becomes a 200 answer with its JSON; :class:`Retry` a 503
+(conveyor retries, after ``delay`` when it gives one); :class:`Permanent` a
+422 (the task fails for good with the message); any other exception a 500
+(retried).
+
+With a secret (``Handlers(secret=...)`` or ``$CONVEYOR_SIGNING_SECRET``),
+every request must carry a valid ``Conveyor-Signature`` (conveyor's
+``signing_secret_env``/``signing_secret_file``): unsigned, forged or stale
+requests are refused with 401 before any handler runs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime
+import hashlib
+import hmac
 import http.client
 import inspect
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -51,6 +63,7 @@ from typing import (
     Mapping,
     MutableMapping,
     Optional,
+    Sequence,
     Tuple,
     Union,
 )
@@ -62,12 +75,36 @@ log = logging.getLogger("conveyor_client.handler")
 MAX_BODY_BYTES = 16 * 1024 * 1024
 
 
-class Retry(Exception):
-    """Raise to have conveyor run the task again later (answered 503)."""
+#: Where :class:`Handlers` reads its signing secret(s) when none is given.
+SECRET_ENV = "CONVEYOR_SIGNING_SECRET"
+#: Oldest signature taken, in seconds (either way, for clock skew).
+DEFAULT_TOLERANCE = 300.0
+#: Most secrets in force at once (the current one and the next).
+MAX_SECRETS = 2
+#: Shortest secret taken, in bytes (conveyor refuses shorter ones too).
+MIN_SECRET_BYTES = 16
+#: Most ``v1=`` signatures of one header looked at.
+_MAX_SIGNATURES = 8
 
-    def __init__(self, message: str = "retry requested") -> None:
+
+class Retry(Exception):
+    """Raise to have conveyor run the task again later (answered 503).
+    ``delay`` (seconds or a ``timedelta``) asks for the next attempt no
+    sooner than that: it is sent as ``Retry-After`` (whole seconds, rounded
+    up), which conveyor honours up to the type's ``max_backoff_ms``."""
+
+    def __init__(
+        self,
+        message: str = "retry requested",
+        delay: Union[float, datetime.timedelta, None] = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
+        if isinstance(delay, datetime.timedelta):
+            delay = delay.total_seconds()
+        if delay is not None and (isinstance(delay, bool) or not delay >= 0):
+            raise ValueError("Retry: delay must be >= 0 seconds")
+        self.delay: Optional[float] = None if delay is None else float(delay)
 
 
 class Permanent(Exception):
@@ -212,8 +249,10 @@ class Reply:
 _REASONS = {
     200: "OK",
     400: "Bad Request",
+    401: "Unauthorized",
     404: "Not Found",
     405: "Method Not Allowed",
+    411: "Length Required",
     413: "Payload Too Large",
     422: "Unprocessable Entity",
     500: "Internal Server Error",
@@ -307,7 +346,10 @@ def _failure(error: BaseException, info: TaskInfo) -> Reply:
     if isinstance(error, Permanent):
         return _text(422, error.message)
     if isinstance(error, Retry):
-        return _text(503, error.message)
+        reply = _text(503, error.message)
+        if error.delay is not None:
+            reply.headers.append(("retry-after", str(math.ceil(error.delay))))
+        return reply
     log.exception(
         "task %s (%s), attempt %d: the handler raised", info.id, info.type, info.attempt,
         exc_info=error,
@@ -365,18 +407,111 @@ ASGIReceive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 ASGISend = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 
+def _secrets(secret: Union[str, Sequence[str], None]) -> List[bytes]:
+    """The secrets given, or ``$CONVEYOR_SIGNING_SECRET``'s (one, or two
+    separated by a comma or a line break); errors never quote them."""
+    if secret is None:
+        text = os.environ.get(SECRET_ENV, "")
+        items = [p.strip() for p in text.replace("\n", ",").split(",")]
+        where = "$" + SECRET_ENV
+    elif isinstance(secret, str):
+        items, where = [secret.strip()], "secret"
+    else:
+        items, where = [str(p).strip() for p in secret], "secret"
+    found = [p.encode() for p in items if p]
+    if len(found) > MAX_SECRETS:
+        raise ValueError(f"{where}: {len(found)} secrets; at most {MAX_SECRETS} (the current one and the next)")
+    for i, item in enumerate(found):
+        if len(item) < MIN_SECRET_BYTES:
+            raise ValueError(f"{where}: secret {i + 1} is shorter than {MIN_SECRET_BYTES} bytes")
+    if secret is not None and not found:
+        raise ValueError("secret: empty")
+    return found
+
+
+def signature(secret: Union[str, bytes], timestamp: int, body: bytes) -> str:
+    """The ``v1`` signature conveyor sends: hex HMAC-SHA256 of
+    ``<timestamp>.<body>`` keyed with ``secret``."""
+    key = secret.encode() if isinstance(secret, str) else secret
+    return hmac.new(key, str(timestamp).encode() + b"." + body, hashlib.sha256).hexdigest()
+
+
+def verify_signature(
+    header: Optional[str],
+    body: bytes,
+    secrets: Sequence[Union[str, bytes]],
+    tolerance: float = DEFAULT_TOLERANCE,
+    now: Optional[float] = None,
+) -> Optional[str]:
+    """Checks a ``Conveyor-Signature`` header (``t=<unix seconds>,v1=<hex>``,
+    maybe several ``v1``) against ``body``: ``None`` when one signature
+    matches one of ``secrets`` (compared in constant time) and ``t`` is
+    within ``tolerance`` seconds of ``now``; else why not."""
+    if not header:
+        return "unsigned request: no Conveyor-Signature header"
+    stamp: Optional[str] = None
+    given: List[str] = []
+    for part in header.split(","):
+        name, _, value = part.strip().partition("=")
+        if name == "t":
+            stamp = value
+        elif name == "v1" and len(given) < _MAX_SIGNATURES:
+            given.append(value)
+    if stamp is None or not stamp.isdigit() or len(stamp) > 15 or not given:
+        return "malformed Conveyor-Signature: expected t=<unix seconds>,v1=<hex>"
+    age = (time.time() if now is None else now) - int(stamp)
+    if abs(age) > tolerance:
+        return (
+            f"stale Conveyor-Signature: signed {age:.0f} s from now, "
+            f"beyond the {tolerance:.0f} s tolerance (replayed, or a clock is off)"
+        )
+    signed = stamp.encode() + b"." + body
+    matched = False
+    for secret in secrets:
+        key = secret.encode() if isinstance(secret, str) else secret
+        expected = hmac.new(key, signed, hashlib.sha256).hexdigest()
+        for candidate in given:
+            # Every pair is compared: how long this takes says nothing.
+            matched |= hmac.compare_digest(expected, candidate)
+    return None if matched else "forged request: the Conveyor-Signature matches no secret"
+
+
+def _lower(headers: Mapping[str, str]) -> Dict[str, str]:
+    return {k.lower(): v for k, v in headers.items()}
+
+
 class Handlers:
     """Task functions by type, served as ``POST /<type>`` to WSGI (the
-    object itself) and ASGI (:attr:`asgi`) servers."""
+    object itself), ASGI (:attr:`asgi`) and Django
+    (:func:`conveyor_client.django.task_view`).
+
+    ``secret``: the signing secret (or two, while rotating) conveyor's
+    ``http`` handler signs with; default ``$CONVEYOR_SIGNING_SECRET``. With
+    one, unsigned, forged or stale (over ``tolerance`` seconds) requests are
+    refused with 401 and no handler runs. ``gateway_url``: where
+    :meth:`TaskInfo.progress` reports (else ``$CONVEYOR_GATEWAY_URL``)."""
 
     def __init__(
-        self, max_body_bytes: int = MAX_BODY_BYTES, gateway_url: Optional[str] = None
+        self,
+        max_body_bytes: int = MAX_BODY_BYTES,
+        gateway_url: Optional[str] = None,
+        secret: Union[str, Sequence[str], None] = None,
+        tolerance: float = DEFAULT_TOLERANCE,
     ) -> None:
         self._functions: Dict[str, HandlerFn] = {}
         self.max_body_bytes = max_body_bytes
         #: The gateway :meth:`TaskInfo.progress` reports to (else
         #: ``$CONVEYOR_GATEWAY_URL``); may be set after construction.
         self.gateway_url = gateway_url
+        if not tolerance > 0:
+            raise ValueError("tolerance must be > 0 seconds")
+        self.tolerance = tolerance
+        self._secrets = _secrets(secret)
+
+    @property
+    def signed(self) -> bool:
+        """Whether requests must be signed."""
+        return bool(self._secrets)
 
     def task(self, type: str) -> Callable[[HandlerFn], HandlerFn]:
         """Decorator: ``func`` runs tasks of ``type``."""
@@ -411,21 +546,98 @@ class Handlers:
     def _too_large(self, length: int) -> Reply:
         return _text(413, f"the payload has {length} bytes, over {self.max_body_bytes}")
 
+    def _refused(self, headers: Mapping[str, str], body: bytes) -> Optional[Reply]:
+        """The 401 of a request whose signature does not hold, when
+        requests must be signed."""
+        if not self._secrets:
+            return None
+        why = verify_signature(
+            headers.get("conveyor-signature"), body, self._secrets, self.tolerance
+        )
+        if why is None:
+            return None
+        log.warning("refused a task request (%s): %s", headers.get("conveyor-task-id"), why)
+        return _text(401, why)
+
+    def handle(self, method: str, path: str, headers: Mapping[str, str], body: bytes) -> Reply:
+        """Serves one request from any framework: ``path`` is the task
+        type (``/resize`` or ``resize``), ``headers`` the request's (names in
+        any case). The signature is checked first, then the function runs."""
+        routed = self._route(method, path)
+        if isinstance(routed, Reply):
+            return routed
+        if len(body) > self.max_body_bytes:
+            return self._too_large(len(body))
+        lower = _lower(headers)
+        refused = self._refused(lower, body)
+        if refused is not None:
+            return refused
+        return run_task(routed, body, lower, self.gateway_url)
+
+    async def handle_async(
+        self, method: str, path: str, headers: Mapping[str, str], body: bytes
+    ) -> Reply:
+        """:meth:`handle` for asyncio (see :func:`run_task_async`)."""
+        routed = self._route(method, path)
+        if isinstance(routed, Reply):
+            return routed
+        if len(body) > self.max_body_bytes:
+            return self._too_large(len(body))
+        lower = _lower(headers)
+        refused = self._refused(lower, body)
+        if refused is not None:
+            return refused
+        return await run_task_async(routed, body, lower, self.gateway_url)
+
+    def _wsgi_body(self, environ: Dict[str, Any]) -> Union[bytes, Reply]:
+        """The request body: ``CONTENT_LENGTH`` bytes, or, without one, all
+        the server hands over when it says the input ends
+        (``wsgi.input_terminated``: gunicorn, werkzeug, … de-chunk for it)."""
+        stream = environ["wsgi.input"]
+        declared = environ.get("CONTENT_LENGTH") or ""
+        if declared.strip():
+            try:
+                length = int(declared)
+            except ValueError:
+                return _text(400, f"Content-Length {declared!r} is not a number")
+            if length > self.max_body_bytes:
+                return self._too_large(length)
+            body: bytes = stream.read(length) if length > 0 else b""
+            return body
+        chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
+        if not chunked:
+            return b""
+        if not environ.get("wsgi.input_terminated"):
+            return _text(
+                411,
+                "a chunked request body, and this WSGI server does not say where it "
+                "ends (wsgi.input_terminated): send Content-Length or use a server that "
+                "de-chunks (gunicorn, werkzeug)",
+            )
+        parts: List[bytes] = []
+        size = 0
+        while True:
+            chunk = stream.read(64 * 1024)
+            if not chunk:
+                return b"".join(parts)
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                return self._too_large(size)
+            parts.append(chunk)
+
     def __call__(
         self, environ: Dict[str, Any], start_response: WSGIStartResponse
     ) -> Iterable[bytes]:
-        routed = self._route(environ.get("REQUEST_METHOD", "GET"), environ.get("PATH_INFO", ""))
+        method = environ.get("REQUEST_METHOD", "GET")
+        path = environ.get("PATH_INFO", "")
+        routed = self._route(method, path)
         if isinstance(routed, Reply):
             reply = routed
         else:
-            try:
-                length = int(environ.get("CONTENT_LENGTH") or 0)
-            except ValueError:
-                length = 0
-            if length > self.max_body_bytes:
-                reply = self._too_large(length)
+            body = self._wsgi_body(environ)
+            if isinstance(body, Reply):
+                reply = body
             else:
-                body = environ["wsgi.input"].read(length) if length > 0 else b""
                 headers = {
                     key[5:].replace("_", "-"): value
                     for key, value in environ.items()
@@ -433,42 +645,51 @@ class Handlers:
                 }
                 if environ.get("CONTENT_TYPE"):
                     headers["content-type"] = environ["CONTENT_TYPE"]
-                reply = run_task(routed, body, headers, self.gateway_url)
+                reply = self.handle(method, path, headers, body)
         headers_out = reply.headers + [("content-length", str(len(reply.body)))]
         start_response(reply.status_line, headers_out)
         return [reply.body]
 
     async def asgi(self, scope: Dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
-        """The ASGI application (HTTP only)."""
+        """The ASGI application (HTTP only). Routes on the path below the
+        mount point (``scope["root_path"]``: FastAPI/Starlette ``Mount``);
+        reads every ``more_body`` chunk; runs nothing when the client went
+        away before the body ended."""
         if scope.get("type") != "http":
             return
-        routed = self._route(scope.get("method", "GET"), scope.get("path", ""))
+        method = scope.get("method", "GET")
+        path = scope.get("path", "")
+        root = scope.get("root_path", "") or ""
+        if root and path.startswith(root):
+            path = path[len(root) :]
+        routed = self._route(method, path)
         if isinstance(routed, Reply):
             reply = routed
         else:
             chunks: List[bytes] = []
             size = 0
-            reply_or_none: Optional[Reply] = None
+            too_large: Optional[Reply] = None
             while True:
                 message = await receive()
+                if message.get("type") == "http.disconnect":
+                    log.info("a task request's client went away before its body ended; not run")
+                    return
                 chunk = message.get("body", b"")
                 size += len(chunk)
                 if size > self.max_body_bytes:
-                    reply_or_none = self._too_large(size)
+                    too_large = self._too_large(size)
                     break
                 chunks.append(chunk)
                 if not message.get("more_body", False):
                     break
-            if reply_or_none is not None:
-                reply = reply_or_none
+            if too_large is not None:
+                reply = too_large
             else:
                 headers = {
                     k.decode("latin-1"): v.decode("latin-1")
                     for k, v in scope.get("headers", [])
                 }
-                reply = await run_task_async(
-                    routed, b"".join(chunks), headers, self.gateway_url
-                )
+                reply = await self.handle_async(method, path, headers, b"".join(chunks))
         await send(
             {
                 "type": "http.response.start",
@@ -483,8 +704,10 @@ class Handlers:
 
 
 __all__ = [
+    "DEFAULT_TOLERANCE",
     "Handlers",
     "MAX_BODY_BYTES",
+    "SECRET_ENV",
     "PROGRESS_INTERVAL",
     "Permanent",
     "ProgressRefused",
@@ -493,5 +716,7 @@ __all__ = [
     "TaskInfo",
     "run_task",
     "run_task_async",
+    "signature",
     "task_info",
+    "verify_signature",
 ]
