@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import http.client
 import http.server
+import importlib
+import json
 import os
 import pathlib
 import socket
 import socketserver
+import ssl
 import subprocess
 import threading
 import time
+import urllib.parse
 from collections import Counter
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -34,6 +38,14 @@ def conveyor_bin() -> str:
     if not os.path.exists(path):
         pytest.fail(f"no conveyor binary at {path}: run `cargo build` or set CONVEYOR_BIN")
     return path
+
+
+def need(module: str) -> Any:
+    """``module`` imported; skipped when missing, unless CI asks for every
+    Python piece (``CONVEYOR_REQUIRE_PYTHON``): then the test fails."""
+    if os.environ.get("CONVEYOR_REQUIRE_PYTHON"):
+        return importlib.import_module(module)
+    return pytest.importorskip(module)
 
 
 def free_port() -> int:
@@ -63,12 +75,15 @@ def serve_wsgi(app: Any) -> Tuple[str, Any]:
 class Dev:
     """A running ``conveyor dev`` with a configuration file."""
 
-    def __init__(self, config: str, tmp: pathlib.Path) -> None:
+    def __init__(
+        self, config: str, tmp: pathlib.Path, env: Optional[Dict[str, str]] = None
+    ) -> None:
         path = tmp / "conveyor.toml"
         path.write_text(config)
         self.lines: List[str] = []
         self.process = subprocess.Popen(
             [conveyor_bin(), "dev", "--config", str(path)],
+            env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -173,15 +188,68 @@ def kit_handlers(calls: Calls) -> Handlers:
         calls.add("kit_count", payload, task)
         return {"marker": payload.get("marker")}
 
+    @handlers.task("kit_later")
+    def later(payload: Any, task: TaskInfo) -> Any:
+        calls.add("kit_later", dict(payload, at=time.monotonic()), task)
+        if task.attempt < 2:
+            raise Retry("the provider said: in 3 s", delay=payload.get("delay", 3))
+        return {"attempt": task.attempt}
+
     return handlers
 
 
-def config(kit_url: str, extra: str = "") -> str:
-    def http(kind: str) -> str:
+#: The signing secrets of the tests (conveyor reads them from files).
+OLD_SECRET = "old-secret-of-the-tests-0001"
+NEW_SECRET = "new-secret-of-the-tests-0002"
+#: Task types whose requests conveyor signs: with the old secret, both,
+#: the new one, none.
+SIGNED_TYPES = ("signed_old", "signed_both", "signed_new", "signed_none")
+
+
+class SignedKit:
+    """A kit server whose requests must be signed; ``use(secret)`` swaps
+    the secret(s) it takes (as a redeploy of the app would)."""
+
+    def __init__(self, calls: Calls) -> None:
+        self.calls = calls
+        self._current = self._handlers(OLD_SECRET)
+        self.url, self.server = serve_wsgi(_mounted_by(lambda: self._current))
+
+    def _handlers(self, secret: Any) -> Handlers:
+        handlers = Handlers(secret=secret)
+        for kind in SIGNED_TYPES:
+
+            def run(payload: Any, task: TaskInfo, kind: str = kind) -> Any:
+                self.calls.add(kind, payload, task)
+                return {"signed": kind}
+
+            handlers.add(kind, run)
+        return handlers
+
+    def use(self, secret: Any) -> None:
+        self._current = self._handlers(secret)
+
+
+def config(
+    kit_url: str, extra: str = "", signed_url: str = "", secrets: Optional[pathlib.Path] = None
+) -> str:
+    def http(kind: str, more: str = "", base: str = kit_url) -> str:
         return (
             f'[processors.tasks.{kind}]\nhandler = "http"\n'
-            f'url = "{kit_url}/tasks/{kind}"\ntimeout_ms = 10000\n'
+            f'url = "{base}/tasks/{kind}"\ntimeout_ms = 10000\n{more}'
         )
+
+    # Its Retry-After of 3 s must not be capped at the processor's 200 ms.
+    later = http("kit_later", "max_backoff_ms = 10000\n")
+    signed = ""
+    if secrets is not None:
+        (secrets / "old").write_text(OLD_SECRET + "\n")
+        (secrets / "both").write_text(OLD_SECRET + "," + NEW_SECRET)
+        (secrets / "new").write_text(NEW_SECRET)
+        for kind in SIGNED_TYPES:
+            name = kind.split("_", 1)[1]
+            file = f'signing_secret_file = "{secrets / name}"\n' if name != "none" else ""
+            signed += http(kind, file, signed_url) + "\n"
 
     return f"""
 [log]
@@ -224,6 +292,8 @@ handler = "sum"
 {http("kit_count")}
 {http("kit_progress")}
 {http("kit_block")}
+{later}
+{signed}
 
 [[workflows]]
 name = "wordcount"
@@ -257,10 +327,23 @@ def calls() -> Calls:
 
 
 @pytest.fixture(scope="session")
-def dev(calls: Calls, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dev]:
+def signed_kit(calls: Calls) -> Iterator[SignedKit]:
+    kit = SignedKit(calls)
+    yield kit
+    kit.server.shutdown()
+
+
+@pytest.fixture(scope="session")
+def dev(
+    calls: Calls, signed_kit: SignedKit, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Dev]:
     handlers = kit_handlers(calls)
     kit_url, kit_server = serve_wsgi(_mounted(handlers))
-    running = Dev(config(kit_url), tmp_path_factory.mktemp("dev"))
+    secrets = tmp_path_factory.mktemp("secrets")
+    running = Dev(
+        config(kit_url, signed_url=signed_kit.url, secrets=secrets),
+        tmp_path_factory.mktemp("dev"),
+    )
     # Progress reports go to this gateway, known once it listens.
     handlers.gateway_url = running.api
     yield running
@@ -270,6 +353,11 @@ def dev(calls: Calls, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dev]
 
 def _mounted(handlers: Handlers) -> Any:
     """``handlers`` under /tasks/, as a web app would mount it."""
+    return _mounted_by(lambda: handlers)
+
+
+def _mounted_by(current: Any) -> Any:
+    """The handlers ``current()`` returns under /tasks/."""
 
     def app(environ: Dict[str, Any], start_response: Any) -> Any:
         path = environ.get("PATH_INFO", "")
@@ -277,7 +365,7 @@ def _mounted(handlers: Handlers) -> Any:
             start_response("404 Not Found", [("content-type", "text/plain")])
             return [b"not here"]
         environ = dict(environ, PATH_INFO=path[len("/tasks") :])
-        return handlers(environ, start_response)
+        return current()(environ, start_response)
 
     return app
 
@@ -291,16 +379,21 @@ def client(dev: Dev) -> Iterator[Client]:
 
 class FlakyProxy:
     """An HTTP proxy in front of the gateway that, for the next
-    ``fail_next`` POSTs, forwards the request (so the gateway does write the
-    task) and then answers 503 — or, in mode ``"drop"``, closes the
-    connection without answering — as if the gateway's answer were lost.
-    Records the body of every POST it forwarded."""
+    ``fail_next`` requests of a method in ``fail_methods`` (POST), forwards
+    the request (so the gateway does write the task) and then answers with
+    the status ``mode`` (``"503"``, ``"502"``, ``"409"``: a busy key) — or,
+    in mode ``"drop"``, closes the connection without answering — as if the
+    gateway's answer were lost. Records the body of every POST it
+    forwarded and the target of every request (an absolute URL when a
+    client uses it as its ``http_proxy``)."""
 
-    def __init__(self, upstream: str) -> None:
+    def __init__(self, upstream: str, tls: Optional[Tuple[str, str]] = None) -> None:
         self.upstream = upstream.split("://", 1)[1]
         self.fail_next = 0
+        self.fail_methods = ("POST",)
         self.mode = "503"
         self.posts: List[bytes] = []
+        self.targets: List[str] = []
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -317,8 +410,13 @@ class FlakyProxy:
                     for k, v in self.headers.items()
                     if k.lower() not in ("host", "connection", "content-length")
                 }
+                proxy.targets.append(f"{self.command} {self.path}")
+                path = self.path
+                if path.startswith("http://"):
+                    parts = urllib.parse.urlsplit(path)
+                    path = parts.path + ("?" + parts.query if parts.query else "")
                 conn = http.client.HTTPConnection(proxy.upstream, timeout=60)
-                conn.request(self.command, self.path, body=body, headers=headers)
+                conn.request(self.command, path, body=body, headers=headers)
                 answer = conn.getresponse()
                 data = answer.read()
                 conn.close()
@@ -330,14 +428,17 @@ class FlakyProxy:
                 ]
                 if self.command == "POST":
                     proxy.posts.append(body or b"")
-                    if proxy.fail_next > 0:
-                        proxy.fail_next -= 1
-                        if proxy.mode == "drop":
-                            self.close_connection = True
-                            return
-                        status, reason = 503, "Service Unavailable"
-                        answer_headers = [("content-type", "application/json")]
-                        data = b'{"error": {"code": "unavailable", "message": "lost on purpose"}}'
+                if self.command in proxy.fail_methods and proxy.fail_next > 0:
+                    proxy.fail_next -= 1
+                    if proxy.mode == "drop":
+                        self.close_connection = True
+                        return
+                    status, reason = int(proxy.mode), "Lost"
+                    answer_headers = [("content-type", "application/json")]
+                    code = "idempotency_key_in_use" if status == 409 else "unavailable"
+                    data = json.dumps(
+                        {"error": {"code": code, "message": "lost on purpose"}}
+                    ).encode()
                 self.send_response(status, reason)
                 for k, v in answer_headers:
                     self.send_header(k, v)
@@ -350,7 +451,13 @@ class FlakyProxy:
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        scheme = "http"
+        if tls is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+            scheme = "https"
+        self.url = f"{scheme}://127.0.0.1:{self.server.server_port}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def close(self) -> None:

@@ -1,7 +1,8 @@
-"""examples/bottle and examples/flask: the web app submits a task with the
-client, conveyor's http handler runs it through the app's handler kit
-endpoint, and the app shows the result — each against its own
-``conveyor dev`` with the example's configuration."""
+"""examples/bottle, flask, fastapi and django: the web app submits a task
+with the client, conveyor's http handler runs it through the app's handler
+kit endpoint (signed, in the FastAPI and Django examples), and the app
+shows the result — each against its own ``conveyor dev`` with the
+example's configuration."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from typing import Any, Optional, Tuple
 
 import pytest
 
-from conftest import REPO, Dev, free_port
+from conftest import REPO, Dev, free_port, need
 
 
 def ask(url: str, body: Optional[Any] = None) -> Tuple[int, Any]:
@@ -44,9 +45,19 @@ def wait_for_port(port: int, process: subprocess.Popen[bytes]) -> None:
     pytest.fail(f"the example app did not listen on {port}")
 
 
-@pytest.mark.parametrize("example", ["bottle", "flask"])
+#: What each example needs installed.
+NEEDS = {
+    "bottle": ["bottle"],
+    "flask": ["flask"],
+    "fastapi": ["fastapi", "uvicorn"],
+    "django": ["django"],
+}
+
+
+@pytest.mark.parametrize("example", sorted(NEEDS))
 def test_example_round_trip(example: str, tmp_path: pathlib.Path) -> None:
-    pytest.importorskip(example)
+    for module in NEEDS[example]:
+        need(module)
     directory = REPO / "examples" / example
     port = free_port()
     config = (directory / "conveyor.toml").read_text()
@@ -54,9 +65,12 @@ def test_example_round_trip(example: str, tmp_path: pathlib.Path) -> None:
     config = config.replace("127.0.0.1:8000", f"127.0.0.1:{port}")
     config += '\n[gateway]\nlisten = "127.0.0.1:0"\n\n[metrics]\nlisten = "127.0.0.1:0"\n'
     config += '\n[log]\nlevel = "warn"\n'
-    dev = Dev(config, tmp_path)
+    signed = "signing_secret_env" in config
+    secret = {"CONVEYOR_SIGNING_SECRET": "example-secret-" + os.urandom(16).hex()} if signed else {}
+    dev = Dev(config, tmp_path, dict(os.environ, **secret))
     env = dict(
         os.environ,
+        **secret,
         PORT=str(port),
         CONVEYOR_GATEWAY=dev.api or "",
         PYTHONPATH=os.pathsep.join([str(REPO / "clients" / "python" / "src"), os.environ.get("PYTHONPATH", "")]),
@@ -80,6 +94,17 @@ def test_example_round_trip(example: str, tmp_path: pathlib.Path) -> None:
         assert task["status"] == "failed", task
         assert task["error"]["kind"] == "permanent"
         assert "payload.text must be a string" in task["error"]["message"]
+
+        if signed:
+            # The kit's endpoint takes only what conveyor signed.
+            request = urllib.request.Request(
+                base + "/tasks/reverse", data=b'{"text": "forged"}', method="POST"
+            )
+            request.add_header("content-type", "application/json")
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(request, timeout=10)
+            assert refused.value.code == 401
+            assert b"unsigned request" in refused.value.read()
 
         status, missing = ask(base + "/result/00000000-0000-4000-8000-000000000000")
         assert status == 404, missing
