@@ -15,7 +15,7 @@ import pytest
 
 from conveyor_client import Client, Handlers, Retry, TaskInfo
 
-from conftest import Calls, need, serve_wsgi
+from conftest import Calls, Dev, need, serve_wsgi
 
 
 def recorded() -> "tuple[Handlers, List[Any]]":
@@ -135,6 +135,20 @@ def test_retry_with_a_delay_holds_the_next_attempt_that_long(client: Client, cal
     times = [p["at"] for kind, p, t in calls.seen if kind == "kit_later" and p.get("marker") == marker]
     assert len(times) == 2, times
     assert times[1] - times[0] >= 3.0, times
+
+
+def test_a_long_retry_delay_goes_through_the_retry_topic(
+    dev: Dev, client: Client, calls: Calls
+) -> None:
+    """6 s is over the processor's retry_topic_threshold_ms (5 s): the task
+    is parked in the retry topic, not waited for in place."""
+    marker = str(uuid.uuid4())
+    task = client.submit("kit_later", {"marker": marker, "delay": 6})
+    assert task.result(timeout=30) == {"attempt": 2}
+    times = [p["at"] for kind, p, t in calls.seen if kind == "kit_later" and p.get("marker") == marker]
+    assert len(times) == 2 and times[1] - times[0] >= 6.0, times
+    parked = [l for l in dev.lines if task.id in l and "retry topic" in l]
+    assert parked, "no log line says the task was parked in the retry topic"
 
 
 def test_retry_delay_is_sent_as_retry_after() -> None:
