@@ -176,6 +176,12 @@ enum TopicsCommand {
         /// Brokers (host:port,…); overrides kafka.brokers.
         #[arg(long)]
         brokers: Option<String>,
+        /// Wait up to this long (`90s`, `10m`) for every topic to be there
+        /// and fit, checking every 5 s and saying what is still missing;
+        /// then exit 1 as without it. For an init container that must not
+        /// start its pod before another creates the topics.
+        #[arg(long, value_name = "DURATION")]
+        wait: Option<String>,
     },
 }
 
@@ -361,7 +367,7 @@ fn main() -> ExitCode {
         }
         Command::Topics(command) => {
             let brokers = match &command {
-                TopicsCommand::Create { brokers, .. } | TopicsCommand::Check { brokers } => {
+                TopicsCommand::Create { brokers, .. } | TopicsCommand::Check { brokers, .. } => {
                     brokers.clone()
                 }
             };
@@ -487,6 +493,9 @@ fn json_payload(payload: &str) -> Result<(), CommandError> {
 
 /// `conveyor worker`: the library's [`App`] with the built-in handlers.
 async fn run_worker(settings: Settings) -> Result<(), CommandError> {
+    for warning in settings.warnings() {
+        tracing::warn!("{warning}");
+    }
     let stop = CancellationToken::new();
     conveyor::shutdown::stop_on_signals(stop.clone());
     App::from_settings(settings)
@@ -688,13 +697,26 @@ async fn run_dlq(settings: Settings, command: DlqCommand) -> Result<(), CommandE
 /// Dead letters held at once by `conveyor dlq`.
 const DLQ_BATCH: usize = 500;
 
+/// How often `conveyor topics check --wait` looks again.
+const TOPICS_WAIT_EVERY: Duration = Duration::from_secs(5);
+
 async fn run_topics(settings: Settings, command: TopicsCommand) -> Result<(), CommandError> {
-    connect(&settings).await?;
     let report = match command {
         TopicsCommand::Create { dry_run, .. } => {
+            connect(&settings).await?;
             conveyor::topics::create(&settings, dry_run).await?
         }
-        TopicsCommand::Check { .. } => conveyor::topics::check(&settings).await?,
+        TopicsCommand::Check { wait: None, .. } => {
+            connect(&settings).await?;
+            conveyor::topics::check(&settings).await?
+        }
+        TopicsCommand::Check {
+            wait: Some(wait), ..
+        } => {
+            let wait = conveyor::delay::parse_delay(&wait)
+                .map_err(|why| CommandError::Usage(format!("--wait: {why}")))?;
+            wait_for_topics(&settings, wait).await?
+        }
     };
     for line in &report.lines {
         println!("{line}");
@@ -705,6 +727,37 @@ async fn run_topics(settings: Settings, command: TopicsCommand) -> Result<(), Co
         Err(CommandError::Failed(
             "some topics are missing or do not fit (see above)".into(),
         ))
+    }
+}
+
+/// `topics check --wait`: checks until every topic is there and fits, or
+/// `wait` has passed (then the last report, or the last error, stands).
+/// A broker not reachable yet is waited for too.
+async fn wait_for_topics(
+    settings: &Settings,
+    wait: Duration,
+) -> Result<conveyor::topics::Report, CommandError> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let outcome = match connect(settings).await {
+            Ok(()) => conveyor::topics::check(settings)
+                .await
+                .map_err(CommandError::from),
+            Err(error) => Err(error),
+        };
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let why = match &outcome {
+            Ok(report) if report.ok() => return outcome,
+            Ok(report) => format!("not yet: {}", report.problems().join("; ")),
+            Err(CommandError::Usage(why) | CommandError::Failed(why)) => {
+                format!("cannot check yet: {why}")
+            }
+        };
+        if left.is_zero() {
+            return outcome;
+        }
+        eprintln!("conveyor topics check: {why} ({} s left)", left.as_secs());
+        tokio::time::sleep(TOPICS_WAIT_EVERY.min(left)).await;
     }
 }
 
@@ -764,6 +817,9 @@ fn config_check(file: Option<&std::path::Path>) -> ExitCode {
         } else {
             worker::processor_specs(&settings).map(|_| ())
         };
+        for warning in settings.warnings() {
+            eprintln!("warning: {warning}");
+        }
         Ok((handlers, settings.redacted().to_toml()?))
     });
     match checked {

@@ -110,6 +110,31 @@ impl Report {
             )
         })
     }
+
+    /// The topics missing or not fitting, a line each (empty when
+    /// [`Report::ok`]); at most the first 10, then how many more.
+    pub fn problems(&self) -> Vec<String> {
+        let bad: Vec<String> = self
+            .lines
+            .iter()
+            .filter(|l| {
+                !matches!(
+                    l.outcome,
+                    Outcome::Created | Outcome::WouldCreate | Outcome::Exists
+                )
+            })
+            .map(|l| match &l.outcome {
+                Outcome::Missing => format!("{} missing", l.topic.name),
+                other => format!("{} {}", l.topic.name, other.word()),
+            })
+            .collect();
+        let more = bad.len().saturating_sub(10);
+        let mut shown: Vec<String> = bad.into_iter().take(10).collect();
+        if more > 0 {
+            shown.push(format!("and {more} more"));
+        }
+        shown
+    }
 }
 
 fn admin(settings: &Settings) -> Result<AdminClient<DefaultClientContext>, ToolError> {

@@ -519,6 +519,35 @@ async fn an_idempotency_key_answers_the_first_task_on_every_replica() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_a_stop_signal_the_gateway_serves_through_its_shutdown_delay_while_not_ready() {
+    init_logs();
+    let kafka = TestKafka::mock();
+    let (pipeline, mut settings) = setup(&kafka).await;
+    settings.gateway.shutdown_delay_ms = 5_000;
+    let gateway = RunningGateway::start(&settings).await;
+    let body = r#"{"type": "echo", "payload": 1}"#;
+    gateway.gateway.signal();
+    // Not ready from the signal on (a Service drops it from its endpoints)...
+    let (mut status, mut answer) = gateway.get("/readyz").await;
+    while status == 200 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        (status, answer) = gateway.get("/readyz").await;
+    }
+    assert_eq!(status, 503, "{answer}");
+    assert!(answer.to_string().contains("shutdown_delay_ms"), "{answer}");
+    // ...while every route still serves what reaches it.
+    let (status, answer, _) = gateway.post("/v1/tasks", body, &[]).await;
+    assert_eq!(status, 202, "{answer}");
+    assert_eq!(gateway.get("/healthz").await.0, 200);
+    let base = gateway.base.clone();
+    gateway.stop().await;
+    // Then the listener closed.
+    assert!(reqwest::get(format!("{base}/healthz")).await.is_err());
+    let written: i64 = kafka.end_offsets(&pipeline.input).values().sum();
+    assert_eq!(written, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bearer_tokens_guard_the_api_when_configured() {
     init_logs();
     let kafka = TestKafka::mock();

@@ -275,3 +275,48 @@ async fn on_the_mock_cluster_create_says_it_cannot_and_check_finds_a_misfit() {
         "{out}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_wait_waits_until_another_creates_the_topics() {
+    let Some(kafka) = TestKafka::external() else {
+        common::announce("topics check --wait: skipped: needs the external broker (the mock cluster has no CreateTopics)");
+        return;
+    };
+    let settings = configuration(&kafka);
+    // Nothing there: a short wait gives up with the same report and exit 1.
+    let gave_up = topics(&settings, &["check", "--wait", "1s"]);
+    assert_eq!(gave_up.status.code(), Some(1), "{}", text(&gave_up));
+    assert!(text(&gave_up).contains("missing"), "{}", text(&gave_up));
+    // A waiting check, then another process creates the topics.
+    let config = common::config_file(&settings);
+    let waiting = Command::new(env!("CARGO_BIN_EXE_conveyor"))
+        .args(["topics", "check", "--wait", "120s", "--config"])
+        .arg(&config)
+        .env_remove("CONVEYOR_CONFIG")
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start conveyor topics check --wait");
+    // Let it look at least once while they are missing.
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let created = topics(&settings, &["create"]);
+    assert!(created.status.success(), "{}", text(&created));
+    let waited = tokio::task::spawn_blocking(move || waiting.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let _ = std::fs::remove_file(&config);
+    assert!(waited.status.success(), "{}", text(&waited));
+    let said = String::from_utf8_lossy(&waited.stderr);
+    assert!(
+        said.contains("not yet:") && said.contains("missing"),
+        "{said}"
+    );
+    assert!(
+        lines(&waited).iter().all(|(word, _)| word == "exists"),
+        "{}",
+        text(&waited)
+    );
+    common::announce("topics check --wait: waited while the topics were missing, passed once another process created them");
+}

@@ -132,6 +132,10 @@ struct Shared {
     caught_up: AtomicBool,
     /// Set when the gateway stops: long polls answer at once.
     stopping: AtomicBool,
+    /// Set from the stop signal until the listener closes
+    /// (`gateway.shutdown_delay_ms`): `/readyz` answers 503 while every
+    /// route still serves.
+    draining: AtomicBool,
     metrics: Arc<Metrics>,
     /// The last broker check of `/readyz` and when it ran: however often
     /// the probe is asked (it needs no token), the broker is asked at most
@@ -284,6 +288,7 @@ pub async fn start(
         reserved: Mutex::new(HashSet::new()),
         caught_up: AtomicBool::new(false),
         stopping: AtomicBool::new(false),
+        draining: AtomicBool::new(false),
         metrics,
         settings: g.clone(),
         schedules: crate::schedule::Schedule::all(settings).map_err(GatewayError::Config)?,
@@ -335,6 +340,30 @@ pub async fn start(
         .local_addr()
         .map_err(|e| GatewayError::Serve(e.to_string()))?;
 
+    // On the stop signal the gateway first keeps serving for
+    // `shutdown_delay_ms` while /readyz answers 503, so that load balancers
+    // (a Kubernetes Service's endpoints) stop sending requests before the
+    // listener closes; only then does `stop` reach the server and the
+    // follower.
+    let stop = {
+        let signal = stop;
+        let delayed = CancellationToken::new();
+        let (shared, delayed_stop) = (shared.clone(), delayed.clone());
+        let delay = Duration::from_millis(g.shutdown_delay_ms);
+        tokio::spawn(async move {
+            signal.cancelled().await;
+            if !delay.is_zero() {
+                shared.draining.store(true, Ordering::Relaxed);
+                tracing::info!(
+                    delay_ms = delay.as_millis() as u64,
+                    "gateway stopping: not ready from now, serving until the shutdown delay ends"
+                );
+                tokio::time::sleep(delay).await;
+            }
+            delayed_stop.cancel();
+        });
+        delayed
+    };
     // The follower stops with the gateway's stop flag itself, not after the
     // server: long polls are answered at once on stop anyway, and a
     // blocking thread left running would hold up the runtime's shutdown.

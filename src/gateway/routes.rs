@@ -229,6 +229,13 @@ pub(super) async fn metrics_text(State(shared): State<Arc<Shared>>) -> impl Into
 /// has caught up.
 pub(super) async fn ready(State(shared): State<Arc<Shared>>) -> Response {
     let mut problems = Vec::new();
+    if shared.draining.load(Ordering::Relaxed) {
+        problems.push(
+            "the gateway is stopping (gateway.shutdown_delay_ms): it serves what comes, \
+             but takes no new traffic"
+                .to_owned(),
+        );
+    }
     if !shared.caught_up.load(Ordering::Relaxed) {
         let behind = shared
             .metrics

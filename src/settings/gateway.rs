@@ -18,6 +18,16 @@ pub struct GatewaySettings {
     /// Bearer tokens accepted on `/v1/…`; empty: no authentication.
     /// `/healthz`, `/readyz`, `/metrics` and `/openapi.json` stay open.
     pub auth_tokens: Vec<String>,
+    /// A file of bearer tokens, one per line (blank lines and lines
+    /// starting with `#` skipped), read at start into `auth_tokens`: a
+    /// mounted Secret, so that no token sits in the configuration. Not
+    /// with `auth_tokens`.
+    pub auth_tokens_file: String,
+    /// On SIGTERM, keep serving this long (milliseconds) while `/readyz`
+    /// answers 503, then close the listener: a load balancer or a
+    /// Kubernetes Service stops sending requests in the meantime, so none
+    /// is refused during a rolling update. 0: close at once.
+    pub shutdown_delay_ms: u64,
     /// Largest `payload` of one task, in bytes of JSON text (413 above).
     pub max_payload_bytes: usize,
     /// Largest request body, in bytes (413 above).
@@ -73,6 +83,8 @@ impl Default for GatewaySettings {
             listen: "127.0.0.1:8080".into(),
             task_types: Vec::new(),
             auth_tokens: Vec::new(),
+            auth_tokens_file: String::new(),
+            shutdown_delay_ms: 0,
             max_payload_bytes: 1 << 20,
             max_body_bytes: 8 << 20,
             max_batch: 100,
@@ -117,6 +129,12 @@ impl Settings {
                     "must be at least 16 printable ASCII characters without spaces",
                 );
             }
+        }
+        if g.shutdown_delay_ms > MAX_SHUTDOWN_DELAY_MS {
+            bad(
+                "gateway.shutdown_delay_ms".into(),
+                &format!("must be at most {MAX_SHUTDOWN_DELAY_MS} (a minute)"),
+            );
         }
         for (key, zero) in [
             ("gateway.max_payload_bytes", g.max_payload_bytes == 0),
@@ -166,5 +184,48 @@ impl Settings {
                 ),
             );
         }
+    }
+}
+
+/// Longest `gateway.shutdown_delay_ms`.
+pub const MAX_SHUTDOWN_DELAY_MS: u64 = 60_000;
+
+impl GatewaySettings {
+    /// Reads `auth_tokens_file` into `auth_tokens`. An error names the key
+    /// and the line, never a token.
+    pub fn read_token_file(&mut self) -> Result<(), (String, String)> {
+        if self.auth_tokens_file.is_empty() {
+            return Ok(());
+        }
+        let key = "gateway.auth_tokens_file".to_owned();
+        if !self.auth_tokens.is_empty() {
+            return Err((
+                key,
+                "set either auth_tokens or auth_tokens_file, not both".into(),
+            ));
+        }
+        let path = &self.auth_tokens_file;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| (key.clone(), format!("cannot read {path}: {e}")))?;
+        for (n, line) in text.lines().enumerate() {
+            let token = line.trim();
+            if token.is_empty() || token.starts_with('#') {
+                continue;
+            }
+            if token.len() < 16 || !token.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err((
+                    key,
+                    format!(
+                        "{path} line {}: a token must be at least 16 printable ASCII characters without spaces",
+                        n + 1
+                    ),
+                ));
+            }
+            self.auth_tokens.push(token.to_owned());
+        }
+        if self.auth_tokens.is_empty() {
+            return Err((key, format!("{path} holds no token")));
+        }
+        Ok(())
     }
 }

@@ -229,6 +229,10 @@ impl Settings {
             .security
             .read_secret_files()
             .map_err(|(key, message)| SettingsError::Invalid(vec![Problem { key, message }]))?;
+        settings
+            .gateway
+            .read_token_file()
+            .map_err(|(key, message)| SettingsError::Invalid(vec![Problem { key, message }]))?;
         settings.fill_derived();
         settings.validate().map_err(SettingsError::Invalid)?;
         Ok(settings)
@@ -238,6 +242,9 @@ impl Settings {
     pub fn redacted(&self) -> Settings {
         let mut s = self.clone();
         s.kafka.security = s.kafka.security.redacted();
+        for token in &mut s.gateway.auth_tokens {
+            *token = "***".into();
+        }
         for (key, value) in &mut s.kafka.options {
             if SECRET_OPTIONS.contains(&key.as_str()) && !value.is_empty() {
                 *value = "***".into();
@@ -266,6 +273,28 @@ impl Settings {
     }
 
     /// Every problem with the values, each naming its key. Empty means usable.
+    /// What is allowed but likely a mistake, each naming its key: a
+    /// processor whose `drain_timeout_ms` is shorter than its slowest
+    /// handler's `timeout_ms` (a task started just before a shutdown is
+    /// cut off by the drain and runs again on another worker).
+    pub fn warnings(&self) -> Vec<String> {
+        let mut found = Vec::new();
+        for (i, p) in self.processors.iter().enumerate() {
+            let slowest = p.tasks.iter().max_by_key(|(_, t)| t.timeout_ms);
+            if let Some((task_type, t)) = slowest {
+                if t.timeout_ms > p.drain_timeout_ms {
+                    found.push(format!(
+                        "processors[{i}].drain_timeout_ms: {} is below the slowest handler's \
+                         timeout_ms ({}, tasks.{task_type}): a task started just before a \
+                         shutdown is cut off by the drain and runs again on another worker",
+                        p.drain_timeout_ms, t.timeout_ms
+                    ));
+                }
+            }
+        }
+        found
+    }
+
     pub fn validate(&self) -> Result<(), Vec<Problem>> {
         let mut problems = Vec::new();
         let mut bad = |key: String, message: &str| {
@@ -569,6 +598,66 @@ mod tests {
                 "processors[0].drain_timeout_ms: must be below session_timeout_ms (6000), or the group evicts this member while it drains",
             ]
         );
+    }
+
+    #[test]
+    fn a_drain_shorter_than_the_slowest_handler_is_warned_of() {
+        let text = r#"
+            [[processors]]
+            name = "a"
+            drain_timeout_ms = 20000
+            session_timeout_ms = 45000
+            [processors.tasks.quick]
+            handler = "echo"
+            timeout_ms = 1000
+            [processors.tasks.slow]
+            handler = "sleep"
+            timeout_ms = 30000
+        "#;
+        let s = load_toml(text).unwrap();
+        assert_eq!(
+            s.warnings(),
+            ["processors[0].drain_timeout_ms: 20000 is below the slowest handler's timeout_ms (30000, tasks.slow): a task started just before a shutdown is cut off by the drain and runs again on another worker"]
+        );
+        let s = load_toml(&text.replace("20000", "30000")).unwrap();
+        assert!(s.warnings().is_empty());
+    }
+
+    #[test]
+    fn gateway_tokens_come_from_a_file_and_are_never_printed() {
+        let dir = std::env::temp_dir().join(format!("conveyor-tokens-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("tokens");
+        std::fs::write(
+            &path,
+            "# the web app\nfirst-token-of-the-tests\n\nsecond-token-of-the-tests\n",
+        )
+        .unwrap();
+        let text = format!(
+            "[gateway]\nauth_tokens_file = {:?}\n",
+            path.display().to_string()
+        );
+        let s = load_toml(&text).unwrap();
+        assert_eq!(
+            s.gateway.auth_tokens,
+            ["first-token-of-the-tests", "second-token-of-the-tests"]
+        );
+        let shown = s.redacted().to_toml().unwrap();
+        assert!(!shown.contains("token-of-the-tests"), "{shown}");
+        std::fs::write(&path, "short\n").unwrap();
+        let error = problems(load_toml(&text));
+        assert_eq!(error.len(), 1);
+        assert!(
+            error[0].starts_with("gateway.auth_tokens_file: "),
+            "{error:?}"
+        );
+        assert!(
+            error[0].contains("line 1") && !error[0].contains("short\n"),
+            "{error:?}"
+        );
+        let both = format!("{text}auth_tokens = [\"first-token-of-the-tests\"]\n");
+        assert!(problems(load_toml(&both))[0].contains("not both"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

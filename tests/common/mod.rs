@@ -825,6 +825,12 @@ impl TestGateway {
         }
     }
 
+    /// Signals the gateway to stop (as SIGTERM does) without waiting.
+    #[allow(dead_code)] // not every test binary signals
+    pub fn signal(&self) {
+        self.stop.cancel();
+    }
+
     /// Asks the gateway to stop and waits until it stopped cleanly.
     pub async fn stop(mut self) {
         self.stop.cancel();
