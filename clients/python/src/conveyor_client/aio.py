@@ -47,10 +47,10 @@ from .client import (
     _output_of,
     _segment,
     _start,
+    _SubmitRetries,
     _trace,
-    _with_keys,
 )
-from .errors import APIError, ConnectionFailed, Conflict, ResultTimeout, RunFailed, TaskFailed
+from .errors import APIError, ConnectionFailed, ResultTimeout, RunFailed, TaskFailed
 
 #: Most connections one :class:`AsyncClient` opens at once; more calls in
 #: flight wait for one.
@@ -520,26 +520,15 @@ class AsyncClient:
     async def _submit(
         self, path: str, body: Dict[str, Any], headers: Optional[Dict[str, str]]
     ) -> Dict[str, Any]:
-        started = time.monotonic()
-        failures = 0
-        conflicts = 0
+        again = _SubmitRetries(self.retries, self.backoff, self.conflict_budget, body)
         while True:
             try:
                 _, answer, _ = await self._http.request("POST", path, body, self.timeout, headers)
                 if not isinstance(answer, dict):
                     raise ConnectionFailed(f"POST {path}: answered {answer!r}")
                 return answer
-            except Conflict as error:
-                wait = pause(min(conflicts, 4), self.backoff or 0.05)
-                conflicts += 1
-                spent = time.monotonic() - started
-                if error.code != "idempotency_key_in_use" or spent + wait > self.conflict_budget:
-                    raise _with_keys(error, body)
             except (ConnectionFailed, APIError) as error:
-                if not retryable(error) or failures >= self.retries:
-                    raise _with_keys(error, body)
-                wait = pause(failures, self.backoff)
-                failures += 1
+                wait = again.wait_after(error)
             await asyncio.sleep(wait)
 
     async def _get(self, path: str, wait_ms: Optional[int]) -> Tuple[int, Any, Dict[str, str]]:

@@ -657,26 +657,15 @@ class Client:
         """POSTs a submission, sending it again (same idempotency key) on
         a connection failure or a 502/503/504 up to ``retries`` times, and
         on a busy key (409) for up to ``conflict_budget`` seconds."""
-        started = time.monotonic()
-        failures = 0
-        conflicts = 0
+        again = _SubmitRetries(self.retries, self.backoff, self.conflict_budget, body)
         while True:
             try:
                 _, answer, _ = self._transport.request("POST", path, body, self.timeout, headers)
                 if not isinstance(answer, dict):
                     raise ConnectionFailed(f"POST {path}: answered {answer!r}")
                 return answer
-            except Conflict as error:
-                wait = pause(min(conflicts, 4), self.backoff or 0.05)
-                conflicts += 1
-                spent = time.monotonic() - started
-                if error.code != "idempotency_key_in_use" or spent + wait > self.conflict_budget:
-                    raise _with_keys(error, body)
             except (ConnectionFailed, APIError) as error:
-                if not retryable(error) or failures >= self.retries:
-                    raise _with_keys(error, body)
-                wait = pause(failures, self.backoff)
-                failures += 1
+                wait = again.wait_after(error)
             time.sleep(wait)
 
     def _task_state(self, id: str, wait_ms: Optional[int]) -> TaskState:
@@ -806,6 +795,37 @@ def _trace(traceparent: Optional[str]) -> Optional[Dict[str, str]]:
     if not isinstance(traceparent, str) or "\n" in traceparent or "\r" in traceparent:
         raise ValueError("traceparent must be a W3C trace context string")
     return {"traceparent": traceparent}
+
+
+class _SubmitRetries:
+    """When a submission is sent again (the same body: the same idempotency
+    key): on a connection failure or a 502/503/504, ``retries`` times; on a
+    busy key (409), for ``budget`` seconds."""
+
+    def __init__(self, retries: int, backoff: float, budget: float, body: Dict[str, Any]) -> None:
+        self.retries = retries
+        self.backoff = backoff
+        self.budget = budget
+        self.body = body
+        self.started = time.monotonic()
+        self.failures = 0
+        self.conflicts = 0
+
+    def wait_after(self, error: Exception) -> float:
+        """Seconds to wait before sending again after ``error``; raises it
+        (carrying the idempotency keys) when it is not to be sent again."""
+        if isinstance(error, Conflict):
+            wait = pause(min(self.conflicts, 4), self.backoff or 0.05)
+            self.conflicts += 1
+            spent = time.monotonic() - self.started
+            if error.code != "idempotency_key_in_use" or spent + wait > self.budget:
+                raise _with_keys(error, self.body)
+            return wait
+        if not retryable(error) or self.failures >= self.retries:
+            raise _with_keys(error, self.body) if isinstance(error, ConveyorError) else error
+        wait = pause(self.failures, self.backoff)
+        self.failures += 1
+        return wait
 
 
 _E = TypeVar("_E", bound=ConveyorError)

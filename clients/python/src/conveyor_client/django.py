@@ -22,22 +22,9 @@ forms.
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, cast
+from typing import Any, Callable, cast
 
-from .handler import Handlers, Reply, _text
-
-
-def _read(request: Any, limit: int) -> "bytes | Reply":
-    parts: List[bytes] = []
-    size = 0
-    while True:
-        chunk = request.read(64 * 1024)
-        if not chunk:
-            return b"".join(parts)
-        size += len(chunk)
-        if size > limit:
-            return _text(413, f"the payload has more than {limit} bytes (max_body_bytes)")
-        parts.append(chunk)
+from .handler import Handlers, Reply, read_bounded
 
 
 def task_view(handlers: Handlers) -> Callable[..., Any]:
@@ -47,7 +34,11 @@ def task_view(handlers: Handlers) -> Callable[..., Any]:
     from django.views.decorators.csrf import csrf_exempt
 
     def view(request: Any, task_type: str) -> Any:
-        body = _read(request, handlers.max_body_bytes) if request.method == "POST" else b""
+        body = (
+            read_bounded(request.read, handlers.max_body_bytes)
+            if request.method == "POST"
+            else b""
+        )
         if isinstance(body, Reply):
             reply = body
         else:

@@ -476,6 +476,22 @@ def verify_signature(
     return None if matched else "forged request: the Conveyor-Signature matches no secret"
 
 
+def read_bounded(read: Callable[[int], bytes], limit: int) -> Union[bytes, Reply]:
+    """Everything ``read`` returns until it returns nothing, or the 413
+    once more than ``limit`` bytes came (never holding more than that and
+    one chunk)."""
+    parts: List[bytes] = []
+    size = 0
+    while True:
+        chunk = read(64 * 1024)
+        if not chunk:
+            return b"".join(parts)
+        size += len(chunk)
+        if size > limit:
+            return _text(413, f"the payload has more than {limit} bytes (max_body_bytes)")
+        parts.append(chunk)
+
+
 def _lower(headers: Mapping[str, str]) -> Dict[str, str]:
     return {k.lower(): v for k, v in headers.items()}
 
@@ -559,10 +575,11 @@ class Handlers:
         log.warning("refused a task request (%s): %s", headers.get("conveyor-task-id"), why)
         return _text(401, why)
 
-    def handle(self, method: str, path: str, headers: Mapping[str, str], body: bytes) -> Reply:
-        """Serves one request from any framework: ``path`` is the task
-        type (``/resize`` or ``resize``), ``headers`` the request's (names in
-        any case). The signature is checked first, then the function runs."""
+    def _admit(
+        self, method: str, path: str, headers: Mapping[str, str], body: bytes
+    ) -> Union[Reply, Tuple[HandlerFn, Dict[str, str]]]:
+        """The function to run and the lower-cased headers, or the answer
+        refusing the request (unknown type, too large, signature)."""
         routed = self._route(method, path)
         if isinstance(routed, Reply):
             return routed
@@ -572,22 +589,27 @@ class Handlers:
         refused = self._refused(lower, body)
         if refused is not None:
             return refused
-        return run_task(routed, body, lower, self.gateway_url)
+        return routed, lower
+
+    def handle(self, method: str, path: str, headers: Mapping[str, str], body: bytes) -> Reply:
+        """Serves one request from any framework: ``path`` is the task
+        type (``/resize`` or ``resize``), ``headers`` the request's (names in
+        any case). The signature is checked first, then the function runs."""
+        admitted = self._admit(method, path, headers, body)
+        if isinstance(admitted, Reply):
+            return admitted
+        func, lower = admitted
+        return run_task(func, body, lower, self.gateway_url)
 
     async def handle_async(
         self, method: str, path: str, headers: Mapping[str, str], body: bytes
     ) -> Reply:
         """:meth:`handle` for asyncio (see :func:`run_task_async`)."""
-        routed = self._route(method, path)
-        if isinstance(routed, Reply):
-            return routed
-        if len(body) > self.max_body_bytes:
-            return self._too_large(len(body))
-        lower = _lower(headers)
-        refused = self._refused(lower, body)
-        if refused is not None:
-            return refused
-        return await run_task_async(routed, body, lower, self.gateway_url)
+        admitted = self._admit(method, path, headers, body)
+        if isinstance(admitted, Reply):
+            return admitted
+        func, lower = admitted
+        return await run_task_async(func, body, lower, self.gateway_url)
 
     def _wsgi_body(self, environ: Dict[str, Any]) -> Union[bytes, Reply]:
         """The request body: ``CONTENT_LENGTH`` bytes, or, without one, all
@@ -614,16 +636,7 @@ class Handlers:
                 "ends (wsgi.input_terminated): send Content-Length or use a server that "
                 "de-chunks (gunicorn, werkzeug)",
             )
-        parts: List[bytes] = []
-        size = 0
-        while True:
-            chunk = stream.read(64 * 1024)
-            if not chunk:
-                return b"".join(parts)
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                return self._too_large(size)
-            parts.append(chunk)
+        return read_bounded(stream.read, self.max_body_bytes)
 
     def __call__(
         self, environ: Dict[str, Any], start_response: WSGIStartResponse
