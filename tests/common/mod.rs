@@ -369,8 +369,16 @@ impl TestKafka {
                             .iter()
                             .filter(|id| !results.by_id.contains_key(id))
                             .count();
+                        // Records the cluster dropped before they were read
+                        // (librdkafka's mock cluster keeps 5 MiB a
+                        // partition) show as a low watermark above 0.
+                        let dropped: i64 = (0..partitions as i32)
+                            .filter_map(|p| consumer.fetch_watermarks(topic, p, SETUP_TIMEOUT).ok())
+                            .map(|(low, _)| low)
+                            .sum();
                         panic!(
-                            "{}: {missing} of {} results missing after {timeout:?}",
+                            "{}: {missing} of {} results missing after {timeout:?} \
+                             ({dropped} records of {topic} no longer on the cluster)",
                             self.describe(),
                             expected.len()
                         );
