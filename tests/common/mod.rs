@@ -134,6 +134,21 @@ impl TestKafka {
         // Likewise the events and control topics (`with_lifecycle`).
         settings.events.enabled = false;
         settings.cancel.enabled = false;
+        if !self.is_mock() {
+            // nisshi 0.8.1 sometimes stores an idempotent producer's
+            // pipelined produce requests out of order: its log says
+            // "idempotent batch out of order … next_sequence=1567
+            // base_sequence=1569" and it answers OutOfOrderSequenceNumber,
+            // which librdkafka takes as fatal, so the worker stops (as it
+            // must) and a test waits out its timeout (seen in CI runs here,
+            // once failing an in-process rebalance test). One request in
+            // flight per connection keeps the batches in order; conveyor's
+            // own default (librdkafka's 5) is what the mock cluster runs.
+            settings
+                .kafka
+                .options
+                .insert("max.in.flight.requests.per.connection".into(), "1".into());
+        }
         settings
     }
 
