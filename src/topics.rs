@@ -99,16 +99,21 @@ pub struct Report {
     pub lines: Vec<Line>,
 }
 
+impl Outcome {
+    /// Whether the topic is there (or will be) as it should be.
+    fn fits(&self) -> bool {
+        matches!(
+            self,
+            Outcome::Created | Outcome::WouldCreate | Outcome::Exists
+        )
+    }
+}
+
 impl Report {
     /// Whether every topic is there and fits (nothing missing, mismatched
     /// or failed).
     pub fn ok(&self) -> bool {
-        self.lines.iter().all(|l| {
-            matches!(
-                l.outcome,
-                Outcome::Created | Outcome::WouldCreate | Outcome::Exists
-            )
-        })
+        self.lines.iter().all(|l| l.outcome.fits())
     }
 
     /// The topics missing or not fitting, a line each (empty when
@@ -117,16 +122,8 @@ impl Report {
         let bad: Vec<String> = self
             .lines
             .iter()
-            .filter(|l| {
-                !matches!(
-                    l.outcome,
-                    Outcome::Created | Outcome::WouldCreate | Outcome::Exists
-                )
-            })
-            .map(|l| match &l.outcome {
-                Outcome::Missing => format!("{} missing", l.topic.name),
-                other => format!("{} {}", l.topic.name, other.word()),
-            })
+            .filter(|l| !l.outcome.fits())
+            .map(|l| format!("{} {}", l.topic.name, l.outcome.word()))
             .collect();
         let more = bad.len().saturating_sub(10);
         let mut shown: Vec<String> = bad.into_iter().take(10).collect();

@@ -38,7 +38,7 @@ use super::lifecycle;
 use super::{Job, Shared};
 use crate::breaker::Verdict;
 use crate::codec::{now_millis, FailureKind, TaskError, TaskRequest, TaskResult, TaskStatus};
-use crate::handlers::{HandlerError, Output};
+use crate::handlers::Output;
 use crate::retry::Decision;
 use crate::workflow::Next;
 
@@ -762,10 +762,7 @@ async fn run_task(
             Ok(Ok(Err(e))) => (
                 e.kind(),
                 e.to_string(),
-                matches!(
-                    e,
-                    HandlerError::Retryable(_) | HandlerError::RetryAfter { .. }
-                ),
+                e.kind() == FailureKind::Retryable,
                 e.retry_after(),
             ),
             Ok(Err(panic)) => {

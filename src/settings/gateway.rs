@@ -123,7 +123,7 @@ impl Settings {
             }
         }
         for (i, token) in g.auth_tokens.iter().enumerate() {
-            if token.len() < 16 || !token.bytes().all(|b| b.is_ascii_graphic()) {
+            if !token_fits(token) {
                 bad(
                     format!("gateway.auth_tokens[{i}]"),
                     "must be at least 16 printable ASCII characters without spaces",
@@ -187,6 +187,12 @@ impl Settings {
     }
 }
 
+/// Whether `token` may be a bearer token: at least 16 printable ASCII
+/// characters, no spaces (whether from `auth_tokens` or its file).
+fn token_fits(token: &str) -> bool {
+    token.len() >= 16 && token.bytes().all(|b| b.is_ascii_graphic())
+}
+
 /// Longest `gateway.shutdown_delay_ms`.
 pub const MAX_SHUTDOWN_DELAY_MS: u64 = 60_000;
 
@@ -212,7 +218,7 @@ impl GatewaySettings {
             if token.is_empty() || token.starts_with('#') {
                 continue;
             }
-            if token.len() < 16 || !token.bytes().all(|b| b.is_ascii_graphic()) {
+            if !token_fits(token) {
                 return Err((
                     key,
                     format!(
