@@ -146,12 +146,7 @@ impl App {
         // The delay mover and the scheduler run beside the processors: a
         // failure of any stops them all, and so does `stop`.
         let worker_stop = stop.child_token();
-        let companions = Companions::start(
-            &settings,
-            specs.first().map(|spec| spec.metrics.clone()),
-            &stop,
-            &worker_stop,
-        );
+        let companions = Companions::start(&settings, &specs, &stop, &worker_stop);
         let worked = worker::run(specs, worker_stop).await;
         let companions = companions.finish().await;
         worked?;
@@ -249,18 +244,29 @@ where
 pub(crate) struct Companions {
     mover: Option<Beside<crate::delay::MoverError>>,
     scheduler: Option<Beside<crate::schedule::SchedulerError>>,
+    /// The worker's reports to the workers topic (`[workers]`).
+    presence: Option<crate::workers::Presence>,
 }
 
 impl Companions {
-    /// Starts them, each stopping when `stop` is set and setting
-    /// `on_failure` if it fails; `metrics` are the worker's (none: no
-    /// processor, nothing started).
+    /// Starts them for the worker running `specs`, each stopping when
+    /// `stop` is set and setting `on_failure` if it fails (no processor:
+    /// nothing started).
     pub(crate) fn start(
         settings: &Settings,
-        metrics: Option<Arc<crate::metrics::Metrics>>,
+        specs: &[ProcessorSpec],
         stop: &CancellationToken,
         on_failure: &CancellationToken,
     ) -> Self {
+        let metrics = specs.first().map(|spec| spec.metrics.clone());
+        let presence = metrics.as_ref().and_then(|metrics| {
+            crate::workers::Presence::start(
+                &settings.workers,
+                &settings.kafka,
+                specs,
+                metrics.clone(),
+            )
+        });
         let mover = match &metrics {
             Some(metrics) if settings.delays.enabled => {
                 let mover_spec = crate::delay::MoverSpec {
@@ -282,12 +288,21 @@ impl Companions {
             }
             _ => None,
         };
-        Companions { mover, scheduler }
+        Companions {
+            mover,
+            scheduler,
+            presence,
+        }
     }
 
     /// Stops them and says how they ended: a set-up problem is a
     /// configuration error (exit 2), anything else a run-time failure.
     pub(crate) async fn finish(self) -> Result<(), AppError> {
+        // The last report says the worker stopped (its processors have
+        // drained by now).
+        if let Some(presence) = self.presence {
+            presence.stop().await;
+        }
         let moved = Beside::finish(self.mover, "the delay mover").await?;
         let scheduled = Beside::finish(self.scheduler, "the scheduler").await?;
         moved.map_err(|e| match e {

@@ -192,12 +192,7 @@ pub async fn run(user_settings: Option<Settings>) -> anyhow::Result<()> {
     let worker_stop = CancellationToken::new();
     // The delay mover and the scheduler, as `conveyor worker` runs them:
     // they stop with the processors, and their failure stops everything.
-    let companions = crate::app::Companions::start(
-        &settings,
-        specs.first().map(|s| s.metrics.clone()),
-        &worker_stop,
-        &stop,
-    );
+    let companions = crate::app::Companions::start(&settings, &specs, &worker_stop, &stop);
     let metrics = specs.first().map(|s| s.metrics.clone()).unwrap_or_default();
     let running = {
         let (worker_stop, stop) = (worker_stop.clone(), stop.clone());

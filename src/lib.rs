@@ -97,6 +97,7 @@ pub mod topics;
 pub mod topology;
 pub mod trace_context;
 pub mod worker;
+pub mod workers;
 pub mod workflow;
 
 pub use codec::{Codec, DecodeError, TaskRequest, TaskResult, TaskStatus, WireFormat};

@@ -190,6 +190,22 @@ pub const TASK_EVENTS_FAILED: &str = "conveyor_task_events_failed_total";
 /// `conveyor_gateway_event_streams`: open `GET /v1/tasks/{id}/events`
 /// streams (bounded by `gateway.max_event_streams`).
 pub const GATEWAY_EVENT_STREAMS: &str = "conveyor_gateway_event_streams";
+/// `conveyor_worker_reports_total{outcome}`: this worker's reports to the
+/// workers topic, `outcome` being `written` or `failed`.
+pub const WORKER_REPORTS: &str = "conveyor_worker_reports_total";
+/// `conveyor_gateway_workers{state}`: workers the gateway lists, `state`
+/// being `live`, `stopped` or `silent` (no report for three intervals).
+pub const GATEWAY_WORKERS: &str = "conveyor_gateway_workers";
+/// `conveyor_gateway_workers_dropped_total`: workers dropped from the
+/// gateway's list because `workers.max_workers` was reached.
+pub const GATEWAY_WORKERS_DROPPED: &str = "conveyor_gateway_workers_dropped_total";
+/// `conveyor_gateway_worker_reports_refused_total{reason}`: records of the
+/// workers topic not taken, `reason` being `too_large` or `unreadable`.
+pub const GATEWAY_WORKER_REPORTS_REFUSED: &str = "conveyor_gateway_worker_reports_refused_total";
+/// `conveyor_gateway_ui_actions_total{action,outcome}`: dashboard actions
+/// (`login`, `cancel`, `replay`), `outcome` being `done`, `refused` (no
+/// or a wrong CSRF token, a wrong login token) or `failed`.
+pub const GATEWAY_UI_ACTIONS: &str = "conveyor_gateway_ui_actions_total";
 
 /// Label value for task types no handler is configured for.
 pub const UNKNOWN_TYPE: &str = "_unknown";
@@ -300,6 +316,16 @@ pub struct Metrics {
     pub task_events_failed: IntCounterVec,
     /// See [`GATEWAY_EVENT_STREAMS`].
     pub gateway_event_streams: IntGaugeVec,
+    /// See [`WORKER_REPORTS`].
+    pub worker_reports: IntCounterVec,
+    /// See [`GATEWAY_WORKERS`].
+    pub gateway_workers: IntGaugeVec,
+    /// See [`GATEWAY_WORKERS_DROPPED`].
+    pub gateway_workers_dropped: IntCounterVec,
+    /// See [`GATEWAY_WORKER_REPORTS_REFUSED`].
+    pub gateway_worker_reports_refused: IntCounterVec,
+    /// See [`GATEWAY_UI_ACTIONS`].
+    pub gateway_ui_actions: IntCounterVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -639,6 +665,36 @@ impl Metrics {
                 "Open task event streams (GET /v1/tasks/{id}/events).",
                 &[],
             ),
+            worker_reports: counter(
+                &r,
+                WORKER_REPORTS,
+                "This worker's reports to the workers topic, by outcome.",
+                &["outcome"],
+            ),
+            gateway_workers: gauge(
+                &r,
+                GATEWAY_WORKERS,
+                "Workers the gateway lists, by state (live, stopped, silent).",
+                &["state"],
+            ),
+            gateway_workers_dropped: counter(
+                &r,
+                GATEWAY_WORKERS_DROPPED,
+                "Workers dropped from the gateway's list at workers.max_workers.",
+                &[],
+            ),
+            gateway_worker_reports_refused: counter(
+                &r,
+                GATEWAY_WORKER_REPORTS_REFUSED,
+                "Records of the workers topic not taken, by reason.",
+                &["reason"],
+            ),
+            gateway_ui_actions: counter(
+                &r,
+                GATEWAY_UI_ACTIONS,
+                "Dashboard actions (login, cancel, replay), by outcome.",
+                &["action", "outcome"],
+            ),
             registry: r,
             enabled: true,
         };
@@ -655,6 +711,10 @@ impl Metrics {
         }
         metrics
             .cancellations_dropped
+            .with_label_values::<&str>(&[])
+            .inc_by(0);
+        metrics
+            .gateway_workers_dropped
             .with_label_values::<&str>(&[])
             .inc_by(0);
         for counter in [

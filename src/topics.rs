@@ -199,6 +199,8 @@ pub async fn create(settings: &Settings, dry_run: bool) -> Result<Report, ToolEr
         let replication = settings.topics.replication_factor;
         // Cancellations expire by age: the control topic forgets them too.
         let control_retention = settings.cancel.max_age_ms.to_string();
+        // Gone workers are forgotten by age, and so by the topic.
+        let workers_retention = settings.workers.forget_after_ms.to_string();
         let new_topics: Vec<NewTopic<'_>> = to_create
             .iter()
             .map(|(topic, partitions)| {
@@ -214,6 +216,10 @@ pub async fn create(settings: &Settings, dry_run: bool) -> Result<Report, ToolEr
                     new = new
                         .set("cleanup.policy", "compact,delete")
                         .set("retention.ms", &control_retention);
+                } else if topic.kind == TopicKind::Workers {
+                    new = new
+                        .set("cleanup.policy", "compact,delete")
+                        .set("retention.ms", &workers_retention);
                 } else if topic.kind.compacted() {
                     new = new.set("cleanup.policy", "compact");
                 }

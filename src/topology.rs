@@ -39,6 +39,8 @@ pub enum TopicKind {
     Events,
     /// Cancellations; compacted, read whole by every worker.
     Control,
+    /// Worker reports; compacted, read whole by every gateway.
+    Workers,
 }
 
 impl TopicKind {
@@ -54,6 +56,7 @@ impl TopicKind {
             TopicKind::Schedules => "schedules",
             TopicKind::Events => "events",
             TopicKind::Control => "control",
+            TopicKind::Workers => "workers",
         }
     }
 
@@ -61,7 +64,10 @@ impl TopicKind {
     pub fn compacted(self) -> bool {
         matches!(
             self,
-            TopicKind::JoinChangelog | TopicKind::Schedules | TopicKind::Control
+            TopicKind::JoinChangelog
+                | TopicKind::Schedules
+                | TopicKind::Control
+                | TopicKind::Workers
         )
     }
 
@@ -148,9 +154,9 @@ impl ProcessorSettings {
 }
 
 impl Settings {
-    /// The events and control topics, when on: every worker writes the
-    /// first and reads the second, every gateway reads the first and
-    /// writes the second.
+    /// The events, control and workers topics, when on: every worker
+    /// writes the first, reads the second and writes the third, every
+    /// gateway reads the first, writes the second and reads the third.
     pub fn lifecycle_topics(&self) -> Vec<(String, TopicKind)> {
         let mut topics = Vec::new();
         if self.events.enabled {
@@ -158,6 +164,9 @@ impl Settings {
         }
         if self.cancel.enabled {
             topics.push((self.cancel.topic.clone(), TopicKind::Control));
+        }
+        if self.workers.enabled {
+            topics.push((self.workers.topic.clone(), TopicKind::Workers));
         }
         topics
     }
@@ -310,6 +319,7 @@ mod tests {
                     TopicKind::JoinChangelog,
                     Some("conveyor.tasks.sum"),
                 ),
+                t("conveyor.workers", TopicKind::Workers, None),
             ],
         ]
         .concat();

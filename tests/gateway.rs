@@ -655,3 +655,90 @@ async fn with_the_broker_down_a_submission_is_answered_503_and_nothing_is_writte
     assert_eq!(written, 1);
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn workers_report_themselves_and_the_gateway_lists_them_live_then_stopped() {
+    init_logs();
+    for kafka in
+        TestKafka::all("workers_report_themselves_and_the_gateway_lists_them_live_then_stopped")
+    {
+        let (pipeline, mut settings) = setup(&kafka).await;
+        common::with_workers(&kafka, &mut settings).await;
+        settings.metrics.lag_interval_ms = 200;
+        // The real worker (App, as `conveyor worker` runs it): its
+        // processors and its reports.
+        let stop = conveyor::shutdown::CancellationToken::new();
+        let app = tokio::spawn(
+            conveyor::app::App::from_settings(settings.clone()).run_until(stop.clone()),
+        );
+        let gw = RunningGateway::start(&settings).await;
+        let id = gw.submit(json!({"type": "echo", "payload": 7})).await;
+        let (_, task) = gw.get(&format!("/v1/tasks/{id}?wait=30s")).await;
+        assert_eq!(task["status"], "succeeded", "{task}");
+
+        let deadline = tokio::time::Instant::now() + TIMEOUT;
+        let listed = loop {
+            let (status, body) = gw.get("/v1/workers").await;
+            assert_eq!(status, 200, "{body}");
+            let ready = body["workers"].as_array().is_some_and(|w| {
+                w.len() == 1
+                    && w[0]["state"] == "live"
+                    && w[0]["processors"][0]["finished"].as_u64() >= Some(1)
+                    && w[0]["processors"][0]["partitions"]
+                        .as_array()
+                        .is_some_and(|p| p.len() >= pipeline.partitions as usize)
+            });
+            if ready {
+                break body;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the worker was not listed with its task and partitions: {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let worker = &listed["workers"][0];
+        assert_eq!(worker["pid"], std::process::id());
+        assert_eq!(worker["version"], env!("CARGO_PKG_VERSION"));
+        assert_eq!(worker["stopped"], false);
+        let processor = &worker["processors"][0];
+        assert_eq!(processor["name"], settings.processors[0].name.as_str());
+        assert_eq!(
+            processor["assigned"].as_u64(),
+            Some(pipeline.partitions as u64)
+        );
+        let mut input_partitions: Vec<i64> = processor["partitions"]
+            .as_array()
+            .expect("partitions")
+            .iter()
+            .filter(|p| p["topic"] == pipeline.input.as_str())
+            .map(|p| p["partition"].as_i64().expect("a partition"))
+            .collect();
+        input_partitions.sort_unstable();
+        assert_eq!(
+            input_partitions,
+            (0..i64::from(pipeline.partitions)).collect::<Vec<_>>(),
+            "{processor}"
+        );
+        assert_eq!(processor["in_flight"], 0);
+        assert_eq!(processor["breaker_open"], false);
+
+        // Stopped cleanly: its last report says so.
+        stop.cancel();
+        app.await.expect("the worker task").expect("the worker ran");
+        let deadline = tokio::time::Instant::now() + TIMEOUT;
+        loop {
+            let (_, body) = gw.get("/v1/workers").await;
+            if body["workers"][0]["state"] == "stopped" {
+                assert_eq!(body["workers"].as_array().map(Vec::len), Some(1));
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the stopped worker was not listed as stopped: {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        gw.stop().await;
+    }
+}

@@ -48,7 +48,7 @@ pub(super) async fn cancel_task(shared: &Shared, id: &str) -> Response {
     }
 }
 
-async fn cancel(shared: &Shared, id: &str) -> Result<Value, ApiError> {
+pub(super) async fn cancel(shared: &Shared, id: &str) -> Result<Value, ApiError> {
     let id = api::parse_id(id, "task id")?;
     let Some(topic) = &shared.control_topic else {
         return Err(ApiError::new(

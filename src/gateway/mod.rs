@@ -26,6 +26,7 @@ mod schedules;
 mod status;
 pub mod store;
 mod submit;
+mod ui;
 pub mod view;
 
 use std::collections::{HashMap, HashSet};
@@ -63,6 +64,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/workflows/{workflow}"),
     ("get", "/v1/workflows"),
     ("get", "/v1/schedules"),
+    ("get", "/v1/workers"),
     ("get", "/healthz"),
     ("get", "/readyz"),
     ("get", "/metrics"),
@@ -159,6 +161,10 @@ struct Shared {
     store: Arc<store::Store>,
     /// Why the store's last write failed, while it fails.
     store_failing: Mutex<Option<String>>,
+    /// The workers' latest reports (`[workers]`).
+    workers: Arc<crate::workers::Workers>,
+    /// Signs the dashboard's sessions and CSRF tokens.
+    ui_keys: ui::UiKeys,
 }
 
 /// How long `/readyz` reuses its broker check.
@@ -266,6 +272,9 @@ pub async fn start(
     } else {
         tracing::info!(store = %store.path().display(), partitions = resume.len(), "the status store resumes where it left off");
     }
+    // The workers topic's reader stops when the server has stopped.
+    let readers_stop = CancellationToken::new();
+    let metrics_for_workers = metrics.clone();
     let shared = Arc::new(Shared {
         openapi,
         rules: Rules {
@@ -306,6 +315,13 @@ pub async fn start(
         streams: std::sync::atomic::AtomicUsize::new(0),
         store,
         store_failing: Mutex::new(None),
+        workers: crate::workers::Workers::start(
+            &settings.workers,
+            &settings.kafka,
+            metrics_for_workers,
+            &readers_stop,
+        ),
+        ui_keys: ui::UiKeys::random(),
     });
 
     let follow_spec = follow::Spec {
@@ -395,6 +411,7 @@ pub async fn start(
             tracing::warn!(%error, "the gateway's producer did not flush");
         }
         let _ = follower_thread.await;
+        readers_stop.cancel();
         tracing::info!("gateway stopped");
         served.map_err(|e| GatewayError::Serve(e.to_string()))
     });
@@ -490,6 +507,8 @@ mod tests {
             events_partition: None,
             output_size: None,
             idempotency_key: None,
+            payload: None,
+            payload_size: None,
         };
         let step = render_step(1, "t", &[&child]);
         let outputs = step["outputs"].as_array().expect("outputs");

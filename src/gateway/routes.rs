@@ -19,8 +19,10 @@ use super::status::{get_run, get_task};
 use super::submit::{start_run, submit_batch, submit_one};
 use super::*;
 
-pub(super) fn router(shared: Arc<Shared>) -> Router {
-    let api = Router::new()
+/// The API's authenticated routes, without the token check (the
+/// dashboard calls them in-process on behalf of its sessions).
+fn api_routes() -> Router<Arc<Shared>> {
+    Router::new()
         .route("/v1/tasks", post(submit_one).get(super::lists::list_tasks))
         .route("/v1/tasks:batch", post(submit_batch))
         // `/v1/tasks/{id}` (GET) and `/v1/tasks/{id}:cancel` (POST) share
@@ -31,7 +33,12 @@ pub(super) fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/workflows/{workflow}", post(start_run).get(get_run))
         .route("/v1/workflows", get(super::lists::list_runs))
         .route("/v1/schedules", get(super::schedules::list_schedules))
-        .route_layer(middleware::from_fn_with_state(shared.clone(), authenticate));
+        .route("/v1/workers", get(list_workers))
+}
+
+pub(super) fn router(shared: Arc<Shared>) -> Router {
+    let api =
+        api_routes().route_layer(middleware::from_fn_with_state(shared.clone(), authenticate));
     // Authenticated by the attempt's progress token, not a bearer token:
     // the user's app reports progress with what conveyor sent it.
     let open = Router::new()
@@ -51,7 +58,14 @@ pub(super) fn router(shared: Arc<Shared>) -> Router {
                 )
             }),
         );
+    let dashboard = if shared.settings.ui {
+        super::ui::router(shared.clone(), api_routes().with_state(shared.clone()))
+    } else {
+        Router::new()
+    };
     api.merge(open)
+        .with_state(shared.clone())
+        .merge(dashboard)
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -68,8 +82,23 @@ pub(super) fn router(shared: Arc<Shared>) -> Router {
         })
         .layer(DefaultBodyLimit::max(shared.settings.max_body_bytes))
         .layer(middleware::from_fn_with_state(shared.clone(), time_limit))
-        .layer(middleware::from_fn_with_state(shared.clone(), observe))
-        .with_state(shared)
+        .layer(middleware::from_fn_with_state(shared, observe))
+}
+
+/// `GET /v1/workers`: every worker the gateway knows of, live ones first.
+async fn list_workers(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
+    let now = crate::codec::now_millis();
+    let directory = shared.workers.directory();
+    let workers: Vec<serde_json::Value> = directory
+        .list(now)
+        .iter()
+        .map(|(liveness, report)| crate::workers::to_json(*liveness, report))
+        .collect();
+    Json(json!({
+        "workers": workers,
+        "caught_up": directory.caught_up(),
+        "enabled": shared.config.workers.enabled,
+    }))
 }
 
 /// `GET /v1/tasks/{id}` and `POST /v1/tasks/{id}:cancel`.
@@ -106,6 +135,9 @@ async fn task_route(
 /// written `/v1/tasks/:id`: braces in label values trip up some
 /// exposition-format parsers.
 pub(super) fn route_label(path: &str) -> &'static str {
+    if path == "/ui" || path.starts_with("/ui/") {
+        return "/ui";
+    }
     if let Some(id) = path.strip_prefix("/v1/tasks/") {
         if !id.is_empty() && !id.contains('/') {
             return match id.strip_suffix(":cancel") {

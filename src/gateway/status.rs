@@ -310,6 +310,10 @@ pub(super) fn merge(live: Option<&TaskView>, stored: Option<&TaskView>) -> Optio
             if task.idempotency_key.is_none() {
                 task.idempotency_key = stored.idempotency_key.clone();
             }
+            if task.payload.is_none() {
+                task.payload = stored.payload.clone();
+                task.payload_size = stored.payload_size;
+            }
             Some(task)
         }
     }

@@ -141,7 +141,7 @@ CREATE TABLE IF NOT EXISTS offsets (
 const TASK_COLUMNS: &str = "id, type, status, submitted_at, finished_at, attempts, output, \
     output_size, content_type, error_kind, error_message, traceparent, run_id, run_name, step, \
     child_index, child_count, run_at, started_at, attempt, worker, progress, progress_at, \
-    created_at, seq";
+    created_at, seq, payload, payload_size";
 
 /// The status store: its file and its readers. The writer is a
 /// [`Writer`], owned by the follower's thread.
@@ -310,6 +310,22 @@ impl Store {
         .map_err(failed(&path, "setting it up"))?;
         conn.execute_batch(SCHEMA)
             .map_err(failed(&path, "creating its tables"))?;
+        // Columns added after the first release of the store: a store
+        // made by an older gateway gets them (empty) here.
+        for (column, kind) in [("payload", "BLOB"), ("payload_size", "INTEGER")] {
+            let present: bool = conn
+                .query_row(
+                    "SELECT count(*) FROM pragma_table_info('tasks') WHERE name = ?1",
+                    [column],
+                    |row| row.get::<_, i64>(0),
+                )
+                .map(|n| n > 0)
+                .map_err(failed(&path, "reading its columns"))?;
+            if !present {
+                conn.execute_batch(&format!("ALTER TABLE tasks ADD COLUMN {column} {kind}"))
+                    .map_err(failed(&path, "adding a column"))?;
+            }
+        }
         let store = Arc::new(Store {
             path: path.clone(),
             temporary,
@@ -616,6 +632,10 @@ fn task_of(row: &rusqlite::Row<'_>) -> rusqlite::Result<TaskView> {
         events: Default::default(),
         events_partition: None,
         idempotency_key: None,
+        payload: row.get(25)?,
+        payload_size: row
+            .get::<_, Option<i64>>(26)?
+            .and_then(|n| usize::try_from(n).ok()),
     })
 }
 
@@ -647,6 +667,13 @@ impl Writer {
                 task.output_size = Some(output.len());
                 task.output = Some(cut(output, self.limits.max_output_bytes).to_vec());
                 cut_short = true;
+            }
+        }
+        // The payload is kept for the dashboard, within the same bound.
+        if let Some(payload) = &task.payload {
+            if payload.len() > self.limits.max_output_bytes {
+                task.payload_size = Some(payload.len());
+                task.payload = Some(cut(payload, self.limits.max_output_bytes).to_vec());
             }
         }
         self.pending.push(Op::Task(Box::new(task), at));
@@ -848,9 +875,9 @@ const UPSERT_TASK: &str = "
 INSERT INTO tasks (id, type, status, created_at, updated_at, submitted_at, finished_at, attempts,
     output, output_size, content_type, error_kind, error_message, traceparent, run_id, run_name,
     step, child_index, child_count, run_at, started_at, attempt, worker, progress, progress_at,
-    idem_key)
+    idem_key, payload, payload_size)
 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19,
-    ?20, ?21, ?22, ?23, ?24, ?25, ?26)
+    ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28)
 ON CONFLICT(id) DO UPDATE SET
     status = CASE WHEN tasks.status IN ('succeeded','failed','cancelled') THEN tasks.status
         WHEN excluded.status = 'queued' AND tasks.status IN ('running','retrying') THEN tasks.status
@@ -877,7 +904,9 @@ ON CONFLICT(id) DO UPDATE SET
     worker = coalesce(excluded.worker, tasks.worker),
     progress = coalesce(excluded.progress, tasks.progress),
     progress_at = coalesce(excluded.progress_at, tasks.progress_at),
-    idem_key = coalesce(tasks.idem_key, excluded.idem_key)
+    idem_key = coalesce(tasks.idem_key, excluded.idem_key),
+    payload = coalesce(tasks.payload, excluded.payload),
+    payload_size = coalesce(tasks.payload_size, excluded.payload_size)
 ";
 
 fn write_task(
@@ -915,6 +944,8 @@ fn write_task(
         task.progress.as_ref().map(|(p, _)| p.as_slice()),
         task.progress.as_ref().map(|(_, at)| *at),
         task.idempotency_key,
+        task.payload,
+        task.payload_size.and_then(|n| i64::try_from(n).ok()),
     ])
 }
 
@@ -1003,6 +1034,44 @@ mod tests {
         assert_eq!(kept.output.as_deref(), Some(b"01234567".as_slice()));
         assert_eq!(kept.output_size, Some(10));
         assert_eq!(kept.finished_at, Some(20));
+    }
+
+    #[test]
+    fn the_payload_is_kept_cut_to_the_bound_and_a_store_of_before_gets_its_columns() {
+        // A store made before payloads were kept: the tasks table without
+        // the two columns, one row in it.
+        let path =
+            std::env::temp_dir().join(format!("conveyor-store-{}.db", Uuid::new_v4().simple()));
+        let old = Connection::open(&path).unwrap();
+        old.execute_batch(SCHEMA).unwrap();
+        let before = queued(5, "echo");
+        write_task_old(&old, &before);
+        drop(old);
+        let (store, mut writer) = Store::open(path.to_str().unwrap(), limits()).unwrap();
+        let kept = store.get(&before.id).unwrap().unwrap();
+        assert_eq!((kept.payload, kept.payload_size), (None, None));
+        let mut task = queued(10, "echo");
+        task.payload = Some(b"<payload of 23 bytes!!>".to_vec());
+        writer.task(task.clone(), 10);
+        // The same request again without its payload (the view's copy)
+        // keeps it.
+        task.payload = None;
+        writer.task(task.clone(), 11);
+        writer.flush().unwrap();
+        let kept = store.get(&task.id).unwrap().unwrap();
+        assert_eq!(kept.payload.as_deref(), Some(b"<payload".as_slice()));
+        assert_eq!(kept.payload_size, Some(23));
+        drop(store);
+        let _ = std::fs::remove_file(&path);
+    }
+
+    /// A row as the store wrote it before payloads were kept.
+    fn write_task_old(conn: &Connection, task: &TaskView) {
+        conn.execute(
+            "INSERT INTO tasks (id, type, status, created_at, updated_at) VALUES (?1, ?2, 'queued', ?3, ?3)",
+            params![task.id.as_bytes().as_slice(), task.task_type, task.submitted_at],
+        )
+        .unwrap();
     }
 
     #[test]

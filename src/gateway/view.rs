@@ -154,6 +154,12 @@ pub struct TaskView {
     pub events_partition: Option<i32>,
     /// The idempotency key it was submitted with.
     pub idempotency_key: Option<String>,
+    /// Its request's payload: set only on what [`View::apply_request`]
+    /// returns for the status store (the view itself does not hold
+    /// payloads), which keeps at most `gateway.store_max_output_bytes`.
+    pub payload: Option<Vec<u8>>,
+    /// The payload's full size, when `payload` holds only its start.
+    pub payload_size: Option<usize>,
 }
 
 impl TaskView {
@@ -171,6 +177,7 @@ impl TaskView {
     pub fn snapshot(&self) -> TaskView {
         TaskView {
             output: self.output.clone(),
+            payload: self.payload.clone(),
             ..self.summary()
         }
     }
@@ -197,6 +204,8 @@ impl TaskView {
             events: VecDeque::new(),
             events_partition: self.events_partition,
             idempotency_key: self.idempotency_key.clone(),
+            payload: None,
+            payload_size: self.payload_size,
         }
     }
 
@@ -223,6 +232,8 @@ impl TaskView {
             events: VecDeque::new(),
             events_partition: None,
             idempotency_key: None,
+            payload: None,
+            payload_size: None,
         }
     }
 }
@@ -372,7 +383,10 @@ impl View {
             } else if slot.task.phase == Phase::Scheduled {
                 slot.task.phase = Phase::Queued;
             }
-            return Some(slot.task.snapshot());
+            return Some(TaskView {
+                payload: Some(request.payload.clone()),
+                ..slot.task.snapshot()
+            });
         }
         let task = TaskView {
             phase: if scheduled.is_some() {
@@ -387,7 +401,10 @@ impl View {
             idempotency_key: request.metadata.get(IDEMPOTENCY_METADATA).cloned(),
             ..TaskView::bare(request.id, request.task_type.clone())
         };
-        let snapshot = task.snapshot();
+        let snapshot = TaskView {
+            payload: Some(request.payload.clone()),
+            ..task.snapshot()
+        };
         self.insert(task, request.submitted_at);
         self.evict(now);
         Some(snapshot)

@@ -75,6 +75,9 @@ pub struct GatewaySettings {
     /// Most open `GET /v1/tasks/{id}/events` streams; beyond it a new one
     /// is answered 503 naming this limit.
     pub max_event_streams: usize,
+    /// The dashboard under `/ui` (on by default; behind `auth_tokens`
+    /// when they are set, with a login form).
+    pub ui: bool,
 }
 
 impl Default for GatewaySettings {
@@ -101,6 +104,7 @@ impl Default for GatewaySettings {
             store_max_bytes: 16 << 30,
             store_max_output_bytes: 64 << 10,
             max_event_streams: 1000,
+            ui: true,
         }
     }
 }

@@ -1,6 +1,8 @@
 //! `[events]` (the task events topic: started, progress, retrying,
 //! cancelled) and `[cancel]` (the compacted control topic that carries
-//! cancellations to every worker).
+//! cancellations to every worker) and `[workers]` (the compacted topic
+//! every worker reports itself to, for `GET /v1/workers` and the
+//! dashboard).
 
 use super::*;
 
@@ -106,6 +108,61 @@ impl CancelSettings {
         }
         if self.grace_ms > 600_000 {
             bad("cancel.grace_ms".into(), "must be at most 600000");
+        }
+    }
+}
+
+/// `[workers]`: every worker process reports itself (processors,
+/// partitions, lag, in flight, tasks a second) to a compacted topic;
+/// gateways list them at `GET /v1/workers` and on the dashboard.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerSettings {
+    /// Workers report and gateways read (on by default). Off: no workers
+    /// topic is needed and no worker is listed.
+    pub enabled: bool,
+    /// The workers topic (compacted), keyed by worker id.
+    pub topic: String,
+    /// How often a worker reports, in ms; a worker silent for three
+    /// intervals is listed as gone.
+    pub report_interval_ms: u64,
+    /// Most workers a gateway lists; past it the one heard from least
+    /// recently is dropped (`conveyor_gateway_workers_dropped_total`).
+    pub max_workers: usize,
+    /// A gone worker is listed this long after its last report, in ms (1
+    /// hour by default); `conveyor topics create` gives the workers topic
+    /// this retention.
+    pub forget_after_ms: u64,
+}
+
+impl Default for WorkerSettings {
+    fn default() -> Self {
+        WorkerSettings {
+            enabled: true,
+            topic: "conveyor.workers".into(),
+            report_interval_ms: 5_000,
+            max_workers: 1_000,
+            forget_after_ms: 3_600_000,
+        }
+    }
+}
+
+impl WorkerSettings {
+    pub(super) fn validate(&self, bad: &mut impl FnMut(String, &str)) {
+        if let Err(why) = check_topic_name(&self.topic) {
+            bad("workers.topic".into(), &why);
+        }
+        if !(100..=300_000).contains(&self.report_interval_ms) {
+            bad("workers.report_interval_ms".into(), "must be 100 to 300000");
+        }
+        if !(1..=100_000).contains(&self.max_workers) {
+            bad("workers.max_workers".into(), "must be 1 to 100000");
+        }
+        if self.forget_after_ms < self.report_interval_ms.saturating_mul(3) {
+            bad(
+                "workers.forget_after_ms".into(),
+                "must be at least three report intervals (workers.report_interval_ms)",
+            );
         }
     }
 }

@@ -89,6 +89,8 @@ pub struct Settings {
     pub events: EventSettings,
     /// Cancellations: the control topic every worker reads.
     pub cancel: CancelSettings,
+    /// Worker reports: the topic every worker reports itself to.
+    pub workers: WorkerSettings,
 }
 
 impl Settings {
@@ -312,6 +314,7 @@ impl Settings {
         self.delays.validate(&mut bad);
         self.events.validate(&mut bad);
         self.cancel.validate(&mut bad);
+        self.workers.validate(&mut bad);
         self.validate_schedules(&mut bad);
         self.validate_workflows(&mut bad);
         let mut names = BTreeMap::new();

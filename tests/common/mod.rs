@@ -134,6 +134,8 @@ impl TestKafka {
         // Likewise the events and control topics (`with_lifecycle`).
         settings.events.enabled = false;
         settings.cancel.enabled = false;
+        // And the workers topic (`with_workers`).
+        settings.workers.enabled = false;
         if !self.is_mock() {
             // nisshi 0.8.1 sometimes stores an idempotent producer's
             // pipelined produce requests out of order: its log says
@@ -609,6 +611,14 @@ pub async fn with_lifecycle(kafka: &TestKafka, settings: &mut Settings, partitio
     settings.events.topic = kafka.create_topic("events", partitions).await;
     settings.cancel.enabled = true;
     settings.cancel.topic = kafka.create_topic("control", 2).await;
+}
+
+/// Turns worker reports on in `settings`, every 200 ms, to a workers
+/// topic of their own created on this broker.
+pub async fn with_workers(kafka: &TestKafka, settings: &mut Settings) {
+    settings.workers.enabled = true;
+    settings.workers.report_interval_ms = 200;
+    settings.workers.topic = kafka.create_topic("workers", 2).await;
 }
 
 /// The status and JSON body of a gateway's answer.

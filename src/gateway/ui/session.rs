@@ -1,0 +1,166 @@
+//! The dashboard's sessions and CSRF tokens, kept by no one: a session is
+//! a cookie the gateway signed (HMAC-SHA256 with a key made at start), a
+//! CSRF token is derived from the session's nonce with the same key. So
+//! the gateway holds no session table to bound, and a restart (a new key)
+//! ends every session.
+//!
+//! Cookie: `conveyor_ui=<nonce>.<expires ms>.<authed 0|1>.<mac hex>`,
+//! `HttpOnly; SameSite=Strict; Path=/ui`. With `gateway.auth_tokens` set,
+//! only a session made by a login with one of them (`authed` = 1) sees
+//! pages; without tokens any session does (one is made on first visit).
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+/// The cookie's name.
+pub(super) const COOKIE: &str = "conveyor_ui";
+
+/// How long a session lasts, in ms (12 hours).
+pub(super) const SESSION_MS: i64 = 12 * 3600 * 1000;
+
+/// The key sessions and CSRF tokens are signed with.
+pub(crate) struct Keys {
+    key: [u8; 32],
+}
+
+/// A session the gateway signed and that has not expired.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Session {
+    /// Its random part (32 hex digits).
+    pub nonce: String,
+    /// When it ends, ms since the epoch.
+    pub expires: i64,
+    /// Made by a login with a configured token.
+    pub authed: bool,
+}
+
+impl Keys {
+    /// A fresh random key (from two version-4 UUIDs: 244 random bits of
+    /// the operating system's generator).
+    pub(crate) fn random() -> Keys {
+        let mut key = [0u8; 32];
+        key[..16].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
+        key[16..].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
+        Keys { key }
+    }
+
+    fn mac(&self, parts: &[&str]) -> String {
+        // An HMAC key may have any length: this cannot fail.
+        let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(&self.key) else {
+            return String::new();
+        };
+        for part in parts {
+            mac.update(part.as_bytes());
+            mac.update(b"|");
+        }
+        hex::encode(mac.finalize().into_bytes())
+    }
+
+    /// A new session ending `SESSION_MS` after `now`.
+    pub(super) fn new_session(&self, authed: bool, now: i64) -> Session {
+        Session {
+            nonce: uuid::Uuid::new_v4().simple().to_string(),
+            expires: now.saturating_add(SESSION_MS),
+            authed,
+        }
+    }
+
+    /// The cookie's value for `session`.
+    pub(super) fn cookie_value(&self, session: &Session) -> String {
+        let expires = session.expires.to_string();
+        let authed = if session.authed { "1" } else { "0" };
+        let mac = self.mac(&["session", &session.nonce, &expires, authed]);
+        format!("{}.{expires}.{authed}.{mac}", session.nonce)
+    }
+
+    /// The session a cookie value carries, if the gateway signed it and it
+    /// has not expired at `now`.
+    pub(super) fn session_of(&self, value: &str, now: i64) -> Option<Session> {
+        let mut parts = value.split('.');
+        let (nonce, expires, authed, mac) =
+            (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+        if parts.next().is_some() || !matches!(authed, "0" | "1") {
+            return None;
+        }
+        let expected = self.mac(&["session", nonce, expires, authed]);
+        if !super::super::routes::constant_time_eq(expected.as_bytes(), mac.as_bytes()) {
+            return None;
+        }
+        let expires: i64 = expires.parse().ok()?;
+        (expires > now).then(|| Session {
+            nonce: nonce.to_owned(),
+            expires,
+            authed: authed == "1",
+        })
+    }
+
+    /// The CSRF token of `session`'s forms.
+    pub(super) fn csrf(&self, session: &Session) -> String {
+        self.mac(&["csrf", &session.nonce])
+    }
+
+    /// Whether `presented` is `session`'s CSRF token.
+    pub(super) fn csrf_ok(&self, session: &Session, presented: &str) -> bool {
+        super::super::routes::constant_time_eq(self.csrf(session).as_bytes(), presented.as_bytes())
+    }
+}
+
+/// The value of cookie `name` in a `Cookie` header.
+pub(super) fn cookie<'a>(header: &'a str, name: &str) -> Option<&'a str> {
+    header.split(';').find_map(|pair| {
+        let (key, value) = pair.trim().split_once('=')?;
+        (key == name).then_some(value)
+    })
+}
+
+/// The `Set-Cookie` header for `value` (empty with `max_age` 0: removal).
+pub(super) fn set_cookie(value: &str, max_age_s: i64, secure: bool) -> String {
+    let secure = if secure { "; Secure" } else { "" };
+    format!("{COOKIE}={value}; Path=/ui; HttpOnly; SameSite=Strict; Max-Age={max_age_s}{secure}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_session_is_good_until_it_expires_and_only_as_signed() {
+        let keys = Keys::random();
+        let session = keys.new_session(true, 1_000);
+        let value = keys.cookie_value(&session);
+        assert_eq!(keys.session_of(&value, 2_000), Some(session.clone()));
+        assert_eq!(keys.session_of(&value, 1_000 + SESSION_MS), None, "expired");
+        // Claiming a login, or a longer life, breaks the signature.
+        let forged = value.replacen(".1.", ".0.", 1);
+        assert_eq!(keys.session_of(&forged, 2_000), None);
+        let later = value.replacen(
+            &session.expires.to_string(),
+            &(session.expires + 1).to_string(),
+            1,
+        );
+        assert_eq!(keys.session_of(&later, 2_000), None);
+        // Another gateway's (or a restarted one's) key does not know it.
+        assert_eq!(Keys::random().session_of(&value, 2_000), None);
+        for junk in ["", "a.b.c", "a.1.1.x.y", "x.notanumber.1.00"] {
+            assert_eq!(keys.session_of(junk, 0), None, "{junk}");
+        }
+    }
+
+    #[test]
+    fn csrf_tokens_belong_to_one_session() {
+        let keys = Keys::random();
+        let (a, b) = (keys.new_session(false, 0), keys.new_session(false, 0));
+        let token = keys.csrf(&a);
+        assert!(keys.csrf_ok(&a, &token));
+        assert!(!keys.csrf_ok(&b, &token));
+        assert!(!keys.csrf_ok(&a, ""));
+    }
+
+    #[test]
+    fn cookies_are_found_by_name() {
+        let header = "other=1; conveyor_ui=abc.1.0.ff; x=y";
+        assert_eq!(cookie(header, COOKIE), Some("abc.1.0.ff"));
+        assert_eq!(cookie("conveyor_uix=1", COOKIE), None);
+        assert!(set_cookie("v", 10, true).contains("HttpOnly; SameSite=Strict"));
+    }
+}
