@@ -182,7 +182,10 @@ def test_every_page_in_a_browser(dev: Dev, browser: Any) -> None:
     assert page.locator("h1").inner_text() == "Replayed"
     assert "replayed" in page.locator("tbody").inner_text()
     until("the replayed task's second dead letter", lambda: letters_of(dev, page, failed) == 2)
-    assert any("dashboard: dead letters replayed" in line and failed in line for line in dev.lines), "the replay is logged"
+    assert any(
+        "dashboard: dead letters replayed" in line and failed in line and "anonymous" in line
+        for line in dev.lines
+    ), "the replay is logged, with who did it"
 
     # An action without the session's CSRF token is refused (the browser's
     # own cookies go with these requests), and changes nothing.
@@ -232,6 +235,10 @@ def test_pages_need_a_token_when_the_gateway_asks_for_one(dev_auth: Dev, browser
     with page.expect_navigation():
         page.click("button:has-text('Sign in')")
     assert page.url.endswith(f"/ui/tasks/{task}"), page.url
+    assert any(
+        "dashboard: signed in" in line and "gateway.auth_tokens[0]" in line for line in dev_auth.lines
+    ), "the sign-in is logged with the token's position, never the token"
+    assert not any(TOKEN in line for line in dev_auth.lines), "the token is never logged"
     assert "kept" in page.locator("pre.payload").inner_text()
     cookie = [c for c in context.cookies() if c["name"] == "conveyor_ui"][0]
     assert cookie["httpOnly"] and cookie["sameSite"] == "Strict", cookie

@@ -157,22 +157,26 @@ impl Ui {
         self.keys().session_of(value, now_millis())
     }
 
-    fn bearer_ok(&self, headers: &HeaderMap) -> bool {
+    /// The position of the bearer token sent, if it is a configured one.
+    fn bearer(&self, headers: &HeaderMap) -> Option<usize> {
         headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
-            .is_some_and(|presented| self.token_ok(presented.trim()))
+            .and_then(|presented| self.token_of(presented.trim()))
     }
 
-    fn token_ok(&self, presented: &str) -> bool {
-        self.shared
-            .settings
-            .auth_tokens
-            .iter()
-            .fold(false, |any, t| {
-                any | super::routes::constant_time_eq(t.as_bytes(), presented.as_bytes())
-            })
+    /// The position of `presented` in `gateway.auth_tokens`: every token
+    /// compared, each in constant time.
+    fn token_of(&self, presented: &str) -> Option<usize> {
+        let tokens = &self.shared.settings.auth_tokens;
+        tokens.iter().enumerate().fold(None, |found, (i, t)| {
+            if super::routes::constant_time_eq(t.as_bytes(), presented.as_bytes()) {
+                Some(i)
+            } else {
+                found
+            }
+        })
     }
 
     fn secure(headers: &HeaderMap) -> bool {
@@ -195,10 +199,11 @@ impl Ui {
         let path = uri.path_and_query().map_or("/ui", |p| p.as_str());
         let now = now_millis();
         match self.session(headers) {
-            Some(s) if s.authed || !self.auth_on() => return Ok(self.visitor(s, None)),
+            Some(s) if s.token.is_some() || !self.auth_on() => return Ok(self.visitor(s, None)),
             _ => {}
         }
-        if self.auth_on() && !self.bearer_ok(headers) {
+        let token = self.bearer(headers);
+        if self.auth_on() && token.is_none() {
             return Err(Box::new(self.login_form(
                 headers,
                 StatusCode::UNAUTHORIZED,
@@ -206,7 +211,7 @@ impl Ui {
                 "Sign in with one of the gateway's tokens (gateway.auth_tokens).",
             )));
         }
-        let fresh = self.keys().new_session(self.auth_on(), now);
+        let fresh = self.keys().new_session(token, now);
         let cookie = session::set_cookie(
             &self.keys().cookie_value(&fresh),
             session::SESSION_MS / 1000,
@@ -227,7 +232,7 @@ impl Ui {
         let (session, cookie) = match self.session(headers) {
             Some(s) => (s, None),
             None => {
-                let s = self.keys().new_session(false, now_millis());
+                let s = self.keys().new_session(None, now_millis());
                 let c = session::set_cookie(
                     &self.keys().cookie_value(&s),
                     session::SESSION_MS / 1000,
@@ -271,7 +276,7 @@ impl Ui {
                 "no dashboard session: open the page again and repeat",
             ));
         };
-        if logged_in && self.auth_on() && !session.authed {
+        if logged_in && self.auth_on() && session.token.is_none() {
             return Err(refuse(StatusCode::UNAUTHORIZED, "sign in first"));
         }
         match csrf {
@@ -526,7 +531,7 @@ async fn cancel_action(
     match super::lifecycle::cancel(&ui.shared, &id).await {
         Ok(_) => {
             ui.count("cancel", "done");
-            tracing::info!(task = %id, session = %short(&session), "dashboard: cancellation requested");
+            tracing::info!(task = %id, session = %short(&session), who = %who(&session), "dashboard: cancellation requested");
             Redirect::to(&format!("/ui/tasks/{id}?done=cancel")).into_response()
         }
         Err(error) => {
@@ -540,6 +545,16 @@ async fn cancel_action(
 /// A session's name in logs: the start of its nonce.
 fn short(session: &Session) -> &str {
     session.nonce.get(..8).unwrap_or(&session.nonce)
+}
+
+/// Who a session's actions are logged as: the token it signed in with
+/// (its position in `gateway.auth_tokens`, never the token), or nobody in
+/// particular when the gateway asks for no token.
+fn who(session: &Session) -> String {
+    session.token.map_or_else(
+        || "anonymous (no gateway.auth_tokens)".to_owned(),
+        |t| format!("gateway.auth_tokens[{t}]"),
+    )
 }
 
 async fn runs_page(
@@ -898,6 +913,7 @@ async fn replay_action(
             .collect();
         tracing::info!(
             session = %short(&session),
+            who = %who(&session),
             letters = ?selected.iter().map(|(t, p, o)| format!("{t}/{p}/{o}")).collect::<Vec<_>>(),
             tasks = ?ids,
             "dashboard: dead letters replayed"
@@ -947,7 +963,7 @@ async fn login_action(
     if !ui.auth_on() {
         return Redirect::to(&next).into_response();
     }
-    if !form.token.as_deref().is_some_and(|t| ui.token_ok(t.trim())) {
+    let Some(token) = form.token.as_deref().and_then(|t| ui.token_of(t.trim())) else {
         ui.count("login", "refused");
         return ui.login_form(
             &headers,
@@ -955,10 +971,10 @@ async fn login_action(
             &next,
             "That token is not one of gateway.auth_tokens.",
         );
-    }
+    };
     ui.count("login", "done");
-    let session = ui.keys().new_session(true, now_millis());
-    tracing::info!(session = %short(&session), "dashboard: signed in");
+    let session = ui.keys().new_session(Some(token), now_millis());
+    tracing::info!(session = %short(&session), who = %who(&session), "dashboard: signed in");
     let cookie = session::set_cookie(
         &ui.keys().cookie_value(&session),
         session::SESSION_MS / 1000,

@@ -4,10 +4,12 @@
 //! the gateway holds no session table to bound, and a restart (a new key)
 //! ends every session.
 //!
-//! Cookie: `conveyor_ui=<nonce>.<expires ms>.<authed 0|1>.<mac hex>`,
-//! `HttpOnly; SameSite=Strict; Path=/ui`. With `gateway.auth_tokens` set,
-//! only a session made by a login with one of them (`authed` = 1) sees
-//! pages; without tokens any session does (one is made on first visit).
+//! Cookie: `conveyor_ui=<nonce>.<expires ms>.<token>.<mac hex>`,
+//! `HttpOnly; SameSite=Strict; Path=/ui`, where `<token>` is `-`, or the
+//! position in `gateway.auth_tokens` of the token the session signed in
+//! with (named in the logs of its actions: who did it). With tokens set,
+//! only a signed-in session sees pages; without tokens any session does
+//! (one is made on first visit).
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -30,8 +32,9 @@ pub(super) struct Session {
     pub nonce: String,
     /// When it ends, ms since the epoch.
     pub expires: i64,
-    /// Made by a login with a configured token.
-    pub authed: bool,
+    /// The position in `gateway.auth_tokens` of the token it signed in
+    /// with; `None`: not signed in.
+    pub token: Option<usize>,
 }
 
 impl Keys {
@@ -57,40 +60,46 @@ impl Keys {
     }
 
     /// A new session ending `SESSION_MS` after `now`.
-    pub(super) fn new_session(&self, authed: bool, now: i64) -> Session {
+    pub(super) fn new_session(&self, token: Option<usize>, now: i64) -> Session {
         Session {
             nonce: uuid::Uuid::new_v4().simple().to_string(),
             expires: now.saturating_add(SESSION_MS),
-            authed,
+            token,
         }
     }
 
     /// The cookie's value for `session`.
     pub(super) fn cookie_value(&self, session: &Session) -> String {
         let expires = session.expires.to_string();
-        let authed = if session.authed { "1" } else { "0" };
-        let mac = self.mac(&["session", &session.nonce, &expires, authed]);
-        format!("{}.{expires}.{authed}.{mac}", session.nonce)
+        let token = session
+            .token
+            .map_or_else(|| "-".to_owned(), |t| t.to_string());
+        let mac = self.mac(&["session", &session.nonce, &expires, &token]);
+        format!("{}.{expires}.{token}.{mac}", session.nonce)
     }
 
     /// The session a cookie value carries, if the gateway signed it and it
     /// has not expired at `now`.
     pub(super) fn session_of(&self, value: &str, now: i64) -> Option<Session> {
         let mut parts = value.split('.');
-        let (nonce, expires, authed, mac) =
+        let (nonce, expires, token, mac) =
             (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-        if parts.next().is_some() || !matches!(authed, "0" | "1") {
+        if parts.next().is_some() {
             return None;
         }
-        let expected = self.mac(&["session", nonce, expires, authed]);
+        let expected = self.mac(&["session", nonce, expires, token]);
         if !super::super::routes::constant_time_eq(expected.as_bytes(), mac.as_bytes()) {
             return None;
         }
         let expires: i64 = expires.parse().ok()?;
+        let token = match token {
+            "-" => None,
+            index => Some(index.parse().ok()?),
+        };
         (expires > now).then(|| Session {
             nonce: nonce.to_owned(),
             expires,
-            authed: authed == "1",
+            token,
         })
     }
 
@@ -126,13 +135,23 @@ mod tests {
     #[test]
     fn a_session_is_good_until_it_expires_and_only_as_signed() {
         let keys = Keys::random();
-        let session = keys.new_session(true, 1_000);
+        let session = keys.new_session(Some(1), 1_000);
         let value = keys.cookie_value(&session);
         assert_eq!(keys.session_of(&value, 2_000), Some(session.clone()));
         assert_eq!(keys.session_of(&value, 1_000 + SESSION_MS), None, "expired");
-        // Claiming a login, or a longer life, breaks the signature.
-        let forged = value.replacen(".1.", ".0.", 1);
-        assert_eq!(keys.session_of(&forged, 2_000), None);
+        // Claiming another token, no token, or a longer life breaks the
+        // signature.
+        for forged in [
+            value.replacen(".1.", ".0.", 1),
+            value.replacen(".1.", ".-.", 1),
+        ] {
+            assert_eq!(keys.session_of(&forged, 2_000), None);
+        }
+        let anonymous = keys.new_session(None, 1_000);
+        assert_eq!(
+            keys.session_of(&keys.cookie_value(&anonymous), 2_000),
+            Some(anonymous)
+        );
         let later = value.replacen(
             &session.expires.to_string(),
             &(session.expires + 1).to_string(),
@@ -141,7 +160,7 @@ mod tests {
         assert_eq!(keys.session_of(&later, 2_000), None);
         // Another gateway's (or a restarted one's) key does not know it.
         assert_eq!(Keys::random().session_of(&value, 2_000), None);
-        for junk in ["", "a.b.c", "a.1.1.x.y", "x.notanumber.1.00"] {
+        for junk in ["", "a.b.c", "a.1.1.x.y", "x.notanumber.1.00", "x.5.-1.00"] {
             assert_eq!(keys.session_of(junk, 0), None, "{junk}");
         }
     }
@@ -149,7 +168,7 @@ mod tests {
     #[test]
     fn csrf_tokens_belong_to_one_session() {
         let keys = Keys::random();
-        let (a, b) = (keys.new_session(false, 0), keys.new_session(false, 0));
+        let (a, b) = (keys.new_session(None, 0), keys.new_session(None, 0));
         let token = keys.csrf(&a);
         assert!(keys.csrf_ok(&a, &token));
         assert!(!keys.csrf_ok(&b, &token));
