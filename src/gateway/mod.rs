@@ -321,7 +321,10 @@ pub async fn start(
             metrics_for_workers,
             &readers_stop,
         ),
-        ui_keys: ui::UiKeys::random(),
+        ui_keys: ui::UiKeys::derive(
+            &g.auth_tokens,
+            &format!("{}|{}", settings.kafka.brokers, settings.topics.results),
+        ),
     });
 
     let follow_spec = follow::Spec {

@@ -1,8 +1,13 @@
 //! The dashboard's sessions and CSRF tokens, kept by no one: a session is
-//! a cookie the gateway signed (HMAC-SHA256 with a key made at start), a
-//! CSRF token is derived from the session's nonce with the same key. So
-//! the gateway holds no session table to bound, and a restart (a new key)
-//! ends every session.
+//! a cookie the gateway signed (HMAC-SHA256), a CSRF token is derived from
+//! the session's nonce with the same key. So the gateway holds no session
+//! table to bound. The key is derived from `gateway.auth_tokens`: every
+//! replica with the same tokens signs alike (a load balancer may send a
+//! browser to any of them), a restart keeps sessions, and changing the
+//! tokens ends every session. Without tokens (the dashboard open to all)
+//! it is derived from the cluster's address and the results topic, shared
+//! by the replicas of one deployment: there a session grants nothing, it
+//! only carries the CSRF token.
 //!
 //! Cookie: `conveyor_ui=<nonce>.<expires ms>.<token>.<mac hex>`,
 //! `HttpOnly; SameSite=Strict; Path=/ui`, where `<token>` is `-`, or the
@@ -38,13 +43,30 @@ pub(super) struct Session {
 }
 
 impl Keys {
-    /// A fresh random key (from two version-4 UUIDs: 244 random bits of
-    /// the operating system's generator).
+    /// The key of a gateway with `tokens` (`gateway.auth_tokens`), or,
+    /// without tokens, of one whose deployment `open_material` names.
+    pub(crate) fn derive(tokens: &[String], open_material: &str) -> Keys {
+        use sha2::Digest;
+        let mut hash = Sha256::new();
+        hash.update(b"conveyor dashboard sessions v1\0");
+        if tokens.is_empty() {
+            hash.update(b"open\0");
+            hash.update(open_material.as_bytes());
+        } else {
+            for token in tokens {
+                hash.update(token.as_bytes());
+                hash.update(b"\0");
+            }
+        }
+        Keys {
+            key: hash.finalize().into(),
+        }
+    }
+
+    /// A key of its own (tests).
+    #[cfg(test)]
     pub(crate) fn random() -> Keys {
-        let mut key = [0u8; 32];
-        key[..16].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
-        key[16..].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
-        Keys { key }
+        Keys::derive(&[uuid::Uuid::new_v4().to_string()], "")
     }
 
     fn mac(&self, parts: &[&str]) -> String {
@@ -158,11 +180,40 @@ mod tests {
             1,
         );
         assert_eq!(keys.session_of(&later, 2_000), None);
-        // Another gateway's (or a restarted one's) key does not know it.
+        // A gateway with other tokens does not know it.
         assert_eq!(Keys::random().session_of(&value, 2_000), None);
         for junk in ["", "a.b.c", "a.1.1.x.y", "x.notanumber.1.00", "x.5.-1.00"] {
             assert_eq!(keys.session_of(junk, 0), None, "{junk}");
         }
+    }
+
+    #[test]
+    fn replicas_with_the_same_tokens_sign_alike_and_new_tokens_end_sessions() {
+        let tokens = vec!["t1".to_owned(), "t2".to_owned()];
+        let (a, b) = (Keys::derive(&tokens, "x"), Keys::derive(&tokens, "y"));
+        let session = a.new_session(Some(0), 0);
+        let value = a.cookie_value(&session);
+        assert_eq!(
+            b.session_of(&value, 1),
+            Some(session.clone()),
+            "another replica"
+        );
+        assert_eq!(b.csrf(&session), a.csrf(&session));
+        let rotated = Keys::derive(&["t1".to_owned(), "t3".to_owned()], "x");
+        assert_eq!(rotated.session_of(&value, 1), None, "tokens changed");
+        // Without tokens: the deployment's material decides.
+        let open = Keys::derive(&[], "brokers|results");
+        let session = open.new_session(None, 0);
+        let value = open.cookie_value(&session);
+        assert!(Keys::derive(&[], "brokers|results")
+            .session_of(&value, 1)
+            .is_some());
+        assert!(Keys::derive(&[], "other|results")
+            .session_of(&value, 1)
+            .is_none());
+        assert!(Keys::derive(&["brokers|results".to_owned()], "")
+            .session_of(&value, 1)
+            .is_none());
     }
 
     #[test]
