@@ -99,6 +99,7 @@ fn main() {
         settings.delays.enabled = false;
         settings.events.enabled = false;
         settings.cancel.enabled = false;
+        settings.workers.enabled = false;
         let stop = CancellationToken::new();
         let gateway = conveyor::gateway::start(&settings, Arc::new(Metrics::new()), stop.clone())
             .await

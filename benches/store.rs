@@ -276,6 +276,30 @@ async fn list_timing(http: &reqwest::Client, port: u16, query: &str) -> String {
     )
 }
 
+/// The dashboard's task list (`/ui/tasks`, 50 rows rendered as HTML) with
+/// `query`: median and p99 of 200 loads, and the page's size.
+async fn page_timing(http: &reqwest::Client, port: u16, query: &str) -> String {
+    let mut took = Vec::new();
+    let mut size = 0;
+    for _ in 0..200 {
+        let at = Instant::now();
+        let r = http
+            .get(format!("http://127.0.0.1:{port}/ui/tasks?{query}"))
+            .send()
+            .await
+            .expect("page");
+        assert_eq!(r.status(), 200);
+        size = r.bytes().await.expect("body").len();
+        took.push(at.elapsed());
+    }
+    took.sort();
+    format!(
+        "median {:.2} ms, p99 {:.2} ms, {size} bytes",
+        quantile(&took, 0.5).as_secs_f64() * 1e3,
+        quantile(&took, 0.99).as_secs_f64() * 1e3,
+    )
+}
+
 fn main() {
     let o = options();
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
@@ -301,6 +325,7 @@ fn main() {
         settings.delays.enabled = false;
         settings.events.enabled = false;
         settings.cancel.enabled = false;
+        settings.workers.enabled = false;
         let config = std::env::temp_dir().join(format!("conveyor-bench-store-{suffix}.toml"));
         std::fs::write(&config, settings.to_toml().expect("toml")).expect("config");
         let http = reqwest::Client::builder()
@@ -326,6 +351,8 @@ fn main() {
         let rss_small = gateway.rss_mib();
         let list_small = list_timing(&http, port, "type=email&status=succeeded&limit=100").await;
         println!("at {small}: RSS {rss_small:.1} MiB; list type+status, 100 per page: {list_small}");
+        let page_small = page_timing(&http, port, "type=email&status=succeeded").await;
+        println!("at {small}: dashboard task list (type+status, 50 rows): {page_small}");
         // The rest produced in chunks of 100,000 while it runs, each
         // applied before the next (librdkafka's mock cluster keeps only
         // the latest records of a partition, some 25,000 here: a backlog
@@ -362,6 +389,8 @@ fn main() {
             .map(|file| std::fs::metadata(file).map(|m| m.len()).unwrap_or(0))
             .sum();
         let list_big = list_timing(&http, port, "type=email&status=succeeded&limit=100").await;
+        let page_big = page_timing(&http, port, "type=email&status=succeeded").await;
+        println!("at {}: dashboard task list (type+status, 50 rows): {page_big}", o.results);
         println!(
             "at {}: RSS {rss_big:.1} MiB ({:+.0} % against {small}); disk {:.1} MiB, {:.0} bytes per task; \
              list type+status, 100 per page: {list_big}",

@@ -15,6 +15,7 @@ import os
 import pathlib
 import re
 import time
+import urllib.request
 from typing import Any, Callable
 
 from conftest import TOKEN, Dev
@@ -49,6 +50,19 @@ def shot(page: Any, name: str) -> None:
     if folder:
         pathlib.Path(folder).mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(pathlib.Path(folder) / f"{name}.png"), full_page=True)
+
+
+def failed_runs(dev: Dev, task_type: str) -> float:
+    """Terminal failures of `task_type` the worker counted (conveyor dev's
+    gateway serves the worker's metrics)."""
+    assert dev.api is not None
+    with urllib.request.urlopen(dev.api + "/metrics", timeout=30) as response:
+        text = response.read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("conveyor_tasks_failed_total{") and f'task_type="{task_type}"' in line
+    )
 
 
 def letters_of(dev: Dev, page: Any, task_id: str) -> int:
@@ -170,18 +184,21 @@ def test_every_page_in_a_browser(dev: Dev, browser: Any) -> None:
     # Replay from the page: a preview first, then the task runs again (it
     # fails again: a second dead letter of the same task).
     assert letters_of(dev, page, failed) == 1
+    assert failed_runs(dev, "sleep") == 1
     page.check("input[name=letter]")
     page.click("text=Replay selected")
     assert "Replay: preview" in page.locator("h1").inner_text()
     assert "would replay" in page.locator("tbody").inner_text()
     time.sleep(1)
     assert letters_of(dev, page, failed) == 1, "a preview produces nothing"
+    assert failed_runs(dev, "sleep") == 1
     page.check("input[name=letter]")
     page.click("text=Replay selected")
     page.click("text=Confirm: replay 1")
     assert page.locator("h1").inner_text() == "Replayed"
     assert "replayed" in page.locator("tbody").inner_text()
     until("the replayed task's second dead letter", lambda: letters_of(dev, page, failed) == 2)
+    assert failed_runs(dev, "sleep") == 2, "the worker ran the replayed task once more"
     assert any(
         "dashboard: dead letters replayed" in line and failed in line and "anonymous" in line
         for line in dev.lines
