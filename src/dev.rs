@@ -222,6 +222,9 @@ pub async fn run(user_settings: Option<Settings>) -> anyhow::Result<()> {
     };
     let api = format!("http://{}", gateway.address());
     println!("  gateway: {api} (API described at {api}/openapi.json)");
+    if settings.gateway.ui {
+        println!("  dashboard: {api}/ui");
+    }
 
     // Prove the whole path: a task in, its result out. Only with the
     // built-in echo handler: another type's handler may be a user's web

@@ -24,7 +24,7 @@ pub const MAX_LIMIT: usize = 1_000;
 const MAX_FILTER_CHARS: usize = 256;
 
 /// Every task status a filter may name.
-const TASK_STATUSES: [&str; 7] = [
+pub(super) const TASK_STATUSES: [&str; 7] = [
     "scheduled",
     "queued",
     "running",
@@ -34,7 +34,8 @@ const TASK_STATUSES: [&str; 7] = [
     "cancelled",
 ];
 /// Every run status the store keeps.
-const RUN_STATUSES: [&str; 5] = ["queued", "running", "succeeded", "failed", "cancelled"];
+pub(super) const RUN_STATUSES: [&str; 5] =
+    ["queued", "running", "succeeded", "failed", "cancelled"];
 
 fn invalid(field: &str, why: impl Into<String>) -> ApiError {
     ApiError::field(field, why).with(StatusCode::BAD_REQUEST, "invalid_parameter")

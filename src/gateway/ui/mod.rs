@@ -300,6 +300,33 @@ impl Ui {
             .inc();
     }
 
+    /// The API's answer for the one task or run `id` names (`{route}/{id}`),
+    /// or the page saying why there is none (`title` heads it).
+    async fn one(
+        &self,
+        visitor: &Visitor,
+        id: &str,
+        title: &str,
+        route: &str,
+    ) -> Result<(uuid::Uuid, Value), Box<Response>> {
+        let Ok(id) = uuid::Uuid::try_parse(id) else {
+            return Err(Box::new(page(
+                visitor,
+                StatusCode::BAD_REQUEST,
+                pages::message(title, &format!("`{id}` is not an id (a UUID)")),
+            )));
+        };
+        let (status, body) = self.api(&format!("{route}/{id}")).await;
+        if !status.is_success() {
+            return Err(Box::new(page(
+                visitor,
+                status,
+                pages::message(title, &api_message(&body)),
+            )));
+        }
+        Ok((id, body))
+    }
+
     /// `GET uri` of the API: its status and JSON body.
     async fn api(&self, uri: &str) -> (StatusCode, Value) {
         let request = match Request::get(uri).body(Body::empty()) {
@@ -473,21 +500,10 @@ async fn task_page(
         Ok(v) => v,
         Err(r) => return *r,
     };
-    let Ok(id) = uuid::Uuid::try_parse(&id) else {
-        return page(
-            &visitor,
-            StatusCode::BAD_REQUEST,
-            pages::message("Not a task id", "a task id is a UUID"),
-        );
+    let (id, body) = match ui.one(&visitor, &id, "Task", "/v1/tasks").await {
+        Ok(found) => found,
+        Err(r) => return *r,
     };
-    let (status, body) = ui.api(&format!("/v1/tasks/{id}")).await;
-    if !status.is_success() {
-        return page(
-            &visitor,
-            status,
-            pages::message("Task", &api_message(&body)),
-        );
-    }
     // What only the gateway holds: the payload (the store) and the events
     // (the in-memory view).
     let store = ui.shared.store.clone();
@@ -587,22 +603,10 @@ async fn run_page(
         Ok(v) => v,
         Err(r) => return *r,
     };
-    let Ok(id) = uuid::Uuid::try_parse(&id) else {
-        return page(
-            &visitor,
-            StatusCode::BAD_REQUEST,
-            pages::message("Not a run id", "a workflow run id is a UUID"),
-        );
-    };
-    let (status, body) = ui.api(&format!("/v1/workflows/{id}")).await;
-    if !status.is_success() {
-        return page(
-            &visitor,
-            status,
-            pages::message("Workflow run", &api_message(&body)),
-        );
+    match ui.one(&visitor, &id, "Workflow run", "/v1/workflows").await {
+        Ok((_, body)) => page(&visitor, StatusCode::OK, pages::run(&visitor, &body)),
+        Err(r) => *r,
     }
-    page(&visitor, StatusCode::OK, pages::run(&visitor, &body))
 }
 
 async fn schedules_page(State(ui): State<Arc<Ui>>, headers: HeaderMap, uri: Uri) -> Response {

@@ -7,6 +7,7 @@ use maud::{html, Markup, DOCTYPE};
 use serde_json::Value;
 
 use super::Visitor;
+use crate::gateway::lists::{RUN_STATUSES, TASK_STATUSES};
 use crate::gateway::view::LiveEvent;
 
 /// Most bytes of a payload, result or progress value a page shows.
@@ -319,16 +320,6 @@ fn next_link(base: &str, params: &BTreeMap<String, String>, keys: &[&str], curso
     )
 }
 
-const TASK_STATUSES: &[&str] = &[
-    "scheduled",
-    "queued",
-    "running",
-    "retrying",
-    "succeeded",
-    "failed",
-    "cancelled",
-];
-
 pub(super) fn tasks(
     v: &Visitor,
     params: &BTreeMap<String, String>,
@@ -342,7 +333,7 @@ pub(super) fn tasks(
             label { "Status "
                 select name="status" {
                     option value="" { "any" }
-                    @for s in TASK_STATUSES {
+                    @for s in &TASK_STATUSES {
                         option value=(s) selected[status == *s] { (s) }
                     }
                 }
@@ -462,8 +453,6 @@ pub(super) fn task(
     layout(v, "Task", "/ui/tasks", None, content)
 }
 
-const RUN_STATUSES: &[&str] = &["running", "succeeded", "failed", "cancelled"];
-
 pub(super) fn runs(
     v: &Visitor,
     params: &BTreeMap<String, String>,
@@ -476,7 +465,7 @@ pub(super) fn runs(
             label { "Status "
                 select name="status" {
                     option value="" { "any" }
-                    @for s in RUN_STATUSES { option value=(s) selected[status == *s] { (s) } }
+                    @for s in &RUN_STATUSES { option value=(s) selected[status == *s] { (s) } }
                 }
             }
             label { "Since " input name="since" value=(field(params, "since")); }
