@@ -174,6 +174,10 @@ pub struct Letters {
     partitions: std::collections::VecDeque<i32>,
     /// The partition being read.
     current: Option<i32>,
+    /// When reading gives up (see [`Letters::stop_at`]).
+    deadline: Option<std::time::Instant>,
+    /// Whether it gave up at the deadline.
+    cut_short: bool,
 }
 
 impl Letters {
@@ -193,12 +197,33 @@ impl Letters {
             codec,
             partitions,
             current: None,
+            deadline: None,
+            cut_short: false,
         })
+    }
+
+    /// Stops reading at `deadline`: [`Letters::next_letter`] then answers
+    /// `None` as at the end, and [`Letters::cut_short`] says so (the
+    /// dashboard bounds its reads with it).
+    pub fn stop_at(&mut self, deadline: std::time::Instant) {
+        self.deadline = Some(deadline);
+    }
+
+    /// Whether reading stopped at the deadline rather than at the end.
+    pub fn cut_short(&self) -> bool {
+        self.cut_short
     }
 
     /// The next selected dead letter, or `None` after the last.
     pub fn next_letter(&mut self) -> Result<Option<DeadLetter>, ClientError> {
         loop {
+            if self
+                .deadline
+                .is_some_and(|d| std::time::Instant::now() >= d)
+            {
+                self.cut_short = true;
+                return Ok(None);
+            }
             let partition = match self.current {
                 Some(p) => p,
                 None => match self.partitions.pop_front() {

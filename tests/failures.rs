@@ -666,6 +666,22 @@ async fn dead_letters_replayed_after_a_fix_succeed_and_a_dry_run_changes_nothing
         assert!(listed
             .iter()
             .all(|l| l["type"] == "flaky" && l["error"] == "handler bug"));
+        // A bounded read (the dashboard's): all of them before the
+        // deadline, none past it, and it says which.
+        let filter = conveyor::dlq::Filter::default();
+        let mut letters =
+            conveyor::dlq::Letters::open(&settings, &pipeline.dead_letter, &filter).unwrap();
+        letters.stop_at(std::time::Instant::now() + LONG);
+        let mut read = 0;
+        while letters.next_letter().unwrap().is_some() {
+            read += 1;
+        }
+        assert_eq!((read, letters.cut_short()), (TASKS, false));
+        let mut late =
+            conveyor::dlq::Letters::open(&settings, &pipeline.dead_letter, &filter).unwrap();
+        late.stop_at(std::time::Instant::now());
+        assert!(late.next_letter().unwrap().is_none());
+        assert!(late.cut_short());
 
         let input_before = kafka.end_offsets(&pipeline.input);
         let (code, planned) = dlq_command(&kafka, &pipeline, &["replay", "--dry-run"]);

@@ -696,25 +696,21 @@ fn read_letters(
 ) -> Result<(Vec<crate::dlq::DeadLetter>, bool), String> {
     let mut letters = crate::dlq::Letters::open(settings, &query.topic, &query.filter)
         .map_err(|e| e.to_string())?;
-    let started = Instant::now();
+    letters.stop_at(Instant::now() + LETTERS_READ_BUDGET);
     let mut found = Vec::new();
-    while started.elapsed() < LETTERS_READ_BUDGET {
-        match letters.next_letter().map_err(|e| e.to_string())? {
-            None => return Ok((found, false)),
-            Some(letter) => {
-                let wanted = query
-                    .task
-                    .is_none_or(|id| letter.request.as_ref().is_ok_and(|r| r.id == id));
-                if wanted {
-                    found.push(letter);
-                    if found.len() >= limit {
-                        return Ok((found, true));
-                    }
-                }
+    while let Some(letter) = letters.next_letter().map_err(|e| e.to_string())? {
+        let wanted = query
+            .task
+            .is_none_or(|id| letter.request.as_ref().is_ok_and(|r| r.id == id));
+        if wanted {
+            found.push(letter);
+            if found.len() >= limit {
+                return Ok((found, true));
             }
         }
     }
-    Ok((found, true))
+    let cut_short = letters.cut_short();
+    Ok((found, cut_short))
 }
 
 async fn dlq_page(
@@ -786,6 +782,7 @@ fn read_selected(
             .push(*offset);
     }
     let mut found = Vec::new();
+    let deadline = Instant::now() + LETTERS_READ_BUDGET * 2;
     for ((topic, partition), offsets) in by_partition {
         let (Some(&from), Some(&to)) = (offsets.iter().min(), offsets.iter().max()) else {
             continue;
@@ -798,10 +795,17 @@ fn read_selected(
         };
         let mut letters =
             crate::dlq::Letters::open(settings, &topic, &filter).map_err(|e| e.to_string())?;
+        letters.stop_at(deadline);
         while let Some(letter) = letters.next_letter().map_err(|e| e.to_string())? {
             if offsets.contains(&letter.offset) {
                 found.push(letter);
             }
+        }
+        if letters.cut_short() {
+            return Err(format!(
+                "reading {topic} partition {partition} took longer than {} s; select fewer or closer letters",
+                LETTERS_READ_BUDGET.as_secs() * 2
+            ));
         }
     }
     Ok(found)
