@@ -203,8 +203,10 @@ pub const GATEWAY_WORKERS_DROPPED: &str = "conveyor_gateway_workers_dropped_tota
 /// workers topic not taken, `reason` being `too_large` or `unreadable`.
 pub const GATEWAY_WORKER_REPORTS_REFUSED: &str = "conveyor_gateway_worker_reports_refused_total";
 /// `conveyor_gateway_ui_actions_total{action,outcome}`: dashboard actions
-/// (`login`, `cancel`, `replay`), `outcome` being `done`, `refused` (no
-/// or a wrong CSRF token, a wrong login token) or `failed`.
+/// (`login`, `logout`, `cancel`, `replay`, and `dlq_read` for a
+/// dead-letter page), `outcome` being `done`, `refused` (no or a wrong
+/// CSRF token, a wrong login token; for `dlq_read`, four reads already
+/// under way) or `failed`.
 pub const GATEWAY_UI_ACTIONS: &str = "conveyor_gateway_ui_actions_total";
 
 /// Label value for task types no handler is configured for.

@@ -42,6 +42,9 @@ pub(super) const MAX_REPLAY: usize = 100;
 const MAX_LETTERS_LISTED: usize = 50;
 /// How long listing dead letters may read, at most.
 const LETTERS_READ_BUDGET: Duration = Duration::from_secs(5);
+/// Most dead-letter reads (a page or a replay, each a consumer of its own)
+/// at once per gateway; one more is answered 503.
+const MAX_LETTER_READS: usize = 4;
 /// Most bytes of an API answer a page reads.
 const MAX_API_BYTES: usize = 16 * 1024 * 1024;
 
@@ -51,6 +54,8 @@ struct Ui {
     /// The API's routes, without the bearer-token check (the dashboard's
     /// session stands for it).
     api: Router,
+    /// Dead-letter reads under way ([`MAX_LETTER_READS`]).
+    letter_reads: Arc<tokio::sync::Semaphore>,
 }
 
 /// The dashboard's routes (with their state), to merge into the gateway's.
@@ -58,6 +63,7 @@ pub(super) fn router(shared: Arc<Shared>, api: Router) -> Router {
     let ui = Arc::new(Ui {
         shared: shared.clone(),
         api,
+        letter_reads: Arc::new(tokio::sync::Semaphore::new(MAX_LETTER_READS)),
     });
     Router::new()
         .route("/ui", get(workers_page))
@@ -290,6 +296,28 @@ impl Ui {
                 "the form carried no CSRF token: actions are taken only from the dashboard's own forms",
             )),
         }
+    }
+
+    /// A turn to read dead letters, or the 503 page when
+    /// [`MAX_LETTER_READS`] are under way (counted as a refused
+    /// `dlq_read`).
+    fn letter_read(
+        &self,
+        visitor: &Visitor,
+    ) -> Result<tokio::sync::OwnedSemaphorePermit, Box<Response>> {
+        self.letter_reads.clone().try_acquire_owned().map_err(|_| {
+            self.count("dlq_read", "refused");
+            Box::new(page(
+                visitor,
+                StatusCode::SERVICE_UNAVAILABLE,
+                pages::message(
+                    "Dead letters",
+                    &format!(
+                        "{MAX_LETTER_READS} dead-letter reads are under way on this gateway; try again in a few seconds"
+                    ),
+                ),
+            ))
+        })
     }
 
     fn count(&self, action: &str, outcome: &str) {
@@ -739,13 +767,20 @@ async fn dlq_page(
         .and_then(|l| l.parse::<usize>().ok())
         .unwrap_or(MAX_LETTERS_LISTED)
         .clamp(1, MAX_LETTERS_LISTED);
+    let turn = match ui.letter_read(&visitor) {
+        Ok(turn) => turn,
+        Err(r) => return *r,
+    };
     let settings = ui.shared.config.clone();
     let read = {
         let query = query.clone();
-        tokio::task::spawn_blocking(move || read_letters(&settings, &query, limit))
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|r| r)
+        tokio::task::spawn_blocking(move || {
+            let _turn = turn;
+            read_letters(&settings, &query, limit)
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r)
     };
     let code = if read.is_ok() {
         StatusCode::OK
@@ -869,10 +904,17 @@ async fn replay_action(
         );
     }
     let confirmed = field("confirm") == Some("yes");
+    let turn = match ui.letter_read(&visitor) {
+        Ok(turn) => turn,
+        Err(r) => return *r,
+    };
     let settings = ui.shared.config.clone();
     let wanted = selected.clone();
-    let letters = match tokio::task::spawn_blocking(move || read_selected(&settings, &wanted)).await
-    {
+    let read = tokio::task::spawn_blocking(move || {
+        let _turn = turn;
+        read_selected(&settings, &wanted)
+    });
+    let letters = match read.await {
         Ok(Ok(letters)) => letters,
         Ok(Err(why)) => {
             ui.count("replay", "failed");
@@ -1045,6 +1087,17 @@ mod tests {
             HeaderValue::from_static("http://evil.example"),
         );
         assert!(!same_origin(&h));
+    }
+
+    #[test]
+    fn dead_letter_reads_stop_at_their_bound_and_free_their_turn() {
+        let reads = Arc::new(tokio::sync::Semaphore::new(MAX_LETTER_READS));
+        let turns: Vec<_> = (0..MAX_LETTER_READS)
+            .map(|_| reads.clone().try_acquire_owned().expect("a turn"))
+            .collect();
+        assert!(reads.clone().try_acquire_owned().is_err(), "one more is refused");
+        drop(turns);
+        assert!(reads.clone().try_acquire_owned().is_ok(), "a finished read frees its turn");
     }
 
     #[test]
