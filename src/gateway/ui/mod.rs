@@ -666,7 +666,8 @@ fn dead_letter_topics(shared: &Shared) -> Vec<String> {
 }
 
 /// The dead letters a page asks for: which topic, and the `conveyor dlq`
-/// filters (`type`, `kind`, `partition`) plus a task id.
+/// filters (`type`, `kind`, `partition`, `from` and `to` offsets) plus a
+/// task id.
 #[derive(Debug, Clone, Default)]
 struct LetterQuery {
     topic: String,
@@ -696,6 +697,18 @@ fn letter_query(shared: &Shared, params: &BTreeMap<String, String>) -> Result<Le
                 .ok_or_else(|| format!("partition: `{p}` is not a partition number"))?,
         ),
     };
+    let offset = |key: &str| -> Result<Option<i64>, String> {
+        match get(key) {
+            None => Ok(None),
+            Some(o) => o
+                .parse::<i64>()
+                .ok()
+                .filter(|o| *o >= 0)
+                .map(Some)
+                .ok_or_else(|| format!("{key}: `{o}` is not an offset")),
+        }
+    };
+    let (from_offset, to_offset) = (offset("from")?, offset("to")?);
     let task = match get("task") {
         None => None,
         Some(t) => Some(
@@ -707,9 +720,10 @@ fn letter_query(shared: &Shared, params: &BTreeMap<String, String>) -> Result<Le
         topic,
         filter: crate::dlq::Filter {
             partition,
+            from_offset,
+            to_offset,
             task_type: get("type").map(str::to_owned),
             kind: get("kind").map(str::to_owned),
-            ..Default::default()
         },
         task,
     })
@@ -1095,9 +1109,15 @@ mod tests {
         let turns: Vec<_> = (0..MAX_LETTER_READS)
             .map(|_| reads.clone().try_acquire_owned().expect("a turn"))
             .collect();
-        assert!(reads.clone().try_acquire_owned().is_err(), "one more is refused");
+        assert!(
+            reads.clone().try_acquire_owned().is_err(),
+            "one more is refused"
+        );
         drop(turns);
-        assert!(reads.clone().try_acquire_owned().is_ok(), "a finished read frees its turn");
+        assert!(
+            reads.clone().try_acquire_owned().is_ok(),
+            "a finished read frees its turn"
+        );
     }
 
     #[test]

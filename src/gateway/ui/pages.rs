@@ -594,6 +594,8 @@ pub(super) fn dlq(
             label { "Type " input name="type" value=(field(params, "type")); }
             label { "Error kind " input name="kind" value=(field(params, "kind")); }
             label { "Partition " input name="partition" size="4" value=(field(params, "partition")); }
+            label { "From offset " input name="from" size="8" value=(field(params, "from")); }
+            label { "To offset " input name="to" size="8" value=(field(params, "to")); }
             label { "Task " input name="task" placeholder="task id" value=(field(params, "task")); }
             button type="submit" { "Filter" }
         }
