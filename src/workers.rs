@@ -32,6 +32,9 @@ use crate::shutdown::CancellationToken;
 /// Largest report a worker writes (and a gateway reads), in bytes.
 pub const MAX_REPORT_BYTES: usize = 64 * 1024;
 
+/// Most time the last report (`stopped`) may take at shutdown.
+const LAST_REPORT_BUDGET: Duration = Duration::from_secs(2);
+
 /// A worker is gone when it has not reported for this many intervals.
 const SILENT_INTERVALS: i64 = 3;
 
@@ -214,9 +217,21 @@ impl Reporter {
                 () = tokio::time::sleep(every) => {}
             }
         }
-        self.send(true).await;
+        // The last report comes after the processors drained, inside the
+        // shutdown budget: it gets at most LAST_REPORT_BUDGET (a broker
+        // that does not answer then costs that, and the worker is listed
+        // silent instead of stopped).
         let producer = self.producer.clone();
-        let _ = tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(5))).await;
+        let last = async {
+            self.send(true).await;
+            let _ = tokio::task::spawn_blocking(move || producer.flush(LAST_REPORT_BUDGET)).await;
+        };
+        if tokio::time::timeout(LAST_REPORT_BUDGET, last)
+            .await
+            .is_err()
+        {
+            tracing::warn!(topic = %self.topic, "the last worker report was not written in time; this worker will be listed as silent, not stopped");
+        }
     }
 
     async fn send(&mut self, stopped: bool) {
