@@ -238,7 +238,7 @@ async fn write(
 }
 
 fn tokens_match(a: &str, b: &str) -> bool {
-    super::routes::constant_time_eq(a.as_bytes(), b.as_bytes())
+    super::secret::constant_time_eq(a.as_bytes(), b.as_bytes())
 }
 
 /// Counts an open stream; the count drops with it.

@@ -175,14 +175,7 @@ impl Ui {
     /// The position of `presented` in `gateway.auth_tokens`: every token
     /// compared, each in constant time.
     fn token_of(&self, presented: &str) -> Option<usize> {
-        let tokens = &self.shared.settings.auth_tokens;
-        tokens.iter().enumerate().fold(None, |found, (i, t)| {
-            if super::routes::constant_time_eq(t.as_bytes(), presented.as_bytes()) {
-                Some(i)
-            } else {
-                found
-            }
-        })
+        super::secret::token_position(&self.shared.settings.auth_tokens, presented)
     }
 
     fn secure(headers: &HeaderMap) -> bool {

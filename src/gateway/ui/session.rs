@@ -110,7 +110,7 @@ impl Keys {
             return None;
         }
         let expected = self.mac(&["session", nonce, expires, token]);
-        if !super::super::routes::constant_time_eq(expected.as_bytes(), mac.as_bytes()) {
+        if !super::super::secret::constant_time_eq(expected.as_bytes(), mac.as_bytes()) {
             return None;
         }
         let expires: i64 = expires.parse().ok()?;
@@ -132,7 +132,7 @@ impl Keys {
 
     /// Whether `presented` is `session`'s CSRF token.
     pub(super) fn csrf_ok(&self, session: &Session, presented: &str) -> bool {
-        super::super::routes::constant_time_eq(self.csrf(session).as_bytes(), presented.as_bytes())
+        super::super::secret::constant_time_eq(self.csrf(session).as_bytes(), presented.as_bytes())
     }
 }
 
