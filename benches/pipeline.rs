@@ -132,6 +132,10 @@ struct Options {
     keys: usize,
     /// Where to write the machine-readable results (`--json FILE`).
     json: Option<String>,
+    /// `--only raw|conveyor|none`: run one side of the throughput
+    /// comparison (or neither: the set-up and preload alone), for counting
+    /// instructions per record under callgrind (BENCHMARKS.md).
+    only: Option<String>,
 }
 
 /// Machine-readable results, written with `--json FILE` for
@@ -209,6 +213,7 @@ fn options() -> Options {
         waiting: 0,
         keys: 0,
         json: None,
+        only: None,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut it = args.iter();
@@ -239,6 +244,7 @@ fn options() -> Options {
             "--waiting" => o.waiting = value().parse().unwrap_or(10_000),
             "--keys" => o.keys = value().parse().unwrap_or(o.keys),
             "--json" => o.json = Some(value()),
+            "--only" => o.only = Some(value()),
             "--ordering" => {
                 let ordering = match value().as_str() {
                     "partition" => Ordering::Partition,
@@ -1130,6 +1136,28 @@ fn main() {
                 ratios.len(),
                 median(ratios)
             );
+            return;
+        }
+        if let Some(side) = &o.only {
+            // One side alone, once: what callgrind counts is then the
+            // set-up, the preload and that side's pipeline.
+            let out = broker.topic("bench-only-out", o.partitions).await;
+            let (rate, cpu) = match side.as_str() {
+                "raw" => {
+                    let (k, i, m) = (kafka.clone(), input.clone(), o.messages);
+                    let raw = tokio::task::spawn_blocking(move || baseline(&k, &i, &out, m))
+                        .await
+                        .expect("baseline");
+                    (raw.rate, raw.cpu_per_100k)
+                }
+                "conveyor" => {
+                    let ours =
+                        conveyor_run(&kafka, &input, &out, &dlq, o.messages, Metrics::new()).await;
+                    (ours.rate, ours.cpu_per_100k)
+                }
+                _ => (0.0, 0.0),
+            };
+            println!("only {side}: {rate:.0} msg/s ({cpu:.2} CPU s/100k)");
             return;
         }
         let mut ratios = Vec::new();
