@@ -28,13 +28,17 @@ pub enum WorkerError {
 /// This process's identity in results and client ids:
 /// `<kafka.client_id>-<host>-<pid>`.
 pub fn worker_id(client_id: &str) -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+    format!("{client_id}-{}-{}", host_name(), std::process::id())
+}
+
+/// This machine's host name (the pod's name in Kubernetes).
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .map(|h| h.trim().to_owned())
         .filter(|h| !h.is_empty())
         .or_else(|| std::env::var("HOSTNAME").ok())
-        .unwrap_or_else(|| "localhost".into());
-    format!("{client_id}-{host}-{}", std::process::id())
+        .unwrap_or_else(|| "localhost".into())
 }
 
 /// The processors `settings` describes, ready to run, with the built-in

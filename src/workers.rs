@@ -171,7 +171,7 @@ impl Presence {
             .collect();
         let reporter = Reporter {
             identity: Report {
-                host: host_name(),
+                host: crate::worker::host_name(),
                 pid: std::process::id(),
                 version: env!("CARGO_PKG_VERSION").to_owned(),
                 started_at: now_millis(),
@@ -210,8 +210,13 @@ struct Reporter {
 impl Reporter {
     async fn run(mut self, done: CancellationToken) {
         let every = Duration::from_millis(self.identity.interval_ms.max(100));
+        // A stop does not wait on a report under way (a broker that does
+        // not answer holds one for up to `message.timeout.ms`).
         loop {
-            self.send(false).await;
+            tokio::select! {
+                () = done.cancelled() => break,
+                () = self.send(false) => {}
+            }
             tokio::select! {
                 () = done.cancelled() => break,
                 () = tokio::time::sleep(every) => {}
@@ -362,15 +367,6 @@ fn lags(metrics: &Metrics) -> HashMap<String, Vec<PartitionReport>> {
         list.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
     }
     lags
-}
-
-fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|h| h.trim().to_owned())
-        .filter(|h| !h.is_empty())
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .unwrap_or_else(|| "localhost".into())
 }
 
 /// Where a listed worker stands.
