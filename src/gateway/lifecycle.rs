@@ -417,17 +417,14 @@ impl Stream {
                     .data(render(&task).to_string()),
             );
         }
-        let last = self.last;
-        for event in task
-            .events
-            .iter()
-            .filter(|e| last.is_none_or(|l| e.offset > l))
-        {
-            self.queue.push_back(sse_of(event));
-            self.last = Some(event.offset);
-        }
+        self.queue_events(&task);
         let stopping = shared.stopping.load(Ordering::Relaxed);
         if task.phase.is_terminal() && (stopping || self.settled(&task).await) {
+            // Events read while `settled` waited (the last ones, which it
+            // waited for) are in the view now, not in `task`: they go out
+            // before the end.
+            let task = shared.view().get(&id).cloned().unwrap_or(task);
+            self.queue_events(&task);
             self.queue.push_back(
                 SseEvent::default()
                     .event(task.phase.name())
@@ -453,6 +450,19 @@ impl Stream {
         let _ = tokio::time::timeout(wait, notify.notified()).await;
         drop(notify);
         shared.view().release_waiter(&id);
+    }
+
+    /// Queues `task`'s events not sent yet, in order.
+    fn queue_events(&mut self, task: &TaskView) {
+        let last = self.last;
+        for event in task
+            .events
+            .iter()
+            .filter(|e| last.is_none_or(|l| e.offset > l))
+        {
+            self.queue.push_back(sse_of(event));
+            self.last = Some(event.offset);
+        }
     }
 
     /// Whether an ended task's events have all been read. They are
