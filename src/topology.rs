@@ -107,6 +107,14 @@ impl ProcessorSettings {
         topics
     }
 
+    /// Its consumer group: `group_id`, else `conveyor.<name>` (what
+    /// [`Settings::fill_derived`] writes in).
+    pub fn group(&self) -> String {
+        self.group_id
+            .clone()
+            .unwrap_or_else(|| format!("conveyor.{}", self.name))
+    }
+
     /// Where its results go.
     pub fn results_topic(&self) -> &str {
         self.output_topic.as_deref().unwrap_or(DEFAULT_RESULTS)

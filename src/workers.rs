@@ -159,11 +159,7 @@ impl Presence {
             .iter()
             .map(|s| Watched {
                 name: s.settings.name.clone(),
-                group: s
-                    .settings
-                    .group_id
-                    .clone()
-                    .unwrap_or_else(|| s.settings.name.clone()),
+                group: s.settings.group(),
                 topics: s.settings.read_topics(),
                 status: s.status.clone(),
                 last: (s.status.finished(), Instant::now()),
@@ -428,7 +424,7 @@ impl Directory {
             let Some(oldest) = self
                 .reports
                 .values()
-                .min_by_key(|r| (r.at, r.worker.clone()))
+                .min_by(|a, b| (a.at, &a.worker).cmp(&(b.at, &b.worker)))
                 .map(|r| r.worker.clone())
             else {
                 break;
@@ -580,9 +576,7 @@ impl Workers {
                 return Ok(());
             }
             if last_expiry.elapsed() >= Duration::from_secs(1) {
-                let mut directory = self.directory();
-                directory.expire(now_millis());
-                self.gauge(&directory);
+                self.tick(now_millis());
                 last_expiry = Instant::now();
             }
             match reader.read(Duration::from_millis(200)) {
@@ -592,6 +586,7 @@ impl Workers {
                     at_end.insert(p);
                     if at_end.len() == partitions.len() {
                         self.directory().caught_up = true;
+                        self.tick(now_millis());
                     }
                 }
                 Read::Record(message) => {
@@ -602,6 +597,14 @@ impl Workers {
                 }
             }
         }
+    }
+
+    /// Forgets the workers gone too long and sets the gauges (once a
+    /// second, not per record: a catch-up reads many records).
+    pub fn tick(&self, now: i64) {
+        let mut directory = self.directory();
+        directory.expire(now);
+        self.gauge(&directory, now);
     }
 
     /// Takes one record of the topic in: a report, or a tombstone.
@@ -637,11 +640,9 @@ impl Workers {
                 }
             },
         }
-        self.gauge(&directory);
     }
 
-    fn gauge(&self, directory: &Directory) {
-        let now = now_millis();
+    fn gauge(&self, directory: &Directory, now: i64) {
         let mut counts: HashMap<Liveness, i64> = HashMap::new();
         for r in directory.reports.values() {
             *counts.entry(Directory::liveness(r, now)).or_default() += 1;
@@ -718,6 +719,7 @@ mod tests {
             .with_label_values::<&str>(&[]);
         assert_eq!(dropped.get(), 1, "the third worker pushed the first out");
         assert_eq!(workers.directory().len(), 2);
+        workers.tick(now);
         let live = metrics.gateway_workers.with_label_values(&["live"]);
         assert_eq!(live.get(), 2);
         workers.take(Some("x".into()), Some(b"not json"));

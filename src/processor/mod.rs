@@ -879,11 +879,7 @@ async fn run_processor(spec: ProcessorSpec, stop: CancellationToken) -> Result<(
         .set("client.id", format!("{}-{}", spec.worker, name))
         .create_with_context(delivery::Deliveries::default())
         .map_err(|e| client_error("producer", e))?;
-    let group = spec
-        .settings
-        .group_id
-        .clone()
-        .unwrap_or_else(|| format!("conveyor.{name}"));
+    let group = spec.settings.group();
     let output_topic: Arc<str> = spec.settings.results_topic().into();
     let shared = Arc::new(Shared {
         name: name.clone(),

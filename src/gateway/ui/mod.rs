@@ -56,6 +56,8 @@ struct Ui {
     api: Router,
     /// Dead-letter reads under way ([`MAX_LETTER_READS`]).
     letter_reads: Arc<tokio::sync::Semaphore>,
+    /// The configuration's dead-letter topics, sorted (computed once).
+    dead_letter_topics: Vec<String>,
 }
 
 /// The dashboard's routes (with their state), to merge into the gateway's.
@@ -64,6 +66,7 @@ pub(super) fn router(shared: Arc<Shared>, api: Router) -> Router {
         shared: shared.clone(),
         api,
         letter_reads: Arc::new(tokio::sync::Semaphore::new(MAX_LETTER_READS)),
+        dead_letter_topics: dead_letter_topics(&shared),
     });
     Router::new()
         .route("/ui", get(workers_page))
@@ -211,12 +214,17 @@ impl Ui {
             )));
         }
         let fresh = self.keys().new_session(token, now);
-        let cookie = session::set_cookie(
-            &self.keys().cookie_value(&fresh),
+        let cookie = self.cookie_for(&fresh, headers);
+        Ok(self.visitor(fresh, Some(cookie)))
+    }
+
+    /// The `Set-Cookie` value that hands `session` to the browser.
+    fn cookie_for(&self, session: &Session, headers: &HeaderMap) -> String {
+        session::set_cookie(
+            &self.keys().cookie_value(session),
             session::SESSION_MS / 1000,
             Self::secure(headers),
-        );
-        Ok(self.visitor(fresh, Some(cookie)))
+        )
     }
 
     /// The login form, with a session of its own (not logged in) whose
@@ -232,11 +240,7 @@ impl Ui {
             Some(s) => (s, None),
             None => {
                 let s = self.keys().new_session(None, now_millis());
-                let c = session::set_cookie(
-                    &self.keys().cookie_value(&s),
-                    session::SESSION_MS / 1000,
-                    Self::secure(headers),
-                );
+                let c = self.cookie_for(&s, headers);
                 (s, Some(c))
             }
         };
@@ -374,6 +378,16 @@ fn error_json(message: &str) -> Value {
     serde_json::json!({"error": {"code": "internal", "message": message}})
 }
 
+/// An API answer as a page takes it: 200 and the body, or the API's
+/// status and its error's message.
+fn listed((status, body): (StatusCode, Value)) -> (StatusCode, Result<Value, String>) {
+    if status.is_success() {
+        (StatusCode::OK, Ok(body))
+    } else {
+        (status, Err(api_message(&body)))
+    }
+}
+
 /// The API error's message, for a page.
 fn api_message(body: &Value) -> String {
     body.pointer("/error/message")
@@ -496,17 +510,7 @@ async fn tasks_page(
         &params,
         &["type", "status", "key", "since", "until", "cursor"],
     );
-    let (status, body) = ui.api(&format!("/v1/tasks?limit=50&{query}")).await;
-    let listed = if status.is_success() {
-        Ok(body)
-    } else {
-        Err(api_message(&body))
-    };
-    let code = if listed.is_ok() {
-        StatusCode::OK
-    } else {
-        status
-    };
+    let (code, listed) = listed(ui.api(&format!("/v1/tasks?limit=50&{query}")).await);
     page(&visitor, code, pages::tasks(&visitor, &params, listed))
 }
 
@@ -605,12 +609,7 @@ async fn runs_page(
         Err(r) => return *r,
     };
     let query = query_of(&params, &["name", "status", "since", "until", "cursor"]);
-    let (status, body) = ui.api(&format!("/v1/workflows?limit=50&{query}")).await;
-    let (code, listed) = if status.is_success() {
-        (StatusCode::OK, Ok(body))
-    } else {
-        (status, Err(api_message(&body)))
-    };
+    let (code, listed) = listed(ui.api(&format!("/v1/workflows?limit=50&{query}")).await);
     page(&visitor, code, pages::runs(&visitor, &params, listed))
 }
 
@@ -635,12 +634,9 @@ async fn schedules_page(State(ui): State<Arc<Ui>>, headers: HeaderMap, uri: Uri)
         Ok(v) => v,
         Err(r) => return *r,
     };
-    let (status, body) = ui.api("/v1/schedules").await;
-    let listed = if status.is_success() {
-        Ok(body)
-    } else {
-        Err(api_message(&body))
-    };
+    // A schedule topic that cannot be read is said on the page, which
+    // still answers 200 (the schedules themselves are known).
+    let (_, listed) = listed(ui.api("/v1/schedules").await);
     page(&visitor, StatusCode::OK, pages::schedules(&visitor, listed))
 }
 
@@ -668,8 +664,10 @@ struct LetterQuery {
     task: Option<uuid::Uuid>,
 }
 
-fn letter_query(shared: &Shared, params: &BTreeMap<String, String>) -> Result<LetterQuery, String> {
-    let topics = dead_letter_topics(shared);
+fn letter_query(
+    topics: &[String],
+    params: &BTreeMap<String, String>,
+) -> Result<LetterQuery, String> {
     let get = |k: &str| params.get(k).map(|v| v.trim()).filter(|v| !v.is_empty());
     let topic = match get("topic") {
         None => topics.first().cloned().unwrap_or_default(),
@@ -758,14 +756,14 @@ async fn dlq_page(
         Ok(v) => v,
         Err(r) => return *r,
     };
-    let topics = dead_letter_topics(&ui.shared);
-    let query = match letter_query(&ui.shared, &params) {
+    let topics = &ui.dead_letter_topics;
+    let query = match letter_query(topics, &params) {
         Ok(q) => q,
         Err(why) => {
             return page(
                 &visitor,
                 StatusCode::BAD_REQUEST,
-                pages::dlq(&visitor, &topics, &params, Err(why)),
+                pages::dlq(&visitor, topics, &params, Err(why)),
             )
         }
     };
@@ -797,7 +795,7 @@ async fn dlq_page(
     page(
         &visitor,
         code,
-        pages::dlq(&visitor, &topics, &params, read.map(|r| (query.topic, r))),
+        pages::dlq(&visitor, topics, &params, read.map(|r| (query.topic, r))),
     )
 }
 
@@ -871,7 +869,7 @@ async fn replay_action(
         Err(r) => return *r,
     };
     let visitor = ui.visitor(session.clone(), None);
-    let topics = dead_letter_topics(&ui.shared);
+    let topics = &ui.dead_letter_topics;
     let mut selected = Vec::new();
     for (_, text) in pairs.iter().filter(|(k, _)| k == "letter") {
         match parse_letter(text) {
@@ -1032,11 +1030,7 @@ async fn login_action(
     ui.count("login", "done");
     let session = ui.keys().new_session(Some(token), now_millis());
     tracing::info!(session = %short(&session), who = %who(&session), "dashboard: signed in");
-    let cookie = session::set_cookie(
-        &ui.keys().cookie_value(&session),
-        session::SESSION_MS / 1000,
-        Ui::secure(&headers),
-    );
+    let cookie = ui.cookie_for(&session, &headers);
     let mut response = Redirect::to(&next).into_response();
     if let Ok(value) = HeaderValue::from_str(&cookie) {
         response.headers_mut().insert(header::SET_COOKIE, value);

@@ -308,16 +308,13 @@ fn field(params: &BTreeMap<String, String>, key: &str) -> String {
 
 /// A link to the next page of a list: the same filters, the cursor.
 fn next_link(base: &str, params: &BTreeMap<String, String>, keys: &[&str], cursor: &str) -> String {
-    let mut pairs: Vec<(&str, &str)> = keys
-        .iter()
-        .filter_map(|k| params.get(*k).map(|v| (*k, v.as_str())))
-        .filter(|(_, v)| !v.is_empty())
-        .collect();
-    pairs.push(("cursor", cursor));
-    format!(
-        "{base}?{}",
-        serde_urlencoded::to_string(pairs).unwrap_or_default()
-    )
+    let filters = super::query_of(params, keys);
+    let cursor = serde_urlencoded::to_string([("cursor", cursor)]).unwrap_or_default();
+    if filters.is_empty() {
+        format!("{base}?{cursor}")
+    } else {
+        format!("{base}?{filters}&{cursor}")
+    }
 }
 
 pub(super) fn tasks(
