@@ -54,6 +54,10 @@
 //! adds librdkafka properties (`key=value,key=value`). The real `conveyor
 //! worker` processes of the scaling, prefetch and waiting modes log at
 //! `warn` unless `BENCH_WORKER_LOG` gives another `RUST_LOG` filter.
+//! `BENCH_LOG=<level>` installs the workers' own log subscriber (text, to
+//! standard error) in the bench process at that level, so the in-process
+//! processor pays for its per-task span as a worker does (without it the
+//! bench runs with no subscriber).
 //!
 //! Waiting mode (`--waiting N`) starts one real `conveyor worker` with the
 //! `sleep` handler and prints its RSS idle, then with N ten-minute tasks
@@ -989,6 +993,14 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn main() {
     let o = options();
+    let _telemetry = std::env::var("BENCH_LOG").ok().map(|level| {
+        conveyor::telemetry::init(
+            conveyor::settings::LogFormat::Text,
+            &level,
+            &conveyor::settings::OtlpSettings::default(),
+        )
+        .expect("BENCH_LOG: a log level")
+    });
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     runtime.block_on(async {
         let broker = match &o.brokers {

@@ -100,7 +100,11 @@ pub fn init(
     let spans = provider
         .as_ref()
         .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("conveyor")));
-    let lines = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Colours only on a terminal: escape codes in a log file or a
+    // collector's stream are noise, and cost a formatting pass per field.
+    let lines = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let lines = match format {
         LogFormat::Text => lines.boxed(),
         LogFormat::Json => lines
@@ -143,6 +147,20 @@ fn exporter(otlp: &OtlpSettings) -> Result<Option<SdkTracerProvider>, TelemetryE
             .with_resource(resource)
             .build(),
     ))
+}
+
+/// The target of each task's span while spans are not exported: the span
+/// is then at `debug`, so at the default `info` a worker creates none (the
+/// text subscriber formatted its seven fields into a string on every task,
+/// about as many instructions as the rest of the task's work; see
+/// BENCHMARKS.md). `log.level = "info,conveyor::task_span=debug"` (or
+/// `RUST_LOG`) puts it back on every log line of a task.
+pub const TASK_SPAN_TARGET: &str = "conveyor::task_span";
+
+/// Whether spans are exported over OTLP: each task then has its span at
+/// `info`, as the export needs.
+pub fn exporting() -> bool {
+    EXPORTING.load(Ordering::Relaxed)
 }
 
 /// Makes `span` a child of the remote span named by `traceparent` (W3C

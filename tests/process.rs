@@ -30,6 +30,11 @@ struct Worker {
 
 impl Worker {
     fn start(config: &Path) -> Worker {
+        Worker::start_logging(config, "info")
+    }
+
+    /// Starts a worker whose `RUST_LOG` is `filter`.
+    fn start_logging(config: &Path, filter: &str) -> Worker {
         let log = config.with_extension("log");
         let log_file = std::fs::OpenOptions::new()
             .create(true)
@@ -39,7 +44,7 @@ impl Worker {
         let child = Command::new(env!("CARGO_BIN_EXE_conveyor"))
             .args(["worker", "--config"])
             .arg(config)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", filter)
             .env_remove("CONVEYOR_CONFIG")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -574,6 +579,56 @@ async fn task_spans_are_exported_over_otlp_as_children_of_the_request_traceparen
     );
     assert!(contains(body, b"task"), "span name missing");
     let _ = std::fs::remove_file(&config);
+}
+
+/// At the default `info` a worker makes no span per task (it cost about as
+/// many instructions as the rest of the task's work, see BENCHMARKS.md): a
+/// task's log line names the task by its own fields. The span comes back,
+/// with the record's place, under `conveyor::task_span=debug`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn task_log_lines_carry_the_task_span_only_when_its_target_is_enabled() {
+    // What is logged does not depend on the broker.
+    let kafka = TestKafka::mock();
+    for (filter, with_span) in [("info", false), ("info,conveyor::task_span=debug", true)] {
+        let pipeline = kafka.pipeline(1).await;
+        let settings =
+            kafka.worker_settings(&pipeline, Ordering::None, &[("echo", HandlerKind::Echo)]);
+        let config = common::config_file(&settings);
+        // No handler for this type: the task logs a warning and is
+        // dead-lettered.
+        let sent = requests("no-such-type", "{}", 1);
+        kafka.produce_requests(&pipeline.input, &sent).await;
+        let id = sent[0].id.to_string();
+        let mut worker = Worker::start_logging(&config, filter);
+        let mut line = None;
+        wait_until("the task's warning is logged", LONG, || {
+            let text = std::fs::read_to_string(&worker.log).unwrap_or_default();
+            line = text
+                .lines()
+                .find(|l| l.contains("no handler for this task type"))
+                .map(str::to_owned);
+            line.is_some()
+        })
+        .await;
+        worker.stop_cleanly();
+        let line = line.unwrap_or_default();
+        assert!(
+            !line.contains('\u{1b}'),
+            "colour codes in a log file: {line:?}"
+        );
+        assert!(line.contains(&format!("task_id={id}")), "{filter}: {line}");
+        let span = format!(
+            "task{{processor=test topic={} partition=0 offset=0 task_id={id}",
+            pipeline.input
+        );
+        if with_span {
+            assert!(line.contains(&span), "{filter}: no task span in {line}");
+        } else {
+            assert!(!line.contains("task{"), "{filter}: a task span in {line}");
+        }
+        let _ = std::fs::remove_file(&config);
+        let _ = std::fs::remove_file(config.with_extension("log"));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

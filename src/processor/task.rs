@@ -121,18 +121,43 @@ fn run_lane(shared: Arc<Shared>, mut job: Job) -> impl std::future::Future<Outpu
 /// waiting task is such a state (2,976 bytes in a release build with three
 /// copies of the `Job`; see BENCHMARKS.md).
 fn run(shared: Arc<Shared>, job: Job) -> impl std::future::Future<Output = Option<Job>> {
-    let span = info_span!(
-        "task",
-        processor = %shared.name,
-        topic = %job.ticket.topic,
-        partition = job.ticket.partition,
-        offset = job.ticket.offset,
-        task_id = tracing::field::Empty,
-        task_type = tracing::field::Empty,
-        attempt = tracing::field::Empty,
-    );
-    crate::telemetry::link_to_traceparent(&span, job.headers.traceparent.as_deref());
+    // At `info` and when exported, as before; otherwise at `debug` under
+    // its own target, so the default `info` creates no span per task
+    // (see `telemetry::TASK_SPAN_TARGET`).
+    let span = if crate::telemetry::exporting() {
+        let span = info_span!(
+            "task",
+            processor = %shared.name,
+            topic = %job.ticket.topic,
+            partition = job.ticket.partition,
+            offset = job.ticket.offset,
+            task_id = tracing::field::Empty,
+            task_type = tracing::field::Empty,
+            attempt = tracing::field::Empty,
+        );
+        crate::telemetry::link_to_traceparent(&span, job.headers.traceparent.as_deref());
+        span
+    } else {
+        tracing::debug_span!(
+            target: crate::telemetry::TASK_SPAN_TARGET,
+            "task",
+            processor = %shared.name,
+            topic = %job.ticket.topic,
+            partition = job.ticket.partition,
+            offset = job.ticket.offset,
+            task_id = tracing::field::Empty,
+            task_type = tracing::field::Empty,
+            attempt = tracing::field::Empty,
+        )
+    };
     run_job(shared, job).instrument(span)
+}
+
+/// Whether tasks have spans to record their id, type and attempt into
+/// (see `run`): looking the current span up costs more than the record.
+fn task_spans() -> bool {
+    crate::telemetry::exporting()
+        || tracing::span_enabled!(target: crate::telemetry::TASK_SPAN_TARGET, tracing::Level::DEBUG)
 }
 
 /// A failure that ends the task.
@@ -244,9 +269,11 @@ fn run_job(shared: Arc<Shared>, job: Job) -> impl std::future::Future<Output = O
                 return Box::pin(fail(shared, job, failure, result, None, None)).await;
             }
         };
-        let span = tracing::Span::current();
-        span.record("task_id", tracing::field::display(request.id));
-        span.record("task_type", request.task_type.as_str());
+        if task_spans() {
+            let span = tracing::Span::current();
+            span.record("task_id", tracing::field::display(request.id));
+            span.record("task_type", request.task_type.as_str());
+        }
         if shared.workflows.is_contribution(&request) {
             // A child's output for a join: gathered, no handler runs.
             Box::pin(super::join::contribute(shared, &job, &request)).await;
@@ -628,7 +655,9 @@ async fn run_task(
     let mut first_of_run = true;
     loop {
         request.attempt = request.attempt.max(1);
-        tracing::Span::current().record("attempt", request.attempt);
+        if task_spans() {
+            tracing::Span::current().record("attempt", request.attempt);
+        }
         // The first attempt had its turn before `started_at` (run_job).
         if !std::mem::take(&mut first_of_run) {
             match rate_turn(shared, job, request, token).await {
