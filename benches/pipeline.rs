@@ -109,8 +109,52 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 /// measured in this process allocates as the worker does. The raw pipe
 /// allocates almost nothing on the Rust side; librdkafka keeps the system
 /// allocator in both.
+///
+/// `--only` runs also count the Rust side's allocations (librdkafka's go to
+/// the system allocator and are not counted) while the side runs, and print
+/// them per record (#32: "count allocations per record in a bench").
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: Counting = Counting;
+
+/// Whether allocations are being counted now, and how many were.
+static COUNTING: AtomicBool = AtomicBool::new(false);
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+/// mimalloc, counting allocations while [`COUNTING`] is set.
+struct Counting;
+
+// SAFETY: every call is passed on unchanged to mimalloc's allocator.
+#[allow(unsafe_code)] // a global allocator is an unsafe trait
+unsafe impl std::alloc::GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        if COUNTING.load(AtomicOrdering::Relaxed) {
+            ALLOCATIONS.fetch_add(1, AtomicOrdering::Relaxed);
+        }
+        // SAFETY: the caller's contract, passed on.
+        unsafe { mimalloc::MiMalloc.alloc(layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        if COUNTING.load(AtomicOrdering::Relaxed) {
+            ALLOCATIONS.fetch_add(1, AtomicOrdering::Relaxed);
+        }
+        // SAFETY: as above.
+        unsafe { mimalloc::MiMalloc.alloc_zeroed(layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
+        if COUNTING.load(AtomicOrdering::Relaxed) {
+            ALLOCATIONS.fetch_add(1, AtomicOrdering::Relaxed);
+        }
+        // SAFETY: as above.
+        unsafe { mimalloc::MiMalloc.realloc(ptr, layout, new_size) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        // SAFETY: as above.
+        unsafe { mimalloc::MiMalloc.dealloc(ptr, layout) }
+    }
+}
 
 struct Options {
     brokers: Option<String>,
@@ -771,7 +815,12 @@ enum Pipe {
 
 /// Writes `settings` to a temporary file and starts `workers` real
 /// `conveyor worker` processes on it; returns the file (to remove) and them.
-fn start_workers(
+/// The topics a worker with the default settings also needs (events,
+/// control, worker reports, delay tiers) are created first: by `conveyor
+/// topics create` on an external broker, through the mock cluster's own
+/// call on it (it has no CreateTopics).
+async fn start_workers(
+    broker: &Broker,
     settings: &conveyor::settings::Settings,
     workers: usize,
 ) -> (std::path::PathBuf, Vec<std::process::Child>) {
@@ -780,6 +829,27 @@ fn start_workers(
         uuid::Uuid::new_v4().simple()
     ));
     std::fs::write(&path, settings.to_toml().expect("settings serialize")).expect("write config");
+    match broker {
+        Broker::Mock(cluster) => {
+            for topic in settings.topology() {
+                let partitions = topic.kind.fixed_partitions().unwrap_or(8);
+                // The bench's own topics exist already: that refusal is fine.
+                let _ = cluster.create_topic(&topic.name, partitions, 1);
+            }
+        }
+        Broker::External(_) => {
+            let created = std::process::Command::new(env!("CARGO_BIN_EXE_conveyor"))
+                .args(["topics", "create", "--config"])
+                .arg(&path)
+                .stdout(std::process::Stdio::null())
+                .status()
+                .expect("run conveyor topics create");
+            assert!(
+                created.success(),
+                "conveyor topics create failed: {created}"
+            );
+        }
+    }
     let children = (0..workers)
         .map(|_| {
             std::process::Command::new(env!("CARGO_BIN_EXE_conveyor"))
@@ -804,6 +874,7 @@ fn start_workers(
 /// work through `n` preloaded tasks on `input`; a consumer counts the
 /// results. Rate from the first result to the last.
 async fn scaling_run(
+    broker: &Broker,
     kafka: &KafkaSettings,
     input: &str,
     output: &str,
@@ -820,7 +891,7 @@ async fn scaling_run(
         .processors
         .push(echo_processor("bench-scale", input, output, dlq));
     settings.fill_derived();
-    let (path, mut children) = start_workers(&settings, workers);
+    let (path, mut children) = start_workers(broker, &settings, workers).await;
     let counter_kafka = kafka.clone();
     let topic = output.to_owned();
     let rate = tokio::task::spawn_blocking(move || {
@@ -868,6 +939,7 @@ async fn scaling_run(
 /// partitions and runs one task at a time; its RSS (MiB) sampled every 2 s
 /// for `seconds`.
 async fn prefetch_rss_run(
+    broker: &Broker,
     kafka: &KafkaSettings,
     input: &str,
     output: &str,
@@ -885,7 +957,7 @@ async fn prefetch_rss_run(
     processor.max_uncommitted_per_partition = 1;
     settings.processors.push(processor);
     settings.fill_derived();
-    let (path, mut children) = start_workers(&settings, 1);
+    let (path, mut children) = start_workers(broker, &settings, 1).await;
     let mut child = children.remove(0);
     let mut samples = Vec::new();
     for _ in 0..seconds.div_ceil(2) {
@@ -931,6 +1003,7 @@ async fn in_flight_on(port: u16) -> Option<f64> {
 /// nothing to do, then once `n` ten-minute `sleep` tasks, written after
 /// that, are all in flight. Returns (idle MiB, loaded MiB, in flight).
 async fn waiting_run(
+    broker: &Broker,
     kafka: &KafkaSettings,
     input: &str,
     output: &str,
@@ -955,7 +1028,7 @@ async fn waiting_run(
     processor.max_uncommitted_per_partition = n;
     settings.processors.push(processor);
     settings.fill_derived();
-    let (path, mut children) = start_workers(&settings, 1);
+    let (path, mut children) = start_workers(broker, &settings, 1).await;
     let mut child = children.remove(0);
     let pid = child.id();
     // In the group, reading its (empty) partitions, then settled.
@@ -1039,7 +1112,7 @@ fn main() {
             );
             for &workers in &o.scaling {
                 let output = broker.topic("bench-scale-out", o.partitions).await;
-                let rate = scaling_run(&kafka, &input, &output, &dlq, o.messages, workers).await;
+                let rate = scaling_run(&broker, &kafka, &input, &output, &dlq, o.messages, workers).await;
                 println!("{workers} worker process(es): {rate:>9.0} msg/s");
             }
             return;
@@ -1055,7 +1128,7 @@ fn main() {
                 let output = broker.topic("bench-waiting-out", o.partitions).await;
                 let dlq = broker.topic("bench-waiting-dlq", 1).await;
                 let (idle, loaded, in_flight) =
-                    waiting_run(&kafka, &input, &output, &dlq, o.waiting).await;
+                    waiting_run(&broker, &kafka, &input, &output, &dlq, o.waiting).await;
                 let per_task = (loaded - idle) * 1024.0 * 1024.0 / in_flight.max(1.0);
                 println!(
                     "round {round}: RSS idle {idle:.1} MiB, with {in_flight:.0} tasks waiting {loaded:.1} MiB: {per_task:.0} bytes per waiting task"
@@ -1099,7 +1172,7 @@ fn main() {
             ];
             for (label, settings) in variants {
                 let output = broker.topic("bench-prefetch-out", o.partitions).await;
-                let samples = prefetch_rss_run(&settings, &input, &output, &dlq, o.seconds).await;
+                let samples = prefetch_rss_run(&broker, &settings, &input, &output, &dlq, o.seconds).await;
                 let shown: Vec<String> = samples.iter().map(|m| format!("{m:.0}")).collect();
                 println!(
                     "{label}: worker RSS MiB every 2 s: {}; max {:.0}",
@@ -1154,6 +1227,8 @@ fn main() {
             // One side alone, once: what callgrind counts is then the
             // set-up, the preload and that side's pipeline.
             let out = broker.topic("bench-only-out", o.partitions).await;
+            ALLOCATIONS.store(0, AtomicOrdering::Relaxed);
+            COUNTING.store(true, AtomicOrdering::Relaxed);
             let (rate, cpu) = match side.as_str() {
                 "raw" => {
                     let (k, i, m) = (kafka.clone(), input.clone(), o.messages);
@@ -1169,7 +1244,13 @@ fn main() {
                 }
                 _ => (0.0, 0.0),
             };
-            println!("only {side}: {rate:.0} msg/s ({cpu:.2} CPU s/100k)");
+            COUNTING.store(false, AtomicOrdering::Relaxed);
+            let allocations = ALLOCATIONS.load(AtomicOrdering::Relaxed);
+            println!(
+                "only {side}: {rate:.0} msg/s ({cpu:.2} CPU s/100k); {:.2} Rust allocations a record \
+                 ({allocations} while it ran, its set-up included)",
+                allocations as f64 / o.messages.max(1) as f64
+            );
             return;
         }
         let mut ratios = Vec::new();
