@@ -624,7 +624,6 @@ async fn run_task(
             first_failure_at: started_at,
         });
     }
-    let policy = shared.settings.retry_policy(&request.task_type);
     let timeout = Duration::from_millis(task.timeout_ms);
     let mut first_failure_at = job.headers.first_failure_at;
     let type_label = shared.type_label(&request.task_type);
@@ -811,6 +810,8 @@ async fn run_task(
         let first = *first_failure_at.get_or_insert(now);
         let attempts_so_far = u32::try_from(request.attempt).unwrap_or(1);
         let decision = if retryable {
+            // Worked out on a failure only: a success does not need it.
+            let policy = shared.settings.retry_policy(&request.task_type);
             policy.decide_after(attempts_so_far, asked, fastrand::f64())
         } else {
             Decision::Exhausted
@@ -1170,10 +1171,19 @@ fn result_record(shared: &Shared, job: &Job, result: &TaskResult) -> (Record, Ou
         job,
         Record::Result,
         shared.output_topic.clone(),
-        Some(result.id.to_string().into_bytes()),
+        Some(uuid_key(&result.id)),
         encode_result(shared, result),
         None,
     )
+}
+
+/// A task id as a record key: its hyphenated text, written straight into
+/// one exact allocation (`to_string` went through the formatter and grew
+/// its string).
+fn uuid_key(id: &uuid::Uuid) -> Vec<u8> {
+    let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    id.as_hyphenated().encode_lower(&mut text);
+    text.to_vec()
 }
 
 /// One of `job`'s outputs; without `headers` of its own it carries the
@@ -1200,4 +1210,24 @@ fn output(
         headers,
     };
     (kind, record)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The key of a result decides its partition: it must stay the id's
+    /// text exactly as before (`Uuid::to_string`).
+    #[test]
+    fn a_result_key_is_the_task_ids_hyphenated_text() {
+        for _ in 0..100 {
+            let id = uuid::Uuid::new_v4();
+            assert_eq!(uuid_key(&id), id.to_string().into_bytes());
+        }
+        let id = uuid::Uuid::from_u128(0x00f0_0000_0000_4000_8000_0000_0000_00ab);
+        assert_eq!(
+            uuid_key(&id),
+            b"00f00000-0000-4000-8000-0000000000ab".to_vec()
+        );
+    }
 }
