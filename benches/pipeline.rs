@@ -61,7 +61,9 @@
 //!
 //! Waiting mode (`--waiting N`) starts one real `conveyor worker` with the
 //! `sleep` handler and prints its RSS idle, then with N ten-minute tasks
-//! in flight, and the difference per task.
+//! in flight, and the difference per task. `BENCH_WAITING_WITHOUT=events,cancel`
+//! turns those default-on features off in that worker, to see what each
+//! adds to a waiting task.
 //!
 //! Each round preloads nothing new: the input topic is filled once, and
 //! each run reads all of it with a fresh consumer group into a fresh output
@@ -1019,6 +1021,16 @@ async fn waiting_run(
         ..Default::default()
     };
     settings.metrics.listen = format!("127.0.0.1:{port}");
+    // What each default-on feature adds to a waiting task, by turning it
+    // off: BENCH_WAITING_WITHOUT=events,cancel.
+    let without = std::env::var("BENCH_WAITING_WITHOUT").unwrap_or_default();
+    for feature in without.split(',').map(str::trim).filter(|f| !f.is_empty()) {
+        match feature {
+            "events" => settings.events.enabled = false,
+            "cancel" => settings.cancel.enabled = false,
+            other => panic!("BENCH_WAITING_WITHOUT: `{other}` is not events or cancel"),
+        }
+    }
     let mut processor = echo_processor("bench-waiting", input, output, dlq);
     let mut sleep = TaskSettings::new(HandlerKind::Sleep);
     sleep.timeout_ms = 3_600_000;
