@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use futures::FutureExt;
 use rdkafka::message::OwnedHeaders;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, info_span, warn, Instrument};
+use tracing::{debug, error, info, warn, Instrument};
 
 use super::delivery::{deliver, Outgoing, Record};
 use super::headers::{self, Origin};
@@ -121,34 +121,32 @@ fn run_lane(shared: Arc<Shared>, mut job: Job) -> impl std::future::Future<Outpu
 /// waiting task is such a state (2,976 bytes in a release build with three
 /// copies of the `Job`; see BENCHMARKS.md).
 fn run(shared: Arc<Shared>, job: Job) -> impl std::future::Future<Output = Option<Job>> {
+    // The same fields at either level (tracing's macros take a constant
+    // level and target).
+    macro_rules! task_span {
+        ($($level:tt)+) => {
+            tracing::span!(
+                $($level)+,
+                "task",
+                processor = %shared.name,
+                topic = %job.ticket.topic,
+                partition = job.ticket.partition,
+                offset = job.ticket.offset,
+                task_id = tracing::field::Empty,
+                task_type = tracing::field::Empty,
+                attempt = tracing::field::Empty,
+            )
+        };
+    }
     // At `info` and when exported, as before; otherwise at `debug` under
     // its own target, so the default `info` creates no span per task
     // (see `telemetry::TASK_SPAN_TARGET`).
     let span = if crate::telemetry::exporting() {
-        let span = info_span!(
-            "task",
-            processor = %shared.name,
-            topic = %job.ticket.topic,
-            partition = job.ticket.partition,
-            offset = job.ticket.offset,
-            task_id = tracing::field::Empty,
-            task_type = tracing::field::Empty,
-            attempt = tracing::field::Empty,
-        );
+        let span = task_span!(tracing::Level::INFO);
         crate::telemetry::link_to_traceparent(&span, job.headers.traceparent.as_deref());
         span
     } else {
-        tracing::debug_span!(
-            target: crate::telemetry::TASK_SPAN_TARGET,
-            "task",
-            processor = %shared.name,
-            topic = %job.ticket.topic,
-            partition = job.ticket.partition,
-            offset = job.ticket.offset,
-            task_id = tracing::field::Empty,
-            task_type = tracing::field::Empty,
-            attempt = tracing::field::Empty,
-        )
+        task_span!(target: crate::telemetry::TASK_SPAN_TARGET, tracing::Level::DEBUG)
     };
     run_job(shared, job).instrument(span)
 }
