@@ -125,29 +125,29 @@ static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
 /// mimalloc, counting allocations while [`COUNTING`] is set.
 struct Counting;
 
+fn count_allocation() {
+    if COUNTING.load(AtomicOrdering::Relaxed) {
+        ALLOCATIONS.fetch_add(1, AtomicOrdering::Relaxed);
+    }
+}
+
 // SAFETY: every call is passed on unchanged to mimalloc's allocator.
 #[allow(unsafe_code)] // a global allocator is an unsafe trait
 unsafe impl std::alloc::GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
-        if COUNTING.load(AtomicOrdering::Relaxed) {
-            ALLOCATIONS.fetch_add(1, AtomicOrdering::Relaxed);
-        }
+        count_allocation();
         // SAFETY: the caller's contract, passed on.
         unsafe { mimalloc::MiMalloc.alloc(layout) }
     }
 
     unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
-        if COUNTING.load(AtomicOrdering::Relaxed) {
-            ALLOCATIONS.fetch_add(1, AtomicOrdering::Relaxed);
-        }
+        count_allocation();
         // SAFETY: as above.
         unsafe { mimalloc::MiMalloc.alloc_zeroed(layout) }
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
-        if COUNTING.load(AtomicOrdering::Relaxed) {
-            ALLOCATIONS.fetch_add(1, AtomicOrdering::Relaxed);
-        }
+        count_allocation();
         // SAFETY: as above.
         unsafe { mimalloc::MiMalloc.realloc(ptr, layout, new_size) }
     }

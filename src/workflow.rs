@@ -324,7 +324,7 @@ impl Workflows {
                         follow(payload, DEFAULT_CONTENT_TYPE.into(), Some((index, count)));
                     Next::Request {
                         topic: topic.to_owned(),
-                        key: request.id.to_string().into_bytes(),
+                        key: crate::codec::uuid_key(&request.id),
                         request,
                     }
                 })
@@ -335,9 +335,9 @@ impl Workflows {
         // A contribution is keyed by the run, so every child of one join
         // lands on the same partition (and the same join state).
         let key = if next.join && child.is_some() {
-            w.id.to_string().into_bytes()
+            crate::codec::uuid_key(&w.id)
         } else {
-            request.id.to_string().into_bytes()
+            crate::codec::uuid_key(&request.id)
         };
         vec![Next::Request {
             topic: topic.to_owned(),
@@ -395,7 +395,7 @@ impl Workflows {
                 metadata.insert(CHILD_FAILED.into(), step_error.message);
                 next.push(Next::Request {
                     topic: topic.to_owned(),
-                    key: w.id.to_string().into_bytes(),
+                    key: crate::codec::uuid_key(&w.id),
                     request: step_request(
                         at_step(w, join_step, Some(child)),
                         &join.task,
@@ -469,7 +469,7 @@ impl Workflows {
         ) {
             Some((topic, request)) => vec![Next::Request {
                 topic,
-                key: request.id.to_string().into_bytes(),
+                key: crate::codec::uuid_key(&request.id),
                 request,
             }],
             None => vec![self.unknown_definition(w, worker)],

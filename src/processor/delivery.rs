@@ -718,7 +718,7 @@ fn replace_too_large(
         records.push(Outgoing {
             topic: shared.output_topic.clone(),
             partition: None,
-            key: Some(request.id.to_string().into_bytes()),
+            key: Some(crate::codec::uuid_key(&request.id)),
             value: Some(value),
             headers: None,
         });

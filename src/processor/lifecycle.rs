@@ -95,7 +95,7 @@ pub(super) fn send_counted(shared: &Shared, event: &TaskEvent, in_flight: Option
     let record = Outgoing {
         topic: out.topic.clone(),
         partition: None,
-        key: Some(event.id.to_string().into_bytes()),
+        key: Some(crate::codec::uuid_key(&event.id)),
         value: Some(value),
         headers: None,
     };

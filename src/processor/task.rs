@@ -1169,19 +1169,10 @@ fn result_record(shared: &Shared, job: &Job, result: &TaskResult) -> (Record, Ou
         job,
         Record::Result,
         shared.output_topic.clone(),
-        Some(uuid_key(&result.id)),
+        Some(crate::codec::uuid_key(&result.id)),
         encode_result(shared, result),
         None,
     )
-}
-
-/// A task id as a record key: its hyphenated text, written straight into
-/// one exact allocation (`to_string` went through the formatter and grew
-/// its string).
-fn uuid_key(id: &uuid::Uuid) -> Vec<u8> {
-    let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
-    id.as_hyphenated().encode_lower(&mut text);
-    text.to_vec()
 }
 
 /// One of `job`'s outputs; without `headers` of its own it carries the
@@ -1208,24 +1199,4 @@ fn output(
         headers,
     };
     (kind, record)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The key of a result decides its partition: it must stay the id's
-    /// text exactly as before (`Uuid::to_string`).
-    #[test]
-    fn a_result_key_is_the_task_ids_hyphenated_text() {
-        for _ in 0..100 {
-            let id = uuid::Uuid::new_v4();
-            assert_eq!(uuid_key(&id), id.to_string().into_bytes());
-        }
-        let id = uuid::Uuid::from_u128(0x00f0_0000_0000_4000_8000_0000_0000_00ab);
-        assert_eq!(
-            uuid_key(&id),
-            b"00f00000-0000-4000-8000-0000000000ab".to_vec()
-        );
-    }
 }
